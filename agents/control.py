@@ -1,0 +1,99 @@
+"""Run-time rule changes: every worker reads the compacted risk.rules topic and applies the newest valid version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.sink import Sink
+from app.errors import ConfigError
+from app.faust_app import RULES, Runtime
+from app.settings import Settings
+from models.rules import Catalogue, parse_catalogue
+
+log = logging.getLogger("riskwatch.agents.control")
+
+
+def client_kwargs(s: Settings) -> dict[str, Any]:
+    """aiokafka connection arguments (bootstrap and security) from settings."""
+    kw: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol}
+    if s.kafka_security_protocol.upper() in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kw["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile or None)
+    if s.kafka_security_protocol.upper().startswith("SASL"):
+        kw.update(sasl_mechanism=s.kafka_sasl_mechanism or "PLAIN", sasl_plain_username=s.kafka_sasl_username,
+                  sasl_plain_password=s.kafka_sasl_password.get_secret_value())
+    return kw
+
+
+class RuleControl:
+    """Keeps the catalogue in force: starts from the file, then follows risk.rules from its beginning."""
+
+    def __init__(self, rt: Runtime, sink: Sink, initial: Catalogue,
+                 apply: Callable[[Catalogue], None]) -> None:
+        self.rt = rt
+        self.sink = sink
+        self.current = initial
+        self.apply = apply
+        rt.metrics.rules_version.set(initial.version)
+
+    async def handle(self, raw: bytes | None, partition: int, offset: int) -> None:
+        """Validate one published catalogue; apply it if newer, dead-letter it if invalid."""
+        topic = self.rt.settings.topic(RULES)
+        if raw is None:
+            return
+        try:
+            cat = parse_catalogue(raw, f"{topic}@{offset}")
+        except ConfigError as exc:
+            self.rt.metrics.rules_rejected.inc()
+            await self.sink.dead_letter(raw, topic, partition, offset, str(exc), "rules")
+            return
+        if cat.version <= self.current.version:
+            return
+        self.current = cat
+        self.apply(cat)
+        self.rt.metrics.rules_version.set(cat.version)
+        log.info("rule catalogue version %s in force", cat.version)
+
+    async def run(self) -> None:
+        """Follow the control topic for the life of the worker (no consumer group: every worker reads all)."""
+        topic = self.rt.settings.topic(RULES)
+        consumer = AIOKafkaConsumer(**client_kwargs(self.rt.settings), enable_auto_commit=False,
+                                    group_id=None)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    for msg in msgs:
+                        await self.handle(msg.value, msg.partition, msg.offset)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            await consumer.stop()
+
+
+def attach(rt: Runtime, control: RuleControl) -> None:
+    """Run the control-topic follower as a task of the app."""
+
+    @rt.app.task
+    async def follow_rules() -> None:
+        while True:
+            try:
+                await control.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("rules follower failed; retrying in 2 s")
+                await asyncio.sleep(2.0)
+
+
+__all__ = ["RuleControl", "attach", "client_kwargs"]

@@ -1,0 +1,150 @@
+"""The demo: local Kafka, a worker, a generated stream with injected risks, and warnings printed live."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from app.faust_app import MARKET, TRANSACTIONS
+from app.settings import Settings, get_settings
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def rebase(events: list[dict[str, Any]], end: datetime) -> list[dict[str, Any]]:
+    """Shift event times so the stream ends at `end`, keeping every gap (and so every pattern) intact."""
+    if not events:
+        return events
+    last = datetime.fromisoformat(events[-1]["ts"])
+    shift = end - last
+    out = []
+    for e in events:
+        ts = datetime.fromisoformat(e["ts"]) + shift
+        out.append({**e, "ts": ts.isoformat()})
+    return out
+
+
+def feed(s: Settings, events: list[dict[str, Any]], rate: float, stop: threading.Event,
+         progress: dict[str, int]) -> None:
+    """Produce events to their topics at about `rate` per second until done or stopped."""
+    from app.admin import producer
+
+    prod = producer(s, linger_ms=5)
+    t0 = time.monotonic()
+    try:
+        for i, e in enumerate(events):
+            if stop.is_set():
+                break
+            if e.get("event_type") == "market":
+                prod.send(s.topic(MARKET), key=e["instrument"].encode(), value=json.dumps(e).encode())
+            else:
+                prod.send(s.topic(TRANSACTIONS), key=e["account_id"].encode(), value=json.dumps(e).encode())
+            progress["sent"] = i + 1
+            ahead = (i + 1) / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        prod.flush()
+    finally:
+        prod.close()
+
+
+def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 300) -> int:
+    """Run the demo until the stream ends or Ctrl-C; stop everything it started."""
+    from app import kafka_local
+    from app.admin import ensure_topics
+    from app.live import follow, format_alert
+    from models.synth import generate
+
+    started_broker = False
+    worker: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    env = dict(os.environ)
+    if not env.get("RISKWATCH_KAFKA_BOOTSTRAP"):
+        print("Starting a local Kafka broker (first run downloads the jars with Maven; about a minute)...")
+        if kafka_local.status(9092) is None:
+            kafka_local.start(9092)
+            started_broker = True
+        env["RISKWATCH_KAFKA_BOOTSTRAP"] = "127.0.0.1:9092"
+    if not produce_only:
+        run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        env.setdefault("RISKWATCH_TOPIC_PREFIX", f"demo-{run_id}.")
+        env.setdefault("RISKWATCH_APP_ID", f"riskwatch-demo-{run_id}")
+        env.setdefault("RISKWATCH_DATA_DIR", f".riskwatch-data/demo-{run_id}")
+    os.environ.update({k: env[k] for k in ("RISKWATCH_KAFKA_BOOTSTRAP", "RISKWATCH_TOPIC_PREFIX",
+                                            "RISKWATCH_APP_ID", "RISKWATCH_DATA_DIR") if k in env})
+    get_settings.cache_clear()
+    s = get_settings()
+    try:
+        ensure_topics(s)
+        if not produce_only:
+            print("Starting the worker...")
+            worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=open(".riskwatch-demo-worker.log", "wb"))
+            if not _wait_http(f"http://{s.web_host}:{s.metrics_port}/metrics", 90, worker):
+                print("The worker did not start; see .riskwatch-demo-worker.log", file=sys.stderr)
+                return 1
+        events = rebase(generate(seed=11, accounts=accounts, days=2.0, instruments=10),
+                        datetime.now(UTC) + timedelta(minutes=1))
+        progress = {"sent": 0}
+        feeder = threading.Thread(target=feed, args=(s, events, rate, stop, progress), daemon=True)
+        feeder.start()
+        print(f"Feeding {len(events):,} events at ~{rate:.0f}/s to {s.topic(TRANSACTIONS)} and {s.topic(MARKET)}.")
+        print(f"Metrics: http://{s.web_host}:{s.metrics_port}/metrics   Warnings page: http://{s.web_host}:{s.web_port}/")
+        print("Warnings as they arrive (Ctrl-C to stop everything):\n")
+        if produce_only:
+            feeder.join()
+            return 0
+        colour = sys.stdout.isatty()
+        seen: set[str] = set()
+        done_at: list[float] = []
+
+        def finished() -> bool:
+            # Keep listening a few seconds after the last event so the final warnings show.
+            if feeder.is_alive() or (worker is not None and worker.poll() is not None):
+                return worker is not None and worker.poll() is not None
+            done_at.append(time.monotonic())
+            return time.monotonic() - done_at[0] > 10
+
+        for alert in follow(from_beginning=True, until=finished):
+            if alert["alert_id"] in seen and len(alert.get("event_ids", [])) % 5:
+                continue  # show updates of an ongoing burst sparingly
+            seen.add(alert["alert_id"])
+            print(format_alert(alert, colour), flush=True)
+        print(f"\nStream finished: {progress['sent']:,} events sent, {len(seen)} warnings.")
+        return 0
+    except KeyboardInterrupt:
+        print("\nStopping...")
+        return 0
+    finally:
+        stop.set()
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if started_broker:
+            kafka_local.stop(9092)
+        print("Everything the demo started has stopped.")
+
+
+__all__ = ["feed", "rebase", "run_demo"]

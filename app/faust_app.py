@@ -1,0 +1,137 @@
+"""The Faust application: broker settings, topics and tables that the agents share."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.serializers.codecs import RestrictedUnpickler
+from faust.types import TopicT
+
+from app.metrics import Metrics
+from app.settings import Settings, get_settings
+
+# Logical topic names; the configured prefix is prepended to each.
+TRANSACTIONS = "risk.transactions"
+MARKET = "risk.market"
+ALERTS = "risk.alerts"
+DEADLETTER = "risk.deadletter"
+RULES = "risk.rules"
+AGGREGATES = "risk.aggregates"
+CONTINGENCY = "risk.contingency"
+ACKS = "risk.acks"
+AUDIT = "risk.audit"
+DISCLOSURE = "risk.disclosure"
+ALL_TOPICS = (TRANSACTIONS, MARKET, ALERTS, DEADLETTER, RULES, AGGREGATES, CONTINGENCY, ACKS, AUDIT, DISCLOSURE)
+# Control and second-stage topics have one partition: every reader must see every message in order.
+SINGLE_PARTITION = (RULES, AGGREGATES)
+COMPACTED = (RULES,)
+
+
+# Table values are our own state classes; the restricted codec refuses anything else a hostile
+# writer to a changelog topic might plant (plain pickle would execute it).
+RestrictedUnpickler.ALLOWED_CLASSES = {
+    **RestrictedUnpickler.ALLOWED_CLASSES,
+    "array": frozenset({"array", "_array_reconstructor"}),
+    "models.features": frozenset({"AccountState"}),
+    "models.market": frozenset({"InstrumentState"}),
+    "models.detector": frozenset({"SurpriseDetector", "Calibrator"}),
+}
+
+
+def restricted_loads(blob: bytes) -> Any:
+    """Unpickle riskwatch state, refusing any class outside the allowlist above."""
+    return RestrictedUnpickler(io.BytesIO(blob)).load()
+
+
+def dumps(state: Any) -> bytes:
+    """Pickle a state object for a table."""
+    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def credentials(s: Settings) -> Any:
+    """Faust broker credentials from settings (None for PLAINTEXT)."""
+    proto = s.kafka_security_protocol.upper()
+    ctx: ssl.SSLContext | None = None
+    if proto in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=s.kafka_ssl_cafile or None)
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=s.kafka_sasl_username,
+            password=s.kafka_sasl_password.get_secret_value(),
+            mechanism=s.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=ctx,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+@dataclass
+class Runtime:
+    """The app and everything agents share: topics, tables, metrics, settings."""
+
+    settings: Settings
+    app: faust.App
+    metrics: Metrics
+    topics: dict[str, TopicT]
+    accounts: Any
+    instruments: Any
+    models: Any
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> Runtime:
+    """Build the Faust app with riskwatch's topics and tables (agents are attached by agents.attach)."""
+    s = settings or get_settings()
+    app = faust.App(
+        s.app_id,
+        broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
+        broker_credentials=credentials(s),
+        store="memory://",
+        datadir=str(s.data_dir),
+        topic_partitions=s.topic_partitions,
+        topic_replication_factor=s.topic_replication,
+        processing_guarantee="at_least_once",
+        web_enabled=True,
+        web_host=s.web_host,
+        web_port=s.web_port,
+        web_bind=s.web_host,
+        web_tables_enabled=False,
+        stream_recovery_delay=0.0,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        producer_linger=0.005,
+        producer_compression_type="lz4" if _has_lz4() else None,
+        table_cleanup_interval=30.0,
+    )
+
+    def topic(name: str, **kw: Any) -> TopicT:
+        return app.topic(s.topic(name), key_type=bytes, value_type=bytes, value_serializer="raw",
+                         key_serializer="raw", **kw)
+
+    topics = {name: topic(name) for name in ALL_TOPICS}
+    # Tables: per-entity state survives restarts through their changelog topics (pickled values).
+    # Values are bytes we pickle ourselves (restricted on load): Faust's table codecs are JSON or raw.
+    # use_partitioner: writes (and idle-eviction deletes from a timer) go to the key's own partition.
+    accounts = app.Table("accounts", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+                         partitions=s.topic_partitions)
+    instruments = app.Table("instruments", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
+                            partitions=s.topic_partitions)
+    models = app.Table("models", default=None, key_type=bytes, value_type=bytes, partitions=s.topic_partitions)
+    return Runtime(s, app, metrics or Metrics(), topics, accounts, instruments, models)
+
+
+def _has_lz4() -> bool:
+    try:
+        import lz4  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["ALL_TOPICS", "Runtime", "create_app", "credentials"]

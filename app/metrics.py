@@ -1,0 +1,85 @@
+"""Every Prometheus metric riskwatch exports, defined once, on an injectable registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STAGE_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+_SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+_ACK_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+
+
+class Metrics:
+    """The riskwatch metric set; tests pass a fresh CollectorRegistry to read samples in isolation."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "riskwatch_events_consumed_total", "Input events read, by topic", ["topic"], registry=r)
+        self.events_scored = Counter(
+            "riskwatch_events_scored_total", "Input events scored, by topic", ["topic"], registry=r)
+        self.events_published = Counter(
+            "riskwatch_events_published_total", "Output messages sent, by topic", ["topic"], registry=r)
+        self.deadletters = Counter(
+            "riskwatch_deadletters_total", "Inputs sent to the dead-letter topic, by source topic and reason",
+            ["topic", "reason"], registry=r)
+        self.duplicates = Counter(
+            "riskwatch_duplicates_total", "Events with an event_id already scored, by topic", ["topic"], registry=r)
+        self.late_events = Counter(
+            "riskwatch_late_events_total", "Events older than the allowed lateness for their entity", ["topic"],
+            registry=r)
+        self.warnings = Counter(
+            "riskwatch_warnings_total", "New warnings raised, by category and level", ["category", "level"],
+            registry=r)
+        self.warning_updates = Counter(
+            "riskwatch_warning_updates_total", "Updates of an ongoing warning (same alert_id)", ["category"],
+            registry=r)
+        self.storm_dropped = Counter(
+            "riskwatch_storm_dropped_total", "Warnings dropped by the per-category storm cap", ["category"],
+            registry=r)
+        self.rule_hits = Counter(
+            "riskwatch_rule_hits_total", "Findings per rule or detector, before dedup", ["rule"], registry=r)
+        self.processing = Histogram(
+            "riskwatch_processing_seconds", "Processing time per event and stage", ["stage"],
+            buckets=_STAGE_BUCKETS, registry=r)
+        self.event_to_warning = Histogram(
+            "riskwatch_event_to_warning_seconds", "Wall clock at publication minus event time, per warning",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.event_time_lag = Gauge(
+            "riskwatch_event_time_lag_seconds", "Wall clock minus the newest event time seen, by topic", ["topic"],
+            registry=r)
+        self.consumer_lag = Gauge(
+            "riskwatch_consumer_lag_messages", "High watermark minus committed offset, by topic and partition",
+            ["topic", "partition"], registry=r)
+        self.scores = Histogram(
+            "riskwatch_score", "Calibrated scores in [0, 1], by detector", ["detector"], buckets=_SCORE_BUCKETS,
+            registry=r)
+        self.entities = Gauge(
+            "riskwatch_entities", "Entities held in state on this worker, by table", ["table"], registry=r)
+        self.evictions = Counter(
+            "riskwatch_evictions_total", "Entities evicted after the idle TTL, by table", ["table"], registry=r)
+        self.rules_version = Gauge(
+            "riskwatch_rules_version", "Version of the rule catalogue in force", registry=r)
+        self.rules_rejected = Counter(
+            "riskwatch_rules_rejected_total", "Rule catalogue versions rejected as invalid", registry=r)
+        self.open_alerts = Gauge(
+            "riskwatch_open_alerts", "Alerts not yet resolved, by level", ["level"], registry=r)
+        self.time_to_ack = Histogram(
+            "riskwatch_time_to_ack_seconds", "From warning to acknowledgement", buckets=_ACK_BUCKETS, registry=r)
+        self.triggers = Counter(
+            "riskwatch_contingency_triggers_total", "Contingency triggers emitted, by plan", ["plan"], registry=r)
+        self.escalations = Counter(
+            "riskwatch_escalations_total", "Escalations after a missed acknowledgement deadline, by plan",
+            ["plan"], registry=r)
+        self.overdue_plans = Gauge(
+            "riskwatch_overdue_plans", "Plans past their resolution deadline and not resolved", registry=r)
+        self.verdicts = Counter(
+            "riskwatch_verdicts_total", "Analyst verdicts on resolved alerts, by detector and verdict",
+            ["detector", "verdict"], registry=r)
+        self.pages = Counter(
+            "riskwatch_pages_total", "Pushes to Alertmanager, by result", ["result"], registry=r)
+
+
+__all__ = ["Metrics"]

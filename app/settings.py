@@ -1,0 +1,57 @@
+"""All riskwatch configuration: one frozen object read from RISKWATCH_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+class Settings(BaseSettings):
+    """Every setting riskwatch reads; each field is the env var RISKWATCH_<FIELD NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="RISKWATCH_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    topic_prefix: str = Field("", description="Prepended verbatim to every topic name, e.g. 'staging.'")
+    app_id: str = Field("riskwatch", description="Faust app id: consumer group and changelog topic prefix")
+    topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
+    topic_replication: int = Field(1, ge=1, description="Replication factor for topics the worker creates")
+    metrics_port: int = Field(9108, description="Port of the Prometheus /metrics endpoint")
+    web_host: str = Field("127.0.0.1", description="Bind address of the worker's web server")
+    web_port: int = Field(6066, description="Port of the worker's web server (warnings page)")
+    data_dir: Path = Field(Path(".riskwatch-data"), description="Worker state directory (Faust tables)")
+    rules_file: Path = Field(_DEPLOY / "rules.yaml", description="Rule catalogue loaded at start")
+    plans_file: Path = Field(_DEPLOY / "plans.yaml", description="Contingency-plan catalogue")
+    state_ttl_seconds: float = Field(30 * 86400, gt=0, description="Evict an entity idle this long")
+    model_checkpoint_every: int = Field(500, ge=1, description="Events between model snapshots per partition")
+    target_alert_rate: float = Field(0.002, gt=0, lt=0.5, description="Share of events the model may flag")
+    storm_cap_per_minute: int = Field(200, ge=1, description="Warnings per category per minute before dropping")
+    alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
+    page_min_level: str = Field("high", description="Lowest warning level pushed to Alertmanager")
+    log_json: bool = Field(False, description="Log as JSON lines")
+    log_level: str = Field("INFO", description="Python log level")
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str = Field("", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (masked when printed)")
+    kafka_ssl_cafile: str = Field("", description="CA bundle used to verify the brokers")
+    pseudonymise_key: SecretStr = Field(
+        SecretStr(""), description="HMAC key; when set, identifiers are hashed at ingest")
+
+    def topic(self, name: str) -> str:
+        """Return the full topic name for a logical name such as 'risk.alerts'."""
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()
+
+
+__all__ = ["Settings", "get_settings"]

@@ -1,0 +1,58 @@
+"""Assemble and run the riskwatch worker: topics, agents, rule control and the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import start_http_server
+
+from agents import control, market, platform, transactions
+from agents.sink import Sink
+from app.admin import ensure_topics
+from app.faust_app import Runtime, create_app
+from app.metrics import Metrics
+from app.settings import Settings, get_settings
+from models.rules import Catalogue, load_catalogue
+from models.scoring import TransactionScorer
+
+log = logging.getLogger("riskwatch.worker")
+
+
+def build(settings: Settings | None = None, metrics: Metrics | None = None) -> Runtime:
+    """Create the app with every agent attached, the rule catalogue loaded from settings."""
+    s = settings or get_settings()
+    rt = create_app(s, metrics)
+    catalogue = load_catalogue(s.rules_file)
+    sink = Sink(rt)
+    scorer = TransactionScorer(catalogue, storm_cap=s.storm_cap_per_minute)
+    transactions.attach(rt, sink, scorer)
+    market_agent = market.attach(rt, sink, catalogue)
+    monitors = platform.attach(rt, sink, catalogue)
+
+    def apply(cat: Catalogue) -> None:
+        scorer.set_catalogue(cat)
+        market_agent.set_catalogue(cat)
+        monitors.set_catalogue(cat)
+
+    control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
+    rt.extras["sink"] = sink
+    return rt
+
+
+def run(settings: Settings | None = None) -> None:
+    """Create topics, serve /metrics and run the worker until it is stopped."""
+    import faust
+
+    s = settings or get_settings()
+    created = ensure_topics(s)
+    if created:
+        log.info("created topics: %s", ", ".join(created))
+    rt = build(s)
+    start_http_server(s.metrics_port, addr=s.web_host, registry=rt.metrics.registry)
+    log.info("metrics on http://%s:%s/metrics, warnings page on http://%s:%s/", s.web_host, s.metrics_port,
+             s.web_host, s.web_port)
+    worker = faust.Worker(rt.app, loglevel=s.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+
+
+__all__ = ["build", "run"]

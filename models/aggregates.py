@@ -1,0 +1,451 @@
+"""Platform-wide aggregates in two stages: per-partition partials, then one monitor that decides.
+
+Stage 1 (an accumulator per source: a Kafka partition, or "replay") sums its own events into
+time buckets and emits *partials* carrying cumulative totals for (source, bucket). Stage 2 (one
+monitor, all partials re-keyed to one key) keeps the latest partial per (source, bucket),
+REPLACING any earlier one, so a redelivered or re-emitted partial never counts twice. A bucket
+is judged once the watermark (newest bucket seen minus `lateness_buckets`) has passed it, so
+partials arriving out of order within that allowance give the same alerts in the same order.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import insort
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.errors import ConfigError
+from app.schemas import Reason
+from models.findings import AlertMemory, Finding, Raised, track
+
+# Flows are classified by type from the platform's side, whatever `direction` says: a deposit or
+# an investment brings money onto the platform, a withdrawal or a redemption takes it off. Only
+# the customer's leg counts, so a movement published as two legs is not counted twice.
+OUTFLOW_TYPES = frozenset({"withdrawal", "redemption"})
+INFLOW_TYPES = frozenset({"deposit", "investment"})
+MAX_SAMPLE_IDS = 20
+MAX_INSTRUMENTS = 2000  # per partial list: ~40 kB of JSON, well under Kafka's 1 MB message limit
+MIN_BASELINE = 3  # hourly samples before "the usual" means anything; until then only the floor applies
+_MAD_SIGMA = 1.4826
+
+
+def _sample(ids: list[str], event_id: str) -> bool:
+    # Keep the smallest ids, not the first: the sample then does not depend on how events were
+    # spread over partitions or in what order they came. Returns True when the sample changed.
+    if event_id in ids or (len(ids) >= MAX_SAMPLE_IDS and event_id >= ids[-1]):
+        return False
+    insort(ids, event_id)
+    del ids[MAX_SAMPLE_IDS:]
+    return True
+
+
+def bucket_of(ts: float, bucket_seconds: int) -> int:
+    """The start (epoch seconds) of the bucket holding `ts`."""
+    return int(ts // bucket_seconds) * bucket_seconds
+
+
+class _Partial(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    source: str = Field(min_length=1, max_length=64)
+    bucket: int = Field(ge=0)
+    bucket_seconds: int = Field(default=60, gt=0)
+
+
+class FlowPartial(_Partial):
+    """Cumulative customer flows of one source in one bucket (amounts in major units)."""
+
+    kind: Literal["flow"] = "flow"
+    outflow: float = Field(default=0.0, ge=0)
+    inflow: float = Field(default=0.0, ge=0)
+    n: int = Field(default=0, ge=0)
+    event_ids: list[str] = Field(default_factory=list, max_length=MAX_SAMPLE_IDS)
+
+
+class MarketPartial(_Partial):
+    """Instruments of one source that ticked in one bucket, and those that moved abnormally."""
+
+    kind: Literal["market"] = "market"
+    active: list[str] = Field(default_factory=list, max_length=MAX_INSTRUMENTS)
+    abnormal: list[str] = Field(default_factory=list, max_length=MAX_INSTRUMENTS)
+    event_ids: list[str] = Field(default_factory=list, max_length=MAX_SAMPLE_IDS)
+
+
+class _Accumulator:
+    """Open buckets of one source; a bucket is re-emitted whenever it changed since its last emission."""
+
+    __slots__ = ("bucket_seconds", "buckets", "dirty", "keep_buckets", "last_offset", "late_dropped", "max_bucket",
+                 "source")
+
+    def __init__(self, source: str, bucket_seconds: int = 60, keep_buckets: int = 5) -> None:
+        # Closed buckets are kept `keep_buckets` long so a late event still yields a correct
+        # *cumulative* partial; keep it >= the monitor's lateness_buckets.
+        self.source, self.bucket_seconds, self.keep_buckets = source, bucket_seconds, keep_buckets
+        self.buckets: dict[int, Any] = {}
+        self.dirty: set[int] = set()
+        self.max_bucket = self.last_offset = -1
+        self.late_dropped = 0
+
+    def _bucket(self, ts: float, offset: int | None) -> int | None:
+        if offset is not None:
+            # Offsets of one partition only grow: one at or below the last applied is a redelivery.
+            if offset <= self.last_offset:
+                return None
+            self.last_offset = offset
+        b = bucket_of(ts, self.bucket_seconds)
+        if b < self.max_bucket - self.keep_buckets * self.bucket_seconds:
+            # Its earlier totals are forgotten: a partial of this event alone would replace them.
+            self.late_dropped += 1
+            return None
+        self.max_bucket = max(self.max_bucket, b)
+        return b
+
+    def _emit(self, closed_only: bool) -> list[Any]:
+        ready = sorted(b for b in self.dirty if not closed_only or b < self.max_bucket)
+        self.dirty.difference_update(ready)
+        out = [self._partial(b) for b in ready]
+        # Forget only after emitting: a time jump must not swallow a bucket never sent.
+        horizon = self.max_bucket - self.keep_buckets * self.bucket_seconds
+        for old in [k for k in self.buckets if k < horizon]:
+            del self.buckets[old]
+        return out
+
+    def _partial(self, b: int) -> Any:
+        raise NotImplementedError  # pragma: no cover - each accumulator builds its own
+
+    def flush(self) -> list[Any]:
+        """Emit every bucket changed since its last emission, the open one included (for a timer)."""
+        return self._emit(closed_only=False)
+
+
+class FlowAccumulator(_Accumulator):
+    """Stage 1 of the liquidity monitor: customer inflows and outflows of one source per bucket."""
+
+    __slots__ = ()
+
+    def add(self, ts: float, txn_type: str, direction: str, amount: float, event_id: str, *,
+            account_kind: str = "customer", offset: int | None = None) -> list[FlowPartial]:
+        """Count one transaction; return the partials of earlier buckets it closed or revised.
+
+        `direction` is accepted to mirror the contract but unused (see OUTFLOW_TYPES). Pass the
+        Kafka `offset` so a redelivered message is recognised and skipped.
+        """
+        b = self._bucket(ts, offset)
+        if b is None:
+            return []
+        tot = self.buckets.setdefault(b, [0.0, 0.0, 0, []])
+        # Every event, flow or not, opens its bucket: an empty partial still moves the watermark.
+        self.dirty.add(b)
+        if account_kind == "customer":
+            if txn_type in OUTFLOW_TYPES:
+                tot[0] += amount
+                tot[2] += 1
+                _sample(tot[3], event_id)
+            elif txn_type in INFLOW_TYPES:
+                tot[1] += amount
+                tot[2] += 1
+        return self._emit(closed_only=True)
+
+    def _partial(self, b: int) -> FlowPartial:
+        out, inn, n, ids = self.buckets[b]
+        return FlowPartial(source=self.source, bucket=b, bucket_seconds=self.bucket_seconds,
+                           outflow=out, inflow=inn, n=n, event_ids=list(ids))
+
+
+class MarketAccumulator(_Accumulator):
+    """Stage 1 of the market-stress monitor: which instruments of one source ticked, which moved abnormally."""
+
+    __slots__ = ()
+
+    def add(self, ts: float, instrument: str, abnormal: bool, event_id: str, *,
+            offset: int | None = None) -> list[MarketPartial]:
+        """Record one scored tick; return the partials of earlier buckets it closed or revised."""
+        b = self._bucket(ts, offset)
+        if b is None:
+            return []
+        active, bad, ids = self.buckets.setdefault(b, (set(), set(), []))
+        changed = False
+        if instrument not in active and len(active) < MAX_INSTRUMENTS:
+            active.add(instrument)
+            changed = True
+        if abnormal:
+            if instrument not in bad and len(bad) < MAX_INSTRUMENTS:
+                bad.add(instrument)
+                changed = True
+            changed = _sample(ids, event_id) or changed
+        if changed:
+            # Ticks that add nothing new leave the bucket clean: no chatter on the partials topic.
+            self.dirty.add(b)
+        return self._emit(closed_only=True)
+
+    def _partial(self, b: int) -> MarketPartial:
+        active, bad, ids = self.buckets[b]
+        return MarketPartial(source=self.source, bucket=b, bucket_seconds=self.bucket_seconds,
+                             active=sorted(active), abnormal=sorted(bad), event_ids=list(ids))
+
+
+class _WindowParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_seconds: int = Field(default=3600, gt=0)
+    bucket_seconds: int = Field(default=60, gt=0)
+    lateness_buckets: int = Field(default=2, ge=0, description="Buckets a partial may trail the newest one")
+    cooldown_seconds: float = Field(default=1800.0, gt=0, description="Quiet time after which a new alert opens")
+
+    @model_validator(mode="after")
+    def _whole_buckets(self) -> _WindowParams:
+        if self.window_seconds % self.bucket_seconds:
+            raise ValueError(f"window_seconds ({self.window_seconds}) must be a multiple of "
+                             f"bucket_seconds ({self.bucket_seconds})")
+        return self
+
+
+class LiquidityParams(_WindowParams):
+    """When platform-wide net outflow is a run."""
+
+    min_net_outflow: float = Field(default=100_000.0, ge=0, description="Net outflow per window never alarming below")
+    high_ratio: float = Field(default=3.0, gt=1, description="Multiple of the usual net outflow that is high")
+    critical_ratio: float = Field(default=6.0, gt=1, description="Multiple of the usual net outflow that is critical")
+    baseline_windows: int = Field(default=24, ge=MIN_BASELINE, description="Past windows the usual level is taken from")
+    currency: str = Field(default="CNY", pattern=r"^[A-Z]{3}$", description="Label of the amounts in reasons")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LiquidityParams:
+        if self.critical_ratio < self.high_ratio:
+            raise ValueError(f"critical_ratio ({self.critical_ratio}) must be >= high_ratio ({self.high_ratio})")
+        return self
+
+
+class MarketStressParams(_WindowParams):
+    """When many instruments moving abnormally at once is market stress."""
+
+    window_seconds: int = Field(default=900, gt=0)
+    min_instruments: int = Field(default=3, ge=1, description="Distinct abnormal instruments needed")
+    min_share: float = Field(default=0.3, gt=0, le=1, description="Share of active instruments that must be abnormal")
+
+
+class _Monitor:
+    """Stage 2 skeleton: latest partial per (source, bucket), evaluation behind a watermark."""
+
+    __slots__ = ("alerts", "late_dropped", "max_bucket", "min_bucket", "next_eval", "params", "parts")
+    detector = ""
+
+    def __init__(self, params: _WindowParams) -> None:
+        self.params = params
+        self.parts: dict[int, dict[str, Any]] = {}  # bucket -> source -> (size, payload)
+        self.next_eval: int | None = None  # first bucket not yet judged
+        self.max_bucket: int | None = None
+        self.min_bucket: int | None = None
+        self.alerts: AlertMemory = {}
+        self.late_dropped = 0
+
+    def _store(self, source: str, bucket: int, payload: Any, size: int) -> list[Raised]:
+        p = self.params
+        if bucket % p.bucket_seconds:
+            raise ConfigError(f"partial bucket {bucket} from {source!r} is not a multiple of "
+                              f"bucket_seconds={p.bucket_seconds}: stage 1 and stage 2 disagree on buckets")
+        if self.next_eval is not None and bucket < self.next_eval - p.window_seconds:
+            self.late_dropped += 1
+            return []
+        by_source = self.parts.setdefault(bucket, {})
+        old = by_source.get(source)
+        # Totals are cumulative, so a partial that knows less than the stored one is a stale redelivery.
+        if old is None or size >= old[0]:
+            by_source[source] = (size, payload)
+        self.max_bucket = bucket if self.max_bucket is None else max(self.max_bucket, bucket)
+        self.min_bucket = bucket if self.min_bucket is None else min(self.min_bucket, bucket)
+        return self._advance(self.max_bucket - p.lateness_buckets * p.bucket_seconds)
+
+    def drain(self) -> list[Raised]:
+        """Judge every bucket seen, lateness or not: the end of an offline replay."""
+        return [] if self.max_bucket is None else self._advance(self.max_bucket)
+
+    def _advance(self, watermark: int) -> list[Raised]:
+        p, bs = self.params, self.params.bucket_seconds
+        if self.next_eval is None:
+            if self.min_bucket is None or watermark < self.min_bucket:
+                return []
+            self.next_eval = self.min_bucket
+        out: list[Raised] = []
+        stale_end = bucket_of(watermark - self._horizon(), bs)
+        skip_from = stale_end
+        if stale_end > self.next_eval:
+            # After a long silence (or a clock jump) skip the windows holding no data: judging them
+            # changes nothing the horizon remembers. Windows still holding the old data are judged.
+            old = [k for k in self.parts if k < stale_end]
+            skip_from = max(old) + p.window_seconds if old else self.next_eval
+        while self.next_eval <= watermark:
+            if skip_from <= self.next_eval < stale_end:
+                self.next_eval = stale_end
+                continue
+            out.extend(self._evaluate(self.next_eval))
+            self.next_eval += bs
+        horizon = self.next_eval - p.window_seconds
+        for b in [b for b in self.parts if b < horizon]:
+            del self.parts[b]
+        return out
+
+    def _window(self, b: int) -> list[dict[str, Any]]:
+        bs = self.params.bucket_seconds
+        lo = b - self.params.window_seconds + bs
+        return [self.parts[k] for k in range(lo, b + bs, bs) if k in self.parts]
+
+    def _raise(self, finding: Finding, b: int, ids: list[str]) -> list[Raised]:
+        ts = float(b + self.params.bucket_seconds)  # the bucket's end: event time, never the wall clock
+        first = ids[0] if ids else f"{finding.category}@{b}"
+        return track(self.alerts, [finding], ts, first, self.params.cooldown_seconds, more_ids=ids[1:])
+
+    def _horizon(self) -> int:
+        return self.params.window_seconds
+
+    def _evaluate(self, b: int) -> list[Raised]:
+        raise NotImplementedError  # pragma: no cover - each monitor judges its own way
+
+
+def _money(x: float) -> str:
+    if abs(x) >= 1e9:
+        return f"{x / 1e9:.1f}B"
+    if abs(x) >= 1e5:
+        return f"{x / 1e6:.1f}M"
+    return f"{x:,.0f}"
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    k = len(s)
+    return s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
+
+
+class LiquidityMonitor(_Monitor):
+    """Stage 2: net customer outflow over a rolling window against its own usual level.
+
+    The usual scale is robust: max(median, 1.4826 * MAD) of the net outflow of the last
+    `baseline_windows` whole windows (one sample per aligned window, e.g. hourly for 24 hours).
+    The median is the typical level, the scaled MAD its typical swing, so a platform whose net
+    flow is usually an inflow still has a usual scale; a burst of a few bad hours moves neither.
+    High needs max(min_net_outflow, high_ratio * usual); critical needs critical_ratio * usual,
+    and at least min_net_outflow scaled by critical_ratio / high_ratio while there is no baseline.
+    """
+
+    __slots__ = ("baseline",)
+    detector = "aggregates.liquidity"
+    params: LiquidityParams
+
+    def __init__(self, params: LiquidityParams | None = None) -> None:
+        super().__init__(params or LiquidityParams())
+        self.baseline = array("d")  # net outflow of past whole windows, oldest first
+
+    def update(self, partial: FlowPartial) -> list[Raised]:
+        """Take one partial (replacing any earlier one of its source and bucket); return raised alerts."""
+        payload = (partial.outflow, partial.inflow, tuple(partial.event_ids))
+        return self._store(partial.source, partial.bucket, payload, partial.n)
+
+    def usual(self) -> tuple[float, float]:
+        """(median, 1.4826 * MAD) of past windows' net outflow; (0, 0) until MIN_BASELINE windows."""
+        if len(self.baseline) < MIN_BASELINE:
+            return 0.0, 0.0
+        values = list(self.baseline)
+        med = _median(values)
+        return med, _MAD_SIGMA * _median([abs(v - med) for v in values])
+
+    def _horizon(self) -> int:
+        return self.params.window_seconds * (self.params.baseline_windows + 1)
+
+    def _evaluate(self, b: int) -> list[Raised]:
+        p, window = self.params, self._window(b)
+        out = inn = 0.0
+        ids: list[str] = []
+        for by_source in window:
+            # Sorted sources: float sums then do not depend on the order partials arrived in.
+            for src in sorted(by_source):
+                o, i, _ = by_source[src][1]
+                out, inn = out + o, inn + i
+        # Evidence from the newest bucket of the window that has any, in a fixed order.
+        for by_source in reversed(window):
+            if ids := sorted({e for _, (_, _, sample) in by_source.values() for e in sample})[:10]:
+                break
+        net = out - inn
+        med, spread = self.usual()
+        usual = max(med, spread, 0.0)
+        raised: list[Raised] = []
+        high = max(p.min_net_outflow, p.high_ratio * usual)
+        critical = max(p.min_net_outflow * p.critical_ratio / p.high_ratio, p.critical_ratio * usual)
+        if net >= high and net > 0:
+            cur, minutes = p.currency, p.window_seconds / 60
+            if usual <= 0:
+                versus = f"no baseline yet (floor {cur} {_money(p.min_net_outflow)})"
+            elif usual == med:
+                versus = f"{net / usual:.1f}x the usual ({cur} {_money(med)})"
+            else:
+                # The usual level is small or an inflow: a ratio to it means nothing, so say both.
+                usually = f"net {'inflow' if med < 0 else 'outflow'} of {cur} {_money(abs(med))}"
+                versus = f"{net / usual:.1f}x the usual swing ({cur} {_money(spread)}; usually a {usually})"
+            crit = net >= critical
+            reason = Reason(code="net_outflow", value=round(net, 2), threshold=round(critical if crit else high, 2),
+                            message=f"net outflow {cur} {_money(net)} in the last {minutes:.0f} min "
+                                    f"(out {_money(out)}, in {_money(inn)}), {versus}")
+            finding = Finding("liquidity_run", "critical" if crit else "high", min(1.0, 0.5 + 0.5 * net / critical),
+                              self.detector, [reason], "platform", "platform")
+            raised = self._raise(finding, b, ids)
+        # Learn after judging, and only from windows fully inside the data seen.
+        if (b + p.bucket_seconds) % p.window_seconds == 0 and self.min_bucket is not None \
+                and b - self.min_bucket >= p.window_seconds - p.bucket_seconds:
+            self.baseline.append(net)
+            if len(self.baseline) > p.baseline_windows:
+                del self.baseline[0]
+        return raised
+
+
+class MarketStressMonitor(_Monitor):
+    """Stage 2: too many instruments moving abnormally within one window is market stress."""
+
+    __slots__ = ()
+    detector = "aggregates.market_stress"
+    params: MarketStressParams
+
+    def __init__(self, params: MarketStressParams | None = None) -> None:
+        super().__init__(params or MarketStressParams())
+
+    def update(self, partial: MarketPartial) -> list[Raised]:
+        """Take one partial (replacing any earlier one of its source and bucket); return raised alerts."""
+        payload = (frozenset(partial.active), frozenset(partial.abnormal), tuple(partial.event_ids))
+        return self._store(partial.source, partial.bucket, payload, len(partial.active) + len(partial.abnormal))
+
+    def _evaluate(self, b: int) -> list[Raised]:
+        p = self.params
+        active: set[str] = set()
+        bad: set[str] = set()
+        samples: set[str] = set()
+        for by_source in self._window(b):
+            for _, (act, abn, ids) in by_source.values():
+                active |= act | abn  # an instrument that moved abnormally certainly ticked
+                bad |= abn
+                samples.update(ids)
+        share = len(bad) / len(active) if active else 0.0
+        if len(bad) < p.min_instruments or share < p.min_share:
+            return []
+        names = ", ".join(sorted(bad)[:5]) + (", ..." if len(bad) > 5 else "")
+        reason = Reason(code="market_stress", value=round(share, 4), threshold=p.min_share,
+                        message=f"{len(bad)} of {len(active)} instruments moved abnormally within "
+                                f"{p.window_seconds / 60:.0f} minutes ({names})")
+        level = "critical" if share >= 2 * p.min_share else "high"
+        score = min(1.0, 0.5 + 0.5 * share / min(1.0, 2 * p.min_share))
+        finding = Finding("market_stress", level, score, self.detector, [reason], "market", "market")
+        return self._raise(finding, b, sorted(samples)[:10])
+
+
+__all__ = [
+    "INFLOW_TYPES",
+    "OUTFLOW_TYPES",
+    "FlowAccumulator",
+    "FlowPartial",
+    "LiquidityMonitor",
+    "LiquidityParams",
+    "MarketAccumulator",
+    "MarketPartial",
+    "MarketStressMonitor",
+    "MarketStressParams",
+    "bucket_of",
+]

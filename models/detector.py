@@ -1,0 +1,170 @@
+"""The transaction anomaly detector: per-account surprises, summed, calibrated online to [0, 1]."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from typing import Any
+
+from river import base
+
+from models.features import TINY_AMOUNT, VELOCITY_WINDOW, TxnFeatures
+
+# How much each surprise counts: nats of evidence, scaled down for features that legitimately vary.
+WEIGHTS: dict[str, float] = {
+    "amount": 1.0,
+    "new_counterparty": 0.7,
+    "new_device": 1.0,
+    "velocity": 0.6,
+    "tiny_burst": 1.2,
+    "hour": 0.5,
+    "spend": 0.6,
+}
+
+
+def _poisson_tail_surprise(k: int, lam: float) -> float:
+    """-ln P(X >= k) for X ~ Poisson(lam): how surprising k or more events are."""
+    if k <= 0:
+        return 0.0
+    term = math.exp(-lam)
+    cdf = term
+    for i in range(1, k):
+        term *= lam / i
+        cdf += term
+    tail = max(1.0 - cdf, 1e-300)
+    return -math.log(tail)
+
+
+def surprises(f: TxnFeatures, debit: bool) -> dict[str, float]:
+    """Turn features into non-negative surprises (nats): 0 means 'as this account usually behaves'."""
+    conf = f.history / (f.history + 4.0)
+    out = dict.fromkeys(WEIGHTS, 0.0)
+    if not debit:
+        # Incoming money is rarely the loss event; only a huge credit is worth a mention.
+        out["amount"] = max(0.0, f.amount_z - 3.0) * conf * 0.5
+        return out
+    out["amount"] = max(0.0, f.amount_z - 1.0) * conf
+    if f.new_counterparty:
+        out["new_counterparty"] = -math.log(f.p_new_counterparty) * conf
+    if f.new_device:
+        out["new_device"] = -math.log(f.p_new_device) * conf
+    out["velocity"] = max(0.0, _poisson_tail_surprise(f.debits_10m, f.expected_10m) - 2.0)
+    if f.tiny_10m >= 2:
+        out["tiny_burst"] = float(f.tiny_10m - 1)
+    out["hour"] = max(0.0, -math.log(f.hour_share * 24.0)) * conf
+    if f.day_out_ratio > 3.0:
+        out["spend"] = math.log(f.day_out_ratio / 3.0)
+    return out
+
+
+class Calibrator:
+    """Online empirical CDF of raw scores on a log-spaced histogram, with exponential forgetting."""
+
+    __slots__ = ("bins", "counts", "horizon", "max_raw", "total")
+
+    def __init__(self, bins: int = 256, max_raw: float = 64.0, horizon: float = 200_000.0) -> None:
+        self.bins = bins
+        self.max_raw = max_raw
+        self.horizon = horizon
+        self.counts = array("d", bytes(8 * bins))
+        self.total = 0.0
+
+    def _pos(self, raw: float) -> float:
+        return min(math.log1p(max(raw, 0.0)) / math.log1p(self.max_raw), 1.0) * (self.bins - 1e-9)
+
+    def update(self, raw: float) -> None:
+        """Count one raw score; halve all counts when the horizon is reached so old traffic fades."""
+        self.counts[int(self._pos(raw))] += 1.0
+        self.total += 1.0
+        if self.total >= self.horizon:
+            for i in range(self.bins):
+                self.counts[i] *= 0.5
+            self.total *= 0.5
+
+    def cdf(self, raw: float) -> float:
+        """Share of past raw scores below `raw`, interpolated inside its bin; 0.5 before any data."""
+        if self.total <= 0:
+            return 0.5
+        pos = self._pos(raw)
+        b = int(pos)
+        below = sum(self.counts[:b])
+        return min(max((below + self.counts[b] * (pos - b)) / self.total, 0.0), 1.0)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.bins, self.max_raw, self.counts, self.total, self.horizon)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.bins, self.max_raw, self.counts, self.total, self.horizon = state
+
+
+class SurpriseDetector(base.AnomalyDetector):
+    """River anomaly detector over per-account surprises: raw = weighted sum, score = online ECDF rank.
+
+    >>> det = SurpriseDetector()
+    >>> for i in range(1000):
+    ...     det.learn_one({"amount": (i % 10) / 10})
+    >>> det.score_one({"amount": 0.0}) < 0.2 < det.score_one({"amount": 5.0})
+    True
+    """
+
+    def __init__(self, weights: dict[str, float] | None = None, horizon: float = 200_000.0) -> None:
+        self.weights = weights
+        self.horizon = horizon
+        self._w = dict(WEIGHTS if weights is None else weights)
+        self.calibrator = Calibrator(horizon=horizon)
+
+    def raw(self, x: dict[Any, Any]) -> float:
+        """Weighted evidence in nats before calibration."""
+        w = self._w
+        return sum(v * w.get(k, 0.0) for k, v in x.items())
+
+    def learn_one(self, x: dict[Any, Any]) -> None:
+        """Add the event's raw score to the calibration histogram."""
+        self.calibrator.update(self.raw(x))
+
+    def score_one(self, x: dict[Any, Any]) -> float:
+        """Calibrated score in [0, 1]: the share of past events that were less surprising."""
+        return self.calibrator.cdf(self.raw(x))
+
+    @property
+    def seen(self) -> float:
+        """Events the calibration has seen (decayed)."""
+        return self.calibrator.total
+
+
+def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int, top: int = 3,
+            min_nats: float = 1.0) -> list[tuple[str, str, float, float | None]]:
+    """Readable reasons for the largest surprises: (code, message, value, baseline)."""
+    out: list[tuple[float, tuple[str, str, float, float | None]]] = []
+    for k, v in x.items():
+        contrib = v * WEIGHTS.get(k, 0.0)
+        if contrib < min_nats:
+            continue
+        if k == "amount":
+            r = (k, f"amount {f.amount_ratio:.1f}x this account's median ({currency} {f.median_amount:,.0f})",
+                 f.amount_ratio, f.median_amount)
+        elif k == "new_counterparty":
+            r = (k, f"first payment to this counterparty (account pays new ones "
+                 f"{f.p_new_counterparty:.0%} of the time)", 1.0, f.p_new_counterparty)
+        elif k == "new_device":
+            r = (k, f"first use of this device on the account (new devices {f.p_new_device:.0%} of the time)",
+                 1.0, f.p_new_device)
+        elif k == "velocity":
+            hi = max(1, math.ceil(f.expected_10m + 2 * math.sqrt(f.expected_10m)))
+            r = (k, f"{f.debits_10m} debits in {VELOCITY_WINDOW / 60:.0f} minutes (usual: 0-{hi})",
+                 float(f.debits_10m), float(hi))
+        elif k == "tiny_burst":
+            r = (k, f"{f.tiny_10m} tiny debits (under {TINY_AMOUNT:g}) in {VELOCITY_WINDOW / 60:.0f} minutes, "
+                 "a card-testing pattern", float(f.tiny_10m), 1.0)
+        elif k == "hour":
+            r = (k, f"active at {local_hour:02d}h local time, when this account rarely is "
+                 f"({f.hour_share:.1%} of its activity)", f.hour_share, 1 / 24)
+        else:
+            r = (k, f"{currency} {f.day_out:,.0f} out today, {f.day_out_ratio:.1f}x its usual daily outflow",
+                 f.day_out_ratio, 1.0)
+        out.append((contrib, r))
+    out.sort(key=lambda t: -t[0])
+    return [r for _, r in out[:top]]
+
+
+__all__ = ["WEIGHTS", "Calibrator", "SurpriseDetector", "explain", "surprises"]

@@ -1,0 +1,250 @@
+"""Per-instrument market risk: abnormal returns, volatility shocks and crashes, scored before learning."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.schemas import Reason
+from models.findings import AlertMemory, Finding
+
+# A zero-variance product (a money-market NAV) would make any move infinite sigmas: floor at 1 bp.
+MIN_SIGMA = 1e-4
+# The drawdown window keeps the candidates for its high (a decreasing run of prices), at most one per
+# time slot, so memory is bounded whatever the tick rate: at most CRASH_SLOTS + 1 prices. The price
+# lost to a slot already holding a higher one mattered only in that slot's last window/64 seconds.
+CRASH_SLOTS = 64
+# The usual volatility learns each return only this many ticks later. Compared with a baseline that
+# already contains them, a burst of 4-sigma moves can never look like 4x the usual volatility: the
+# baseline would chase it (x1.5 per tick at alpha 0.03) faster than the short horizon can rise.
+VOL_LAG = 8
+DETECTOR_RETURNS = "market.ew_volatility"
+DETECTOR_DRAWDOWN = "market.drawdown"
+_SQRT2 = math.sqrt(2.0)
+
+
+class MarketParams(BaseModel):
+    """Thresholds of the per-instrument market detectors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    anomaly_z: float = Field(default=5.0, gt=0, description="Abnormal |return|, in the instrument's own sigmas")
+    warmup_ticks: int = Field(default=30, ge=VOL_LAG + 2, description="Returns learned before any return is judged")
+    vol_shock_ratio: float = Field(default=4.0, gt=1, description="Short / long horizon volatility that is a shock")
+    crash_drop_pct: float = Field(default=10.0, gt=0, lt=100, description="Fall from the window's high that is a crash")
+    crash_window_seconds: float = Field(default=900.0, gt=0, description="How far back the crash high is looked for")
+    critical_drop_pct: float = Field(default=20.0, gt=0, lt=100, description="Fall that makes a crash critical")
+    long_alpha: float = Field(default=0.03, gt=0, lt=1, description="EW weight of the usual (long horizon) volatility")
+    short_alpha: float = Field(default=0.3, gt=0, lt=1, description="EW weight of the short horizon volatility")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MarketParams:
+        if self.critical_drop_pct < self.crash_drop_pct:
+            raise ValueError(f"critical_drop_pct ({self.critical_drop_pct}) must be >= crash_drop_pct "
+                             f"({self.crash_drop_pct})")
+        if self.short_alpha <= self.long_alpha:
+            raise ValueError(f"short_alpha ({self.short_alpha}) must exceed long_alpha ({self.long_alpha}): "
+                             "the short horizon is the faster one")
+        return self
+
+
+class InstrumentState:
+    """What riskwatch remembers about one instrument: about 1.5 KiB pickled, whatever the tick rate."""
+
+    __slots__ = ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n", "pending", "var_long", "var_short")
+
+    def __init__(self) -> None:
+        self.last_price = 0.0
+        self.last_ts = 0.0
+        self.n = 0  # ticks learned (returns learned = n - 1)
+        self.var_long = 0.0  # EW mean of squared log returns: the instrument's usual volatility
+        self.var_short = 0.0
+        self.pending = array("d")  # the last VOL_LAG returns, not yet in var_long
+        self.hist_ts = array("d")  # candidates for the crash window's high: times, and decreasing prices
+        self.hist_px = array("d")
+        self.alerts: AlertMemory = {}
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
+
+
+@dataclass(slots=True)
+class MarketOutcome:
+    """The score of one tick against its instrument's history, and what it revealed."""
+
+    score: float
+    z: float
+    abnormal: bool
+    findings: list[Finding] = field(default_factory=list)
+    vol_ratio: float = 0.0
+    drawdown_pct: float = 0.0
+
+    @property
+    def stressed(self) -> bool:
+        """True when the tick moved abnormally or the instrument is in a crash: what market stress counts."""
+        return self.abnormal or any(f.category == "market_crash" for f in self.findings)
+
+
+def _fmt_price(p: float) -> str:
+    return f"{p:,.2f}" if p >= 1 else f"{p:.4g}"
+
+
+def _fmt_pct(x: float) -> str:
+    # Two significant digits below 1%: a money-market fund's 0.012% move must not print as 0.0%.
+    return f"{x:.1f}%" if abs(x) >= 1 else f"{x:.2g}%"
+
+
+def _fmt_span(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 0.0):.0f} seconds"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def _window_high(state: InstrumentState, since: float) -> tuple[float, float]:
+    # Prices are kept decreasing, so the first one still inside the window is its high.
+    for t, p in zip(state.hist_ts, state.hist_px, strict=True):
+        if t >= since:
+            return p, t
+    return 0.0, 0.0
+
+
+def _remember_price(state: InstrumentState, ts: float, price: float, window: float) -> None:
+    hts, hpx = state.hist_ts, state.hist_px
+    # A kept price at or below this one can never again be the window's high (this one outlives it);
+    # dropping it on ties keeps the latest of equal highs, so "fell X% in N minutes" is the real fall.
+    while hpx and hpx[-1] <= price:
+        hts.pop()
+        hpx.pop()
+    slot_len = window / CRASH_SLOTS
+    if not hts or math.floor(hts[-1] / slot_len) != math.floor(ts / slot_len):
+        hts.append(ts)
+        hpx.append(price)
+    cutoff, k = ts - window, 0
+    while k < len(hts) and hts[k] < cutoff:
+        k += 1
+    if k:
+        del hts[:k]
+        del hpx[:k]
+
+
+def _learn_return(state: InstrumentState, r: float, params: MarketParams, warm: bool) -> None:
+    # Running mean first, then EW: the first few returns are weighted equally instead of the first
+    # one dominating the estimate for dozens of ticks.
+    state.var_short += max(params.short_alpha, 1.0 / (state.n - 1)) * (r * r - state.var_short)
+    state.pending.append(r)
+    if len(state.pending) <= VOL_LAG:
+        return
+    old = state.pending.pop(0)
+    r2 = old * old
+    if warm:
+        # Winsorise what the baseline learns at the anomaly threshold: a crash must not teach the
+        # detector that crashes are usual, yet a lasting regime change still lifts the variance
+        # (by up to 1 + alpha * z^2 per tick) within a few ticks.
+        cap = params.anomaly_z * max(math.sqrt(state.var_long), MIN_SIGMA)
+        r2 = min(r2, cap * cap)
+    learned = state.n - 1 - VOL_LAG
+    state.var_long += max(params.long_alpha, 1.0 / learned) * (r2 - state.var_long)
+
+
+def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: str, instrument: str,
+               params: MarketParams) -> MarketOutcome:
+    """Score one price tick against the instrument's history, then fold it into that history.
+
+    The score is the two-sided normal tail mass of the return's z, erf(|z| / sqrt 2): 0.95 at
+    two sigmas, 0 during warm-up. `event_id` is part of the call so every detector is called the
+    same way; dedup of the findings into alerts is the caller's (models.findings.track).
+
+    >>> import random
+    >>> rng, st, p = random.Random(7), InstrumentState(), MarketParams()
+    >>> price = 100.0
+    >>> for i in range(200):
+    ...     price *= 1 + rng.gauss(0, 0.002)
+    ...     out = score_tick(st, 60.0 * i, price, f"t{i}", "FUND-A", p)
+    >>> out.findings
+    []
+    >>> out = score_tick(st, 60.0 * 200, price * 0.95, "t200", "FUND-A", p)
+    >>> [f.category for f in out.findings], out.abnormal, round(out.score, 3)
+    (['market_anomaly'], True, 1.0)
+    """
+    if state.n and tick_ts < state.last_ts:
+        # A tick older than the last one is stale: its price against the newer one is a fake return.
+        return MarketOutcome(0.0, 0.0, False)
+    if state.n == 0:
+        state.last_price, state.last_ts, state.n = price, tick_ts, 1
+        _remember_price(state, tick_ts, price, params.crash_window_seconds)
+        return MarketOutcome(0.0, 0.0, False)
+
+    prev = state.last_price
+    r = math.log(price / prev)
+    warm = state.n - 1 >= params.warmup_ticks
+    sigma = max(math.sqrt(state.var_long), MIN_SIGMA)
+    z = r / sigma
+    score = math.erf(abs(z) / _SQRT2) if warm else 0.0
+    abnormal = warm and abs(z) >= params.anomaly_z
+    findings: list[Finding] = []
+
+    reasons: list[Reason] = []
+    level = "medium"
+    anomaly_score = score
+    if abnormal:
+        pct = (price / prev - 1.0) * 100.0
+        verb = "fell" if pct < 0 else "rose"
+        reasons.append(Reason(
+            code="abnormal_move",
+            message=f"price {verb} {_fmt_pct(abs(pct))} in one tick, {abs(z):.1f}x this instrument's usual "
+                    f"move (sigma {_fmt_pct(sigma * 100)})",
+            value=round(abs(z), 3), threshold=params.anomaly_z))
+        if abs(z) >= 2 * params.anomaly_z:
+            level = "high"
+    # The shock is judged with this tick included, against the usual volatility without it.
+    var_short_after = state.var_short + params.short_alpha * (r * r - state.var_short)
+    ratio_before = math.sqrt(state.var_short) / sigma
+    vol_ratio = math.sqrt(var_short_after) / sigma
+    # One jump alone lifts the short volatility past the ratio; that is an abnormal move, reported as
+    # such. A shock is volatility that stays high, so an abnormal tick only adds it if it was already on.
+    if warm and vol_ratio >= params.vol_shock_ratio and (not abnormal or ratio_before >= params.vol_shock_ratio):
+        reasons.append(Reason(
+            code="volatility_shock",
+            message=f"short-term volatility {vol_ratio:.1f}x its usual level",
+            value=round(vol_ratio, 3), threshold=params.vol_shock_ratio))
+        if vol_ratio >= 2 * params.vol_shock_ratio:
+            level = "high"
+        anomaly_score = max(anomaly_score, math.erf(vol_ratio / _SQRT2))
+    if reasons:
+        findings.append(Finding("market_anomaly", level, anomaly_score, DETECTOR_RETURNS, reasons,
+                                "instrument", instrument))
+
+    high_px, high_ts = _window_high(state, tick_ts - params.crash_window_seconds)
+    drawdown = (1.0 - price / high_px) * 100.0 if high_px > price else 0.0
+    if drawdown >= params.crash_drop_pct:
+        crit = drawdown >= params.critical_drop_pct
+        findings.append(Finding(
+            "market_crash", "critical" if crit else "high",
+            # A ranking aid, not a probability: 0.75 at the crash threshold's default, 1 at critical.
+            min(1.0, 0.5 + 0.5 * drawdown / params.critical_drop_pct),
+            DETECTOR_DRAWDOWN,
+            [Reason(code="price_crash",
+                    message=f"price fell {drawdown:.1f}% in {_fmt_span(tick_ts - high_ts)} "
+                            f"(from {_fmt_price(high_px)} to {_fmt_price(price)})",
+                    value=round(drawdown, 3),
+                    threshold=params.critical_drop_pct if crit else params.crash_drop_pct)],
+            "instrument", instrument))
+
+    state.n += 1
+    _learn_return(state, r, params, warm)
+    state.last_price, state.last_ts = price, tick_ts
+    _remember_price(state, tick_ts, price, params.crash_window_seconds)
+    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown)
+
+
+__all__ = ["InstrumentState", "MarketOutcome", "MarketParams", "score_tick"]

@@ -1,0 +1,166 @@
+"""The rules catalogue: a versioned YAML file of deterministic risk rules, validated at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.errors import ConfigError
+from app.schemas import Level
+from models.aggregates import LiquidityParams, MarketStressParams
+from models.market import MarketParams
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LargeTransactionParams(_Params):
+    """Reporting thresholds in major units of the event currency."""
+
+    default_threshold: float = Field(50_000.0, gt=0)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+    def threshold(self, currency: str) -> float:
+        """The reporting threshold for a currency."""
+        return self.thresholds.get(currency, self.default_threshold)
+
+
+class StructuringParams(_Params):
+    """Repeated debits just under the reporting threshold."""
+
+    min_count: int = Field(3, ge=2)
+    window_seconds: float = Field(86_400.0, gt=0)
+    lower_fraction: float = Field(0.9, gt=0, lt=1)
+
+
+class FundIsolationParams(_Params):
+    """Which account kinds must never send money to which counterparty kinds."""
+
+    from_kinds: list[str] = Field(default_factory=lambda: ["custody"])
+    to_kinds: list[str] = Field(default_factory=lambda: ["platform_own"])
+
+
+class VelocityParams(_Params):
+    """Unusually many debits in the short window: both an absolute and a relative floor."""
+
+    min_debits: int = Field(8, ge=2)
+    min_ratio: float = Field(6.0, ge=1)
+
+
+class AnomalyParams(_Params):
+    """The transaction model: when its calibrated score becomes a warning."""
+
+    target_alert_rate: float = Field(0.002, gt=0, lt=0.5)
+    min_evidence: float = Field(7.0, ge=0, description="nats of surprise a warning needs at least")
+    high_evidence: float = Field(14.0, ge=0)
+    entity_warmup: int = Field(5, ge=0, description="transactions an account needs before model warnings")
+    global_warmup: int = Field(1000, ge=0, description="events the model needs before any warning")
+
+
+PARAMS: dict[str, type[BaseModel]] = {
+    "large_transaction": LargeTransactionParams,
+    "structuring": StructuringParams,
+    "fund_isolation": FundIsolationParams,
+    "velocity": VelocityParams,
+    "anomaly": AnomalyParams,
+    "liquidity_run": LiquidityParams,
+    "market_anomaly": MarketParams,
+    "market_crash": MarketParams,
+    "market_stress": MarketStressParams,
+}
+
+
+class Rule(BaseModel):
+    """One catalogue entry: what it flags, how serious, with which parameters, in one sentence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    category: str
+    level: Level
+    enabled: bool = True
+    description: str = Field(min_length=1)
+    params: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_params(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            rid = data.get("id")
+            if rid not in PARAMS:
+                raise ValueError(f"unknown rule id {rid!r}; known: {', '.join(sorted(PARAMS))}")
+            data = {**data, "params": PARAMS[rid].model_validate(data.get("params") or {})}
+        return data
+
+
+class Catalogue(BaseModel):
+    """A versioned set of rules; a worker applies a new version only if it is newer and valid."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(ge=1)
+    rules: dict[str, Rule]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_from_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("rules"), dict):
+            data = {**data, "rules": {k: {**(v or {}), "id": k} for k, v in data["rules"].items()}}
+        return data
+
+    def rule(self, rule_id: str) -> Rule | None:
+        """The rule if present and enabled."""
+        r = self.rules.get(rule_id)
+        return r if r is not None and r.enabled else None
+
+    def params(self, rule_id: str, kind: type[Any]) -> Any:
+        """Parameters of a rule, or the defaults when the rule is absent."""
+        r = self.rules.get(rule_id)
+        return r.params if r is not None else kind()
+
+
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "rules.yaml"
+
+
+def parse_catalogue(text: str | bytes, source: str = "rules") -> Catalogue:
+    """Validate catalogue YAML (or JSON) text; ConfigError names the rule, field and problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax and load it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'version' and 'rules', got {type(data).__name__}")
+    try:
+        return Catalogue.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{source}: {loc}: {err['msg']}; the catalogue was not applied") from None
+
+
+def load_catalogue(path: Path | str | None = None) -> Catalogue:
+    """Read and validate a catalogue file (the shipped deploy/rules.yaml by default)."""
+    p = Path(path) if path else DEFAULT_RULES
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read rules file {p}: {exc.strerror}; set RISKWATCH_RULES_FILE") from None
+    return parse_catalogue(text, str(p))
+
+
+__all__ = [
+    "DEFAULT_RULES",
+    "AnomalyParams",
+    "Catalogue",
+    "FundIsolationParams",
+    "LargeTransactionParams",
+    "Rule",
+    "StructuringParams",
+    "VelocityParams",
+    "load_catalogue",
+    "parse_catalogue",
+]

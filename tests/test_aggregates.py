@@ -1,0 +1,231 @@
+"""Two-stage aggregates: partials from several sources add up once, whatever their order or repeats."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections.abc import Iterator
+
+import pytest
+from pydantic import ValidationError
+
+from app.errors import ConfigError
+from models.aggregates import (
+    FlowAccumulator,
+    FlowPartial,
+    LiquidityMonitor,
+    LiquidityParams,
+    MarketAccumulator,
+    MarketPartial,
+    MarketStressMonitor,
+    MarketStressParams,
+)
+from models.findings import Raised
+
+T0 = 1_750_000_000 // 3600 * 3600  # an hour boundary, so baseline windows line up with the data
+MIN = 60
+
+
+def flows(hours: float, *, seed: int = 0, run_from: float | None = None, run_per_min: float = 150_000.0,
+          ) -> Iterator[tuple[float, str, str, float, str]]:
+    """Customer flows, ~4 a minute each way, balanced; from `run_from` hours, a withdrawal run."""
+    rng = random.Random(seed)
+    for m in range(int(hours * 60)):
+        t = T0 + m * MIN
+        for k in range(4):
+            yield t + rng.uniform(0, 59), rng.choice(["deposit", "investment"]), "credit", \
+                rng.uniform(10_000, 14_000), f"i{m:06d}-{k}"
+            yield t + rng.uniform(0, 59), rng.choice(["withdrawal", "redemption"]), "debit", \
+                rng.uniform(9_000, 13_000), f"o{m:06d}-{k}"
+        yield t + 30, "payment", "debit", 99.0, f"p{m:06d}"  # not a platform flow
+        if run_from is not None and m >= run_from * 60:
+            yield t + 45, "withdrawal", "debit", run_per_min, f"r{m:06d}"
+
+
+def partials(events: list[tuple[float, str, str, float, str]], n_sources: int,
+             flush_every: int = 0) -> list[FlowPartial]:
+    """Stage 1: events spread round-robin over `n_sources` accumulators, in time order per source."""
+    accs = [FlowAccumulator(f"p{i}") for i in range(n_sources)] if n_sources > 1 else [FlowAccumulator("replay")]
+    out: list[FlowPartial] = []
+    for j, (ts, typ, direction, amount, eid) in enumerate(sorted(events)):
+        out += accs[j % len(accs)].add(ts, typ, direction, amount, eid)
+        if flush_every and j % flush_every == 0:
+            out += accs[j % len(accs)].flush()
+    for acc in accs:
+        out += acc.flush()
+    return out
+
+
+def run_monitor(parts: list[FlowPartial], params: LiquidityParams | None = None) -> list[Raised]:
+    mon = LiquidityMonitor(params or LiquidityParams())
+    raised = [r for p in parts for r in mon.update(p)]
+    return raised + mon.drain()
+
+
+def summary(raised: list[Raised]) -> list[tuple[str, str, str, bool]]:
+    return [(r.alert_id, r.finding.level, r.finding.reasons[0].message, r.is_new) for r in raised]
+
+
+@pytest.fixture(scope="module")
+def run_events() -> list[tuple[float, str, str, float, str]]:
+    return list(flows(7, run_from=6, run_per_min=60_000.0))
+
+
+def test_steady_flows_raise_nothing() -> None:
+    assert run_monitor(partials(list(flows(30)), 1)) == []
+
+
+def test_a_run_is_one_alert_updated_not_repeated(run_events: list) -> None:
+    raised = run_monitor(partials(run_events, 1))
+    assert raised, "a withdrawal run must be raised"
+    assert len({r.alert_id for r in raised}) == 1
+    assert [r.is_new for r in raised].count(True) == 1 and raised[0].is_new
+    first, last = raised[0], raised[-1]
+    assert first.finding.category == "liquidity_run" and first.finding.entity_id == "platform"
+    assert first.event_ts >= T0 + 6 * 3600
+    assert last.finding.level == "critical" and any(r.escalated for r in raised)
+    msg = last.finding.reasons[0].message
+    assert msg.startswith("net outflow CNY ") and "in the last 60 min" in msg
+    assert "x the usual swing (CNY" in msg and "usually a net inflow of CNY 0.2M" in msg
+    alert = last.to_alert()
+    assert alert.alert_id == first.alert_id and alert.created_at.timestamp() == last.event_ts
+    assert 0 < len(alert.event_ids) <= 50 and any(e.startswith("r") for e in alert.event_ids)
+
+
+def test_four_sources_sum_like_one(run_events: list) -> None:
+    one, four = summary(run_monitor(partials(run_events, 1))), summary(run_monitor(partials(run_events, 4)))
+    # Same buckets judged, same levels, same wording, same ids (samples keep the smallest ids).
+    assert one == four
+
+
+def test_redelivered_partials_do_not_double_count(run_events: list) -> None:
+    parts = partials(run_events, 4, flush_every=7)
+    rng = random.Random(5)
+    doubled = [q for p in parts for q in ([p, p] if rng.random() < 0.5 else [p])]
+    # A stale copy (fewer events) arriving after the newer one must not win either.
+    stale = [q for p in parts for q in ([p, p.model_copy(update={"n": 0, "outflow": 0.0})] if p.n else [p])]
+    base = summary(run_monitor(parts))
+    assert summary(run_monitor(doubled)) == base
+    assert summary(run_monitor(stale)) == base
+    assert summary(run_monitor([FlowPartial.model_validate_json(p.model_dump_json()) for p in parts])) == base
+
+
+def test_out_of_order_within_lateness_gives_the_same_alerts(run_events: list) -> None:
+    parts, params = partials(run_events, 4, flush_every=11), LiquidityParams()
+    rng = random.Random(9)
+    slack = params.lateness_buckets * params.bucket_seconds
+    # Any order in which no partial trails a newer bucket by more than the lateness allowance.
+    shuffled = sorted(parts, key=lambda p: p.bucket + rng.uniform(0, slack))
+    assert shuffled != parts
+    assert summary(run_monitor(shuffled)) == summary(run_monitor(parts))
+
+
+def test_monitor_state_is_bounded_and_picklable(run_events: list) -> None:
+    mon = LiquidityMonitor()
+    parts = partials(run_events, 4)
+    half = len(parts) // 2
+    for p in parts[:half]:
+        mon.update(p)
+    clone = pickle.loads(pickle.dumps(mon))
+    rest = [r for p in parts[half:] for r in mon.update(p)]
+    assert summary(rest) == summary([r for p in parts[half:] for r in clone.update(p)])
+    assert len(mon.parts) <= 60 + 3 and len(mon.baseline) <= 24
+
+
+def test_accumulator_classifies_flows_skips_redelivery_and_late_events() -> None:
+    acc = FlowAccumulator("p0", bucket_seconds=60)
+    assert acc.add(T0 + 1, "withdrawal", "debit", 100.0, "a", offset=1) == []
+    acc.add(T0 + 2, "investment", "debit", 40.0, "b", offset=2)  # money into a product: inflow
+    acc.add(T0 + 3, "redemption", "credit", 30.0, "c", offset=3)  # money out of a product: outflow
+    acc.add(T0 + 4, "deposit", "credit", 5.0, "d", offset=4)
+    acc.add(T0 + 5, "withdrawal", "debit", 7.0, "e", account_kind="custody", offset=5)  # not a customer leg
+    assert acc.add(T0 + 6, "withdrawal", "debit", 100.0, "a", offset=1) == []  # redelivered
+    [closed] = acc.add(T0 + 61, "payment", "debit", 1.0, "f", offset=6)
+    assert (closed.bucket, closed.outflow, closed.inflow, closed.n) == (T0, 130.0, 45.0, 4)
+    assert closed.event_ids == ["a", "c"]
+    [revised] = acc.add(T0 + 30, "withdrawal", "debit", 10.0, "g", offset=7)  # late, still kept
+    assert (revised.bucket, revised.outflow, revised.n) == (T0, 140.0, 5)
+    acc.add(T0 + 3600, "deposit", "credit", 1.0, "h", offset=8)
+    assert acc.add(T0 + 10, "withdrawal", "debit", 10.0, "i", offset=9) == [] and acc.late_dropped == 1
+    assert [p.bucket for p in acc.flush()] == [T0 + 3600] and acc.flush() == []
+    assert pickle.loads(pickle.dumps(acc)).buckets == acc.buckets
+
+
+def market_parts(n_instruments: int, n_abnormal: int, *, sources: int = 2, minutes: int = 20) -> list[MarketPartial]:
+    accs = [MarketAccumulator(f"p{i}") for i in range(sources)]
+    out: list[MarketPartial] = []
+    for m in range(minutes):
+        for k in range(n_instruments):
+            ts = T0 + m * MIN + k
+            # The abnormal moves come at different minutes: stress is about a window, not one bucket.
+            abnormal = k < n_abnormal and m == 5 + 2 * k
+            out += accs[k % sources].add(ts, f"FUND-{k:02d}", abnormal, f"t{m}-{k}")
+    for acc in accs:
+        out += acc.flush()
+    return out
+
+
+def run_stress(parts: list[MarketPartial]) -> list[Raised]:
+    mon = MarketStressMonitor(MarketStressParams())
+    return [r for p in parts for r in mon.update(p)] + mon.drain()
+
+
+def test_market_stress_five_of_ten_raises() -> None:
+    raised = run_stress(market_parts(10, 5))
+    assert raised and len({r.alert_id for r in raised}) == 1 and raised[0].is_new
+    f = raised[0].finding
+    assert (f.category, f.level, f.entity_type, f.entity_id) == ("market_stress", "high", "market", "market")
+    # Raised once the third abnormal instrument meets the floors, then updated as more join.
+    assert f.reasons[0].message.startswith("3 of 10 instruments moved abnormally within 15 minutes")
+    assert any(r.finding.reasons[0].message.startswith("5 of 10 instruments") for r in raised)
+    assert raised[0].to_alert().event_ids  # the abnormal ticks are the evidence
+
+
+def test_market_stress_one_of_ten_is_quiet() -> None:
+    assert run_stress(market_parts(10, 1)) == []
+
+
+def test_market_stress_is_order_and_redelivery_independent() -> None:
+    parts = market_parts(10, 5, sources=3)
+    rng = random.Random(2)
+    shuffled = sorted(parts + parts[::3], key=lambda p: p.bucket + rng.uniform(0, 120))
+    assert summary(run_stress(shuffled)) == summary(run_stress(parts))
+    assert summary(run_stress(market_parts(10, 5, sources=1))) == summary(run_stress(parts))
+
+
+def test_params_are_validated_and_buckets_must_agree() -> None:
+    with pytest.raises(ValidationError):
+        LiquidityParams(window_seconds=3601)
+    with pytest.raises(ValidationError):
+        LiquidityParams(high_ratio=5, critical_ratio=4)
+    with pytest.raises(ValidationError):
+        MarketStressParams(min_share=1.5)
+    with pytest.raises(ConfigError):
+        LiquidityMonitor().update(FlowPartial(source="p0", bucket=T0 + 30, bucket_seconds=30))
+
+
+def test_time_jumps_neither_swallow_data_nor_stall() -> None:
+    acc = FlowAccumulator("p0")
+    acc.add(T0 + 1, "withdrawal", "debit", 50.0, "a")
+    [sent] = acc.add(T0 + 86_400, "deposit", "credit", 1.0, "b")  # the unsent bucket still goes out
+    assert (sent.bucket, sent.outflow) == (T0, 50.0) and len(acc.buckets) == 1
+    parts = market_parts(10, 5)
+    before = summary(run_stress(parts))
+    mon = MarketStressMonitor()
+    after = [r for p in parts for r in mon.update(p)]
+    # A year of silence: the old data is judged to the end of its windows, the gap is skipped.
+    after += mon.update(MarketPartial(source="p0", bucket=T0 + 365 * 86_400, active=["FUND-00"]))
+    assert summary(after)[: len(before)] == before
+    assert len(mon.parts) == 1 and mon.next_eval == T0 + 365 * 86_400 - 60
+
+
+def test_market_accumulator_is_quiet_when_nothing_changes() -> None:
+    acc = MarketAccumulator("p0")
+    acc.add(T0 + 1, "FUND-A", False, "t1")
+    assert [p.active for p in acc.flush()] == [["FUND-A"]]
+    for i in range(10):
+        acc.add(T0 + 2 + i, "FUND-A", False, f"t{i}")
+    assert acc.flush() == []  # repeats of a known instrument add nothing
+    acc.add(T0 + 20, "FUND-B", True, "t20")
+    [p] = acc.flush()
+    assert (p.active, p.abnormal, p.event_ids) == (["FUND-A", "FUND-B"], ["FUND-B"], ["t20"])

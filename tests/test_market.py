@@ -1,0 +1,156 @@
+"""Per-instrument market risk: calm markets stay quiet, crashes and abnormal moves are found and deduped."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from models.findings import Finding, open_or_update, to_alert, track
+from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
+
+T0 = 1_750_000_000.0
+
+
+def walk(state: InstrumentState, n: int, *, seed: int = 1, sigma: float = 0.002, start: float = 100.0,
+         t0: float = T0, step: float = 10.0, params: MarketParams | None = None) -> list[MarketOutcome]:
+    """A calm random walk: returns the outcome of every tick."""
+    rng, p, price, outs = random.Random(seed), params or MarketParams(), start, []
+    for i in range(n):
+        price *= math.exp(rng.gauss(0.0, sigma))
+        outs.append(score_tick(state, t0 + step * i, price, f"w{seed}-{i}", "FUND-A", p))
+    return outs
+
+
+def test_calm_random_walk_has_no_findings() -> None:
+    for seed in range(5):
+        outs = walk(InstrumentState(), 2000, seed=seed)
+        assert [f for o in outs for f in o.findings] == []
+        assert all(0.0 <= o.score <= 1.0 for o in outs)
+
+
+def test_warm_up_scores_zero() -> None:
+    p = MarketParams(warmup_ticks=30)
+    outs = walk(InstrumentState(), 31, params=p)
+    assert all(o.score == 0.0 and not o.abnormal for o in outs)
+
+
+def test_twelve_percent_drop_in_ten_minutes_is_a_crash() -> None:
+    st = InstrumentState()
+    walk(st, 200, step=10.0)
+    t, price = T0 + 2000.0, st.last_price
+    outs = []
+    for i in range(1, 11):  # ten one-minute ticks, 1.27% down each: about -12% in all
+        outs.append(score_tick(st, t + 60.0 * i, price * (1 - 0.0127) ** i, f"c{i}", "FUND-A", MarketParams()))
+    crash = [f for o in outs for f in o.findings if f.category == "market_crash"]
+    assert crash, "a 12% fall within the window must be a crash"
+    last = crash[-1]
+    assert last.level == "high"
+    assert last.entity_type == "instrument" and last.entity_id == "FUND-A"
+    assert last.reasons[0].message.startswith("price fell 12.")
+    assert "minutes (from" in last.reasons[0].message
+    assert 0.0 <= last.score <= 1.0
+
+
+def test_drop_beyond_critical_is_critical_and_old_highs_expire() -> None:
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 100)
+    t, price = st.last_ts, st.last_price
+    out = score_tick(st, t + 30, price * 0.75, "big", "FUND-A", p)
+    assert {f.category: f.level for f in out.findings}["market_crash"] == "critical"
+    # Long after the window the old high is forgotten: the lower price is the new normal.
+    out = score_tick(st, t + 30 + p.crash_window_seconds + 120, price * 0.75, "later", "FUND-A", p)
+    assert not any(f.category == "market_crash" for f in out.findings)
+
+
+def test_abnormal_move_is_market_anomaly() -> None:
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 300, sigma=0.002)
+    out = score_tick(st, st.last_ts + 10, st.last_price * 0.985, "jump", "FUND-A", p)  # ~7.5 sigma
+    assert out.abnormal and out.z < -p.anomaly_z
+    assert out.score > 0.999
+    [f] = out.findings
+    assert (f.category, f.level, f.detector) == ("market_anomaly", "medium", "market.ew_volatility")
+    assert [r.code for r in f.reasons] == ["abnormal_move"]  # one jump is not a volatility regime
+    assert f.reasons[0].message.startswith("price fell 1.5% in one tick")
+    huge = score_tick(st, st.last_ts + 10, st.last_price * 1.04, "jump2", "FUND-A", p)
+    assert huge.findings[0].level == "high"
+    assert "price rose" in huge.findings[0].reasons[0].message
+
+
+def test_sustained_volatility_is_a_volatility_shock() -> None:
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 300, sigma=0.002)
+    rng, price, codes = random.Random(3), st.last_price, set()
+    for i in range(30):  # ~4.5 sigma moves, each below the abnormal threshold
+        price *= math.exp(0.009 * (1 if rng.random() < 0.5 else -1))
+        out = score_tick(st, st.last_ts + 10, price, f"v{i}", "FUND-A", p)
+        codes |= {r.code for f in out.findings for r in f.reasons}
+    assert "volatility_shock" in codes
+
+
+def test_stale_tick_is_ignored_and_state_pickles() -> None:
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 100)
+    n = st.n
+    out = score_tick(st, st.last_ts - 5, 1.0, "stale", "FUND-A", p)
+    assert (out.score, out.findings, st.n) == (0.0, [], n)
+    clone = pickle.loads(pickle.dumps(st))
+    a = score_tick(st, st.last_ts + 10, st.last_price * 0.97, "x", "FUND-A", p)
+    b = score_tick(clone, clone.last_ts + 10, clone.last_price * 0.97, "x", "FUND-A", p)
+    assert (a.score, a.z, a.findings) == (b.score, b.z, b.findings)
+    assert len(st.hist_ts) <= 65 and len(pickle.dumps(st)) < 4096
+
+
+def test_history_is_bounded_at_high_tick_rates() -> None:
+    st = InstrumentState()
+    walk(st, 5000, step=0.05)  # 20 ticks a second
+    assert len(st.hist_ts) == len(st.hist_px) <= 65
+
+
+def test_dedup_reuses_alert_ids_within_cooldown() -> None:
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 100)
+    t, price, raised = st.last_ts, st.last_price, []
+    for i in range(1, 6):
+        out = score_tick(st, t + 60 * i, price * (1 - 0.055 * i), f"d{i}", "FUND-A", p)
+        raised += track(st.alerts, [f for f in out.findings if f.category == "market_crash"], t + 60 * i, f"d{i}")
+    assert len({r.alert_id for r in raised}) == 1
+    assert [r.is_new for r in raised] == [True] + [False] * (len(raised) - 1)
+    assert any(r.escalated for r in raised)  # high, then critical past a 20% fall
+    assert raised[-1].event_ids == [f"d{i}" for i in range(6 - len(raised), 6)]
+    alert = raised[-1].to_alert()
+    assert alert.alert_id == raised[0].alert_id and alert.level == "critical"
+    assert alert.created_at.tzinfo is not None and alert.created_at.timestamp() == t + 300
+
+
+def test_open_or_update_cooldown_redelivery_and_cap() -> None:
+    f = Finding("market_crash", "high", 0.9, "d", [], "instrument", "X")
+    mem: dict = {}
+    a, ids, new = open_or_update(mem, f, 0.0, "e0")
+    assert new and len(a) == 24 and int(a, 16) >= 0
+    assert open_or_update(mem, f, 10.0, "e0")[1] == ["e0"]  # a redelivered event adds nothing
+    for i in range(1, 80):
+        b, ids, new = open_or_update(mem, f, float(i), f"e{i}", max_ids=50)
+        assert b == a and not new
+    assert len(ids) == 50
+    c, ids, new = open_or_update(mem, f, 79.0 + 1800.0, "late")
+    assert new and c != a and ids == ["late"]
+    # The id is a content hash: the same opening event always opens the same alert.
+    assert open_or_update({}, f, 5.0, "late")[0] == c
+    alert = to_alert(f, c, ids, created_at=1.0, event_ts=2.0)
+    assert alert.event_ts.timestamp() == 2.0 and alert.category == "market_crash"
+
+
+def test_params_are_validated() -> None:
+    with pytest.raises(ValidationError):
+        MarketParams(anomaly_z=0)
+    with pytest.raises(ValidationError):
+        MarketParams(crash_drop_pct=25, critical_drop_pct=20)
+    with pytest.raises(ValidationError):
+        MarketParams(unknown=1)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        MarketParams().anomaly_z = 3  # type: ignore[misc]

@@ -1,0 +1,49 @@
+"""End to end on a real broker: transactions in, warnings and dead letters out, metrics moving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.faust_app import ALERTS, DEADLETTER, TRANSACTIONS
+from app.schemas import Alert, DeadLetter
+from tests.conftest import consume, produce
+
+pytestmark = pytest.mark.kafka
+
+
+def test_large_transaction_warns_and_bad_input_is_dead_lettered(settings, start_worker, make_txn):
+    worker = start_worker(settings)
+    big = make_txn(amount=60000)
+    negative = make_txn(amount=-5, minutes=1)
+    produce(settings, TRANSACTIONS, [
+        (b"acct-1", json.dumps(big).encode()),
+        (b"acct-1", b'{"event_id": "broken", "amount": '),
+        (b"acct-1", json.dumps(negative).encode()),
+        (b"acct-1", json.dumps(make_txn(minutes=2)).encode()),
+    ])
+
+    alerts = consume(settings, ALERTS, lambda got: any(a["category"] == "large_transaction" for a in got))
+    alert = Alert.model_validate(next(a for a in alerts if a["category"] == "large_transaction"))
+    assert alert.level == "medium"
+    assert alert.entity_type == "account" and alert.entity_id == "acct-1"
+    assert alert.event_ids == [big["event_id"]]
+    assert "reporting threshold" in alert.reasons[0].message
+    assert alert.reasons[0].threshold == 50000
+
+    dead = consume(settings, DEADLETTER, lambda got: len(got) >= 2)
+    letters = [DeadLetter.model_validate(d) for d in dead]
+    by_reason = {d.field: d for d in letters}
+    assert "JSON" in by_reason[None].reason and by_reason[None].offset == 1
+    assert by_reason["amount"].reason == "amount: Input should be greater than 0"
+    assert by_reason["amount"].event_id == negative["event_id"]
+    assert all(d.source_topic == settings.topic(TRANSACTIONS) for d in letters)
+
+    assert worker.proc.poll() is None, "the worker must survive bad input"
+    topic = settings.topic(TRANSACTIONS)
+    assert worker.metric("riskwatch_events_consumed_total", topic=topic) == 4
+    assert worker.metric("riskwatch_events_scored_total", topic=topic) == 2
+    assert worker.metric("riskwatch_deadletters_total", topic=topic) == 2
+    assert worker.metric("riskwatch_warnings_total", category="large_transaction", level="medium") == 1
+    assert worker.metric("riskwatch_processing_seconds_count", stage="score") == 2
