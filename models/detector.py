@@ -22,6 +22,11 @@ WEIGHTS: dict[str, float] = {
 }
 
 
+# No single feature may carry more than this many nats: one odd trait alone (a new phone, a big
+# purchase) is common; risk shows as several at once. Extremes are the deterministic rules' job.
+CAP = 6.0
+
+
 def _poisson_tail_surprise(k: int, lam: float) -> float:
     """-ln P(X >= k) for X ~ Poisson(lam): how surprising k or more events are."""
     if k <= 0:
@@ -35,23 +40,37 @@ def _poisson_tail_surprise(k: int, lam: float) -> float:
     return -math.log(tail)
 
 
-def surprises(f: TxnFeatures, debit: bool) -> dict[str, float]:
-    """Turn features into non-negative surprises (nats): 0 means 'as this account usually behaves'."""
+def surprises(f: TxnFeatures) -> dict[str, float]:
+    """Non-negative surprises (nats) of the features that stand out; absent means 'as usual'."""
     conf = f.history / (f.history + 4.0)
-    out = dict.fromkeys(WEIGHTS, 0.0)
-    if not debit:
+    out: dict[str, float] = {}
+    z = f.amount_z
+    if not f.debit:
         # Incoming money is rarely the loss event; only a huge credit is worth a mention.
-        out["amount"] = max(0.0, f.amount_z - 3.0) * conf * 0.5
+        if z > 3.0:
+            out["amount"] = (z - 3.0) * conf * 0.5
         return out
-    out["amount"] = max(0.0, f.amount_z - 1.0) * conf
+    if not f.external:
+        # Money that stays on the platform in the customer's name (an investment, a loan repayment)
+        # is not where losses happen: only an extreme amount is worth a mention.
+        if z > 3.0:
+            out["amount"] = min(z - 3.0, CAP) * conf * 0.5
+    elif z > 1.0:
+        out["amount"] = min(z - 1.0, CAP) * conf
     if f.new_counterparty:
         out["new_counterparty"] = -math.log(f.p_new_counterparty) * conf
-    if f.new_device:
+    if f.new_device or f.fresh_device:
+        # A device first seen minutes ago is as telling as a new one: takeovers come in sessions.
         out["new_device"] = -math.log(f.p_new_device) * conf
-    out["velocity"] = max(0.0, _poisson_tail_surprise(f.debits_10m, f.expected_10m) - 2.0)
+    if f.debits_10m > max(1, f.burst_max):
+        # Only bursts beyond the account's own largest so far: people shop in bursts too.
+        v = _poisson_tail_surprise(f.debits_10m - f.burst_max, f.expected_10m) - 1.0
+        if v > 0:
+            out["velocity"] = min(v, CAP)
     if f.tiny_10m >= 2:
         out["tiny_burst"] = float(f.tiny_10m - 1)
-    out["hour"] = max(0.0, -math.log(f.hour_share * 24.0)) * conf
+    if f.hour_share < 1.0 / 24.0:
+        out["hour"] = -math.log(f.hour_share * 24.0) * conf
     if f.day_out_ratio > 3.0:
         out["spend"] = math.log(f.day_out_ratio / 3.0)
     return out
@@ -125,6 +144,14 @@ class SurpriseDetector(base.AnomalyDetector):
     def score_one(self, x: dict[Any, Any]) -> float:
         """Calibrated score in [0, 1]: the share of past events that were less surprising."""
         return self.calibrator.cdf(self.raw(x))
+
+    def learn_raw(self, raw: float) -> None:
+        """learn_one for a raw score already computed (the hot path computes it once)."""
+        self.calibrator.update(raw)
+
+    def score_raw(self, raw: float) -> float:
+        """score_one for a raw score already computed."""
+        return self.calibrator.cdf(raw)
 
     @property
     def seen(self) -> float:

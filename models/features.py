@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import zlib
 from array import array
-from dataclasses import dataclass, field
-from hashlib import blake2b
+from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Any
 
 # Bounds on per-account memory: every array below is capped, so an account costs well under 1 KiB.
@@ -17,38 +18,45 @@ VELOCITY_WINDOW = 600.0  # seconds: the "short window" of the velocity feature
 HOUR = 3600.0
 DAY = 86400.0
 TINY_AMOUNT = 5.0  # major units: below this, a debit is a card-testing probe rather than a purchase
-_LN2 = math.log(2.0)
+MIN_LOG_SPREAD = 0.35  # an account that always pays 100.00 must not alarm at 101
 
 
 def stable_hash(value: str) -> int:
     """A 63-bit hash stable across processes (str hash() is salted per process, so it cannot be stored)."""
-    return int.from_bytes(blake2b(value.encode(), digest_size=8).digest(), "little") >> 1
+    b = value.encode()
+    # Two independent C checksums: fast, and collisions within a 24-entry novelty set are negligible.
+    return (zlib.crc32(b) << 31) ^ zlib.adler32(b)
 
 
 class AccountState:
     """What riskwatch remembers about one account: bounded, picklable, a few hundred bytes."""
 
     __slots__ = (
-        "alerts",
+        "n",
+        "n_debits",
+        "first_ts",
+        "last_ts",
+        "log_amounts",
+        "log_med",
+        "log_spread",
+        "debit_ts",
+        "debit_amt",
         "counterparties",
+        "new_cp",
+        "devices",
+        "new_dev",
+        "hours",
+        "gap_ew",
+        "burst_max",
+        "fresh_dev",
+        "fresh_dev_ts",
+        "day_start",
         "day_in",
         "day_out",
         "day_out_ew",
-        "day_start",
-        "debit_amt",
-        "debit_ts",
-        "devices",
-        "first_ts",
-        "gap_ew",
-        "hours",
-        "last_ts",
-        "log_amounts",
-        "n",
-        "n_debits",
         "near_ts",
-        "new_cp",
-        "new_dev",
         "recent_ids",
+        "alerts",
     )
 
     def __init__(self) -> None:
@@ -57,6 +65,8 @@ class AccountState:
         self.first_ts = 0.0
         self.last_ts = 0.0
         self.log_amounts = array("f")
+        self.log_med = 0.0  # median and robust spread of log debit amounts, refreshed on learn
+        self.log_spread = MIN_LOG_SPREAD
         self.debit_ts = array("d")
         self.debit_amt = array("f")
         self.counterparties = array("q")
@@ -65,6 +75,9 @@ class AccountState:
         self.new_dev = 0
         self.hours = array("H", bytes(48))
         self.gap_ew = 0.0  # EW mean of log seconds between debits
+        self.burst_max = 0  # most debits this account ever made within one velocity window
+        self.fresh_dev = 0  # the newest device and when it first appeared (device age)
+        self.fresh_dev_ts = 0.0
         self.day_start = 0.0
         self.day_in = 0.0
         self.day_out = 0.0
@@ -85,6 +98,13 @@ class AccountState:
 class TxnFeatures:
     """Features of one transaction against its account's history, with the baselines used."""
 
+    ts: float
+    amount: float
+    debit: bool
+    external: bool  # a debit whose money leaves the platform (payment, transfer, withdrawal)
+    local_hour: int
+    cp_hash: int
+    dev_hash: int
     history: int
     amount_z: float
     amount_ratio: float
@@ -95,20 +115,18 @@ class TxnFeatures:
     p_new_device: float
     debits_10m: int
     expected_10m: float
+    burst_max: int
+    fresh_device: bool
     tiny_10m: int
     debits_1h: int
     debits_24h: int
-    sum_1h: float
-    sum_24h: float
     hour_share: float
     day_out: float
     day_in: float
     day_out_ratio: float
-    near_threshold_24h: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
-def _median(values: array[float]) -> float:
+def _median(values: list[float]) -> float:
     s = sorted(values)
     k = len(s)
     return s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
@@ -120,108 +138,117 @@ def _push(buf: array[Any], value: Any, cap: int) -> None:
         del buf[0]
 
 
-def observe(state: AccountState, *, ts: float, amount: float, debit: bool, counterparty: str,
-            device: str | None, local_hour: int) -> TxnFeatures:
+EXTERNAL_TYPES = frozenset({"payment", "transfer", "withdrawal"})
+
+
+def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
+            device: str | None, local_hour: int, txn_type: str = "payment") -> TxnFeatures:
     """Compute the features of a transaction from the state before it (score before learn)."""
-    la = math.log(amount)
     n_hist = len(state.log_amounts)
     if n_hist >= 3:
-        med = _median(state.log_amounts)
-        mad = _median(array("f", (abs(v - med) for v in state.log_amounts)))
-        # Floor the spread: an account that always pays 100.00 must not alarm at 101.
-        z = (la - med) / max(1.4826 * mad, 0.35)
+        med = state.log_med
+        z = (math.log(amount) - med) / state.log_spread
         median_amount = math.exp(med)
     else:
         z, median_amount = 0.0, amount
     cp = stable_hash(counterparty)
-    new_cp = cp not in state.counterparties
     dev = stable_hash(device) if device else 0
-    new_dev = bool(device) and dev not in state.devices
-    n_d = state.n_debits
-    p_new_cp = (state.new_cp + 1.0) / (n_d + 2.0)
-    p_new_dev = (state.new_dev + 1.0) / (state.n + 2.0)
+    new_dev = dev != 0 and dev not in state.devices
 
-    c10 = c1h = c24 = tiny = 0
-    s1h = s24 = 0.0
-    for t, a in zip(state.debit_ts, state.debit_amt, strict=True):
-        age = ts - t
-        if age < DAY:
-            c24 += 1
-            s24 += a
-            if age < HOUR:
-                c1h += 1
-                s1h += a
-                if age < VELOCITY_WINDOW:
-                    c10 += 1
-                    if a < TINY_AMOUNT:
-                        tiny += 1
+    dts = state.debit_ts
+    k = len(dts)
+    # Debit times are appended in event order, so window counts are binary searches, not loops.
+    c24 = k - bisect_left(dts, ts - DAY)
+    c1h = k - bisect_left(dts, ts - HOUR)
+    first10 = bisect_left(dts, ts - VELOCITY_WINDOW)
+    c10 = k - first10
+    tiny = 0
+    if c10:
+        amts = state.debit_amt
+        for i in range(first10, k):
+            if amts[i] < TINY_AMOUNT:
+                tiny += 1
     # Expected debits in 10 minutes from the account's typical gap; floor keeps new accounts sane.
     typical_gap = math.exp(state.gap_ew) if state.n_debits >= 3 else HOUR
     expected = min(VELOCITY_WINDOW / max(typical_gap, 30.0), 20.0)
 
-    hour_share = (state.hours[local_hour] + 1.0) / (state.n + 24.0)
     same_day = ts - state.day_start < DAY
+    d = 1 if debit else 0
     day_out = (state.day_out if same_day else 0.0) + (amount if debit else 0.0)
-    day_in = (state.day_in if same_day else 0.0) + (0.0 if debit else amount)
-    day_ratio = day_out / state.day_out_ew if state.day_out_ew > 0 else 1.0
     return TxnFeatures(
+        ts, amount, debit, debit and txn_type in EXTERNAL_TYPES, local_hour, cp, dev,
         history=n_hist,
         amount_z=z,
-        amount_ratio=amount / median_amount if median_amount > 0 else 1.0,
+        amount_ratio=amount / median_amount,
         median_amount=median_amount,
-        new_counterparty=new_cp,
-        p_new_counterparty=p_new_cp,
+        new_counterparty=cp not in state.counterparties,
+        p_new_counterparty=(state.new_cp + 1.0) / (state.n_debits + 2.0),
         new_device=new_dev,
-        p_new_device=p_new_dev,
-        debits_10m=c10 + (1 if debit else 0),
+        p_new_device=(state.new_dev + 1.0) / (state.n + 2.0),
+        debits_10m=c10 + d,
         expected_10m=expected,
+        burst_max=state.burst_max,
+        fresh_device=(dev != 0 and not new_dev and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR),
         tiny_10m=tiny + (1 if debit and amount < TINY_AMOUNT else 0),
-        debits_1h=c1h + (1 if debit else 0),
-        debits_24h=c24 + (1 if debit else 0),
-        sum_1h=s1h + (amount if debit else 0.0),
-        sum_24h=s24 + (amount if debit else 0.0),
-        hour_share=hour_share,
+        debits_1h=c1h + d,
+        debits_24h=c24 + d,
+        hour_share=(state.hours[local_hour] + 1.0) / (state.n + 24.0),
         day_out=day_out,
-        day_in=day_in,
-        day_out_ratio=day_ratio,
+        day_in=(state.day_in if same_day else 0.0) + (0.0 if debit else amount),
+        day_out_ratio=day_out / state.day_out_ew if state.day_out_ew > 0 else 1.0,
     )
 
 
-def learn(state: AccountState, *, ts: float, amount: float, debit: bool, counterparty: str,
-          device: str | None, local_hour: int) -> None:
-    """Fold a transaction into its account's state, after it was scored."""
+def learn(state: AccountState, f: TxnFeatures) -> None:
+    """Fold a scored transaction into its account's state (the features carry what it needs)."""
+    ts = f.ts
     if state.n == 0:
         state.first_ts = ts
     state.n += 1
-    if state.hours[local_hour] < 65000:
-        state.hours[local_hour] += 1
-    if device:
-        dev = stable_hash(device)
-        if dev not in state.devices:
-            state.new_dev += 1
-            _push(state.devices, dev, KNOWN_DEVICES)
+    if state.hours[f.local_hour] < 65000:
+        state.hours[f.local_hour] += 1
+    if f.new_device:
+        state.new_dev += 1
+        _push(state.devices, f.dev_hash, KNOWN_DEVICES)
+        state.fresh_dev, state.fresh_dev_ts = f.dev_hash, ts
     if ts - state.day_start >= DAY:
         if state.day_start:
             # Daily outflow baseline, EW over days; seeded by the first full day.
             state.day_out_ew = state.day_out if state.day_out_ew == 0 else 0.8 * state.day_out_ew + 0.2 * state.day_out
         state.day_start, state.day_in, state.day_out = ts, 0.0, 0.0
-    if debit:
-        state.day_out += amount
-        if state.debit_ts:
-            gap = max(ts - state.debit_ts[-1], 1.0)
-            lg = math.log(gap)
+    if f.debit:
+        state.day_out += f.amount
+        dts = state.debit_ts
+        if dts:
+            lg = math.log(max(ts - dts[-1], 1.0))
             state.gap_ew = lg if state.n_debits <= 1 else 0.9 * state.gap_ew + 0.1 * lg
         state.n_debits += 1
-        cp = stable_hash(counterparty)
-        if cp not in state.counterparties:
+        if f.debits_10m > state.burst_max:
+            state.burst_max = f.debits_10m
+        if f.new_counterparty:
             state.new_cp += 1
-            _push(state.counterparties, cp, KNOWN_COUNTERPARTIES)
-        _push(state.log_amounts, math.log(amount), AMOUNT_HISTORY)
-        _push(state.debit_ts, ts, DEBIT_HISTORY)
-        _push(state.debit_amt, amount, DEBIT_HISTORY)
+            _push(state.counterparties, f.cp_hash, KNOWN_COUNTERPARTIES)
+        _push(state.log_amounts, math.log(f.amount), AMOUNT_HISTORY)
+        if dts and ts < dts[-1]:
+            # Keep the window arrays time-ordered for bisect when an event arrives slightly late.
+            i = bisect_left(dts, ts)
+            dts.insert(i, ts)
+            state.debit_amt.insert(i, f.amount)
+            if len(dts) > DEBIT_HISTORY:
+                del dts[0]
+                del state.debit_amt[0]
+        else:
+            _push(dts, ts, DEBIT_HISTORY)
+            _push(state.debit_amt, f.amount, DEBIT_HISTORY)
+        if len(state.log_amounts) >= 3:
+            vals = list(state.log_amounts)
+            med = _median(vals)
+            state.log_med = med
+            state.log_spread = max(1.4826 * _median([abs(v - med) for v in vals]), MIN_LOG_SPREAD)
     else:
-        state.day_in += amount
-    state.last_ts = max(state.last_ts, ts)
+        state.day_in += f.amount
+    if ts > state.last_ts:
+        state.last_ts = ts
 
 
 __all__ = ["AccountState", "TxnFeatures", "learn", "observe", "stable_hash"]

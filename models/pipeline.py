@@ -151,7 +151,7 @@ class Pipeline:
             if state is None:
                 state = self.accounts[event.account_id] = AccountState()
             self.txn.detector = self._detector(event.account_id)
-            o = self.txn.process(event, state)
+            o = self.txn.process(event, state, ts)
             res = Scored(event.event_id, "transaction", o.score, o.alerts, o.new_ids, o.dropped, o.duplicate)
             if not o.duplicate:
                 self._platform(self.flows.add(ts, event.txn_type, event.direction, event.amount, event.event_id,

@@ -19,8 +19,10 @@ from models.rules import (
     VelocityParams,
 )
 
-# Where a rule hit sits on the calibrated scale: deterministic evidence outranks any model rank.
-LEVEL_SCORE = {"low": 0.9, "medium": 0.95, "high": 0.99, "critical": 1.0}
+# Where a rule hit sits on the calibrated scale. Medium and low rules (reporting duties such as
+# large transactions) stay below the model threshold; high and critical rule hits sit above it,
+# because deterministic evidence of fraud outranks any model rank.
+LEVEL_SCORE = {"low": 0.9, "medium": 0.95}
 RECENT_IDS = 16
 
 
@@ -84,38 +86,44 @@ class TransactionScorer:
         self._fund = c.params("fund_isolation", FundIsolationParams)
         self._vel = c.params("velocity", VelocityParams)
         self._anom = c.params("anomaly", AnomalyParams)
+        self._on = {rid for rid in c.rules if c.rule(rid) is not None}
+        self._threshold = 1.0 - self._anom.target_alert_rate
 
     @property
     def threshold(self) -> float:
         """Calibrated score at or above which the model may warn."""
-        return 1.0 - self._anom.target_alert_rate
+        return self._threshold
 
-    def process(self, txn: Transaction, state: AccountState) -> TxnOutcome:
+    def process(self, txn: Transaction, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """Score, then learn; mutates `state` and returns the findings and warnings to publish."""
-        ts = txn.ts.timestamp()
+        if ts is None:
+            ts = txn.ts.timestamp()
         eid = stable_hash(txn.event_id)
         if eid in state.recent_ids:
             return TxnOutcome(txn.event_id, 0.0, 0.0, duplicate=True)
         debit = txn.direction == "debit"
         hour = txn.ts.hour
-        kw = dict(ts=ts, amount=txn.amount, debit=debit, counterparty=txn.counterparty_id,
-                  device=txn.device_id, local_hour=hour)
-        f = observe(state, **kw)  # type: ignore[arg-type]
-        x = surprises(f, debit)
+        f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type)
+        x = surprises(f)
         det = self.detector
         raw = det.raw(x)
-        cal = det.score_one(x)
-        findings = self._rules(txn, f, ts, debit, state)
-        model = self._model(txn, f, x, raw, cal, hour)
-        if model is not None:
-            findings.append(model)
-        score = max([cal] + [fd.score for fd in findings])
+        cal = det.score_raw(raw)
+        near = debit and self._is_near(txn)
+        findings = self._rules(txn, f, ts, debit, near, state)
+        if cal >= self._threshold:
+            model = self._model(txn, f, x, raw, cal, hour)
+            if model is not None:
+                findings.append(model)
+        score = cal
+        for fd in findings:
+            if fd.score > score:
+                score = fd.score
         late = state.n > 0 and ts < state.last_ts - self.allowed_lateness
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
-            det.learn_one(x)
-            learn(state, **kw)  # type: ignore[arg-type]
-            if debit and self._is_near(txn):
+            det.learn_raw(raw)
+            learn(state, f)
+            if near:
                 state.near_ts.append(ts)
                 while state.near_ts and (ts - state.near_ts[0] > self._struct.window_seconds
                                          or len(state.near_ts) > 32):
@@ -124,26 +132,31 @@ class TransactionScorer:
         if len(state.recent_ids) > RECENT_IDS:
             del state.recent_ids[0]
         out = TxnOutcome(txn.event_id, score, raw, findings, late=late)
-        self._alerts(out, state, ts, txn.event_id)
+        if findings:
+            self._alerts(out, state, ts, txn.event_id)
         return out
+
+    def _finding(self, rule_id: str, entity_id: str, reasons: list[Reason]) -> Finding:
+        r = self.catalogue.rules[rule_id]
+        score = 1.0 if r.level == "critical" else LEVEL_SCORE.get(r.level, 1.0 - (1.0 - self._threshold) / 2)
+        return Finding(category=r.category, level=r.level, score=score, detector=f"rule:{rule_id}",
+                       reasons=reasons, entity_type="account", entity_id=entity_id)
 
     def _is_near(self, txn: Transaction) -> bool:
         t = self._large.threshold(txn.currency)
         return self._struct.lower_fraction * t <= txn.amount < t
 
-    def _rules(self, txn: Transaction, f: TxnFeatures, ts: float, debit: bool,
+    def _rules(self, txn: Transaction, f: TxnFeatures, ts: float, debit: bool, near: bool,
                state: AccountState) -> list[Finding]:
         c = self.catalogue
+        on = self._on
         out: list[Finding] = []
         acct = txn.account_id
 
         def hit(rule_id: str, reasons: list[Reason]) -> None:
-            r = c.rules[rule_id]
-            out.append(Finding(category=r.category, level=r.level, score=LEVEL_SCORE[r.level],
-                               detector=f"rule:{rule_id}", reasons=reasons, entity_type="account",
-                               entity_id=acct))
+            out.append(self._finding(rule_id, acct, reasons))
 
-        if debit and c.rule("fund_isolation") and txn.account_kind in self._fund.from_kinds \
+        if debit and "fund_isolation" in on and txn.account_kind in self._fund.from_kinds \
                 and txn.counterparty_kind in self._fund.to_kinds:
             hit("fund_isolation", [Reason(
                 code="fund_isolation",
@@ -151,13 +164,13 @@ class TransactionScorer:
                         f"to {txn.counterparty_kind} account {txn.counterparty_id}",
                 value=txn.amount)])
         threshold = self._large.threshold(txn.currency)
-        if c.rule("large_transaction") and txn.amount >= threshold:
+        if "large_transaction" in on and txn.amount >= threshold:
             hit("large_transaction", [Reason(
                 code="large_transaction",
                 message=f"{txn.txn_type} of {txn.currency} {txn.amount:,.2f}, at or above the "
                         f"{txn.currency} {threshold:,.0f} reporting threshold",
                 value=txn.amount, threshold=threshold)])
-        if debit and c.rule("structuring") and self._is_near(txn):
+        if near and "structuring" in on:
             window = self._struct.window_seconds
             n = 1 + sum(1 for t in state.near_ts if ts - t <= window)
             if n >= self._struct.min_count:
@@ -166,7 +179,7 @@ class TransactionScorer:
                     message=f"{n} debits within {window / 3600:.0f} h each just under the "
                             f"{txn.currency} {threshold:,.0f} reporting threshold",
                     value=float(n), threshold=float(self._struct.min_count))])
-        if debit and c.rule("velocity"):
+        if debit and f.debits_10m > 1 and "velocity" in on:
             v = self._vel
             if f.debits_10m >= v.min_debits and f.debits_10m >= v.min_ratio * f.expected_10m:
                 usual = max(1, math.ceil(f.expected_10m))
