@@ -10,6 +10,7 @@ from agents.sink import Sink
 from app.errors import EventError
 from app.faust_app import MARKET, Runtime, dumps, restricted_loads
 from app.schemas import MarketTick, decode_event
+from app.security import Ingest
 from models.aggregates import MarketAccumulator
 from models.market import InstrumentState
 from models.pipeline import MarketScorer
@@ -25,6 +26,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     name = topic.get_topic_name()
     scorer = MarketScorer(catalogue)
     stress: dict[int, MarketAccumulator] = {}
+    ingest = Ingest(rt.settings)
 
     @rt.app.agent(topic, name="score-market", concurrency=1)
     async def score_market(stream: Any) -> None:
@@ -32,7 +34,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
             msg = event.message
             m.events_consumed.labels(name).inc()
             try:
-                tick = decode_event(event.value, MarketTick)
+                tick = ingest.tick(decode_event(event.value, MarketTick))
             except EventError as exc:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset, exc.reason, exc.field)
                 continue
@@ -52,7 +54,9 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
             m.processing.labels("score_market").observe(time.perf_counter() - t0)
             m.events_scored.labels(name).inc()
             m.scores.labels("market").observe(out.score)
-            m.event_time_lag.labels(name).set(time.time() - tick.ts.timestamp())
+            if rt.settings.publish_scores:
+                await sink.score(tick.instrument, tick.event_id, out.score, "market")
+            m.saw_event_time(name, tick.ts.timestamp())
             for r in raised:
                 m.rule_hits.labels(r.finding.detector).inc()
                 if r.is_new:

@@ -8,7 +8,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, Runtime
+from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
 from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter
 
 log = logging.getLogger("riskwatch.agents")
@@ -70,6 +70,14 @@ class Sink:
         log.warning("dead-lettered input from %s[%s]@%s: %s", source_topic, partition, offset, reason,
                     extra={"topic": source_topic, "partition": partition, "offset": offset,
                            "event_id": event_id, "reason": reason})
+
+    async def score(self, entity_id: str, event_id: str, score: float, detector: str) -> None:
+        """Publish one event's calibrated score (when RISKWATCH_PUBLISH_SCORES is on), keyed by entity."""
+        topic = self.rt.topics[SCORES]
+        payload = f'{{"event_id":{json.dumps(event_id)},"entity_id":{json.dumps(entity_id)},' \
+                  f'"score":{score!r},"detector":"{detector}"}}'
+        await topic.send(key=entity_id.encode(), value=payload.encode())
+        self.m.events_published.labels(topic.get_topic_name()).inc()
 
     async def partial(self, key: str, payload: bytes) -> None:
         """Send a stage-one aggregate partial to the single-partition aggregates topic."""

@@ -8,10 +8,13 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
+from faust import current_event
+
 from agents.sink import Sink
 from app.errors import EventError
 from app.faust_app import TRANSACTIONS, Runtime, dumps, restricted_loads
 from app.schemas import Transaction, decode_event
+from app.security import Ingest
 from models.aggregates import FlowAccumulator
 from models.detector import SurpriseDetector
 from models.features import AccountState
@@ -58,30 +61,39 @@ class PartitionModels:
 
 
 class IdleEviction:
-    """Remembers when each account was last seen (in event time) and evicts those idle past the TTL."""
+    """Remembers when each account was last seen (in event time), per partition, and evicts those idle past the TTL."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self.seen: OrderedDict[bytes, float] = OrderedDict()
+        self.seen: dict[int, OrderedDict[bytes, float]] = {}
         self.now = 0.0
 
-    def touch(self, key: bytes, ts: float) -> None:
-        """Mark a key active at event time ts."""
-        self.seen[key] = ts
-        self.seen.move_to_end(key)
+    def touch(self, key: bytes, ts: float, partition: int = 0) -> None:
+        """Mark a key of `partition` active at event time ts."""
+        seen = self.seen.get(partition)
+        if seen is None:
+            seen = self.seen[partition] = OrderedDict()
+        seen[key] = ts
+        seen.move_to_end(key)
         if ts > self.now:
             self.now = ts
 
-    def stale(self, budget: int = 10_000) -> list[bytes]:
-        """Keys idle longer than the TTL, oldest first, at most `budget` of them."""
-        out: list[bytes] = []
-        while self.seen and len(out) < budget:
-            key, ts = next(iter(self.seen.items()))
-            if self.now - ts <= self.ttl:
-                break
-            self.seen.popitem(last=False)
-            out.append(key)
+    def stale(self, budget: int = 10_000) -> list[tuple[bytes, int]]:
+        """(key, partition) of keys idle longer than the TTL, oldest first per partition, at most `budget`."""
+        out: list[tuple[bytes, int]] = []
+        for partition, seen in self.seen.items():
+            while seen and len(out) < budget:
+                key, ts = next(iter(seen.items()))
+                if self.now - ts <= self.ttl:
+                    break
+                seen.popitem(last=False)
+                out.append((key, partition))
         return out
+
+    def keep_only(self, partitions: set[int]) -> None:
+        """Stop tracking partitions this worker no longer owns: their new owner evicts them."""
+        for p in set(self.seen) - partitions:
+            del self.seen[p]
 
 
 def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
@@ -92,6 +104,18 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
     topic_name = topic.get_topic_name()
     models = PartitionModels(rt.models, s.model_checkpoint_every)
     eviction = IdleEviction(s.state_ttl_seconds)
+    ingest = Ingest(s)
+    evicting: list[int] = []
+
+    def partition_for_key(key: Any) -> int | None:
+        # Pin changelog writes to the partition the account's events arrive on, not to a hash of
+        # the table key: with pseudonymised keys the two differ, and state must move with its events.
+        event = current_event()
+        if event is not None and event.message.topic == topic_name:
+            return int(event.message.partition)
+        return evicting[0] if evicting else None
+
+    rt.accounts.partition_for_key = partition_for_key
     flows: dict[int, FlowAccumulator] = {}
     stage_decode = m.processing.labels("decode")
     stage_score = m.processing.labels("score")
@@ -99,7 +123,6 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
     consumed = m.events_consumed.labels(topic_name)
     scored = m.events_scored.labels(topic_name)
     score_hist = m.scores.labels("surprise")
-    lag = m.event_time_lag.labels(topic_name)
 
     @rt.app.agent(topic, name="score-transactions", concurrency=1)
     async def score_transactions(stream: Any) -> None:
@@ -108,7 +131,7 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
             consumed.inc()
             t0 = time.perf_counter()
             try:
-                txn = decode_event(event.value, Transaction)
+                txn = ingest.transaction(decode_event(event.value, Transaction))
             except EventError as exc:
                 await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset, exc.reason, exc.field)
                 continue
@@ -123,7 +146,7 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
                 if out.duplicate:
                     m.duplicates.labels(topic_name).inc()
                     continue
-                rt.accounts[key] = dumps(state)
+                new_blob = dumps(state)
                 models.learned(msg.partition)
             except Exception as exc:
                 log.exception("scoring failed", extra={"topic": topic_name, "partition": msg.partition,
@@ -132,12 +155,14 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
                                        f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
                 continue
             ts = txn.ts.timestamp()
-            eviction.touch(key, ts)
+            eviction.touch(key, ts, msg.partition)
             t2 = time.perf_counter()
             stage_score.observe(t2 - t1)
             scored.inc()
             score_hist.observe(out.score)
-            lag.set(time.time() - ts)
+            if s.publish_scores:
+                await sink.score(txn.account_id, txn.event_id, out.score, "surprise")
+            m.saw_event_time(topic_name, ts)
             if out.late:
                 m.late_events.labels(topic_name).inc()
             for fd in out.findings:
@@ -150,11 +175,16 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
                 else:
                     m.warning_updates.labels(alert.category).inc()
                 await sink.alert(alert)
+            if out.alerts:
+                # Warnings reach Kafka before the state that remembers them: a crash in between
+                # redelivers the event, which then raises the same warnings again instead of none.
+                await rt.app.producer.flush()
+            rt.accounts[key] = new_blob
             acc = flows.get(msg.partition)
             if acc is None:
                 acc = flows[msg.partition] = FlowAccumulator(f"p{msg.partition}")
             for partial in acc.add(ts, txn.txn_type, txn.direction, txn.amount, txn.event_id,
-                                   account_kind=txn.account_kind):
+                                   account_kind=txn.account_kind, offset=msg.offset):
                 await sink.partial("flow", partial.model_dump_json().encode())
             stage_publish.observe(time.perf_counter() - t2)
 
@@ -164,8 +194,10 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
             for partial in acc.flush():
                 await sink.partial("flow", partial.model_dump_json().encode())
         stale = eviction.stale()
-        for key in stale:
+        for key, partition in stale:
+            evicting[:] = [partition]
             rt.accounts.pop(key, None)
+        evicting.clear()
         if stale:
             m.evictions.labels("accounts").inc(len(stale))
         m.entities.labels("accounts").set(len(rt.accounts))
@@ -173,7 +205,11 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
     def _revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
         models.forget({tp.partition for tp in revoked if tp.topic == topic_name})
 
+    def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
+        eviction.keep_only({tp.partition for tp in assigned if tp.topic == topic_name})
+
     rt.app.on_partitions_revoked.connect(_revoked)  # type: ignore[arg-type]
+    rt.app.on_partitions_assigned.connect(_assigned)  # type: ignore[arg-type]
     return score_transactions
 
 

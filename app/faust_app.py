@@ -26,9 +26,14 @@ CONTINGENCY = "risk.contingency"
 ACKS = "risk.acks"
 AUDIT = "risk.audit"
 DISCLOSURE = "risk.disclosure"
-ALL_TOPICS = (TRANSACTIONS, MARKET, ALERTS, DEADLETTER, RULES, AGGREGATES, CONTINGENCY, ACKS, AUDIT, DISCLOSURE)
+SCORES = "risk.scores"
+# Disposal internals: warnings re-keyed by alert_id (co-partitioned with risk.acks), disclosure partials.
+ALERTS_BY_ID = "risk.alerts.by-id"
+DISCLOSURE_PARTIALS = "risk.disclosure.partials"
+ALL_TOPICS = (TRANSACTIONS, MARKET, ALERTS, DEADLETTER, RULES, AGGREGATES, CONTINGENCY, ACKS, AUDIT, DISCLOSURE,
+              SCORES, ALERTS_BY_ID, DISCLOSURE_PARTIALS)
 # Control and second-stage topics have one partition: every reader must see every message in order.
-SINGLE_PARTITION = (RULES, AGGREGATES)
+SINGLE_PARTITION = (RULES, AGGREGATES, DISCLOSURE_PARTIALS)
 COMPACTED = (RULES,)
 
 
@@ -104,6 +109,9 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         web_tables_enabled=False,
         stream_recovery_delay=0.0,
         broker_commit_interval=1.0,
+        # How long a crashed worker's partitions wait before another worker takes them over.
+        broker_session_timeout=s.kafka_session_timeout,
+        broker_heartbeat_interval=min(3.0, s.kafka_session_timeout / 3),
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
         producer_compression_type="lz4" if _has_lz4() else None,

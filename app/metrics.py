@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -79,7 +82,50 @@ class Metrics:
             "riskwatch_verdicts_total", "Analyst verdicts on resolved alerts, by detector and verdict",
             ["detector", "verdict"], registry=r)
         self.pages = Counter(
-            "riskwatch_pages_total", "Pushes to Alertmanager, by result", ["result"], registry=r)
+            "riskwatch_pages_total", "Pages pushed to Alertmanager, by result: sent (a new page accepted), resolved "
+            "(its end accepted), retry (Alertmanager unreachable or 5xx: tried again later), failed (refused "
+            "with 4xx: not retried), duplicate (an update that changed nothing Alertmanager sees)", ["result"],
+            registry=r)
+        self.acks = Counter(
+            "riskwatch_acks_total", "Acts on alerts read from risk.acks, by action and outcome (applied, rejected, "
+            "held: its alert not seen yet)", ["action", "outcome"], registry=r)
+        self._newest: dict[str, float] = {}
+
+    def saw_event_time(self, topic: str, ts: float) -> None:
+        """Remember the newest event time seen on a topic; its lag is computed afresh at every scrape."""
+        newest = self._newest.get(topic)
+        if newest is None:
+            # Computed at scrape time so the lag keeps growing while a topic is silent: a stalled
+            # input must not look like a fresh one.
+            self.event_time_lag.labels(topic).set_function(lambda: time.time() - self._newest[topic])
+        if newest is None or ts > newest:
+            self._newest[topic] = ts
+
+    def prime(self, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (), categories: Iterable[str] = (),
+              levels: Iterable[str] = (), stages: Iterable[str] = (), detectors: Iterable[str] = (),
+              tables: Iterable[str] = ()) -> None:
+        """Create the known label combinations at zero, so rate() and increase() see the first event."""
+        # A series born at 1 has no earlier sample: increase() over it reads 0 and alerts miss the first event.
+        categories, levels = list(categories), list(levels)
+        for topic in inputs:
+            self.events_consumed.labels(topic)
+            self.events_scored.labels(topic)
+            self.duplicates.labels(topic)
+            self.late_events.labels(topic)
+        for topic in outputs:
+            self.events_published.labels(topic)
+        for category in categories:
+            self.warning_updates.labels(category)
+            self.storm_dropped.labels(category)
+            for level in levels:
+                self.warnings.labels(category, level)
+        for stage in stages:
+            self.processing.labels(stage)
+        for detector in detectors:
+            self.scores.labels(detector)
+        for table in tables:
+            self.entities.labels(table)
+            self.evictions.labels(table)
 
 
 __all__ = ["Metrics"]

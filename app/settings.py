@@ -31,8 +31,21 @@ class Settings(BaseSettings):
     model_checkpoint_every: int = Field(500, ge=1, description="Events between model snapshots per partition")
     target_alert_rate: float = Field(0.002, gt=0, lt=0.5, description="Share of events the model may flag")
     storm_cap_per_minute: int = Field(200, ge=1, description="Warnings per category per minute before dropping")
+    publish_scores: bool = Field(False, description="Also publish every event's score to risk.scores")
     alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
     page_min_level: str = Field("high", description="Lowest warning level pushed to Alertmanager")
+    escalation_check_seconds: float = Field(
+        5.0, gt=0, description="How often acknowledgement and resolution deadlines are checked")
+    page_refresh_seconds: float = Field(
+        60.0, gt=0, description="How often firing pages are re-sent to Alertmanager (they end 4 refreshes later)")
+    alert_retention_seconds: float = Field(
+        7 * 86400, gt=0, description="Unresolved alerts expire this long after their resolution deadline; "
+        "closed ones are forgotten this long after closing")
+    disclosure_utc_offset_minutes: int = Field(
+        0, ge=-720, le=840, description="Time zone of disclosure hours and days, minutes east of UTC")
+    disclosure_publish_seconds: float = Field(10.0, gt=0, description="How often changed disclosure summaries go out")
+    disclosure_grace_seconds: float = Field(
+        600.0, ge=0, description="Event time past a window's end before its summary is marked complete")
     log_json: bool = Field(False, description="Log as JSON lines")
     log_level: str = Field("INFO", description="Python log level")
     kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
@@ -40,6 +53,10 @@ class Settings(BaseSettings):
     kafka_sasl_username: str = Field("", description="SASL user name")
     kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (masked when printed)")
     kafka_ssl_cafile: str = Field("", description="CA bundle used to verify the brokers")
+    kafka_session_timeout: float = Field(
+        30.0, ge=6.0, le=300.0, description="Seconds without a heartbeat before a worker's partitions move on")
+    max_future_seconds: float = Field(
+        86400.0, gt=0, description="Reject events whose time is this far ahead of the worker's clock")
     pseudonymise_key: SecretStr = Field(
         SecretStr(""), description="HMAC key; when set, identifiers are hashed at ingest")
 

@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import start_http_server
 
-from agents import control, market, platform, transactions
+from agents import control, health, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics
 from app.faust_app import Runtime, create_app
@@ -35,6 +35,8 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
         monitors.set_catalogue(cat)
 
     control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
+    health.attach(rt, catalogue)
+    web.attach(rt)
     rt.extras["sink"] = sink
     return rt
 
@@ -51,7 +53,9 @@ def run(settings: Settings | None = None) -> None:
     start_http_server(s.metrics_port, addr=s.web_host, registry=rt.metrics.registry)
     log.info("metrics on http://%s:%s/metrics, warnings page on http://%s:%s/", s.web_host, s.metrics_port,
              s.web_host, s.web_port)
-    worker = faust.Worker(rt.app, loglevel=s.log_level.lower(), quiet=True)
+    # override_logging=False keeps app.logs' handler (JSON lines when asked) for Faust's own records too.
+    worker = faust.Worker(rt.app, loglevel=s.log_level.lower(), quiet=True, override_logging=False)
+    worker.spinner = None  # a terminal spinner on stdout would corrupt JSON log lines
     worker.execute_from_commandline()
 
 

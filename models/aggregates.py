@@ -103,6 +103,8 @@ class _Accumulator:
         return b
 
     def _emit(self, closed_only: bool) -> list[Any]:
+        if closed_only and len(self.dirty) == 1 and self.max_bucket in self.dirty:
+            return []  # the common case, an event of the open bucket: nothing closed
         ready = sorted(b for b in self.dirty if not closed_only or b < self.max_bucket)
         self.dirty.difference_update(ready)
         out = [self._partial(b) for b in ready]

@@ -30,8 +30,12 @@ class EvalResult:
 
 
 def _arrays(labels: Sequence[int], scores: Sequence[float]) -> tuple[npt.NDArray[np.int_], npt.NDArray[np.float64]]:
-    y = np.asarray(labels, dtype=np.int_)
-    s = np.asarray(scores, dtype=np.float64)
+    try:
+        y = np.asarray(labels, dtype=np.int_)
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        # The contract allows label None (unknown): such events cannot be scored against a label.
+        raise ValueError(f"labels must be 0/1 and scores numbers; drop unlabelled events first ({exc})") from None
     if y.shape != s.shape or y.ndim != 1:
         raise ValueError(f"labels and scores must be flat and equally long, got {len(labels)} and {len(scores)}")
     if not np.isin(y, (0, 1)).all():

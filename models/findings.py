@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -58,12 +58,15 @@ def alert_id_for(entity_type: str, entity_id: str, category: str, event_id: str)
 
 def open_or_update(alerts: AlertMemory, finding: Finding, ts: float, event_id: str,
                    cooldown: float = 1800.0, max_ids: int = 50,
-                   more_ids: Iterable[str] = ()) -> tuple[str, list[str], bool]:
+                   more_ids: Iterable[str] = (),
+                   cooldowns: Mapping[str, float] | None = None) -> tuple[str, list[str], bool]:
     """Attach a finding to the open alert of its category, or open a new one.
 
     Returns (alert_id, event_ids, is_new). An alert stays open while its findings keep coming
     less than `cooldown` seconds apart; `more_ids` are extra evidence ids appended after
-    `event_id`. The returned list is a copy, safe to put in an outbound message.
+    `event_id`. `cooldowns` overrides the cooldown per category (a day-long pattern such as
+    structuring stays one alert across hours). The returned list is a copy, safe to put in an
+    outbound message.
 
     >>> mem: AlertMemory = {}
     >>> f = Finding("market_crash", "high", 0.9, "d", [], "instrument", "X")
@@ -73,7 +76,8 @@ def open_or_update(alerts: AlertMemory, finding: Finding, ts: float, event_id: s
     (True, ['e1', 'e2'], True, False)
     """
     # Forget bursts that went quiet, so the memory stays as small as the set of live alerts.
-    for cat in [c for c, entry in alerts.items() if ts - entry[1] >= cooldown]:
+    cds = cooldowns or {}
+    for cat in [c for c, entry in alerts.items() if ts - entry[1] >= cds.get(c, cooldown)]:
         del alerts[cat]
     entry = alerts.get(finding.category)
     if entry is not None:

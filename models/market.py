@@ -53,7 +53,7 @@ class MarketParams(BaseModel):
 
 
 class InstrumentState:
-    """What riskwatch remembers about one instrument: about 1.5 KiB pickled, whatever the tick rate."""
+    """What riskwatch remembers about one instrument: a few hundred bytes pickled, whatever the tick rate."""
 
     __slots__ = ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n", "pending", "var_long", "var_short")
 
@@ -86,11 +86,15 @@ class MarketOutcome:
     findings: list[Finding] = field(default_factory=list)
     vol_ratio: float = 0.0
     drawdown_pct: float = 0.0
+    crashed: bool = False
 
     @property
     def stressed(self) -> bool:
-        """True when the tick moved abnormally or the instrument is in a crash: what market stress counts."""
-        return self.abnormal or any(f.category == "market_crash" for f in self.findings)
+        """True when the tick moved abnormally or the instrument is in a crash: what market stress counts.
+
+        Kept apart from `findings`, so a caller that filters findings (a disabled rule) still counts it.
+        """
+        return self.abnormal or self.crashed
 
 
 def _fmt_price(p: float) -> str:
@@ -226,7 +230,8 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
 
     high_px, high_ts = _window_high(state, tick_ts - params.crash_window_seconds)
     drawdown = (1.0 - price / high_px) * 100.0 if high_px > price else 0.0
-    if drawdown >= params.crash_drop_pct:
+    crashed = drawdown >= params.crash_drop_pct
+    if crashed:
         crit = drawdown >= params.critical_drop_pct
         findings.append(Finding(
             "market_crash", "critical" if crit else "high",
@@ -244,7 +249,7 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
     _learn_return(state, r, params, warm)
     state.last_price, state.last_ts = price, tick_ts
     _remember_price(state, tick_ts, price, params.crash_window_seconds)
-    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown)
+    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed)
 
 
 __all__ = ["InstrumentState", "MarketOutcome", "MarketParams", "score_tick"]

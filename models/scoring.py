@@ -88,6 +88,8 @@ class TransactionScorer:
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
         self._threshold = 1.0 - self._anom.target_alert_rate
+        # Structuring is a day-long pattern: its debits hours apart are one case, not several.
+        self._cooldowns = {"structuring": self._struct.window_seconds}
 
     @property
     def threshold(self) -> float:
@@ -148,7 +150,6 @@ class TransactionScorer:
 
     def _rules(self, txn: Transaction, f: TxnFeatures, ts: float, debit: bool, near: bool,
                state: AccountState) -> list[Finding]:
-        c = self.catalogue
         on = self._on
         out: list[Finding] = []
         acct = txn.account_id
@@ -209,7 +210,8 @@ class TransactionScorer:
             if self.on_finding is not None:
                 self.on_finding(fd)
             prev = state.alerts.get(fd.category)
-            alert_id, ids, is_new = open_or_update(state.alerts, fd, ts, event_id, self.cooldown)
+            alert_id, ids, is_new = open_or_update(state.alerts, fd, ts, event_id, self.cooldown,
+                                                   cooldowns=self._cooldowns)
             if is_new and not self.storm.admit(fd.category, ts):
                 del state.alerts[fd.category]
                 if prev is not None:

@@ -72,7 +72,7 @@ def run_events() -> list[tuple[float, str, str, float, str]]:
 
 
 def test_steady_flows_raise_nothing() -> None:
-    assert run_monitor(partials(list(flows(30)), 1)) == []
+    assert run_monitor(partials(list(flows(9)), 1)) == []
 
 
 def test_a_run_is_one_alert_updated_not_repeated(run_events: list) -> None:
@@ -99,7 +99,7 @@ def test_four_sources_sum_like_one(run_events: list) -> None:
 
 
 def test_redelivered_partials_do_not_double_count(run_events: list) -> None:
-    parts = partials(run_events, 4, flush_every=7)
+    parts = partials(run_events, 4, flush_every=29)
     rng = random.Random(5)
     doubled = [q for p in parts for q in ([p, p] if rng.random() < 0.5 else [p])]
     # A stale copy (fewer events) arriving after the newer one must not win either.
@@ -111,7 +111,7 @@ def test_redelivered_partials_do_not_double_count(run_events: list) -> None:
 
 
 def test_out_of_order_within_lateness_gives_the_same_alerts(run_events: list) -> None:
-    parts, params = partials(run_events, 4, flush_every=11), LiquidityParams()
+    parts, params = partials(run_events, 4, flush_every=31), LiquidityParams()
     rng = random.Random(9)
     slack = params.lateness_buckets * params.bucket_seconds
     # Any order in which no partial trails a newer bucket by more than the lateness allowance.
@@ -191,6 +191,14 @@ def test_market_stress_is_order_and_redelivery_independent() -> None:
     shuffled = sorted(parts + parts[::3], key=lambda p: p.bucket + rng.uniform(0, 120))
     assert summary(run_stress(shuffled)) == summary(run_stress(parts))
     assert summary(run_stress(market_parts(10, 5, sources=1))) == summary(run_stress(parts))
+    mon, acc = MarketStressMonitor(), MarketAccumulator("p0")
+    for p in parts[:40]:
+        mon.update(p)
+    acc.add(T0, "FUND-A", True, "x")
+    clone, acc2 = pickle.loads(pickle.dumps(mon)), pickle.loads(pickle.dumps(acc))
+    assert summary([r for p in parts[40:] for r in clone.update(p)]) == summary(
+        [r for p in parts[40:] for r in mon.update(p)])
+    assert acc2.flush() == acc.flush()
 
 
 def test_params_are_validated_and_buckets_must_agree() -> None:

@@ -53,8 +53,11 @@ def test_degenerate_inputs_give_none_not_errors() -> None:
     assert nothing_alerted.precision_at_threshold is None and nothing_alerted.recall_at_threshold == 0.0
 
 
-@pytest.mark.parametrize(("labels", "scores"), [([0, 1], [0.5]), ([0, 2], [0.1, 0.2]), ([0, 1], [0.1, float("nan")])])
-def test_bad_inputs_are_rejected(labels: list[int], scores: list[float]) -> None:
+@pytest.mark.parametrize(
+    ("labels", "scores"),
+    [([0, 1], [0.5]), ([0, 2], [0.1, 0.2]), ([0, 1], [0.1, float("nan")]), ([0, None], [0.1, 0.2])],
+)
+def test_bad_inputs_are_rejected(labels: list[Any], scores: list[float]) -> None:
     with pytest.raises(ValueError):
         evaluate_scores(labels, scores, threshold=0.5)
 

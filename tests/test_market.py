@@ -47,6 +47,7 @@ def test_twelve_percent_drop_in_ten_minutes_is_a_crash() -> None:
         outs.append(score_tick(st, t + 60.0 * i, price * (1 - 0.0127) ** i, f"c{i}", "FUND-A", MarketParams()))
     crash = [f for o in outs for f in o.findings if f.category == "market_crash"]
     assert crash, "a 12% fall within the window must be a crash"
+    assert outs[-1].crashed and outs[-1].stressed and outs[-1].drawdown_pct > 12
     last = crash[-1]
     assert last.level == "high"
     assert last.entity_type == "instrument" and last.entity_id == "FUND-A"

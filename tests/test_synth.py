@@ -15,7 +15,7 @@ import pytest
 from app.schemas import decode_object
 from models.synth import ALL_SCENARIOS, REPORTING_THRESHOLD, generate, write_jsonl
 
-SMALL = {"accounts": 100, "days": 1.0, "instruments": 3}
+SMALL: dict[str, Any] = {"accounts": 100, "days": 1.0, "instruments": 3}
 
 
 @pytest.fixture(scope="module")

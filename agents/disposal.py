@@ -1,0 +1,279 @@
+"""Disposal: contingency triggers, the alert lifecycle driven by risk.acks, escalation and the audit trail.
+
+Ownership. Warnings arrive on risk.alerts keyed by entity; acknowledgements name only an
+alert_id. So the `disposal-rekey` agent forwards every warning to risk.alerts.by-id keyed by
+alert_id, and the `disposal` agent reads risk.alerts.by-id together with risk.acks (both keyed by
+alert_id, same partition count, so Faust assigns partition p of both to the same worker). The
+lifecycle table is keyed by alert_id and written with the key's own partitioner, so an alert's
+state, its warnings and its acts all live in one partition, owned by exactly one worker. The
+deadline timer acts only on alerts of partitions this worker owns as active (never standbys,
+never while a rebalance or table recovery is in progress), so two workers never escalate the
+same alert; the escalation is written to the table (its changelog) and survives a restart.
+
+At-least-once, with deterministic ids: a trigger's id hashes (alert_id, plan_id[, escalation]),
+an audit record's id hashes (alert_id, action, sequence). A redelivered warning or act finds its
+effect already in the table and produces nothing new; a crash between publishing and writing the
+table can repeat a message with the same id, never a different one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from kafka.partitioner.default import murmur2
+from pydantic import ValidationError
+
+from agents.sink import Sink
+from app.errors import EventError
+from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, Runtime
+from app.schemas import LEVELS, Alert
+from models.disclosure import AlertSnapshot
+from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, sync_pages, tick
+from models.plans import PlanCatalogue
+
+log = logging.getLogger("riskwatch.agents.disposal")
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key (the same in aiokafka and kafka-python)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class Disposal:
+    """The lifecycle table and everything that changes it: warnings, acts and the deadline clock."""
+
+    def __init__(self, rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None) -> None:
+        s = rt.settings
+        self.rt, self.sink, self.plans, self.disclosure = rt, sink, plans, disclosure
+        self.m = rt.metrics
+        self.partitions = s.topic_partitions
+        self.page_min = s.page_min_level if s.alertmanager_url else None
+        self.retention = s.alert_retention_seconds
+        self.by_id_topic = rt.topics[ALERTS_BY_ID]
+        self.by_id_name = self.by_id_topic.get_topic_name()
+        self.acks_name = rt.topics[ACKS].get_topic_name()
+        # Values are JSON we write ourselves; use_partitioner lets the deadline timer write too, and puts
+        # each alert's changelog record in the partition of its key, where its warnings and acts are.
+        self.table = rt.app.Table("lifecycle", default=None, key_type=bytes, value_type=bytes,
+                                  use_partitioner=True, partitions=s.topic_partitions)
+        # The agent and the timers await between reading and writing a state: one at a time.
+        self.lock = asyncio.Lock()
+        self.pages_waiting = asyncio.Event()
+        self._parsed: dict[bytes, tuple[bytes, Lifecycle]] = {}
+
+    # ---------------------------------------------------------------- state access
+    def owned(self) -> set[int] | None:
+        """Partitions of risk.alerts.by-id this worker owns as active; None while rebalancing or recovering."""
+        app = self.rt.app
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return None
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == self.by_id_name}
+
+    def get(self, key: bytes) -> Lifecycle | None:
+        """The state of one alert (parsed once per table value)."""
+        blob = self.table.get(key)
+        if blob is None:
+            self._parsed.pop(key, None)
+            return None
+        hit = self._parsed.get(key)
+        if hit is not None and hit[0] is blob:
+            return hit[1]
+        state = Lifecycle.model_validate_json(blob)
+        self._parsed[key] = (blob, state)
+        return state
+
+    def put(self, key: bytes, state: Lifecycle | None) -> None:
+        """Write (or, for None, delete) one alert's state; the changelog carries it to a restarted worker."""
+        if state is None:
+            self._parsed.pop(key, None)
+            if self.table.get(key) is not None:
+                del self.table[key]
+            return
+        blob = state.model_dump_json().encode()
+        self.table[key] = blob
+        self._parsed[key] = (blob, state)
+
+    def owned_states(self, owned: set[int]) -> Iterator[tuple[bytes, Lifecycle]]:
+        """Every state in partitions this worker owns (the table may also hold standby or stale copies)."""
+        for key in list(self.table.keys()):
+            if partition_of(key, self.partitions) not in owned:
+                continue
+            state = self.get(key)
+            if state is not None:
+                yield key, state
+
+    # ---------------------------------------------------------------- applying outcomes
+    async def commit(self, key: bytes, out: Outcome, now: float) -> None:
+        """Publish an outcome's triggers, audit records and disclosure snapshot, then store its state.
+
+        Publishing first: after a crash in between, the step runs again and repeats the same ids.
+        """
+        m = self.m
+        state = out.state
+        for trig in out.triggers:
+            await self.rt.topics[CONTINGENCY].send(key=trig.entity_id.encode(), value=trig.model_dump_json().encode())
+            self._published(CONTINGENCY)
+            if trig.kind == "escalation":
+                m.escalations.labels(trig.plan_id).inc()
+                log.warning("escalated alert %s (plan %s) to %s", trig.alert_id, trig.plan_id, trig.owner_team)
+            else:
+                m.triggers.labels(trig.plan_id).inc()
+        for rec in out.audit:
+            await self.rt.topics[AUDIT].send(key=rec.alert_id.encode(), value=rec.model_dump_json().encode())
+            self._published(AUDIT)
+            if rec.action in ("ack", "resolve", "reopen"):
+                m.acks.labels(rec.action, rec.outcome).inc()
+        for detector, verdict in out.verdicts:
+            m.verdicts.labels(detector, verdict).inc()
+        for seconds in out.ack_seconds:
+            m.time_to_ack.observe(seconds)
+        for act in out.given_up:
+            m.acks.labels(act.action, "rejected").inc()
+            await self.sink.dead_letter(act.model_dump_json().encode(), self.acks_name, None, None,
+                                        f"alert_id: no warning {act.alert_id} arrived within a day of this "
+                                        f"{act.action}; check the id", "alert_id")
+        if state is not None:
+            if sync_pages(state, self.page_min, now):
+                out.changed = True
+                self.pages_waiting.set()
+            if state.known and out.changed and self.disclosure is not None:
+                await self.disclosure.note_alert(AlertSnapshot(
+                    alert_id=state.alert_id, created_at=state.created_at, category=state.category,
+                    level=state.level, plans_opened=len(state.triggered), resolved=state.status == "resolved",
+                    overdue=state.overdue))
+        if out.changed:
+            self.put(key, state)
+
+    def _published(self, logical: str) -> None:
+        self.m.events_published.labels(self.rt.topics[logical].get_topic_name()).inc()
+
+    # ---------------------------------------------------------------- inputs
+    async def handle_alert(self, raw: bytes, partition: int, offset: int) -> None:
+        """Apply one warning from risk.alerts.by-id."""
+        try:
+            alert = Alert.model_validate_json(raw)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"]) or None
+            await self.sink.dead_letter(raw, self.by_id_name, partition, offset,
+                                        f"{field or 'alert'}: {err['msg']}", field)
+            return
+        key = alert.alert_id.encode()
+        now = time.time()
+        async with self.lock:
+            before = self.get(key)
+            out = on_alert(before, alert, self.plans, now)
+            paged = before is not None and any(p.active and p.sent for p in before.pages)
+            n_pages = len(before.pages) if before is not None else 0
+            await self.commit(key, out, now)
+            if paged and out.state is not None and len(out.state.pages) == n_pages:
+                self.m.pages.labels("duplicate").inc()
+
+    async def handle_act(self, raw: bytes, partition: int, offset: int) -> None:
+        """Apply one acknowledgement event from risk.acks; invalid ones are dead-lettered."""
+        try:
+            act = decode_act(raw)
+        except EventError as exc:
+            await self.sink.dead_letter(raw, self.acks_name, partition, offset, exc.reason, exc.field)
+            return
+        key = act.alert_id.encode()
+        right = partition_of(key, self.partitions)
+        if right != partition:
+            # A producer keyed it otherwise; the alert's state lives in the partition of its id.
+            await self.rt.topics[ACKS].send(key=key, value=raw, partition=right)
+            log.info("re-routed act on %s from partition %s to %s", act.alert_id, partition, right)
+            return
+        now = time.time()
+        async with self.lock:
+            before = self.get(key)
+            out = on_act(before, act, now)
+            if before is None or not before.known:
+                self.m.acks.labels(act.action, "held").inc()
+                log.info("held %s on %s: its warning has not arrived yet", act.action, act.alert_id)
+            await self.commit(key, out, now)
+
+    # ---------------------------------------------------------------- the clock
+    async def supervise(self, now: float) -> None:
+        """Check deadlines of owned alerts (escalate, flag overdue, expire, forget) and set the gauges."""
+        owned = self.owned()
+        if owned is None:
+            return
+        open_by_level: Counter[str] = Counter()
+        overdue = 0
+        for key, state in list(self.owned_states(owned)):
+            due = next_due(state, self.retention)
+            if due is not None and now >= due:
+                async with self.lock:
+                    current = self.get(key)
+                    if current is None:
+                        continue
+                    out = tick(current, now, self.retention)
+                    await self.commit(key, out, now)
+                    state = out.state  # type: ignore[assignment]
+                if state is None:
+                    continue
+            if state.active:
+                open_by_level[state.level] += 1
+                overdue += int(state.overdue)
+        for level in LEVELS:
+            self.m.open_alerts.labels(level).set(open_by_level[level])
+        self.m.overdue_plans.set(overdue)
+
+
+def attach(rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None) -> Disposal:
+    """Register the re-keying agent, the lifecycle agent and the deadline timer; return the Disposal."""
+    s = rt.settings
+    d = Disposal(rt, sink, plans, disclosure)
+    alerts_topic = rt.topics[ALERTS]
+    alerts_name = alerts_topic.get_topic_name()
+    both = rt.app.topic(s.topic(ALERTS_BY_ID), s.topic(ACKS), key_type=bytes, value_type=bytes,
+                        key_serializer="raw", value_serializer="raw")
+    for level in LEVELS:
+        rt.metrics.open_alerts.labels(level)
+    for result in ("sent", "resolved", "retry", "failed", "duplicate"):
+        rt.metrics.pages.labels(result)
+
+    @rt.app.agent(alerts_topic, name="disposal-rekey", concurrency=1)
+    async def rekey(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                alert_id = Alert.model_validate_json(event.value).alert_id
+            except ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                field = ".".join(str(p) for p in err["loc"]) or None
+                await sink.dead_letter(event.value, alerts_name, msg.partition, msg.offset,
+                                       f"{field or 'alert'}: {err['msg']}", field)
+                continue
+            await d.by_id_topic.send(key=alert_id.encode(), value=event.value)
+            d._published(ALERTS_BY_ID)
+
+    @rt.app.agent(both, name="disposal", concurrency=1)
+    async def dispose(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            rt.metrics.events_consumed.labels(msg.topic).inc()
+            try:
+                if msg.topic == d.acks_name:
+                    await d.handle_act(event.value, msg.partition, msg.offset)
+                else:
+                    await d.handle_alert(event.value, msg.partition, msg.offset)
+            except Exception as exc:
+                log.exception("disposal failed", extra={"topic": msg.topic, "partition": msg.partition,
+                                                        "offset": msg.offset})
+                await sink.dead_letter(event.value, msg.topic, msg.partition, msg.offset,
+                                       f"disposal failed: {type(exc).__name__}: {exc}")
+
+    @rt.app.timer(interval=s.escalation_check_seconds)
+    async def check_deadlines() -> None:
+        await d.supervise(time.time())
+
+    return d
+
+
+__all__ = ["ACTIVE", "Disposal", "attach", "partition_of"]

@@ -1,0 +1,101 @@
+"""Watcher health: consumer lag per partition, and metric labels created at start so rates see the first event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, TRANSACTIONS, Runtime
+from app.schemas import LEVELS
+from models.rules import Catalogue
+
+log = logging.getLogger("riskwatch.agents.health")
+
+LAG_INTERVAL = 2.0
+STAGES = ("decode", "score", "publish", "score_market")
+DETECTORS = ("surprise", "market")
+TABLES = ("accounts", "instruments")
+
+
+def lag_per_partition(assigned: Iterable[Any], end: Mapping[Any, int], committed: Mapping[Any, int | None],
+                      earliest: Mapping[Any, int]) -> dict[tuple[str, int], int]:
+    """Messages behind per (topic, partition): end offset minus committed, or minus earliest if never committed."""
+    out: dict[tuple[str, int], int] = {}
+    for tp in assigned:
+        if tp not in end:
+            continue
+        done = committed.get(tp)
+        if done is None:
+            # The group never committed here: with auto_offset_reset=earliest everything retained is unread.
+            done = earliest.get(tp, 0)
+        out[(tp.topic, tp.partition)] = max(end[tp] - done, 0)
+    return out
+
+
+class LagProbe:
+    """Measures this worker's consumer lag on the partitions assigned to it and keeps the gauge in step."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.gauge = rt.metrics.consumer_lag
+        self.shown: set[tuple[str, int]] = set()
+        self.earliest: dict[Any, int] = {}
+
+    def _assigned(self, consumer: Any) -> list[Any]:
+        # Faust's own topics (table changelogs, the assignor's leader topic) carry the app id as prefix and
+        # are not read by the agents; repartition topics are, so they stay.
+        own = f"{self.rt.settings.app_id}-"
+        return sorted((tp for tp in consumer.assignment()
+                       if not tp.topic.startswith(own) or tp.topic.endswith("-repartition")),
+                      key=lambda tp: (tp.topic, tp.partition))
+
+    async def measure(self) -> dict[tuple[str, int], int]:
+        """Compute lag from the end offsets seen in the latest fetches and update the gauge."""
+        consumer = self.rt.app.consumer
+        tps = self._assigned(consumer)
+        # The fetcher's cached high watermark: asking the broker through Faust's consumer thread takes seconds.
+        end = {tp: hw for tp in tps if (hw := consumer.highwater(tp)) is not None}
+        # Faust keeps the offsets it committed (and those found at assignment) here; no public accessor.
+        committed = getattr(consumer, "_committed_offset", {})
+        unseen = [tp for tp in end if committed.get(tp) is None and tp not in self.earliest]
+        if unseen:
+            self.earliest.update(await consumer.earliest_offsets(*unseen))
+        lag = lag_per_partition(tps, end, committed, self.earliest)
+        for topic, partition in self.shown - lag.keys():
+            self.gauge.remove(topic, str(partition))
+        for (topic, partition), value in lag.items():
+            self.gauge.labels(topic, str(partition)).set(value)
+        self.shown = set(lag)
+        return lag
+
+
+def prime_metrics(rt: Runtime, catalogue: Catalogue) -> None:
+    """Create every label combination known at start (topics, categories, levels, stages, detectors, tables)."""
+    s = rt.settings
+    rt.metrics.prime(
+        inputs=[s.topic(t) for t in (TRANSACTIONS, MARKET)],
+        outputs=[s.topic(t) for t in (ALERTS, DEADLETTER, AGGREGATES)],
+        categories=sorted({r.category for r in catalogue.rules.values()}),
+        levels=LEVELS, stages=STAGES, detectors=DETECTORS, tables=TABLES)
+
+
+def attach(rt: Runtime, catalogue: Catalogue) -> LagProbe:
+    """Prime the metrics and measure consumer lag every LAG_INTERVAL seconds on every worker."""
+    prime_metrics(rt, catalogue)
+    probe = LagProbe(rt)
+
+    @rt.app.timer(interval=LAG_INTERVAL)
+    async def measure_consumer_lag() -> None:
+        try:
+            await probe.measure()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - during a rebalance the consumer may not answer; try next tick
+            log.debug("consumer lag not measured this round: %s", exc)
+
+    return probe
+
+
+__all__ = ["LagProbe", "attach", "lag_per_partition", "prime_metrics"]

@@ -1,0 +1,184 @@
+"""The live warnings page on the worker's web server, fed by its own follower of risk.alerts.
+
+Every worker follows the whole alerts topic with a group-less consumer (starting a few hundred
+messages back), so any worker's page shows every warning, not only those of the partitions it
+happens to own, and no extra service is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from faust import web
+
+from agents.control import client_kwargs
+from app.errors import RiskwatchError
+from app.faust_app import ALERTS, Runtime
+from app.schemas import LEVELS
+
+log = logging.getLogger("riskwatch.agents.web")
+
+PAGE = Path(__file__).resolve().parent.parent / "app" / "static" / "warnings.html"
+BACKLOG = 500  # warnings read back per partition when the follower starts
+KEEP = 500  # distinct warnings (latest version each) held in memory and served
+PlanLookup = Callable[[dict[str, Any]], tuple[str | None, str | None]]
+
+
+class AlertFeed:
+    """The newest warnings, latest version per alert_id, each stamped with a sequence number for polling."""
+
+    def __init__(self, keep: int = KEEP, plan_of: PlanLookup | None = None) -> None:
+        self.keep = keep
+        self.plan_of = plan_of
+        self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.seq = 0
+
+    def add(self, alert: dict[str, Any], published_at: float) -> None:
+        """Take one warning message (new or an update of an earlier alert_id)."""
+        alert_id = alert.get("alert_id")
+        if not isinstance(alert_id, str) or alert.get("level") not in LEVELS:
+            return
+        previous = self.items.pop(alert_id, None)
+        self.seq += 1
+        entry = {**alert, "seq": self.seq, "published_at": published_at,
+                 "versions": previous["versions"] + 1 if previous else 1, "plan": None, "owner": None}
+        if self.plan_of is not None:
+            try:
+                entry["plan"], entry["owner"] = self.plan_of(alert)
+            except Exception:  # a plan lookup problem must not hide the warning
+                log.exception("plan lookup failed for %s", alert_id)
+        self.items[alert_id] = entry
+        while len(self.items) > self.keep:
+            self.items.popitem(last=False)
+
+    def since(self, seq: int = 0, level: str | None = None, category: str | None = None) -> list[dict[str, Any]]:
+        """Warnings changed after `seq`, newest first, optionally only one level and category."""
+        out = [a for a in reversed(self.items.values()) if a["seq"] > seq
+               and (level is None or a["level"] == level) and (category is None or a["category"] == category)]
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Warnings held, by their current level."""
+        counts = dict.fromkeys(LEVELS, 0)
+        for a in self.items.values():
+            counts[a["level"]] += 1
+        return counts
+
+    def snapshot(self, seq: int = 0, level: str | None = None, category: str | None = None) -> dict[str, Any]:
+        """The JSON the page polls: changed warnings, counts per level, categories seen, the feed position."""
+        return {"seq": self.seq, "alerts": self.since(seq, level, category), "counts": self.counts(),
+                "categories": sorted({a["category"] for a in self.items.values()}),
+                "plans_known": self.plan_of is not None, "keep": self.keep}
+
+
+def plan_lookup(plans_file: Path) -> PlanLookup | None:
+    """Plan title and owner team per warning from the plan catalogue, or None when there is none to read."""
+    try:
+        from models.plans import load_plans
+    except ImportError:  # the disposal part is optional: the page then shows category and level only
+        return None
+    if not plans_file.exists():
+        return None
+    try:
+        catalogue = load_plans(plans_file)
+    except RiskwatchError as exc:
+        log.warning("warnings page shows no plans: %s", exc)
+        return None
+
+    def lookup(alert: dict[str, Any]) -> tuple[str | None, str | None]:
+        plan = catalogue.select(str(alert.get("category")), str(alert.get("level")))
+        return (f"{plan.title} ({plan.plan_id})", plan.owner_team) if plan is not None else (None, None)
+
+    return lookup
+
+
+class AlertFollower:
+    """Reads risk.alerts without a consumer group, from BACKLOG messages back, into an AlertFeed."""
+
+    def __init__(self, rt: Runtime, feed: AlertFeed) -> None:
+        self.settings = rt.settings
+        self.feed = feed
+        self.topic = rt.settings.topic(ALERTS)
+
+    async def run(self) -> None:
+        """Follow the topic for the life of the worker."""
+        # Subscribed without a group: start() waits for the topic's metadata and assigns every partition.
+        consumer = AIOKafkaConsumer(self.topic, **client_kwargs(self.settings), enable_auto_commit=False,
+                                    group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=100)
+        await consumer.start()
+        try:
+            tps = sorted(consumer.assignment())
+            begin = await consumer.beginning_offsets(tps)
+            end = await consumer.end_offsets(tps)
+            for tp in tps:
+                consumer.seek(tp, max(begin[tp], end[tp] - BACKLOG))
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                # Within a batch, publication time restores the order across partitions.
+                for r in sorted((r for msgs in batch.values() for r in msgs), key=lambda r: r.timestamp):
+                    try:
+                        alert = json.loads(r.value) if r.value else None
+                    except ValueError:
+                        continue
+                    if isinstance(alert, dict):
+                        self.feed.add(alert, r.timestamp / 1000.0)
+        finally:
+            await consumer.stop()
+
+
+def _one_of(value: str | None, allowed: Any) -> str | None:
+    return value if value and value in allowed else None
+
+
+def attach(rt: Runtime) -> AlertFeed:
+    """Serve the warnings page at / and its feed at /api/alerts, and follow risk.alerts for them."""
+    feed = AlertFeed(plan_of=plan_lookup(rt.settings.plans_file))
+    follower = AlertFollower(rt, feed)
+    html = PAGE.read_text(encoding="utf-8")
+
+    @rt.app.task
+    async def follow_alerts() -> None:
+        while True:
+            try:
+                await follower.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a plan lookup problem must not hide the warning
+                log.exception("alerts follower for the warnings page failed; retrying in 2 s")
+                await asyncio.sleep(2.0)
+
+    @rt.app.page("/")
+    class WarningsPage(web.View):
+        """The live warnings page (one self-contained HTML document)."""
+
+        async def get(self, request: web.Request) -> web.Response:
+            """Serve the page."""
+            return self.html(html, headers={"Cache-Control": "no-store"})
+
+    @rt.app.page("/api/alerts")
+    class AlertsApi(web.View):
+        """Warnings changed since ?since=SEQ (newest first), with counts per level; ?level= and ?category= filter."""
+
+        async def get(self, request: web.Request) -> web.Response:
+            """Answer one poll."""
+            q = request.query
+            try:
+                since = max(int(q.get("since", "0")), 0)
+            except ValueError:
+                return self.json({"error": "since must be a whole number (the seq of the last poll)"}, status=400)
+            level = _one_of(q.get("level"), LEVELS)
+            category = q.get("category") or None
+            return self.json(feed.snapshot(since, level, category), headers={"Cache-Control": "no-store"})
+
+    rt.extras["alert_feed"] = feed
+    return feed
+
+
+__all__ = ["AlertFeed", "AlertFollower", "attach", "plan_lookup"]

@@ -1,0 +1,415 @@
+"""Offline replay: read event files, order them by event time, run the worker's scoring, write the results."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import sys
+import time
+import zlib
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from app.errors import EventError, RiskwatchError
+from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, MarketTick, Transaction, decode_event, decode_object
+from models.pipeline import Pipeline
+from models.rules import Catalogue
+
+log = logging.getLogger("riskwatch.replay")
+
+Event = Transaction | MarketTick
+# Platform-wide risks are one incident across many entities: they are judged by detection delay per
+# instance, not by how each event of the incident scores.
+PLATFORM_SCENARIOS = frozenset({"liquidity_run", "market_crash"})
+_PROGRESS_EVERY = 4096
+
+
+class ReplayError(RiskwatchError):
+    """A replay that cannot run as asked: unreadable input, bad time range, missing topics."""
+
+
+@dataclass(slots=True)
+class Loaded:
+    """Valid events in event-time order, plus what the evaluation needs from the labelled ones."""
+
+    events: list[Event]
+    labelled: list[dict[str, Any]]  # label == 1 events: id, ts, entity and scenario fields
+    times: list[float] = field(default_factory=list)  # epoch seconds of `events`, same order
+    records: int = 0  # non-blank lines (rows, messages) read
+    invalid: int = 0
+    invalid_reasons: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    source: str = ""
+    partitions: int | None = None  # of the input topics, when read from Kafka
+
+
+class DeadLetters:
+    """Invalid inputs as JSON lines (where, why, the payload), in input order; counts them too."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._out: IO[str] | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(path, "w", encoding="utf-8", newline="\n")
+        self.count = 0
+        self.reasons: Counter[str] = Counter()
+        self.first: list[str] = []
+
+    def add(self, where: dict[str, Any], exc: EventError, payload: bytes | str, event_id: str | None = None) -> None:
+        """Record one invalid input; `where` says where it came from (line, or topic/partition/offset)."""
+        self.count += 1
+        self.reasons[exc.field.split(".")[0] if exc.field else "invalid_json"] += 1
+        if len(self.first) < 5:
+            self.first.append(f"{_where(where)}: {exc.reason}")
+        if self._out is None:
+            return
+        raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
+        if event_id is None:
+            event_id = _event_id_of(raw)
+        text = raw[:DEADLETTER_PAYLOAD_BYTES].decode("utf-8", "replace")
+        rec = {**where, "reason": exc.reason, "field": exc.field, "event_id": event_id, "payload": text,
+               "payload_size": len(raw), "payload_truncated": len(raw) > DEADLETTER_PAYLOAD_BYTES}
+        self._out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def _where(where: dict[str, Any]) -> str:
+    if "line" in where:
+        return f"line {where['line']}"
+    return ", ".join(f"{k} {v}" for k, v in where.items())
+
+
+def _event_id_of(raw: bytes) -> str | None:
+    if len(raw) > DEADLETTER_PAYLOAD_BYTES:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    eid = value.get("event_id") if isinstance(value, dict) else None
+    return eid[:128] if isinstance(eid, str) else None
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    try:
+        raw = open(path, "rb")
+    except OSError as exc:
+        raise ReplayError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def _kind(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    last = suffixes[-1] if suffixes else ""
+    if last in (".parquet", ".pq"):
+        return "parquet"
+    if last in (".csv", ".tsv"):
+        return "csv"
+    return "jsonl"
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
+    with _open_binary(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    # Table formats have a cell for every column: an empty or null cell is an absent optional field.
+    out = {k: v for k, v in row.items() if v is not None and v != "" and k is not None}
+    label = out.get("label")
+    if isinstance(label, str) and label.strip() in ("0", "1"):
+        out["label"] = int(label)
+    elif isinstance(label, float) and label in (0.0, 1.0):
+        out["label"] = int(label)
+    return out
+
+
+def _csv(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="") as f:
+        dialect = "excel-tab" if ".tsv" in [s.lower() for s in path.suffixes] else "excel"
+        reader = csv.DictReader(f, dialect=dialect)
+        for row in reader:
+            yield reader.line_num, _clean(row)
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as exc:
+        raise ReplayError(f"cannot read {path} as Parquet: {exc}; check the file") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=65_536):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, _clean(row)
+
+
+def records(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
+    """(line or row number, raw line or row) of a JSONL, JSONL.gz, CSV(.gz) or Parquet file."""
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a file"
+        raise ReplayError(f"input {path} {what}; give a JSONL, .jsonl.gz, CSV or Parquet file of events")
+    return {"parquet": _parquet, "csv": _csv}.get(_kind(path), _jsonl)(path)
+
+
+def _labelled(ev: Event, extra: dict[str, Any]) -> dict[str, Any]:
+    entity = {"account_id": ev.account_id} if isinstance(ev, Transaction) else {"instrument": ev.instrument}
+    return {"event_id": ev.event_id, "ts": ev.ts, "label": 1, "kind": ev.event_type, **entity,
+            "scenario": extra.get("scenario"), "scenario_instance": extra.get("scenario_instance")}
+
+
+class Collector:
+    """Validates inputs one by one, keeping valid events and sending the rest to the dead letters."""
+
+    def __init__(self, dead: DeadLetters, source: str) -> None:
+        self.loaded = Loaded([], [], source=source)
+        self.dead = dead
+        self._t0 = time.perf_counter()
+
+    def add(self, where: dict[str, Any], raw: bytes | dict[str, Any]) -> Event | None:
+        """Decode one input; return the event, or None after dead-lettering it."""
+        self.loaded.records += 1
+        try:
+            ev = decode_event(raw) if isinstance(raw, bytes | str) else decode_object(raw)
+        except EventError as exc:
+            payload = raw if isinstance(raw, bytes | str) else json.dumps(raw, default=str)
+            self.dead.add(where, exc, payload)
+            return None
+        self.loaded.events.append(ev)
+        if ev.label == 1:
+            extra = raw if isinstance(raw, dict) else json.loads(raw)
+            self.loaded.labelled.append(_labelled(ev, extra))
+        return ev
+
+    def done(self) -> Loaded:
+        """Put the events in event-time order and return them with the counts."""
+        ld = self.loaded
+        keys = np.fromiter((e.ts.timestamp() for e in ld.events), dtype=np.float64, count=len(ld.events))
+        # Stable: events with equal timestamps keep their input order (line, or topic/partition/offset).
+        order = np.argsort(keys, kind="stable")
+        if not (order[1:] > order[:-1]).all():
+            ld.events = [ld.events[i] for i in order.tolist()]
+        ld.times = keys[order].tolist()
+        ld.invalid, ld.invalid_reasons = self.dead.count, Counter(self.dead.reasons)
+        ld.seconds = time.perf_counter() - self._t0
+        return ld
+
+
+def read_file(path: Path, dead: DeadLetters, *, progress: bool = False) -> Loaded:
+    """Read and validate every record of a file; valid events come back in event-time order."""
+    col = Collector(dead, str(path))
+    bar = _bar(progress, "reading", None)
+    try:
+        for n, raw in records(path):
+            col.add({"line": n}, raw)
+            if bar is not None and col.loaded.records % _PROGRESS_EVERY == 0:
+                bar.update(_PROGRESS_EVERY)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as exc:
+        raise ReplayError(f"cannot read {path} after {col.loaded.records} records: {exc}; "
+                          "the file is damaged or not in a supported format") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return col.done()
+
+
+def _bar(enabled: bool, desc: str, total: int | None) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, mininterval=0.5, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+@dataclass(slots=True)
+class Config:
+    """One rule configuration under test: a name, where its catalogue came from, and the catalogue."""
+
+    name: str
+    source: str
+    catalogue: Catalogue
+
+
+@dataclass
+class Outcome:
+    """What one configuration raised: every published warning version, in processing order."""
+
+    config: Config
+    published: list[Alert] = field(default_factory=list)
+    new: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def final(self) -> dict[str, Alert]:
+        """The last published version of each warning, by alert_id."""
+        return {a.alert_id: a for a in self.published}
+
+
+@dataclass
+class Result:
+    """A replay's outputs for the report: per-event arrays (processing order) and each configuration's warnings."""
+
+    loaded: Loaded
+    outcomes: list[Outcome]
+    threshold: float
+    scores: array[float] = field(default_factory=lambda: array("d"))
+    labels: array[int] = field(default_factory=lambda: array("b"))  # -1 unlabelled, 0, 1
+    market: array[int] = field(default_factory=lambda: array("b"))  # 1 for market ticks
+    platform: array[int] = field(default_factory=lambda: array("b"))  # 1 for events of platform-level scenarios
+    events: int = 0
+    transactions: int = 0
+    duplicates: int = 0
+    first_ts: float | None = None
+    last_ts: float | None = None
+    score_seconds: float = 0.0
+    loop_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of reading, ordering and replaying (not the report)."""
+        return self.loaded.seconds + self.loop_seconds
+
+
+def replay(loaded: Loaded, configs: Sequence[Config], *, partitions: int = 4, storm_cap: int = 200,
+           ttl: float = 30 * 86400.0, alerts_out: Sequence[IO[str] | None] = (), scores_out: IO[str] | None = None,
+           progress: bool = False, on_alert: Callable[[int, Alert], None] | None = None) -> Result:
+    """Run every configuration over the events in event-time order; write alert and score lines as they come.
+
+    The event list is consumed (emptied) as it is replayed, so memory goes to state as events go.
+    """
+    pipes = [Pipeline(c.catalogue, partitions=partitions, storm_cap=storm_cap, ttl=ttl) for c in configs]
+    first, others = pipes[0], pipes[1:]
+    res = Result(loaded, [Outcome(c) for c in configs], first.txn.threshold)
+    outs = list(alerts_out) + [None] * (len(pipes) - len(alerts_out))
+    scenario = {e["event_id"]: e["scenario"] for e in loaded.labelled}
+    events, times = loaded.events, loaded.times
+    # pop() from the end hands events out in order and frees each one as it goes.
+    events.reverse()
+    times.reverse()
+    total = len(events)
+    bar = _bar(progress, "replaying", total)
+    scores, labels, market, platform = res.scores, res.labels, res.market, res.platform
+    clock = time.perf_counter
+    t_loop = clock()
+    score_time = 0.0
+
+    def emit(i: int, alerts: list[Alert], new: int, dropped: list[str]) -> None:
+        oc = res.outcomes[i]
+        oc.new += new
+        oc.dropped.update(dropped)
+        out = outs[i]
+        for a in alerts:
+            oc.published.append(a)
+            if out is not None:
+                out.write(a.model_dump_json() + "\n")
+            if on_alert is not None:
+                on_alert(i, a)
+
+    while events:
+        ev = events.pop()
+        ts = times.pop()
+        t0 = clock()
+        r = first.process(ev)
+        rest = [p.process(ev) for p in others] if others else ()
+        score_time += clock() - t0
+        if r.duplicate:
+            res.duplicates += 1
+        else:
+            if res.first_ts is None:
+                res.first_ts = ts
+            res.last_ts = ts
+            is_market = r.kind == "market"
+            res.transactions += not is_market
+            scores.append(r.score)
+            labels.append(-1 if ev.label is None else ev.label)
+            market.append(is_market)
+            platform.append(ev.label == 1 and scenario.get(ev.event_id) in PLATFORM_SCENARIOS)
+            if scores_out is not None:
+                scores_out.write(_score_line(ev.event_id, r.score))
+        if r.alerts or r.dropped:
+            emit(0, r.alerts, len(r.new_ids), r.dropped)
+        for i, ri in enumerate(rest, 1):
+            if ri.alerts or ri.dropped:
+                emit(i, ri.alerts, len(ri.new_ids), ri.dropped)
+        if bar is not None and len(events) % _PROGRESS_EVERY == 0:
+            bar.update(total - len(events) - bar.n)
+    res.events = len(scores)
+    for i, p in enumerate(pipes):
+        t0 = clock()
+        flushed = p.finish()
+        score_time += clock() - t0
+        ids = {a.alert_id for a in res.outcomes[i].published}
+        emit(i, flushed, len({a.alert_id for a in flushed} - ids), [])
+    if bar is not None:
+        bar.update(total - bar.n)
+        bar.close()
+    res.loop_seconds = clock() - t_loop
+    res.score_seconds = score_time
+    return res
+
+
+def _score_line(event_id: str, score: float) -> str:
+    # json.dumps costs more than the rest of the line; plain ids (the usual case) need no escaping.
+    if event_id.isascii() and event_id.isprintable() and '"' not in event_id and "\\" not in event_id:
+        return f'{{"event_id":"{event_id}","score":{float(score)!r}}}\n'
+    return f'{{"event_id":{json.dumps(event_id)},"score":{float(score)!r}}}\n'
+
+
+def deadletter_path(alerts: Path | None, scores: Path | None, report: Path | None) -> Path | None:
+    """Where invalid inputs go: beside the alerts file, else in the report folder, else beside the scores."""
+    if alerts is not None:
+        return alerts.parent / "deadletter.jsonl"
+    if report is not None:
+        return report / "deadletter.jsonl"
+    if scores is not None:
+        return scores.parent / "deadletter.jsonl"
+    return None
+
+
+def open_text(path: Path | None) -> IO[str] | None:
+    """Open an output file for writing (creating its folder), or None when not asked for."""
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise ReplayError(f"cannot write {path}: {exc.strerror}; choose another output path") from None
+
+
+__all__ = [
+    "PLATFORM_SCENARIOS",
+    "Collector",
+    "Config",
+    "DeadLetters",
+    "Loaded",
+    "Outcome",
+    "ReplayError",
+    "Result",
+    "deadletter_path",
+    "open_text",
+    "read_file",
+    "records",
+    "replay",
+]

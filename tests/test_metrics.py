@@ -1,0 +1,409 @@
+"""Every metric the worker exports moves when the thing it measures happens.
+
+One worker runs a scripted stream on a real broker (module fixture `run`): each test then checks
+one metric against what that stream must have caused. The same worker logs JSON, so the
+structured-log test reads its log. Pure pieces (label priming, the lag arithmetic, the lag
+gauge's bookkeeping, event-time lag growing between scrapes) are tested without a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from agents.health import LagProbe, lag_per_partition
+from app.admin import ensure_topics, producer
+from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, RULES, TRANSACTIONS
+from app.metrics import Metrics
+from app.settings import Settings
+from models.pipeline import partition_for
+from tests.conftest import ROOT, WorkerProcess, free_port
+
+PARTITIONS = 4
+STORM_CAP = 1
+TTL = 7200.0
+# Metrics moved by the disposal and supervision agents; their own tests make them move.
+SUPERVISION = {
+    "riskwatch_open_alerts", "riskwatch_time_to_ack_seconds", "riskwatch_contingency_triggers",
+    "riskwatch_escalations", "riskwatch_overdue_plans", "riskwatch_verdicts", "riskwatch_pages",
+}
+
+
+def _on_partition(partition: int, base: str) -> str:
+    """An account id derived from `base` that the default partitioner puts on `partition`."""
+    return next(f"{base}-{i}" for i in range(1000) if partition_for(f"{base}-{i}", PARTITIONS) == partition)
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def _samples(text: str) -> list[Sample]:
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def _value(samples: list[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`; 0 when there are none."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+@dataclass
+class Run:
+    """What the scripted stream sent and what the worker's /metrics said afterwards."""
+
+    settings: Settings
+    worker: WorkerProcess
+    samples: list[Sample]
+    txn_topic: str
+    market_topic: str
+    sent_txns: int
+    valid_txns: int
+    ticks: int
+    partition: int
+    negative: dict[str, Any]
+    negative_offset: int
+    lag_seen: list[float] = field(default_factory=list)
+    lag_after: list[Sample] = field(default_factory=list)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A metric as it stood right after the scripted stream."""
+        return _value(self.samples, name, **labels)
+
+
+def _txn(event_id: str, account: str, ts: float, amount: float, **over: Any) -> dict[str, Any]:
+    txn = {"event_type": "transaction", "event_id": event_id, "ts": datetime.fromtimestamp(ts, UTC).isoformat(),
+           "account_id": account, "counterparty_id": "merchant-1", "amount": amount, "currency": "CNY",
+           "direction": "debit", "txn_type": "payment", "channel": "app", "device_id": "dev-1"}
+    txn.update(over)
+    return txn
+
+
+def _lag_series(samples: list[Sample], topic: str) -> set[str]:
+    return {lab["partition"] for n, lab, _ in samples
+            if n == "riskwatch_consumer_lag_messages" and lab["topic"] == topic}
+
+
+def _wait(worker: WorkerProcess, ready: Any, timeout: float = 60.0) -> list[Sample]:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = _samples(worker.metrics())
+        if ready(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never reached the expected state:\n{worker.tail()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """Start one worker (JSON logs, storm cap 1/min, 2 h TTL), feed it the scripted stream, record /metrics."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    ns = f"t{uuid.uuid4().hex[:10]}."
+    s = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=ns, app_id=f"rw-{ns[:-1]}", data_dir=tmp / "data",
+                 metrics_port=free_port(), web_port=free_port(), topic_partitions=PARTITIONS,
+                 storm_cap_per_minute=STORM_CAP, state_ttl_seconds=TTL, log_json=True)
+    ensure_topics(s)
+    worker = WorkerProcess(s, tmp / "worker.log")
+    try:
+        worker.wait_ready()
+        yield _script(s, worker)
+    finally:
+        worker.stop()
+
+
+def _script(s: Settings, worker: WorkerProcess) -> Run:
+    p = 0
+    big, drop, custody, late, idle = (_on_partition(p, name) for name in
+                                      ("acct-big", "acct-drop", "acct-custody", "acct-late", "acct-idle"))
+    # Ten minutes ago, at the start of a minute: the storm cap counts per event-time minute.
+    t = (time.time() - 600) // 60 * 60 + 5
+    eid = f"m{uuid.uuid4().hex[:6]}"
+    fund = _txn(f"{eid}-fund", custody, t + 2, 1000.0, account_kind="custody", counterparty_kind="platform_own")
+    negative = _txn(f"{eid}-neg", big, t + 3, -5.0)
+    stream: list[tuple[str, bytes]] = [
+        (idle, json.dumps(_txn(f"{eid}-idle", idle, t - 3 * 3600, 80.0)).encode()),   # idle past the TTL: evicted
+        (big, json.dumps(_txn(f"{eid}-big1", big, t, 60000.0)).encode()),            # new large_transaction
+        (drop, json.dumps(_txn(f"{eid}-drop", drop, t + 1, 65000.0)).encode()),      # same minute: storm-capped
+        (big, json.dumps(_txn(f"{eid}-big2", big, t + 60, 70000.0)).encode()),       # update of the first warning
+        (custody, json.dumps(fund).encode()),                                          # new fund_isolation, critical
+        (custody, json.dumps(fund).encode()),                                          # duplicate
+        (late, json.dumps(_txn(f"{eid}-late1", late, t, 90.0)).encode()),
+        (late, json.dumps(_txn(f"{eid}-late2", late, t - 3700, 90.0)).encode()),      # over an hour behind: late
+        (big, b'{"event_id": "broken", "amount": '),                                  # dead letter: invalid_json
+        (big, json.dumps(negative).encode()),                                          # dead letter: amount
+    ]
+    negative_offset = len(stream) - 1
+    prod = producer(s)
+    try:
+        for key, value in stream:
+            prod.send(s.topic(TRANSACTIONS), key=key.encode(), value=value, partition=p)
+        ticks = [{"event_type": "market", "event_id": f"{eid}-k{i}", "instrument": "FUND-X", "price": 100.0 + i % 2,
+                  "ts": datetime.fromtimestamp(t + 30 * i, UTC).isoformat()} for i in range(3)]
+        for tick in ticks:
+            prod.send(s.topic(MARKET), key=b"FUND-X", value=json.dumps(tick).encode())
+        rules = (ROOT / "deploy" / "rules.yaml").read_text().replace("version: 1\n", "version: 2\n", 1)
+        prod.send(s.topic(RULES), key=b"catalogue", value=rules.encode(), partition=0)
+        prod.send(s.topic(RULES), key=b"catalogue", value=b"version: 3\nrules: {bogus: {category: x, level: high}}\n",
+                  partition=0)
+        prod.flush(30)
+    finally:
+        prod.close()
+
+    txn_topic, market_topic = s.topic(TRANSACTIONS), s.topic(MARKET)
+    accounts_after_eviction = 4  # big, drop, custody, late: idle is evicted by the 2-second timer
+
+    def settled(samples: list[Sample]) -> bool:
+        return (_value(samples, "riskwatch_events_consumed_total", topic=txn_topic) == len(stream)
+                and _value(samples, "riskwatch_score_count", detector="market") == len(ticks)
+                and _value(samples, "riskwatch_rules_version") == 2
+                and _value(samples, "riskwatch_rules_rejected_total") == 1
+                and _value(samples, "riskwatch_evictions_total", table="accounts") >= 1
+                and _value(samples, "riskwatch_entities", table="accounts") == accounts_after_eviction
+                and _value(samples, "riskwatch_entities", table="instruments") == 1
+                and _value(samples, "riskwatch_events_published_total", topic=s.topic(AGGREGATES)) > 0
+                and _value(samples, "riskwatch_consumer_lag_messages", topic=txn_topic) == 0
+                and len(_lag_series(samples, txn_topic)) == PARTITIONS)
+
+    samples = _wait(worker, settled)
+    r = Run(s, worker, samples, txn_topic, market_topic, sent_txns=len(stream), valid_txns=len(stream) - 2,
+            ticks=len(ticks), partition=p, negative=negative, negative_offset=negative_offset)
+    _burst(r)
+    return r
+
+
+def _burst(r: Run) -> None:
+    """Send more than the worker can take at once, watching consumer lag rise and fall back to zero."""
+    base = time.time() - 300
+    prod = producer(r.settings, linger_ms=20, batch_size=256 * 1024)
+    try:
+        for chunk in range(8):
+            for i in range(4000):
+                acct = f"burst-{i % 64}"
+                txn = _txn(f"b{chunk}-{i}-{uuid.uuid4().hex[:6]}", acct, base + i * 0.01, 50.0 + i % 9)
+                prod.send(r.settings.topic(TRANSACTIONS), key=acct.encode(), value=json.dumps(txn).encode())
+            prod.flush(30)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                r.lag_seen.append(r.worker.metric("riskwatch_consumer_lag_messages", topic=r.txn_topic))
+                if max(r.lag_seen) > 0:
+                    break
+                time.sleep(0.2)
+            if max(r.lag_seen) > 0:
+                break
+    finally:
+        prod.close()
+    r.lag_after = _wait(r.worker, lambda s: _value(s, "riskwatch_consumer_lag_messages", topic=r.txn_topic) == 0,
+                        timeout=120)
+
+
+# --------------------------------------------------------------------------- input and output counts
+pytestmark = pytest.mark.kafka
+
+
+def test_events_consumed_counts_every_input_including_bad_ones(run: Run) -> None:
+    assert run.value("riskwatch_events_consumed_total", topic=run.txn_topic) == run.sent_txns
+    assert run.value("riskwatch_events_consumed_total", topic=run.market_topic) == run.ticks
+
+
+def test_events_scored_counts_valid_inputs_scored_once(run: Run) -> None:
+    # valid_txns includes the duplicate, which is not scored again
+    assert run.value("riskwatch_events_scored_total", topic=run.txn_topic) == run.valid_txns - 1
+    assert run.value("riskwatch_events_scored_total", topic=run.market_topic) == run.ticks
+
+
+def test_events_published_by_output_topic(run: Run) -> None:
+    s = run.settings
+    assert run.value("riskwatch_events_published_total", topic=s.topic(ALERTS)) == 3  # new, update, fund isolation
+    assert run.value("riskwatch_events_published_total", topic=s.topic(DEADLETTER)) == 3  # 2 inputs, 1 catalogue
+    assert run.value("riskwatch_events_published_total", topic=s.topic(AGGREGATES)) > 0
+
+
+def test_dead_letters_by_topic_and_reason(run: Run) -> None:
+    assert run.value("riskwatch_deadletters_total", topic=run.txn_topic, reason="invalid_json") == 1
+    assert run.value("riskwatch_deadletters_total", topic=run.txn_topic, reason="amount") == 1
+    assert run.value("riskwatch_deadletters_total", topic=run.settings.topic(RULES), reason="rules") == 1
+
+
+def test_duplicates_and_late_events(run: Run) -> None:
+    assert run.value("riskwatch_duplicates_total", topic=run.txn_topic) == 1
+    assert run.value("riskwatch_late_events_total", topic=run.txn_topic) == 1
+
+
+# --------------------------------------------------------------------------- warnings
+def test_warnings_by_category_and_level(run: Run) -> None:
+    assert run.value("riskwatch_warnings_total", category="large_transaction", level="medium") == 1
+    assert run.value("riskwatch_warnings_total", category="fund_isolation", level="critical") == 1
+    assert run.value("riskwatch_warnings_total") == 2
+
+
+def test_warning_updates_by_category(run: Run) -> None:
+    assert run.value("riskwatch_warning_updates_total", category="large_transaction") == 1
+
+
+def test_storm_cap_drops_by_category(run: Run) -> None:
+    assert run.value("riskwatch_storm_dropped_total", category="large_transaction") == 1
+
+
+def test_rule_hits_count_findings_per_rule_before_dedup(run: Run) -> None:
+    assert run.value("riskwatch_rule_hits_total", rule="rule:large_transaction") == 3
+    assert run.value("riskwatch_rule_hits_total", rule="rule:fund_isolation") == 1
+
+
+def test_event_to_warning_latency_histogram(run: Run) -> None:
+    count = run.value("riskwatch_event_to_warning_seconds_count")
+    assert count == 3
+    # The events are about ten minutes old, so each warning is published ten minutes after its event.
+    assert 500 < run.value("riskwatch_event_to_warning_seconds_sum") / count < 1800
+    assert run.value("riskwatch_event_to_warning_seconds_bucket", le="60.0") == 0
+
+
+# --------------------------------------------------------------------------- processing and detectors
+def test_processing_time_per_stage(run: Run) -> None:
+    decoded = run.valid_txns  # the duplicate is decoded, then recognised
+    assert run.value("riskwatch_processing_seconds_count", stage="decode") == decoded
+    assert run.value("riskwatch_processing_seconds_count", stage="score") == decoded - 1
+    assert run.value("riskwatch_processing_seconds_count", stage="publish") == decoded - 1
+    assert run.value("riskwatch_processing_seconds_count", stage="score_market") == run.ticks
+    assert run.value("riskwatch_processing_seconds_sum", stage="score") > 0
+
+
+def test_score_distribution_per_detector(run: Run) -> None:
+    assert run.value("riskwatch_score_count", detector="surprise") == run.valid_txns - 1
+    assert run.value("riskwatch_score_count", detector="market") == run.ticks
+    assert run.value("riskwatch_score_bucket", detector="surprise", le="1.0") == run.valid_txns - 1
+
+
+def test_table_sizes_and_evictions(run: Run) -> None:
+    assert run.value("riskwatch_entities", table="accounts") == 4
+    assert run.value("riskwatch_entities", table="instruments") == 1
+    assert run.value("riskwatch_evictions_total", table="accounts") == 1
+
+
+def test_rules_version_in_force_and_rejected_versions(run: Run) -> None:
+    assert run.value("riskwatch_rules_version") == 2
+    assert run.value("riskwatch_rules_rejected_total") == 1
+
+
+# --------------------------------------------------------------------------- lag
+def test_event_time_lag_is_wall_clock_minus_newest_event_time(run: Run) -> None:
+    # Read before the burst: the script's newest transaction is nine to ten minutes old.
+    lag = run.value("riskwatch_event_time_lag_seconds", topic=run.txn_topic)
+    assert 500 < lag < 1800
+    assert run.value("riskwatch_event_time_lag_seconds", topic=run.market_topic) > 400
+
+
+def test_consumer_lag_per_partition_rises_under_a_burst_and_returns_to_zero(run: Run) -> None:
+    assert _lag_series(run.samples, run.txn_topic) == {str(i) for i in range(PARTITIONS)}
+    assert max(run.lag_seen) > 0, f"lag never rose above zero during the burst: {run.lag_seen}"
+    assert _value(run.lag_after, "riskwatch_consumer_lag_messages", topic=run.txn_topic) == 0
+
+
+# --------------------------------------------------------------------------- structured logs
+def test_dead_lettered_event_logs_one_json_line_with_its_origin(run: Run) -> None:
+    lines = [line for line in run.worker.log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, Faust's own included, is JSON
+    assert any(r["logger"].startswith("faust.") for r in records)
+    mine = [r for r in records if r.get("event_id") == run.negative["event_id"]]
+    assert len(mine) == 1
+    assert mine[0]["level"] == "WARNING"
+    assert mine[0]["topic"] == run.txn_topic
+    assert mine[0]["partition"] == run.partition
+    assert mine[0]["offset"] == run.negative_offset
+    assert "amount" in mine[0]["reason"]
+
+
+# --------------------------------------------------------------------------- without a broker
+def test_every_metric_has_a_test_here_or_is_a_supervision_metric() -> None:
+    tested = {"riskwatch_events_consumed", "riskwatch_events_scored", "riskwatch_events_published",
+              "riskwatch_deadletters", "riskwatch_duplicates", "riskwatch_late_events", "riskwatch_warnings",
+              "riskwatch_warning_updates", "riskwatch_storm_dropped", "riskwatch_rule_hits",
+              "riskwatch_processing_seconds", "riskwatch_event_to_warning_seconds",
+              "riskwatch_event_time_lag_seconds", "riskwatch_consumer_lag_messages", "riskwatch_score",
+              "riskwatch_entities", "riskwatch_evictions", "riskwatch_rules_version", "riskwatch_rules_rejected"}
+    families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}
+    assert families - tested - SUPERVISION == set(), "a new metric needs a test that makes it move"
+    assert tested <= families
+
+
+def test_prime_creates_series_at_zero_so_the_first_increment_is_a_rate() -> None:
+    m = Metrics(CollectorRegistry())
+    m.prime(inputs=["in"], outputs=["out"], categories=["velocity"], levels=["high", "low"], stages=["score"],
+            detectors=["surprise"], tables=["accounts"])
+    get = m.registry.get_sample_value
+    assert get("riskwatch_warnings_total", {"category": "velocity", "level": "low"}) == 0
+    assert get("riskwatch_events_consumed_total", {"topic": "in"}) == 0
+    assert get("riskwatch_events_published_total", {"topic": "out"}) == 0
+    assert get("riskwatch_storm_dropped_total", {"category": "velocity"}) == 0
+    assert get("riskwatch_processing_seconds_count", {"stage": "score"}) == 0
+    assert get("riskwatch_score_count", {"detector": "surprise"}) == 0
+    assert get("riskwatch_entities", {"table": "accounts"}) == 0
+    assert get("riskwatch_warnings_total", {"category": "velocity", "level": "medium"}) is None
+
+
+def test_event_time_lag_keeps_growing_while_a_topic_is_silent() -> None:
+    m = Metrics(CollectorRegistry())
+    m.saw_event_time("in", time.time() - 60)
+    m.saw_event_time("in", time.time() - 3600)  # an older event does not make the topic look staler
+    first = m.registry.get_sample_value("riskwatch_event_time_lag_seconds", {"topic": "in"})
+    time.sleep(0.05)
+    second = m.registry.get_sample_value("riskwatch_event_time_lag_seconds", {"topic": "in"})
+    assert first is not None and second is not None
+    assert 59 < first < second < 120
+
+
+class _TP(NamedTuple):
+    topic: str
+    partition: int
+
+
+def _tp(topic: str, partition: int) -> _TP:
+    return _TP(topic, partition)
+
+
+def test_lag_is_end_minus_committed_or_minus_earliest_when_never_committed() -> None:
+    a0, a1, a2 = _tp("in", 0), _tp("in", 1), _tp("in", 2)
+    lag = lag_per_partition([a0, a1, a2], end={a0: 100, a1: 50}, committed={a0: 90, a1: None},
+                            earliest={a1: 20})
+    assert lag == {("in", 0): 10, ("in", 1): 30}  # a2 has no end offset yet: not reported
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.tps = {_tp("in", 0): 10, _tp("in", 1): 4, _tp("rw-test-accounts-changelog", 0): 99}
+        self._committed_offset: dict[Any, int | None] = {}
+
+    def assignment(self) -> set[Any]:
+        return set(self.tps)
+
+    def highwater(self, tp: Any) -> int:
+        return self.tps[tp]
+
+    async def earliest_offsets(self, *tps: Any) -> dict[Any, int]:
+        return dict.fromkeys(tps, 0)
+
+
+def test_lag_probe_skips_faust_topics_and_drops_revoked_partitions(tmp_path: Path) -> None:
+    import asyncio
+
+    consumer = _Consumer()
+    m = Metrics(CollectorRegistry())
+    rt = SimpleNamespace(app=SimpleNamespace(consumer=consumer), metrics=m,
+                         settings=Settings(app_id="rw-test", data_dir=tmp_path))
+    probe = LagProbe(rt)  # type: ignore[arg-type]
+    asyncio.run(probe.measure())
+    get = m.registry.get_sample_value
+    assert get("riskwatch_consumer_lag_messages", {"topic": "in", "partition": "0"}) == 10
+    assert get("riskwatch_consumer_lag_messages", {"topic": "rw-test-accounts-changelog", "partition": "0"}) is None
+    del consumer.tps[_tp("in", 1)]
+    asyncio.run(probe.measure())
+    assert get("riskwatch_consumer_lag_messages", {"topic": "in", "partition": "1"}) is None
