@@ -65,6 +65,7 @@ class Disposal:
         self.lock = asyncio.Lock()
         self.pages_waiting = asyncio.Event()
         self._parsed: dict[bytes, tuple[bytes, Lifecycle]] = {}
+        self._partition: dict[bytes, int] = {}
 
     # ---------------------------------------------------------------- state access
     def owned(self) -> set[int] | None:
@@ -73,6 +74,13 @@ class Disposal:
         if app.rebalancing or getattr(app, "in_recovery", False):
             return None
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == self.by_id_name}
+
+    def partition(self, key: bytes) -> int:
+        """The partition an alert's state lives in (murmur2 is slow in Python: remembered)."""
+        p = self._partition.get(key)
+        if p is None:
+            p = self._partition[key] = partition_of(key, self.partitions)
+        return p
 
     def get(self, key: bytes) -> Lifecycle | None:
         """The state of one alert (parsed once per table value)."""
@@ -91,6 +99,7 @@ class Disposal:
         """Write (or, for None, delete) one alert's state; the changelog carries it to a restarted worker."""
         if state is None:
             self._parsed.pop(key, None)
+            self._partition.pop(key, None)
             if self.table.get(key) is not None:
                 del self.table[key]
             return
@@ -101,7 +110,7 @@ class Disposal:
     def owned_states(self, owned: set[int]) -> Iterator[tuple[bytes, Lifecycle]]:
         """Every state in partitions this worker owns (the table may also hold standby or stale copies)."""
         for key in list(self.table.keys()):
-            if partition_of(key, self.partitions) not in owned:
+            if self.partition(key) not in owned:
                 continue
             state = self.get(key)
             if state is not None:
@@ -209,7 +218,11 @@ class Disposal:
             due = next_due(state, self.retention)
             if due is not None and now >= due:
                 async with self.lock:
-                    current = self.get(key)
+                    # Ownership again, with no await before acting: a rebalance may have begun meanwhile.
+                    still = self.owned()
+                    if still is None:
+                        return
+                    current = self.get(key) if self.partition(key) in still else None
                     if current is None:
                         continue
                     out = tick(current, now, self.retention)
@@ -220,6 +233,12 @@ class Disposal:
             if state.active:
                 open_by_level[state.level] += 1
                 overdue += int(state.overdue)
+        if len(self._partition) > len(self.table):
+            # Faust drops revoked partitions' keys from the store itself; forget what we cached for them.
+            live = set(self.table.keys())
+            for cache in (self._parsed, self._partition):
+                for gone in [k for k in cache if k not in live]:
+                    del cache[gone]
         for level in LEVELS:
             self.m.open_alerts.labels(level).set(open_by_level[level])
         self.m.overdue_plans.set(overdue)

@@ -1,14 +1,17 @@
-"""Watcher health: consumer lag per partition, and metric labels created at start so rates see the first event."""
+"""Watcher health: consumer lag per partition, top entities, and metric labels created at start."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from agents.sink import Sink
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, TRANSACTIONS, Runtime
-from app.schemas import LEVELS
+from app.schemas import LEVELS, Alert
 from models.rules import Catalogue
 
 log = logging.getLogger("riskwatch.agents.health")
@@ -32,6 +35,45 @@ def lag_per_partition(assigned: Iterable[Any], end: Mapping[Any, int], committed
             done = earliest.get(tp, 0)
         out[(tp.topic, tp.partition)] = max(end[tp] - done, 0)
     return out
+
+
+class TopEntities:
+    """Distinct warnings per entity over the last hour, exported for the entities with the most.
+
+    Fed with every warning this worker publishes (new or updated); entities live in the partition of
+    their key, so the workers' top lists do not overlap and Grafana's topk over all of them is right.
+    """
+
+    def __init__(self, gauge: Any, top: int = 10, window: float = 3600.0, limit: int = 200_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.gauge = gauge
+        self.top = top
+        self.window = window
+        self.limit = limit
+        self.clock = clock
+        self.first_seen: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        self.shown: set[tuple[str, str]] = set()
+
+    def on_alert(self, alert: Alert) -> None:
+        """Remember a warning the first time its alert_id is published."""
+        if alert.alert_id not in self.first_seen:
+            self.first_seen[alert.alert_id] = (self.clock(), alert.entity_type, alert.entity_id)
+            if len(self.first_seen) > self.limit:
+                self.first_seen.popitem(last=False)
+
+    def refresh(self) -> dict[tuple[str, str], int]:
+        """Forget warnings older than the window and export the top entities (others' series are removed)."""
+        horizon = self.clock() - self.window
+        while self.first_seen and next(iter(self.first_seen.values()))[0] < horizon:
+            self.first_seen.popitem(last=False)
+        counts = Counter((etype, eid) for _, etype, eid in self.first_seen.values())
+        top = dict(counts.most_common(self.top))
+        for key in self.shown - top.keys():
+            self.gauge.remove(*key)
+        for key, n in top.items():
+            self.gauge.labels(*key).set(n)
+        self.shown = set(top)
+        return top
 
 
 class LagProbe:
@@ -65,6 +107,11 @@ class LagProbe:
         lag = lag_per_partition(tps, end, committed, self.earliest)
         for topic, partition in self.shown - lag.keys():
             self.gauge.remove(topic, str(partition))
+        # After a rebalance took all of a topic's partitions elsewhere, this worker's newest event time there
+        # would only age: the worker that reads the topic now reports it.
+        m = self.rt.metrics
+        for topic in m.event_time_topics() - {tp.topic for tp in tps}:
+            m.forget_event_time(topic)
         for (topic, partition), value in lag.items():
             self.gauge.labels(topic, str(partition)).set(value)
         self.shown = set(lag)
@@ -81,13 +128,17 @@ def prime_metrics(rt: Runtime, catalogue: Catalogue) -> None:
         levels=LEVELS, stages=STAGES, detectors=DETECTORS, tables=TABLES)
 
 
-def attach(rt: Runtime, catalogue: Catalogue) -> LagProbe:
-    """Prime the metrics and measure consumer lag every LAG_INTERVAL seconds on every worker."""
+def attach(rt: Runtime, catalogue: Catalogue, sink: Sink | None = None) -> LagProbe:
+    """Prime the metrics; every LAG_INTERVAL seconds measure consumer lag and refresh the top entities."""
     prime_metrics(rt, catalogue)
     probe = LagProbe(rt)
+    top = TopEntities(rt.metrics.top_entities)
+    if sink is not None:
+        sink.alert_listeners.append(top.on_alert)
 
     @rt.app.timer(interval=LAG_INTERVAL)
     async def measure_consumer_lag() -> None:
+        top.refresh()
         try:
             await probe.measure()
         except asyncio.CancelledError:
@@ -98,4 +149,4 @@ def attach(rt: Runtime, catalogue: Catalogue) -> LagProbe:
     return probe
 
 
-__all__ = ["LagProbe", "attach", "lag_per_partition", "prime_metrics"]
+__all__ = ["LagProbe", "TopEntities", "attach", "lag_per_partition", "prime_metrics"]

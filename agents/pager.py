@@ -109,7 +109,7 @@ class Pager:
                     log.error("Alertmanager refused %d page(s) with HTTP %s: %s", len(body), resp.status, text)
                     return False
                 reason = f"HTTP {resp.status}: {text}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         self.failures += 1
         delay = min(MAX_BACKOFF, 0.5 * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.2)
@@ -122,8 +122,11 @@ class Pager:
     async def _delivered(self, chunk: list[tuple[bytes, Lifecycle, Page]]) -> None:
         d = self.disposal
         async with d.lock:
+            owned = d.owned()
+            if owned is None:
+                return  # a rebalance began: the next owner re-sends, and Alertmanager takes it as the same alert
             for key, _, sent_page in chunk:
-                current = d.get(key)
+                current = d.get(key) if d.partition(key) in owned else None
                 if current is None:
                     continue
                 state = current.model_copy(deep=True)

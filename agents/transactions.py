@@ -73,7 +73,8 @@ class IdleEviction:
         seen = self.seen.get(partition)
         if seen is None:
             seen = self.seen[partition] = OrderedDict()
-        seen[key] = ts
+        # A late event must not make an active account look idle: keep its newest time.
+        seen[key] = max(ts, seen.get(key, ts))
         seen.move_to_end(key)
         if ts > self.now:
             self.now = ts

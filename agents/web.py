@@ -1,8 +1,9 @@
-"""The live warnings page on the worker's web server, fed by its own follower of risk.alerts.
+"""The live warnings page on the worker's web server, fed by its own follower of what workers publish.
 
-Every worker follows the whole alerts topic with a group-less consumer (starting a few hundred
-messages back), so any worker's page shows every warning, not only those of the partitions it
-happens to own, and no extra service is needed.
+Every worker follows the whole of risk.alerts (and, for plans and their progress, risk.contingency
+and risk.audit) with a group-less consumer starting a few hundred messages back, so any worker's
+page shows every warning, not only those of the partitions it happens to own, and no extra
+service is needed.
 """
 
 from __future__ import annotations
@@ -20,25 +21,29 @@ from faust import web
 
 from agents.control import client_kwargs
 from app.errors import RiskwatchError
-from app.faust_app import ALERTS, Runtime
+from app.faust_app import ALERTS, AUDIT, CONTINGENCY, Runtime
 from app.schemas import LEVELS
 
 log = logging.getLogger("riskwatch.agents.web")
 
 PAGE = Path(__file__).resolve().parent.parent / "app" / "static" / "warnings.html"
-BACKLOG = 500  # warnings read back per partition when the follower starts
+BACKLOG = 500  # messages read back per partition when the follower starts
 KEEP = 500  # distinct warnings (latest version each) held in memory and served
+ACTIVE = ("open", "acknowledged", "escalated")  # statuses that count as open on the page
 PlanLookup = Callable[[dict[str, Any]], tuple[str | None, str | None]]
 
 
 class AlertFeed:
-    """The newest warnings, latest version per alert_id, each stamped with a sequence number for polling."""
+    """The newest warnings, latest version per alert_id, with plan and status; sequence-numbered for polling."""
 
     def __init__(self, keep: int = KEEP, plan_of: PlanLookup | None = None) -> None:
         self.keep = keep
         self.plan_of = plan_of
         self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Triggers and audit records can arrive before their warning (other topics, other partitions).
+        self.early: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.seq = 0
+        self.disposal_seen = False
 
     def add(self, alert: dict[str, Any], published_at: float) -> None:
         """Take one warning message (new or an update of an earlier alert_id)."""
@@ -48,34 +53,73 @@ class AlertFeed:
         previous = self.items.pop(alert_id, None)
         self.seq += 1
         entry = {**alert, "seq": self.seq, "published_at": published_at,
-                 "versions": previous["versions"] + 1 if previous else 1, "plan": None, "owner": None}
-        if self.plan_of is not None:
+                 "versions": previous["versions"] + 1 if previous else 1,
+                 "plan": None, "owner": None, "plan_source": None, "escalated_to": None,
+                 "status": "open", "status_by": None}
+        if previous is not None:
+            for key in ("plan", "owner", "plan_source", "escalated_to", "status", "status_by"):
+                entry[key] = previous[key]
+        entry.update(self.early.pop(alert_id, {}))
+        if entry["plan_source"] != "triggered" and self.plan_of is not None:
             try:
                 entry["plan"], entry["owner"] = self.plan_of(alert)
+                entry["plan_source"] = "catalogue" if entry["plan"] else None
             except Exception:  # a plan lookup problem must not hide the warning
                 log.exception("plan lookup failed for %s", alert_id)
         self.items[alert_id] = entry
         while len(self.items) > self.keep:
             self.items.popitem(last=False)
 
+    def _change(self, alert_id: str, fields: dict[str, Any]) -> None:
+        entry = self.items.get(alert_id)
+        if entry is None:
+            self.early.setdefault(alert_id, {}).update(fields)
+            self.early.move_to_end(alert_id)
+            while len(self.early) > 4 * self.keep:
+                self.early.popitem(last=False)
+            return
+        self.seq += 1
+        entry.update(fields, seq=self.seq)
+
+    def on_trigger(self, trigger: dict[str, Any]) -> None:
+        """Take a contingency trigger: the plan set in motion for a warning, or its escalation."""
+        alert_id, team = trigger.get("alert_id"), trigger.get("owner_team")
+        if not isinstance(alert_id, str):
+            return
+        self.disposal_seen = True
+        if trigger.get("kind", "plan") == "escalation":
+            self._change(alert_id, {"escalated_to": team})
+        else:
+            self._change(alert_id, {"plan": f"{trigger.get('title')} ({trigger.get('plan_id')})", "owner": team,
+                                    "plan_source": "triggered"})
+
+    def on_audit(self, record: dict[str, Any]) -> None:
+        """Take an audit record: a warning acknowledged, escalated, resolved, reopened or expired."""
+        alert_id, status = record.get("alert_id"), record.get("to_status")
+        if not isinstance(alert_id, str) or not isinstance(status, str) or record.get("outcome") == "rejected":
+            return
+        self.disposal_seen = True
+        self._change(alert_id, {"status": status, "status_by": record.get("by")})
+
     def since(self, seq: int = 0, level: str | None = None, category: str | None = None) -> list[dict[str, Any]]:
         """Warnings changed after `seq`, newest first, optionally only one level and category."""
-        out = [a for a in reversed(self.items.values()) if a["seq"] > seq
-               and (level is None or a["level"] == level) and (category is None or a["category"] == category)]
-        return out
+        return [a for a in reversed(self.items.values()) if a["seq"] > seq
+                and (level is None or a["level"] == level) and (category is None or a["category"] == category)]
 
     def counts(self) -> dict[str, int]:
-        """Warnings held, by their current level."""
+        """Open warnings held (open, acknowledged or escalated), by their current level."""
         counts = dict.fromkeys(LEVELS, 0)
         for a in self.items.values():
-            counts[a["level"]] += 1
+            if a["status"] in ACTIVE:
+                counts[a["level"]] += 1
         return counts
 
     def snapshot(self, seq: int = 0, level: str | None = None, category: str | None = None) -> dict[str, Any]:
-        """The JSON the page polls: changed warnings, counts per level, categories seen, the feed position."""
+        """The JSON the page polls: changed warnings, open counts per level, categories seen, the feed position."""
         return {"seq": self.seq, "alerts": self.since(seq, level, category), "counts": self.counts(),
                 "categories": sorted({a["category"] for a in self.items.values()}),
-                "plans_known": self.plan_of is not None, "keep": self.keep}
+                "plans_known": self.plan_of is not None or self.disposal_seen,
+                "disposal_seen": self.disposal_seen, "keep": self.keep}
 
 
 def plan_lookup(plans_file: Path) -> PlanLookup | None:
@@ -100,17 +144,21 @@ def plan_lookup(plans_file: Path) -> PlanLookup | None:
 
 
 class AlertFollower:
-    """Reads risk.alerts without a consumer group, from BACKLOG messages back, into an AlertFeed."""
+    """Reads risk.alerts, risk.contingency and risk.audit without a consumer group into an AlertFeed."""
 
     def __init__(self, rt: Runtime, feed: AlertFeed) -> None:
         self.settings = rt.settings
         self.feed = feed
-        self.topic = rt.settings.topic(ALERTS)
+        self.handlers: dict[str, Callable[[dict[str, Any], float], None]] = {
+            rt.settings.topic(ALERTS): feed.add,
+            rt.settings.topic(CONTINGENCY): lambda trigger, _: feed.on_trigger(trigger),
+            rt.settings.topic(AUDIT): lambda record, _: feed.on_audit(record),
+        }
 
     async def run(self) -> None:
-        """Follow the topic for the life of the worker."""
-        # Subscribed without a group: start() waits for the topic's metadata and assigns every partition.
-        consumer = AIOKafkaConsumer(self.topic, **client_kwargs(self.settings), enable_auto_commit=False,
+        """Follow the topics for the life of the worker, starting BACKLOG messages back in every partition."""
+        # Subscribed without a group: start() waits for the topics' metadata and assigns every partition.
+        consumer = AIOKafkaConsumer(*self.handlers, **client_kwargs(self.settings), enable_auto_commit=False,
                                     group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=100)
         await consumer.start()
         try:
@@ -121,14 +169,14 @@ class AlertFollower:
                 consumer.seek(tp, max(begin[tp], end[tp] - BACKLOG))
             while True:
                 batch = await consumer.getmany(timeout_ms=200)
-                # Within a batch, publication time restores the order across partitions.
+                # Within a batch, publication time restores the order across partitions and topics.
                 for r in sorted((r for msgs in batch.values() for r in msgs), key=lambda r: r.timestamp):
                     try:
-                        alert = json.loads(r.value) if r.value else None
+                        value = json.loads(r.value) if r.value else None
                     except ValueError:
                         continue
-                    if isinstance(alert, dict):
-                        self.feed.add(alert, r.timestamp / 1000.0)
+                    if isinstance(value, dict):
+                        self.handlers[r.topic](value, r.timestamp / 1000.0)
         finally:
             await consumer.stop()
 
@@ -138,7 +186,7 @@ def _one_of(value: str | None, allowed: Any) -> str | None:
 
 
 def attach(rt: Runtime) -> AlertFeed:
-    """Serve the warnings page at / and its feed at /api/alerts, and follow risk.alerts for them."""
+    """Serve the warnings page at / and its feed at /api/alerts, and follow the topics that feed them."""
     feed = AlertFeed(plan_of=plan_lookup(rt.settings.plans_file))
     follower = AlertFollower(rt, feed)
     html = PAGE.read_text(encoding="utf-8")
@@ -150,8 +198,8 @@ def attach(rt: Runtime) -> AlertFeed:
                 await follower.run()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a plan lookup problem must not hide the warning
-                log.exception("alerts follower for the warnings page failed; retrying in 2 s")
+            except Exception:
+                log.exception("the warnings page's follower failed; retrying in 2 s")
                 await asyncio.sleep(2.0)
 
     @rt.app.page("/")

@@ -27,28 +27,50 @@ def _when(text: str) -> datetime:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rules", type=Path, help="rule catalogue to replay with (default: RISKWATCH_RULES_FILE)")
-    p.add_argument("--partitions", type=int, help="input partitions the worker runs with (default: "
-                   "RISKWATCH_TOPIC_PARTITIONS, or the topic's own count with --from-kafka); detectors are "
-                   "kept per partition as the worker keeps them")
+    p.add_argument(
+        "--rules", type=Path, metavar="FILE", help="rule catalogue to replay with (default: RISKWATCH_RULES_FILE)"
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="input partitions the worker runs with (default: "
+        "RISKWATCH_TOPIC_PARTITIONS, or the topic's own count with --from-kafka); detectors are "
+        "kept per partition as the worker keeps them",
+    )
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", nargs="?", type=Path,
-                   help="events: JSONL, .jsonl.gz, CSV or Parquet with the contract's fields")
-    p.add_argument("--alerts", type=Path, help="write every published warning version here, one JSON per line")
-    p.add_argument("--scores", type=Path, help='write {"event_id", "score"} here for every scored event')
+    p.add_argument(
+        "input", nargs="?", type=Path, help="events: JSONL, .jsonl.gz, CSV or Parquet with the contract's fields"
+    )
+    p.add_argument(
+        "--alerts", type=Path, metavar="FILE", help="write every published warning version here, one JSON per line"
+    )
+    p.add_argument(
+        "--scores", type=Path, metavar="FILE", help='write {"event_id", "score"} here for every scored event'
+    )
     p.add_argument("--report", type=Path, metavar="DIR", help="write report.json and report.html into DIR")
     _common(p)
-    p.add_argument("--against", type=Path, metavar="RULES",
-                   help="a challenger catalogue: replay both and report warnings only under A, only under B, both")
-    p.add_argument("--against-alerts", type=Path, help="write the challenger's warnings here")
-    p.add_argument("--deadletter", type=Path, help="invalid inputs (default: deadletter.jsonl beside the outputs)")
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="FILE",
+        help="a challenger catalogue: replay both and report warnings only under A, only under B, both",
+    )
+    p.add_argument("--against-alerts", type=Path, metavar="FILE", help="write the challenger's warnings here")
+    p.add_argument(
+        "--deadletter", type=Path, metavar="FILE", help="invalid inputs (default: deadletter.jsonl beside the outputs)"
+    )
     k = p.add_argument_group("replay from Kafka")
     k.add_argument("--from-kafka", action="store_true", help="re-read the input topics instead of a file")
-    k.add_argument("--since", type=_when, help="start of the range (record time), e.g. 2026-11-01T00:00:00Z")
-    k.add_argument("--until", type=_when, help="end of the range (default: the end offsets at start)")
-    k.add_argument("--run-id", help="names the replay's consumer group and output topics (default: time + random)")
+    k.add_argument(
+        "--since", type=_when, metavar="TIME", help="start of the range (record time), e.g. 2026-11-01T00:00:00Z"
+    )
+    k.add_argument("--until", type=_when, metavar="TIME", help="end of the range (default: the end offsets at start)")
+    k.add_argument(
+        "--run-id", metavar="ID", help="names the replay's consumer group and output topics (default: time + random)"
+    )
 
 
 def _configs(s: Settings, rules: Path | None, against: Path | None) -> list[Config]:
@@ -72,13 +94,15 @@ def _check(args: argparse.Namespace) -> None:
     elif args.since or args.until or args.run_id:
         raise ReplayError("--since, --until and --run-id apply to --from-kafka only")
     if args.against_alerts and not args.against:
-        raise ReplayError("--against-alerts needs --against RULES")
+        raise ReplayError("--against-alerts needs --against FILE")
     if args.partitions is not None and args.partitions < 1:
         raise ReplayError(f"--partitions must be at least 1, got {args.partitions}")
 
 
-@command("replay", "Replay events (files or Kafka history) through the live scoring code; write warnings, "
-                   "scores and a report.")(_replay_args)
+@command(
+    "replay",
+    "Replay events (files or Kafka history) through the live scoring code; write warnings, scores and a report.",
+)(_replay_args)
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay a file or a Kafka time range and summarise what the rules and models would have raised."""
     _check(args)
@@ -90,6 +114,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     wrote: list[Path] = []
     with contextlib.ExitStack() as stack:
         stack.callback(dead.close)
+        outs = []  # opened first: an unwritable path should fail before an hour of reading
+        for path in (args.alerts, args.against_alerts, args.scores):
+            f = open_text(path)
+            if f is not None:
+                stack.callback(f.close)
+                wrote.append(path)
+            outs.append(f)
         if args.from_kafka:
             from app.faust_app import MARKET, TRANSACTIONS
             from app.kafka_replay import AlertPublisher, new_run_id, read_topics
@@ -99,28 +130,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
             publisher = AlertPublisher(s, run_id)
             stack.callback(publisher.close)
             source = f"{s.topic(TRANSACTIONS)} and {s.topic(MARKET)} from {args.since.isoformat()}" + (
-                f" to {args.until.isoformat()}" if args.until else "")
+                f" to {args.until.isoformat()}" if args.until else ""
+            )
         else:
             loaded = read_file(args.input, dead, progress=progress)
             source = str(args.input)
-        outs = []
-        for path in (args.alerts, args.against_alerts, args.scores):
-            f = open_text(path)
-            if f is not None:
-                stack.callback(f.close)
-                wrote.append(path)
-            outs.append(f)
         partitions = args.partitions or loaded.partitions or s.topic_partitions
         on_alert = None if publisher is None else (lambda i, a: publisher.send(a) if i == 0 else None)
-        result = replay(loaded, configs, partitions=partitions, storm_cap=s.storm_cap_per_minute,
-                        ttl=s.state_ttl_seconds, alerts_out=outs[:2], scores_out=outs[2], progress=progress,
-                        on_alert=on_alert)
+        result = replay(
+            loaded,
+            configs,
+            partitions=partitions,
+            storm_cap=s.storm_cap_per_minute,
+            ttl=s.state_ttl_seconds,
+            alerts_out=outs[:2],
+            scores_out=outs[2],
+            progress=progress,
+            on_alert=on_alert,
+        )
     from app import report as rp
 
     rep = rp.build(result, input_name=source)
     if args.report:
         wrote.extend(rp.write(args.report, result, rep))
-    if dead.path is not None and (dead.count or args.deadletter):
+    if dead.path is not None and dead.count:
         wrote.append(dead.path)
     _summary(rep, result, loaded, dead)
     if publisher is not None:
@@ -136,9 +169,11 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters) -> None:
     ev, w, t = rep["events"], rep["warnings"], rep["throughput"]
-    print(f"replayed {ev['scored']:,} events from {rep['input']} ({ev['transactions']:,} transactions, "
-          f"{ev['market']:,} market ticks) in {res.seconds:.1f} s: {_fmt(t['events_per_second'], ',.0f')} events/s "
-          f"(scoring alone {_fmt(t['scoring_events_per_second'], ',.0f')} events/s)")
+    print(
+        f"replayed {ev['scored']:,} events from {rep['input']} ({ev['transactions']:,} transactions, "
+        f"{ev['market']:,} market ticks) in {res.seconds:.1f} s: {_fmt(t['events_per_second'], ',.0f')} events/s "
+        f"(scoring alone {_fmt(t['scoring_events_per_second'], ',.0f')} events/s)"
+    )
     print(f"  invalid {ev['invalid']:,} (dead-lettered)   duplicates {ev['duplicates']:,} (not scored again)")
     for line in dead.first:
         print(f"    {line}")
@@ -151,18 +186,24 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
     if ev_ is not None:
         for key, name in (("transactions", "all transactions"), ("account_scenarios", "account-level scenarios")):
             m = ev_[key]
-            print(f"  labels, {name}: ROC AUC {_fmt(m['roc_auc'])}, AP {_fmt(m['average_precision'])}, "
-                  f"recall {_fmt(m['recall_at_threshold'])} and precision {_fmt(m['precision_at_threshold'])} "
-                  f"at {ev_['threshold']:g}")
+            print(
+                f"  labels, {name}: ROC AUC {_fmt(m['roc_auc'])}, AP {_fmt(m['average_precision'])}, "
+                f"recall {_fmt(m['recall_at_threshold'])} and precision {_fmt(m['precision_at_threshold'])} "
+                f"at {ev_['threshold']:g}"
+            )
         print(f"  median detection delay {_fmt(ev_['detection']['median_delay_seconds'], ',.0f')} s")
     comp = rep["comparison"]
     if comp is not None:
-        print(f"  champion/challenger: only A {comp['only_a']['total']:,}, both {comp['both']['total']:,}, "
-              f"only B {comp['only_b']['total']:,}")
+        print(
+            f"  champion/challenger: only A {comp['only_a']['total']:,}, both {comp['both']['total']:,}, "
+            f"only B {comp['only_b']['total']:,}"
+        )
         for name in ("only_a", "only_b"):
             if comp[name]["by_category"]:
-                print(f"    {name.replace('_', ' ')}: " + ", ".join(
-                    f"{c} {n:,}" for c, n in comp[name]["by_category"].items()))
+                print(
+                    f"    {name.replace('_', ' ')}: "
+                    + ", ".join(f"{c} {n:,}" for c, n in comp[name]["by_category"].items())
+                )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -171,8 +212,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
 
 
-@command("evaluate", "Score labelled events with the live scoring code and print ranking, alert and "
-                     "detection metrics.")(_evaluate_args)
+@command(
+    "evaluate", "Score labelled events with the live scoring code and print ranking, alert and detection metrics."
+)(_evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Replay a labelled file and print how well the rules and models separate risky from normal events."""
     from app import report as rp
@@ -180,33 +222,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     s = get_settings()
     dead = DeadLetters(None)
     loaded = read_file(args.input, dead, progress=sys.stderr.isatty())
-    result = replay(loaded, _configs(s, args.rules, None), partitions=args.partitions or s.topic_partitions,
-                    storm_cap=s.storm_cap_per_minute, ttl=s.state_ttl_seconds, progress=sys.stderr.isatty())
+    result = replay(
+        loaded,
+        _configs(s, args.rules, None),
+        partitions=args.partitions or s.topic_partitions,
+        storm_cap=s.storm_cap_per_minute,
+        ttl=s.state_ttl_seconds,
+        progress=sys.stderr.isatty(),
+    )
     ev = rp.evaluation(result)
     if ev is None or ev["transactions"]["n"] == 0:
-        raise ReplayError(f"{args.input} has no labelled transactions; evaluate needs `label` (0 or 1) on events "
-                          "(use `riskwatch replay` for counts without labels)")
+        raise ReplayError(
+            f"{args.input} has no labelled transactions; evaluate needs `label` (0 or 1) on events "
+            "(use `riskwatch replay` for counts without labels)"
+        )
     rep = rp.build(result, input_name=str(args.input))
     if args.json:
-        print(json.dumps({k: rep[k] for k in ("input", "rules", "events", "warnings", "alert_rate", "evaluation")},
-                         indent=1))
+        print(
+            json.dumps(
+                {k: rep[k] for k in ("input", "rules", "events", "warnings", "alert_rate", "evaluation")}, indent=1
+            )
+        )
         return 0
     m = ev["transactions"]
-    print(f"{args.input}: {m['n']:,} labelled transactions ({m['n_positive']:,} risky), threshold "
-          f"{ev['threshold']:g}; {dead.count:,} invalid lines skipped")
+    print(
+        f"{args.input}: {m['n']:,} labelled transactions ({m['n_positive']:,} risky), threshold "
+        f"{ev['threshold']:g}; {dead.count:,} invalid lines skipped"
+    )
     print(f"{'':26}{'ROC AUC':>9}{'AP':>8}{'recall':>8}{'precision':>11}{'alert rate (normal)':>21}")
     for key, name in (("transactions", "all transactions"), ("account_scenarios", "account-level scenarios")):
         m = ev[key]
-        print(f"{name:26}{_fmt(m['roc_auc']):>9}{_fmt(m['average_precision']):>8}"
-              f"{_fmt(m['recall_at_threshold']):>8}{_fmt(m['precision_at_threshold']):>11}"
-              f"{_fmt(m['alert_rate_normal'], '.4%'):>21}")
-    print("warnings by category: " + ", ".join(
-        f"{c} {sum(v.values()):,}" for c, v in rep["warnings"]["by_category"].items()))
+        print(
+            f"{name:26}{_fmt(m['roc_auc']):>9}{_fmt(m['average_precision']):>8}"
+            f"{_fmt(m['recall_at_threshold']):>8}{_fmt(m['precision_at_threshold']):>11}"
+            f"{_fmt(m['alert_rate_normal'], '.4%'):>21}"
+        )
+    print(
+        "warnings by category: "
+        + ", ".join(f"{c} {sum(v.values()):,}" for c, v in rep["warnings"]["by_category"].items())
+    )
     print(f"{'scenario':16}{'level':10}{'detected':>10}{'median delay':>15}")
     for scen, row in ev["detection"]["per_scenario"].items():
         delay = row["median_delay_seconds"]
-        print(f"{scen:16}{row['level']:10}{row['detected']:>5} of {row['instances']:<3}"
-              f"{'—' if delay is None else f'{delay:,.0f} s':>14}")
+        print(
+            f"{scen:16}{row['level']:10}{row['detected']:>5} of {row['instances']:<3}"
+            f"{'—' if delay is None else f'{delay:,.0f} s':>14}"
+        )
     print("platform-level scenarios (liquidity_run, market_crash) are judged by detection, not event-level metrics")
     return 0
 

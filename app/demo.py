@@ -11,10 +11,13 @@ import threading
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from app.faust_app import MARKET, TRANSACTIONS
 from app.settings import Settings, get_settings
+
+DEMO_LOG = Path(".riskwatch-demo-worker.log")
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
@@ -27,6 +30,18 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
                 return True
         except OSError:
             time.sleep(0.5)
+    return False
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], metrics_url: str, timeout: float) -> bool:
+    """Wait until the worker serves metrics and Faust reports it joined its group and recovered."""
+    deadline = time.monotonic() + timeout
+    if not _wait_http(metrics_url, timeout, proc):
+        return False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if b"Worker ready" in DEMO_LOG.read_bytes():
+            return True
+        time.sleep(0.5)
     return False
 
 
@@ -98,8 +113,8 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         if not produce_only:
             print("Starting the worker...")
             worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=open(".riskwatch-demo-worker.log", "wb"))
-            if not _wait_http(f"http://{s.web_host}:{s.metrics_port}/metrics", 90, worker):
+                                      stdout=subprocess.DEVNULL, stderr=open(DEMO_LOG, "wb"))
+            if not _wait_ready(worker, f"http://{s.web_host}:{s.metrics_port}/metrics", 120):
                 print("The worker did not start; see .riskwatch-demo-worker.log", file=sys.stderr)
                 return 1
         events = rebase(generate(seed=11, accounts=accounts, days=2.0, instruments=10),
@@ -114,7 +129,7 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
             feeder.join()
             return 0
         colour = sys.stdout.isatty()
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         done_at: list[float] = []
 
         def finished() -> bool:
@@ -125,10 +140,16 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
             return time.monotonic() - done_at[0] > 10
 
         for alert in follow(from_beginning=True, until=finished):
-            if alert["alert_id"] in seen and len(alert.get("event_ids", [])) % 5:
-                continue  # show updates of an ongoing burst sparingly
-            seen.add(alert["alert_id"])
-            print(format_alert(alert, colour), flush=True)
+            level = seen.get(alert["alert_id"])
+            if level == alert["level"]:
+                continue  # an ongoing burst grew: the line already on screen still tells the story
+            seen[alert["alert_id"]] = alert["level"]
+            prefix = "  ^ " if level is not None else ""
+            print(prefix + format_alert(alert, colour), flush=True)
+        if worker is not None and worker.poll() is not None:
+            print(f"\nThe worker stopped unexpectedly (exit {worker.returncode}); its log is "
+                  ".riskwatch-demo-worker.log", file=sys.stderr)
+            return 1
         print(f"\nStream finished: {progress['sent']:,} events sent, {len(seen)} warnings.")
         return 0
     except KeyboardInterrupt:

@@ -42,17 +42,18 @@ def replay_namespace(s: Settings, run_id: str) -> str:
     return f"{s.topic_prefix}replay.{check_run_id(run_id)}."
 
 
-def group_id(run_id: str) -> str:
-    """The consumer group of a replay: its own, so the live worker's offsets are never touched."""
-    return f"riskwatch-replay-{check_run_id(run_id)}"
+def group_id(s: Settings, run_id: str) -> str:
+    """The consumer group of a replay (riskwatch-replay-<run-id>): its own, so live offsets are never touched."""
+    return f"{s.app_id}-replay-{check_run_id(run_id)}"
 
 
 def _ms(when: datetime) -> int:
     return int(when.timestamp() * 1000)
 
 
-def read_topics(s: Settings, since: datetime, until: datetime | None, run_id: str, dead: DeadLetters, *,
-                idle_timeout: float = 60.0) -> Loaded:
+def read_topics(
+    s: Settings, since: datetime, until: datetime | None, run_id: str, dead: DeadLetters, *, idle_timeout: float = 60.0
+) -> Loaded:
     """Read both input topics from the offsets for `since` up to the end offsets of now (or `until`).
 
     Offsets come from the broker's record timestamps (offsets_for_times); valid events come back in
@@ -61,19 +62,27 @@ def read_topics(s: Settings, since: datetime, until: datetime | None, run_id: st
     if until is not None and until <= since:
         raise ReplayError(f"--until {until.isoformat()} is not after --since {since.isoformat()}; widen the range")
     try:
-        c = consumer(s, group_id=group_id(run_id), enable_auto_commit=False, auto_offset_reset="earliest",
-                     client_id=f"riskwatch-replay-{run_id}")
+        c = consumer(
+            s,
+            group_id=group_id(s, run_id),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=group_id(s, run_id),
+        )
     except KafkaError as exc:
-        raise ReplayError(f"cannot reach Kafka at {s.kafka_bootstrap} ({exc}); start it or set "
-                          "RISKWATCH_KAFKA_BOOTSTRAP") from None
+        raise ReplayError(
+            f"cannot reach Kafka at {s.kafka_bootstrap} ({exc}); start it or set RISKWATCH_KAFKA_BOOTSTRAP"
+        ) from None
     try:
         tps: list[TopicPartition] = []
         for name in INPUTS:
             topic = s.topic(name)
             parts = c.partitions_for_topic(topic)
             if not parts:
-                raise ReplayError(f"topic {topic} does not exist on {s.kafka_bootstrap}; check "
-                                  "RISKWATCH_TOPIC_PREFIX and RISKWATCH_KAFKA_BOOTSTRAP")
+                raise ReplayError(
+                    f"topic {topic} does not exist on {s.kafka_bootstrap}; check "
+                    "RISKWATCH_TOPIC_PREFIX and RISKWATCH_KAFKA_BOOTSTRAP"
+                )
             tps.extend(TopicPartition(topic, p) for p in sorted(parts))
         c.assign(tps)
         # The end is fixed now: events arriving during the replay belong to the live worker, not to us.
@@ -86,8 +95,7 @@ def read_topics(s: Settings, since: datetime, until: datetime | None, run_id: st
         start = {tp: (ot.offset if ot is not None else stop[tp]) for tp, ot in start_at.items()}
         for tp in tps:
             c.seek(tp, start[tp])
-        log.info("replaying %d messages from %d partitions",
-                 sum(max(stop[tp] - start[tp], 0) for tp in tps), len(tps))
+        log.info("replaying %d messages from %d partitions", sum(max(stop[tp] - start[tp], 0) for tp in tps), len(tps))
         loaded = _drain(c, tps, start, stop, s, dead, idle_timeout)
         loaded.partitions = sum(1 for tp in tps if tp.topic == s.topic(TRANSACTIONS))
         return loaded
@@ -95,8 +103,15 @@ def read_topics(s: Settings, since: datetime, until: datetime | None, run_id: st
         c.close()
 
 
-def _drain(c: Any, tps: list[TopicPartition], start: dict[TopicPartition, int], stop: dict[TopicPartition, int],
-           s: Settings, dead: DeadLetters, idle_timeout: float) -> Loaded:
+def _drain(
+    c: Any,
+    tps: list[TopicPartition],
+    start: dict[TopicPartition, int],
+    stop: dict[TopicPartition, int],
+    s: Settings,
+    dead: DeadLetters,
+    idle_timeout: float,
+) -> Loaded:
     order = {tp: i for i, tp in enumerate(tps)}
     got: dict[TopicPartition, list[tuple[int, bytes]]] = {tp: [] for tp in tps}
     pending = {tp for tp in tps if start[tp] < stop[tp]}
@@ -116,8 +131,10 @@ def _drain(c: Any, tps: list[TopicPartition], start: dict[TopicPartition, int], 
         if batch:
             last_progress = time.monotonic()
         elif time.monotonic() - last_progress > idle_timeout:
-            raise ReplayError(f"no progress for {idle_timeout:.0f} s reading {sorted(map(str, pending))} from "
-                              f"{s.kafka_bootstrap}; check the broker")
+            raise ReplayError(
+                f"no progress for {idle_timeout:.0f} s reading {sorted(map(str, pending))} from "
+                f"{s.kafka_bootstrap}; check the broker"
+            )
     if any(stop[tp] > start[tp] for tp in tps):
         c.commit({tp: _offset_meta(stop[tp]) for tp in tps if stop[tp] > start[tp]})
     col = Collector(dead, f"kafka:{s.kafka_bootstrap}")

@@ -89,6 +89,9 @@ class Metrics:
         self.acks = Counter(
             "riskwatch_acks_total", "Acts on alerts read from risk.acks, by action and outcome (applied, rejected, "
             "held: its alert not seen yet)", ["action", "outcome"], registry=r)
+        self.top_entities = Gauge(
+            "riskwatch_top_entity_warnings", "Warnings raised in the last hour, for this worker's 10 entities "
+            "with the most", ["entity_type", "entity_id"], registry=r)
         self._newest: dict[str, float] = {}
 
     def saw_event_time(self, topic: str, ts: float) -> None:
@@ -100,6 +103,15 @@ class Metrics:
             self.event_time_lag.labels(topic).set_function(lambda: time.time() - self._newest[topic])
         if newest is None or ts > newest:
             self._newest[topic] = ts
+
+    def forget_event_time(self, topic: str) -> None:
+        """Drop a topic's event-time lag (this worker no longer reads it), so it cannot age into an alert."""
+        if self._newest.pop(topic, None) is not None:
+            self.event_time_lag.remove(topic)
+
+    def event_time_topics(self) -> set[str]:
+        """Topics whose event-time lag this worker reports."""
+        return set(self._newest)
 
     def prime(self, *, inputs: Iterable[str] = (), outputs: Iterable[str] = (), categories: Iterable[str] = (),
               levels: Iterable[str] = (), stages: Iterable[str] = (), detectors: Iterable[str] = (),

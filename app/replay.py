@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
+import base64
 import json
 import logging
+import os
 import sys
 import time
-import zlib
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from app.errors import EventError, RiskwatchError
+from app.eventfiles import READ_ERRORS, records
 from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, MarketTick, Transaction, decode_event, decode_object
 from models.pipeline import Pipeline
 from models.rules import Catalogue
@@ -34,14 +33,18 @@ _PROGRESS_EVERY = 4096
 
 
 class ReplayError(RiskwatchError):
-    """A replay that cannot run as asked: unreadable input, bad time range, missing topics."""
+    """A replay that cannot run as asked: bad options or time range, unwritable outputs, missing topics."""
 
 
 @dataclass(slots=True)
 class Loaded:
-    """Valid events in event-time order, plus what the evaluation needs from the labelled ones."""
+    """Valid events (as validated JSON bytes) in event-time order, and what the evaluation needs of the labelled.
 
-    events: list[Event]
+    Events are kept as their JSON text and decoded again when replayed: a decoded event costs five
+    times the memory of its line, and a million of them would not fit in the 2 GiB budget.
+    """
+
+    events: list[bytes]
     labelled: list[dict[str, Any]]  # label == 1 events: id, ts, entity and scenario fields
     times: list[float] = field(default_factory=list)  # epoch seconds of `events`, same order
     records: int = 0  # non-blank lines (rows, messages) read
@@ -59,8 +62,11 @@ class DeadLetters:
         self.path = path
         self._out: IO[str] | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = open(path, "w", encoding="utf-8", newline="\n")
+            # The file exists only when something was invalid; a stale one from an earlier run would mislead.
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise ReplayError(f"cannot replace {path}: {exc.strerror}; choose another --deadletter") from None
         self.count = 0
         self.reasons: Counter[str] = Counter()
         self.first: list[str] = []
@@ -71,14 +77,29 @@ class DeadLetters:
         self.reasons[exc.field.split(".")[0] if exc.field else "invalid_json"] += 1
         if len(self.first) < 5:
             self.first.append(f"{_where(where)}: {exc.reason}")
-        if self._out is None:
+        if self.path is None:
             return
+        if self._out is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(self.path, "w", encoding="utf-8", newline="\n")
         raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
+        raw = raw.rstrip(b"\r\n")
         if event_id is None:
             event_id = _event_id_of(raw)
-        text = raw[:DEADLETTER_PAYLOAD_BYTES].decode("utf-8", "replace")
-        rec = {**where, "reason": exc.reason, "field": exc.field, "event_id": event_id, "payload": text,
-               "payload_size": len(raw), "payload_truncated": len(raw) > DEADLETTER_PAYLOAD_BYTES}
+        body = raw[:DEADLETTER_PAYLOAD_BYTES]
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:  # as on risk.deadletter: bytes that are not text travel as base64
+            text = "base64:" + base64.b64encode(body).decode()
+        rec = {
+            **where,
+            "reason": exc.reason,
+            "field": exc.field,
+            "event_id": event_id,
+            "payload": text,
+            "payload_size": len(raw),
+            "payload_truncated": len(raw) > DEADLETTER_PAYLOAD_BYTES,
+        }
         self._out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
@@ -105,78 +126,17 @@ def _event_id_of(raw: bytes) -> str | None:
     return eid[:128] if isinstance(eid, str) else None
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    try:
-        raw = open(path, "rb")
-    except OSError as exc:
-        raise ReplayError(f"cannot read {path}: {exc.strerror}; check the path and permissions") from None
-    if raw.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw
-
-
-def _kind(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    last = suffixes[-1] if suffixes else ""
-    if last in (".parquet", ".pq"):
-        return "parquet"
-    if last in (".csv", ".tsv"):
-        return "csv"
-    return "jsonl"
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
-    with _open_binary(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line
-
-
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    # Table formats have a cell for every column: an empty or null cell is an absent optional field.
-    out = {k: v for k, v in row.items() if v is not None and v != "" and k is not None}
-    label = out.get("label")
-    if isinstance(label, str) and label.strip() in ("0", "1"):
-        out["label"] = int(label)
-    elif isinstance(label, float) and label in (0.0, 1.0):
-        out["label"] = int(label)
-    return out
-
-
-def _csv(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="") as f:
-        dialect = "excel-tab" if ".tsv" in [s.lower() for s in path.suffixes] else "excel"
-        reader = csv.DictReader(f, dialect=dialect)
-        for row in reader:
-            yield reader.line_num, _clean(row)
-
-
-def _parquet(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except OSError as exc:
-        raise ReplayError(f"cannot read {path} as Parquet: {exc}; check the file") from None
-    n = 0
-    for batch in pf.iter_batches(batch_size=65_536):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, _clean(row)
-
-
-def records(path: Path) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
-    """(line or row number, raw line or row) of a JSONL, JSONL.gz, CSV(.gz) or Parquet file."""
-    if not path.is_file():
-        what = "does not exist" if not path.exists() else "is not a file"
-        raise ReplayError(f"input {path} {what}; give a JSONL, .jsonl.gz, CSV or Parquet file of events")
-    return {"parquet": _parquet, "csv": _csv}.get(_kind(path), _jsonl)(path)
-
-
 def _labelled(ev: Event, extra: dict[str, Any]) -> dict[str, Any]:
     entity = {"account_id": ev.account_id} if isinstance(ev, Transaction) else {"instrument": ev.instrument}
-    return {"event_id": ev.event_id, "ts": ev.ts, "label": 1, "kind": ev.event_type, **entity,
-            "scenario": extra.get("scenario"), "scenario_instance": extra.get("scenario_instance")}
+    return {
+        "event_id": ev.event_id,
+        "ts": ev.ts,
+        "label": 1,
+        "kind": ev.event_type,
+        **entity,
+        "scenario": extra.get("scenario"),
+        "scenario_instance": extra.get("scenario_instance"),
+    }
 
 
 class Collector:
@@ -185,18 +145,20 @@ class Collector:
     def __init__(self, dead: DeadLetters, source: str) -> None:
         self.loaded = Loaded([], [], source=source)
         self.dead = dead
+        self._ts = array("d")
         self._t0 = time.perf_counter()
 
     def add(self, where: dict[str, Any], raw: bytes | dict[str, Any]) -> Event | None:
         """Decode one input; return the event, or None after dead-lettering it."""
         self.loaded.records += 1
         try:
-            ev = decode_event(raw) if isinstance(raw, bytes | str) else decode_object(raw)
+            ev = decode_event(raw) if isinstance(raw, bytes) else decode_object(raw)
         except EventError as exc:
-            payload = raw if isinstance(raw, bytes | str) else json.dumps(raw, default=str)
+            payload = raw if isinstance(raw, bytes) else json.dumps(raw, default=str)
             self.dead.add(where, exc, payload)
             return None
-        self.loaded.events.append(ev)
+        self.loaded.events.append(raw if isinstance(raw, bytes) else ev.model_dump_json().encode())
+        self._ts.append(ev.ts.timestamp())
         if ev.label == 1:
             extra = raw if isinstance(raw, dict) else json.loads(raw)
             self.loaded.labelled.append(_labelled(ev, extra))
@@ -205,7 +167,7 @@ class Collector:
     def done(self) -> Loaded:
         """Put the events in event-time order and return them with the counts."""
         ld = self.loaded
-        keys = np.fromiter((e.ts.timestamp() for e in ld.events), dtype=np.float64, count=len(ld.events))
+        keys = np.frombuffer(self._ts, dtype=np.float64) if self._ts else np.zeros(0)
         # Stable: events with equal timestamps keep their input order (line, or topic/partition/offset).
         order = np.argsort(keys, kind="stable")
         if not (order[1:] > order[:-1]).all():
@@ -225,9 +187,11 @@ def read_file(path: Path, dead: DeadLetters, *, progress: bool = False) -> Loade
             col.add({"line": n}, raw)
             if bar is not None and col.loaded.records % _PROGRESS_EVERY == 0:
                 bar.update(_PROGRESS_EVERY)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as exc:
-        raise ReplayError(f"cannot read {path} after {col.loaded.records} records: {exc}; "
-                          "the file is damaged or not in a supported format") from None
+    except READ_ERRORS as exc:
+        raise ReplayError(
+            f"cannot read {path} after {col.loaded.records} records: {exc}; "
+            "the file is damaged or not in a supported format"
+        ) from None
     finally:
         if bar is not None:
             bar.close()
@@ -239,8 +203,21 @@ def _bar(enabled: bool, desc: str, total: int | None) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ev", unit_scale=True, mininterval=0.5, file=sys.stderr,
-                dynamic_ncols=True)
+    try:
+        cols, rows = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        cols, rows = 0, 0
+    # A terminal that reports no size (some CI runners, fresh ptys) still gets a readable bar.
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="ev",
+        unit_scale=True,
+        mininterval=0.5,
+        file=sys.stderr,
+        ncols=min(cols, 120) or 100,
+        nrows=rows or 24,
+    )
 
 
 @dataclass(slots=True)
@@ -291,9 +268,18 @@ class Result:
         return self.loaded.seconds + self.loop_seconds
 
 
-def replay(loaded: Loaded, configs: Sequence[Config], *, partitions: int = 4, storm_cap: int = 200,
-           ttl: float = 30 * 86400.0, alerts_out: Sequence[IO[str] | None] = (), scores_out: IO[str] | None = None,
-           progress: bool = False, on_alert: Callable[[int, Alert], None] | None = None) -> Result:
+def replay(
+    loaded: Loaded,
+    configs: Sequence[Config],
+    *,
+    partitions: int = 4,
+    storm_cap: int = 200,
+    ttl: float = 30 * 86400.0,
+    alerts_out: Sequence[IO[str] | None] = (),
+    scores_out: IO[str] | None = None,
+    progress: bool = False,
+    on_alert: Callable[[int, Alert], None] | None = None,
+) -> Result:
     """Run every configuration over the events in event-time order; write alert and score lines as they come.
 
     The event list is consumed (emptied) as it is replayed, so memory goes to state as events go.
@@ -327,7 +313,7 @@ def replay(loaded: Loaded, configs: Sequence[Config], *, partitions: int = 4, st
                 on_alert(i, a)
 
     while events:
-        ev = events.pop()
+        ev = decode_event(events.pop())  # validated when read: cannot fail now
         ts = times.pop()
         t0 = clock()
         r = first.process(ev)
@@ -410,6 +396,5 @@ __all__ = [
     "deadletter_path",
     "open_text",
     "read_file",
-    "records",
     "replay",
 ]

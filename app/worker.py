@@ -35,10 +35,21 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
         monitors.set_catalogue(cat)
 
     control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
-    health.attach(rt, catalogue)
+    health.attach(rt, catalogue, sink)
     web.attach(rt)
+    _attach_disposal(rt, sink, s)
     rt.extras["sink"] = sink
     return rt
+
+
+def _attach_disposal(rt: Runtime, sink: Sink, s: Settings) -> None:
+    # Disposal and supervision (contingency plans, acks, escalation, paging, disclosure): agents/disposal.py.
+    from agents import disclosure, disposal, pager
+    from models.plans import load_plans
+
+    disposer = disposal.attach(rt, sink, load_plans(s.plans_file), disclosure.attach(rt, sink))
+    rt.extras["disposal"] = disposer
+    pager.attach(rt, disposer)
 
 
 def run(settings: Settings | None = None) -> None:
@@ -46,6 +57,7 @@ def run(settings: Settings | None = None) -> None:
     import faust
 
     s = settings or get_settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
     created = ensure_topics(s)
     if created:
         log.info("created topics: %s", ", ".join(created))

@@ -232,13 +232,13 @@ class DisclosureBook:
         warnings, plans = WarningCounts(), PlanCounts()
         for hour in range(start, end, HOUR):
             for aid in self.hours.get(hour, ()):
-                a = self.alerts[aid]
+                snap = self.alerts[aid]
                 warnings.total += 1
-                warnings.by_level[a.level] = warnings.by_level.get(a.level, 0) + 1
-                warnings.by_category[a.category] = warnings.by_category.get(a.category, 0) + 1
-                plans.opened += a.plans_opened
-                plans.resolved += int(a.resolved and a.plans_opened > 0)
-                plans.overdue += int(a.overdue)
+                warnings.by_level[snap.level] = warnings.by_level.get(snap.level, 0) + 1
+                warnings.by_category[snap.category] = warnings.by_category.get(snap.category, 0) + 1
+                plans.opened += snap.plans_opened
+                plans.resolved += int(snap.resolved and snap.plans_opened > 0)
+                plans.overdue += int(snap.overdue)
         start_dt = _local(start, self.utc_offset_minutes)
         return DisclosureSummary(
             summary_id=f"{period}:{start_dt.isoformat()}", period=period,  # type: ignore[arg-type]
@@ -253,7 +253,7 @@ def parse_partial(raw: bytes | str) -> FlowTotals | AlertSnapshot:
 
 
 def latest(summaries: Iterable[DisclosureSummary]) -> list[DisclosureSummary]:
-    """Keep the newest summary per summary_id, ordered by window start then period (hours before days)."""
+    """Keep the newest summary per summary_id, ordered by window start, a day before its first hour."""
     best: dict[str, DisclosureSummary] = {}
     for s in summaries:
         prev = best.get(s.summary_id)

@@ -55,8 +55,8 @@ class AnomalyParams(_Params):
     """The transaction model: when its calibrated score becomes a warning."""
 
     target_alert_rate: float = Field(0.002, gt=0, lt=0.5)
-    min_evidence: float = Field(7.0, ge=0, description="nats of surprise a warning needs at least")
-    high_evidence: float = Field(14.0, ge=0)
+    min_evidence: float = Field(4.0, ge=0, description="nats of surprise a warning needs at least")
+    high_evidence: float = Field(8.0, ge=0)
     entity_warmup: int = Field(5, ge=0, description="transactions an account needs before model warnings")
     global_warmup: int = Field(1000, ge=0, description="events the model needs before any warning")
 

@@ -110,6 +110,9 @@ class TransactionScorer:
         det = self.detector
         raw = det.raw(x)
         cal = det.score_raw(raw)
+        if f.history < self._anom.entity_warmup or det.seen < self._anom.global_warmup:
+            # A cold model may rank but not alarm: its scores stay below the alert threshold.
+            cal *= self._threshold * (1.0 - 1e-9)
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f, ts, debit, near, state)
         if cal >= self._threshold:

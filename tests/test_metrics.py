@@ -1,9 +1,11 @@
 """Every metric the worker exports moves when the thing it measures happens.
 
 One worker runs a scripted stream on a real broker (module fixture `run`): each test then checks
-one metric against what that stream must have caused. The same worker logs JSON, so the
-structured-log test reads its log. Pure pieces (label priming, the lag arithmetic, the lag
-gauge's bookkeeping, event-time lag growing between scrapes) are tested without a broker.
+one metric against what that stream must have caused, supervision metrics included (a plan
+catalogue with second-long deadlines, acknowledgements on risk.acks, an Alertmanager that does
+not answer). The same worker logs JSON, so the structured-log test reads its log. Pure pieces
+(label priming, the lag arithmetic, the lag gauge's bookkeeping, event-time lag growing between
+scrapes) are tested without a broker.
 """
 
 from __future__ import annotations
@@ -24,20 +26,37 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents.health import LagProbe, lag_per_partition
 from app.admin import ensure_topics, producer
-from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, RULES, TRANSACTIONS
+from app.faust_app import ACKS, AGGREGATES, ALERTS, DEADLETTER, MARKET, RULES, TRANSACTIONS
 from app.metrics import Metrics
 from app.settings import Settings
 from models.pipeline import partition_for
-from tests.conftest import ROOT, WorkerProcess, free_port
+from tests.conftest import ROOT, WorkerProcess, consume, free_port, produce
 
 PARTITIONS = 4
 STORM_CAP = 1
 TTL = 7200.0
-# Metrics moved by the disposal and supervision agents; their own tests make them move.
-SUPERVISION = {
-    "riskwatch_open_alerts", "riskwatch_time_to_ack_seconds", "riskwatch_contingency_triggers",
-    "riskwatch_escalations", "riskwatch_overdue_plans", "riskwatch_verdicts", "riskwatch_pages",
-}
+# Fund isolation must be acknowledged within a second and resolved within two: it escalates and goes
+# overdue while the test runs. Large transactions have all the time they need.
+FAST_PLANS = """
+version: 1
+plans:
+  fund-fast:
+    title: Freeze and report
+    category: fund_isolation
+    actions: [freeze_account, page_oncall]
+    owner_team: compliance
+    ack_within: 1s
+    resolve_within: 2s
+    runbook: docs/disposal.md#fund-isolation
+  large-report:
+    title: File the report
+    category: large_transaction
+    actions: [file_large_transaction_report]
+    owner_team: compliance
+    ack_within: 1h
+    resolve_within: 1d
+    runbook: docs/disposal.md#large-transaction
+"""
 
 
 def _on_partition(partition: int, base: str) -> str:
@@ -57,6 +76,10 @@ def _value(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
+# The scripted stream's accounts, all on partition 0 so the worker sees them in the order sent.
+ACCOUNTS = tuple(_on_partition(0, name) for name in ("acct-big", "acct-drop", "acct-custody", "acct-late", "acct-idle"))
+
+
 @dataclass
 class Run:
     """What the scripted stream sent and what the worker's /metrics said afterwards."""
@@ -74,6 +97,7 @@ class Run:
     negative_offset: int
     lag_seen: list[float] = field(default_factory=list)
     lag_after: list[Sample] = field(default_factory=list)
+    supervised: list[Sample] = field(default_factory=list)
 
     def value(self, name: str, **labels: str) -> float:
         """A metric as it stood right after the scripted stream."""
@@ -109,9 +133,12 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """Start one worker (JSON logs, storm cap 1/min, 2 h TTL), feed it the scripted stream, record /metrics."""
     tmp = tmp_path_factory.mktemp("metrics")
     ns = f"t{uuid.uuid4().hex[:10]}."
+    plans = tmp / "plans.yaml"
+    plans.write_text(FAST_PLANS)
     s = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=ns, app_id=f"rw-{ns[:-1]}", data_dir=tmp / "data",
                  metrics_port=free_port(), web_port=free_port(), topic_partitions=PARTITIONS,
-                 storm_cap_per_minute=STORM_CAP, state_ttl_seconds=TTL, log_json=True)
+                 storm_cap_per_minute=STORM_CAP, state_ttl_seconds=TTL, log_json=True, plans_file=plans,
+                 escalation_check_seconds=0.5, alertmanager_url=f"http://127.0.0.1:{free_port()}")
     ensure_topics(s)
     worker = WorkerProcess(s, tmp / "worker.log")
     try:
@@ -122,9 +149,8 @@ def run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _script(s: Settings, worker: WorkerProcess) -> Run:
-    p = 0
-    big, drop, custody, late, idle = (_on_partition(p, name) for name in
-                                      ("acct-big", "acct-drop", "acct-custody", "acct-late", "acct-idle"))
+    p = 0  # the partition of ACCOUNTS
+    big, drop, custody, late, idle = ACCOUNTS
     # Ten minutes ago, at the start of a minute: the storm cap counts per event-time minute.
     t = (time.time() - 600) // 60 * 60 + 5
     eid = f"m{uuid.uuid4().hex[:6]}"
@@ -171,14 +197,31 @@ def _script(s: Settings, worker: WorkerProcess) -> Run:
                 and _value(samples, "riskwatch_entities", table="accounts") == accounts_after_eviction
                 and _value(samples, "riskwatch_entities", table="instruments") == 1
                 and _value(samples, "riskwatch_events_published_total", topic=s.topic(AGGREGATES)) > 0
+                and _value(samples, "riskwatch_top_entity_warnings") == 2
                 and _value(samples, "riskwatch_consumer_lag_messages", topic=txn_topic) == 0
                 and len(_lag_series(samples, txn_topic)) == PARTITIONS)
 
     samples = _wait(worker, settled)
     r = Run(s, worker, samples, txn_topic, market_topic, sent_txns=len(stream), valid_txns=len(stream) - 2,
             ticks=len(ticks), partition=p, negative=negative, negative_offset=negative_offset)
+    _supervise(r)
     _burst(r)
     return r
+
+
+def _supervise(r: Run) -> None:
+    """Acknowledge, then resolve the large-transaction warning; leave fund isolation to escalate and go overdue."""
+    alerts = consume(r.settings, ALERTS, lambda got: len(got) >= 3)
+    large = next(a["alert_id"] for a in alerts if a["category"] == "large_transaction")
+    now = datetime.now(UTC).isoformat()
+    acts = [{"alert_id": large, "action": "ack", "by": "lin", "ts": now},
+            {"alert_id": large, "action": "resolve", "by": "lin", "verdict": "false_positive", "ts": now}]
+    produce(r.settings, ACKS, [(large.encode(), json.dumps(a).encode()) for a in acts])
+    r.supervised = _wait(r.worker, lambda s: (
+        _value(s, "riskwatch_verdicts_total", verdict="false_positive") == 1
+        and _value(s, "riskwatch_overdue_plans") == 1
+        and _value(s, "riskwatch_escalations_total", plan="fund-fast") == 1
+        and _value(s, "riskwatch_pages_total", result="retry") > 0))
 
 
 def _burst(r: Run) -> None:
@@ -207,20 +250,20 @@ def _burst(r: Run) -> None:
 
 
 # --------------------------------------------------------------------------- input and output counts
-pytestmark = pytest.mark.kafka
-
-
+@pytest.mark.kafka
 def test_events_consumed_counts_every_input_including_bad_ones(run: Run) -> None:
     assert run.value("riskwatch_events_consumed_total", topic=run.txn_topic) == run.sent_txns
     assert run.value("riskwatch_events_consumed_total", topic=run.market_topic) == run.ticks
 
 
+@pytest.mark.kafka
 def test_events_scored_counts_valid_inputs_scored_once(run: Run) -> None:
     # valid_txns includes the duplicate, which is not scored again
     assert run.value("riskwatch_events_scored_total", topic=run.txn_topic) == run.valid_txns - 1
     assert run.value("riskwatch_events_scored_total", topic=run.market_topic) == run.ticks
 
 
+@pytest.mark.kafka
 def test_events_published_by_output_topic(run: Run) -> None:
     s = run.settings
     assert run.value("riskwatch_events_published_total", topic=s.topic(ALERTS)) == 3  # new, update, fund isolation
@@ -228,37 +271,44 @@ def test_events_published_by_output_topic(run: Run) -> None:
     assert run.value("riskwatch_events_published_total", topic=s.topic(AGGREGATES)) > 0
 
 
+@pytest.mark.kafka
 def test_dead_letters_by_topic_and_reason(run: Run) -> None:
     assert run.value("riskwatch_deadletters_total", topic=run.txn_topic, reason="invalid_json") == 1
     assert run.value("riskwatch_deadletters_total", topic=run.txn_topic, reason="amount") == 1
     assert run.value("riskwatch_deadletters_total", topic=run.settings.topic(RULES), reason="rules") == 1
 
 
+@pytest.mark.kafka
 def test_duplicates_and_late_events(run: Run) -> None:
     assert run.value("riskwatch_duplicates_total", topic=run.txn_topic) == 1
     assert run.value("riskwatch_late_events_total", topic=run.txn_topic) == 1
 
 
 # --------------------------------------------------------------------------- warnings
+@pytest.mark.kafka
 def test_warnings_by_category_and_level(run: Run) -> None:
     assert run.value("riskwatch_warnings_total", category="large_transaction", level="medium") == 1
     assert run.value("riskwatch_warnings_total", category="fund_isolation", level="critical") == 1
     assert run.value("riskwatch_warnings_total") == 2
 
 
+@pytest.mark.kafka
 def test_warning_updates_by_category(run: Run) -> None:
     assert run.value("riskwatch_warning_updates_total", category="large_transaction") == 1
 
 
+@pytest.mark.kafka
 def test_storm_cap_drops_by_category(run: Run) -> None:
     assert run.value("riskwatch_storm_dropped_total", category="large_transaction") == 1
 
 
+@pytest.mark.kafka
 def test_rule_hits_count_findings_per_rule_before_dedup(run: Run) -> None:
     assert run.value("riskwatch_rule_hits_total", rule="rule:large_transaction") == 3
     assert run.value("riskwatch_rule_hits_total", rule="rule:fund_isolation") == 1
 
 
+@pytest.mark.kafka
 def test_event_to_warning_latency_histogram(run: Run) -> None:
     count = run.value("riskwatch_event_to_warning_seconds_count")
     assert count == 3
@@ -268,6 +318,7 @@ def test_event_to_warning_latency_histogram(run: Run) -> None:
 
 
 # --------------------------------------------------------------------------- processing and detectors
+@pytest.mark.kafka
 def test_processing_time_per_stage(run: Run) -> None:
     decoded = run.valid_txns  # the duplicate is decoded, then recognised
     assert run.value("riskwatch_processing_seconds_count", stage="decode") == decoded
@@ -277,24 +328,36 @@ def test_processing_time_per_stage(run: Run) -> None:
     assert run.value("riskwatch_processing_seconds_sum", stage="score") > 0
 
 
+@pytest.mark.kafka
 def test_score_distribution_per_detector(run: Run) -> None:
     assert run.value("riskwatch_score_count", detector="surprise") == run.valid_txns - 1
     assert run.value("riskwatch_score_count", detector="market") == run.ticks
     assert run.value("riskwatch_score_bucket", detector="surprise", le="1.0") == run.valid_txns - 1
 
 
+@pytest.mark.kafka
 def test_table_sizes_and_evictions(run: Run) -> None:
     assert run.value("riskwatch_entities", table="accounts") == 4
     assert run.value("riskwatch_entities", table="instruments") == 1
     assert run.value("riskwatch_evictions_total", table="accounts") == 1
 
 
+@pytest.mark.kafka
 def test_rules_version_in_force_and_rejected_versions(run: Run) -> None:
     assert run.value("riskwatch_rules_version") == 2
     assert run.value("riskwatch_rules_rejected_total") == 1
 
 
+@pytest.mark.kafka
+def test_top_entities_count_distinct_published_warnings(run: Run) -> None:
+    big, drop, custody = ACCOUNTS[:3]
+    assert run.value("riskwatch_top_entity_warnings", entity_type="account", entity_id=big) == 1  # new + update
+    assert run.value("riskwatch_top_entity_warnings", entity_type="account", entity_id=custody) == 1
+    assert not any(lab.get("entity_id") == drop for _, lab, _ in run.samples)  # storm-capped: never published
+
+
 # --------------------------------------------------------------------------- lag
+@pytest.mark.kafka
 def test_event_time_lag_is_wall_clock_minus_newest_event_time(run: Run) -> None:
     # Read before the burst: the script's newest transaction is nine to ten minutes old.
     lag = run.value("riskwatch_event_time_lag_seconds", topic=run.txn_topic)
@@ -302,13 +365,50 @@ def test_event_time_lag_is_wall_clock_minus_newest_event_time(run: Run) -> None:
     assert run.value("riskwatch_event_time_lag_seconds", topic=run.market_topic) > 400
 
 
+@pytest.mark.kafka
 def test_consumer_lag_per_partition_rises_under_a_burst_and_returns_to_zero(run: Run) -> None:
     assert _lag_series(run.samples, run.txn_topic) == {str(i) for i in range(PARTITIONS)}
     assert max(run.lag_seen) > 0, f"lag never rose above zero during the burst: {run.lag_seen}"
+    print(f"\nconsumer lag during the burst: max {max(run.lag_seen):.0f} messages over {len(run.lag_seen)} reads")
     assert _value(run.lag_after, "riskwatch_consumer_lag_messages", topic=run.txn_topic) == 0
 
 
+# --------------------------------------------------------------------------- supervision
+@pytest.mark.kafka
+def test_contingency_triggers_by_plan(run: Run) -> None:
+    assert _value(run.supervised, "riskwatch_contingency_triggers_total", plan="fund-fast") == 1
+    assert _value(run.supervised, "riskwatch_contingency_triggers_total", plan="large-report") == 1
+
+
+@pytest.mark.kafka
+def test_acknowledgements_and_time_to_ack(run: Run) -> None:
+    assert _value(run.supervised, "riskwatch_acks_total", action="ack", outcome="applied") == 1
+    assert _value(run.supervised, "riskwatch_acks_total", action="resolve", outcome="applied") == 1
+    assert _value(run.supervised, "riskwatch_time_to_ack_seconds_count") == 1
+
+
+@pytest.mark.kafka
+def test_verdicts_by_detector(run: Run) -> None:
+    assert _value(run.supervised, "riskwatch_verdicts_total", detector="rule:large_transaction",
+                  verdict="false_positive") == 1
+
+
+@pytest.mark.kafka
+def test_escalation_overdue_and_open_alerts(run: Run) -> None:
+    assert _value(run.supervised, "riskwatch_escalations_total", plan="fund-fast") == 1
+    assert _value(run.supervised, "riskwatch_overdue_plans") == 1
+    assert _value(run.supervised, "riskwatch_open_alerts", level="critical") == 1
+    assert _value(run.supervised, "riskwatch_open_alerts", level="medium") == 0  # resolved
+
+
+@pytest.mark.kafka
+def test_pages_retried_while_alertmanager_does_not_answer(run: Run) -> None:
+    assert _value(run.supervised, "riskwatch_pages_total", result="retry") > 0
+    assert _value(run.supervised, "riskwatch_pages_total", result="sent") == 0
+
+
 # --------------------------------------------------------------------------- structured logs
+@pytest.mark.kafka
 def test_dead_lettered_event_logs_one_json_line_with_its_origin(run: Run) -> None:
     lines = [line for line in run.worker.log_path.read_text().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line, Faust's own included, is JSON
@@ -323,15 +423,18 @@ def test_dead_lettered_event_logs_one_json_line_with_its_origin(run: Run) -> Non
 
 
 # --------------------------------------------------------------------------- without a broker
-def test_every_metric_has_a_test_here_or_is_a_supervision_metric() -> None:
+def test_every_metric_has_a_test_here() -> None:
     tested = {"riskwatch_events_consumed", "riskwatch_events_scored", "riskwatch_events_published",
               "riskwatch_deadletters", "riskwatch_duplicates", "riskwatch_late_events", "riskwatch_warnings",
               "riskwatch_warning_updates", "riskwatch_storm_dropped", "riskwatch_rule_hits",
               "riskwatch_processing_seconds", "riskwatch_event_to_warning_seconds",
               "riskwatch_event_time_lag_seconds", "riskwatch_consumer_lag_messages", "riskwatch_score",
-              "riskwatch_entities", "riskwatch_evictions", "riskwatch_rules_version", "riskwatch_rules_rejected"}
+              "riskwatch_entities", "riskwatch_evictions", "riskwatch_rules_version", "riskwatch_rules_rejected",
+              "riskwatch_contingency_triggers", "riskwatch_acks", "riskwatch_time_to_ack_seconds",
+              "riskwatch_verdicts", "riskwatch_escalations", "riskwatch_overdue_plans", "riskwatch_open_alerts",
+              "riskwatch_pages", "riskwatch_top_entity_warnings"}
     families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}
-    assert families - tested - SUPERVISION == set(), "a new metric needs a test that makes it move"
+    assert families - tested == set(), "a new metric needs a test here that makes it move"
     assert tested <= families
 
 
@@ -392,7 +495,7 @@ class _Consumer:
         return dict.fromkeys(tps, 0)
 
 
-def test_lag_probe_skips_faust_topics_and_drops_revoked_partitions(tmp_path: Path) -> None:
+def test_lag_probe_skips_faust_topics_and_drops_partitions_and_topics_no_longer_read(tmp_path: Path) -> None:
     import asyncio
 
     consumer = _Consumer()
@@ -400,10 +503,41 @@ def test_lag_probe_skips_faust_topics_and_drops_revoked_partitions(tmp_path: Pat
     rt = SimpleNamespace(app=SimpleNamespace(consumer=consumer), metrics=m,
                          settings=Settings(app_id="rw-test", data_dir=tmp_path))
     probe = LagProbe(rt)  # type: ignore[arg-type]
+    m.saw_event_time("in", time.time())
+    m.saw_event_time("moved-away", time.time())  # a topic whose partitions all went to another worker
     asyncio.run(probe.measure())
     get = m.registry.get_sample_value
     assert get("riskwatch_consumer_lag_messages", {"topic": "in", "partition": "0"}) == 10
+    assert get("riskwatch_event_time_lag_seconds", {"topic": "moved-away"}) is None
+    assert get("riskwatch_event_time_lag_seconds", {"topic": "in"}) is not None
     assert get("riskwatch_consumer_lag_messages", {"topic": "rw-test-accounts-changelog", "partition": "0"}) is None
     del consumer.tps[_tp("in", 1)]
     asyncio.run(probe.measure())
     assert get("riskwatch_consumer_lag_messages", {"topic": "in", "partition": "1"}) is None
+
+
+def test_top_entities_keep_the_n_most_warned_entities_of_the_last_hour() -> None:
+    from agents.health import TopEntities
+    from app.schemas import Alert
+
+    now = [1000.0]
+    m = Metrics(CollectorRegistry())
+    top = TopEntities(m.top_entities, top=2, window=3600.0, clock=lambda: now[0])
+
+    def warn(alert_id: str, entity: str) -> None:
+        top.on_alert(Alert(alert_id=alert_id, created_at=datetime.now(UTC), event_ts=datetime.now(UTC),
+                           entity_type="account", entity_id=entity, category="velocity", level="high", score=0.9,
+                           reasons=[], event_ids=["e"], detector="rule:velocity"))
+
+    warn("a1", "acct-1")
+    warn("a1", "acct-1")  # an update of the same warning counts once
+    now[0] += 1800
+    warn("a2", "acct-2")
+    warn("a3", "acct-2")
+    warn("a4", "acct-3")
+    assert top.refresh() == {("account", "acct-2"): 2, ("account", "acct-1"): 1}  # the top two; acct-3 ties
+    now[0] += 1801  # acct-1's warning is now more than an hour old
+    assert top.refresh() == {("account", "acct-2"): 2, ("account", "acct-3"): 1}
+    get = m.registry.get_sample_value
+    assert get("riskwatch_top_entity_warnings", {"entity_type": "account", "entity_id": "acct-1"}) is None
+    assert get("riskwatch_top_entity_warnings", {"entity_type": "account", "entity_id": "acct-2"}) == 2

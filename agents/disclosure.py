@@ -1,0 +1,262 @@
+"""Disclosure summaries: hourly and daily money flows, custody movements, warnings and plans on risk.disclosure.
+
+Stage 1 (`disclosure-flows`, a second reader of risk.transactions) adds transactions, in batches
+of up to 500 or one second, to the cumulative totals of their partition and event-time hour, kept
+in a table whose changelog lives in that same partition and written once per bucket and batch
+(one changelog message per event cost this agent as much as scoring). The totals carry the last
+offset applied, so a redelivered transaction is not counted twice, even across a restart; a
+batch is acknowledged only after its totals are written. Changed totals go to the single-partition
+risk.disclosure.partials topic every two seconds, next to the alert snapshots the disposal
+agent sends whenever an alert changes. Stage 2 (`disclosure-book`, one worker) keeps the latest
+partial of each kind in a table (replacing, never adding) and publishes the summaries of the
+windows that changed every RISKWATCH_DISCLOSURE_PUBLISH_SECONDS, keyed `<period>:<start>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from pydantic import ValidationError
+
+from agents.sink import Sink
+from app.errors import EventError
+from app.faust_app import DISCLOSURE, DISCLOSURE_PARTIALS, TRANSACTIONS, Runtime
+from app.schemas import Transaction, decode_event
+from models.disclosure import (
+    HOUR,
+    AlertSnapshot,
+    DisclosureBook,
+    FlowTotals,
+    parse_partial,
+    window_start,
+)
+
+log = logging.getLogger("riskwatch.agents.disclosure")
+FLUSH_SECONDS = 2.0
+BATCH = 500  # transactions counted per table write of each bucket (at most one second's worth)
+
+
+class SourcePartitionTable(faust.Table):  # type: ignore[misc]
+    """A table whose keys `t<partition>:<hour>` name their changelog partition: the source partition.
+
+    Faust otherwise takes the partition from the event being processed, which a batch of events
+    from several partitions does not have.
+    """
+
+    def partition_for_key(self, key: Any) -> int | None:
+        """The partition written in the key."""
+        return int(bytes(key).split(b":", 1)[0][1:])
+
+
+class Disclosure:
+    """Both stages and their tables; `note_alert` is how the disposal agent reports alert changes."""
+
+    def __init__(self, rt: Runtime, sink: Sink) -> None:
+        s = rt.settings
+        self.rt, self.sink, self.m = rt, sink, rt.metrics
+        self.offset_minutes = s.disclosure_utc_offset_minutes
+        self.retention = s.alert_retention_seconds + 86_400.0
+        self.partials = rt.topics[DISCLOSURE_PARTIALS]
+        self.partials_name = self.partials.get_topic_name()
+        self.out = rt.topics[DISCLOSURE]
+        self.txn_name = rt.topics[TRANSACTIONS].get_topic_name()
+        self.flows: Any = rt.app.tables.add(SourcePartitionTable(
+            rt.app, name="disclosure-flows", default=None, key_type=bytes, value_type=bytes,
+            beacon=rt.app.tables.beacon, partitions=s.topic_partitions))
+        self.book_table = rt.app.Table("disclosure-book", default=None, key_type=bytes, value_type=bytes,
+                                       partitions=1)
+        self.cache: dict[bytes, FlowTotals] = {}
+        self.dirty: set[bytes] = set()
+        self.max_hour: dict[int, int] = {}
+        self.book = DisclosureBook(s.disclosure_utc_offset_minutes, s.disclosure_grace_seconds,
+                                   self.retention)
+        self.windows: set[tuple[str, int]] = set()
+        self.incomplete: set[tuple[str, int]] = set()
+        self.flows_generation = self.book_generation = self.cache_generation = -1
+
+    def _generation(self) -> int:
+        # Counts rebalances: after each one, what this worker holds in memory may be stale.
+        return int(self.rt.app.rebalancing_count)
+
+    def _owned(self, topic: str) -> set[int] | None:
+        app = self.rt.app
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return None
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+    # ---------------------------------------------------------------- stage 1
+    def _resync_flows(self, owned: set[int]) -> None:
+        # After a rebalance or restart: the table (recovered from its changelog) is the truth, and
+        # every owned bucket is re-sent once, since stage 2 replaces rather than adds.
+        self.cache.clear()
+        self.dirty = {k for k in self.flows.keys() if int(k.split(b":")[0][1:]) in owned}
+        self.flows_generation = self._generation()
+
+    def add_batch(self, batch: list[tuple[Transaction, int, int]]) -> None:
+        """Count (transaction, partition, offset) items; each changed bucket is written to the table once.
+
+        The batch's events are acknowledged only after this returns, and Faust flushes the
+        changelog before it commits offsets: a crash never commits an event whose count was lost.
+        """
+        if self.cache_generation != self._generation():
+            self.cache.clear()
+            self.max_hour.clear()
+            self.cache_generation = self._generation()
+        changed: set[bytes] = set()
+        for txn, partition, offset in batch:
+            ts = txn.ts.timestamp()
+            hour = window_start(ts, HOUR, self.offset_minutes)
+            newest = self.max_hour.get(partition, hour)
+            if hour < newest - self.retention:
+                continue  # older than anything still summarised
+            key = f"t{partition}:{hour}".encode()
+            totals = self.cache.get(key)
+            if totals is None:
+                blob = self.flows.get(key)
+                totals = (FlowTotals.model_validate_json(blob) if blob
+                          else FlowTotals(source=f"t{partition}", hour=hour))
+                self.cache[key] = totals
+            if totals.add(ts=ts, txn_type=txn.txn_type, direction=txn.direction, amount=txn.amount,
+                          currency=txn.currency, account_kind=txn.account_kind,
+                          counterparty_kind=txn.counterparty_kind, offset=offset):
+                changed.add(key)
+            if hour > newest or partition not in self.max_hour:
+                self.max_hour[partition] = max(hour, newest)
+                self._forget_flows(partition)
+        for key in changed:
+            totals = self.cache.get(key)
+            if totals is not None:
+                self.flows[key] = totals.model_dump_json().encode()
+        self.dirty |= changed
+
+    def _forget_flows(self, partition: int) -> None:
+        horizon = self.max_hour[partition] - self.retention
+        prefix = f"t{partition}:".encode()
+        for key in [k for k in self.flows.keys() if k.startswith(prefix) and int(k[len(prefix):]) < horizon]:
+            del self.flows[key]
+            self.cache.pop(key, None)
+            self.dirty.discard(key)
+
+    async def flush_flows(self) -> None:
+        """Send the totals changed since the last flush to stage 2."""
+        owned = self._owned(self.txn_name)
+        if owned is None:
+            return
+        if self.flows_generation != self._generation():
+            self._resync_flows(owned)
+        for key in sorted(self.dirty):
+            blob = self.flows.get(key)
+            if blob is not None and int(key.split(b":")[0][1:]) in owned:
+                await self._partial(blob)
+        self.dirty.clear()
+
+    async def note_alert(self, snap: AlertSnapshot) -> None:
+        """Send an alert's latest snapshot (new warning, plan, resolution, overdue) to stage 2."""
+        await self._partial(snap.model_dump_json().encode())
+
+    async def _partial(self, blob: bytes) -> None:
+        await self.partials.send(key=b"disclosure", value=blob, partition=0)
+        self.m.events_published.labels(self.partials_name).inc()
+
+    # ---------------------------------------------------------------- stage 2
+    def _rebuild_book(self) -> None:
+        s = self.rt.settings
+        self.book = DisclosureBook(self.offset_minutes, s.disclosure_grace_seconds, self.retention)
+        self.windows.clear()
+        for blob in list(self.book_table.values()):
+            if blob:
+                self.windows.update(self.book.apply(parse_partial(blob)))
+        self.book_generation = self._generation()
+
+    async def take(self, raw: bytes, partition: int, offset: int) -> None:
+        """Stage 2: keep one partial (inside stream iteration)."""
+        if self.book_generation != self._generation():
+            self._rebuild_book()
+        try:
+            partial = parse_partial(raw)
+        except ValidationError as exc:
+            await self.sink.dead_letter(raw, self.partials_name, partition, offset,
+                                        f"invalid disclosure partial: {exc.errors(include_url=False)[0]['msg']}",
+                                        "partial")
+            return
+        key = (f"f:{partial.source}:{partial.hour}" if isinstance(partial, FlowTotals)
+               else f"a:{partial.alert_id}").encode()
+        changed = self.book.apply(partial)
+        if changed:
+            self.book_table[key] = raw
+            self.windows.update(changed)
+        horizon = self.book.watermark - self.retention
+        if self.book.forget_before(horizon):
+            for k in list(self.book_table.keys()):
+                blob = self.book_table.get(k)
+                if blob and _hour_of(blob, self.offset_minutes) < horizon:
+                    del self.book_table[k]
+
+    async def publish(self) -> None:
+        """Publish the summaries of changed windows, and of windows that just became complete."""
+        owned = self._owned(self.partials_name)
+        if owned is None or 0 not in owned:
+            return
+        if self.book_generation != self._generation():
+            self._rebuild_book()
+        now = time.time()
+        grace = self.book.grace_seconds
+        for w in [w for w in self.incomplete if self.book.watermark >= _end(w) + grace]:
+            self.windows.add(w)
+        todo, self.windows = sorted(self.windows), set()
+        for period, start in todo:
+            summary = self.book.summary(period, start, now)
+            await self.out.send(key=summary.summary_id.encode(), value=summary.model_dump_json().encode())
+            self.m.events_published.labels(self.out.get_topic_name()).inc()
+            if summary.complete:
+                self.incomplete.discard((period, start))
+            else:
+                self.incomplete.add((period, start))
+
+
+def _end(window: tuple[str, int]) -> int:
+    return window[1] + (HOUR if window[0] == "hour" else 86_400)
+
+
+def _hour_of(blob: bytes, offset_minutes: int) -> float:
+    p = parse_partial(blob)
+    return p.hour if isinstance(p, FlowTotals) else window_start(p.created_at, HOUR, offset_minutes)
+
+
+def attach(rt: Runtime, sink: Sink) -> Disclosure:
+    """Register both disclosure stages and their timers; return the Disclosure for the disposal agent."""
+    d = Disclosure(rt, sink)
+    txn_topic = rt.topics[TRANSACTIONS]
+
+    @rt.app.agent(txn_topic, name="disclosure-flows", concurrency=1)
+    async def count_flows(stream: Any) -> None:
+        async for events in stream.take_events(BATCH, within=1.0):
+            batch = []
+            for event in events:
+                try:
+                    txn = decode_event(event.value, Transaction)
+                except EventError:
+                    continue  # the scoring agent dead-letters it; counting it twice would double the metric
+                batch.append((txn, event.message.partition, event.message.offset))
+            d.add_batch(batch)
+
+    @rt.app.agent(d.partials, name="disclosure-book", concurrency=1)
+    async def keep_book(stream: Any) -> None:
+        async for event in stream.events():
+            await d.take(event.value, event.message.partition, event.message.offset)
+
+    @rt.app.timer(interval=FLUSH_SECONDS)
+    async def flush_flows() -> None:
+        await d.flush_flows()
+
+    @rt.app.timer(interval=rt.settings.disclosure_publish_seconds)
+    async def publish_summaries() -> None:
+        await d.publish()
+
+    return d
+
+
+__all__ = ["Disclosure", "attach"]

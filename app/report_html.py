@@ -1,0 +1,361 @@
+"""The replay report as one self-contained page: matplotlib figures embedded as PNG data URIs, plain HTML."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from app.replay import Result
+from app.report import arrays
+from app.schemas import LEVELS, Alert
+from models.evaluation import curves
+
+LEVEL_COLOURS = {"low": "#9ecae1", "medium": "#fdae6b", "high": "#e6550d", "critical": "#a50f15"}
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _bin_seconds(span: float) -> float:
+    for step in (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400):
+        if span / step <= 120:
+            return float(step)
+    return 30 * 86400.0
+
+
+def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
+    """The report's figures as PNG data URIs, keyed by name; curves only when labels exist."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    main = res.outcomes[0]
+    first: dict[str, Alert] = {}
+    for x in main.published:
+        first.setdefault(x.alert_id, x)
+    final = main.final()
+    a = arrays(res)
+
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    if res.first_ts is not None and res.last_ts is not None:
+        step = _bin_seconds(max(res.last_ts - res.first_ts, 1.0))
+        edges = np.arange(math.floor(res.first_ts / step) * step, res.last_ts + step + 1, step)
+        bottom = np.zeros(len(edges) - 1)
+        centres = mdates.date2num([datetime.fromtimestamp(e, UTC) for e in edges[:-1]])
+        for lv in LEVELS:
+            times = [first[k].created_at.timestamp() for k in first if final[k].level == lv]
+            counts, _ = np.histogram(times, bins=edges)
+            ax.bar(
+                centres, counts, width=step / 86400.0, bottom=bottom, align="edge", color=LEVEL_COLOURS[lv], label=lv
+            )
+            bottom += counts
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(mdates.AutoDateLocator()))
+        ax.set_ylabel(f"new warnings per {_human(step)}")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Warnings over time (event time, UTC), by level")
+    out["timeline"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    bins = np.linspace(0.0, 1.0, 51).tolist()
+    if a["market"].any():
+        ax.hist(a["scores"][a["market"]], bins=bins, color="#a1d99b", histtype="stepfilled", label="market ticks")
+    ax.hist(a["scores"][~a["market"]], bins=bins, color="#08519c", histtype="step", linewidth=1.6, label="transactions")
+    ax.axvline(res.threshold, color="#a50f15", linestyle="--", label=f"model threshold {res.threshold:g}")
+    if a["scores"].size:
+        ax.set_yscale("log")  # the few high scores are the point; a linear axis hides them
+    ax.set_xlabel("calibrated score")
+    ax.set_ylabel("events")
+    ax.set_title("Score distribution")
+    ax.legend(fontsize=8)
+    out["scores"] = _png(fig)
+
+    cats = report["warnings"]["by_category"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    names = list(cats)
+    left = np.zeros(len(names))
+    for lv in LEVELS:
+        vals = np.array([cats[c][lv] for c in names], dtype=float)
+        ax.barh(names, vals, left=left, color=LEVEL_COLOURS[lv], label=lv)
+        left += vals
+    ax.invert_yaxis()
+    ax.set_xlabel("warnings")
+    ax.set_title("Warnings by category and level")
+    ax.legend(fontsize=8, loc="lower right")
+    out["categories"] = _png(fig)
+
+    ev = report["evaluation"]
+    txn = ~a["market"] & (a["labels"] >= 0)
+    sets = {"all transactions": txn, "account-level scenarios": txn & ~a["platform"]}
+    got = {name: curves(a["labels"][m].tolist(), a["scores"][m].tolist()) for name, m in sets.items() if m.any()}
+    if ev is not None and any(c["roc"] for c in got.values()):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for (name, c), colour in zip(got.items(), ("#3182bd", "#e6550d"), strict=False):
+            key = "transactions" if name == "all transactions" else "account_scenarios"
+            if c["roc"]:
+                ax1.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=colour, label=f"{name} (AUC {ev[key]['roc_auc']:.3f})")
+            if c["pr"]:
+                ax2.plot(
+                    c["pr"]["recall"],
+                    c["pr"]["precision"],
+                    color=colour,
+                    label=f"{name} (AP {ev[key]['average_precision']:.3f})",
+                )
+        ax1.plot([0, 1], [0, 1], color="#999999", linestyle=":")
+        ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
+        ax2.set(xlabel="recall", ylabel="precision", title="Precision-recall curve", ylim=(0, 1.02))
+        ax1.legend(fontsize=8, loc="lower right")
+        ax2.legend(fontsize=8, loc="upper right")
+        out["curves"] = _png(fig)
+
+    comp = report["comparison"]
+    if comp is not None:
+        cats = sorted(
+            set(comp["only_a"]["by_category"]) | set(comp["only_b"]["by_category"]) | set(comp["both"]["by_category"])
+        )
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        y = np.arange(len(cats))
+        for k, (name, colour) in enumerate((("only_a", "#3182bd"), ("both", "#969696"), ("only_b", "#e6550d"))):
+            ax.barh(
+                y + (k - 1) * 0.27,
+                [comp[name]["by_category"].get(c, 0) for c in cats],
+                height=0.27,
+                color=colour,
+                label=name.replace("_", " ").replace(" a", " A").replace(" b", " B"),
+            )
+        ax.set_yticks(y, cats)
+        ax.invert_yaxis()
+        ax.set_xlabel("warnings")
+        ax.set_title("Champion (A) vs challenger (B)")
+        ax.legend(fontsize=8)
+        out["comparison"] = _png(fig)
+    return out
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return unit if n == 1 else f"{n} {unit}s"
+    return f"{seconds:g} s"
+
+
+# ---- HTML --------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
+th{background:#f6f6f6}td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}
+.chip{display:inline-block;padding:1px 8px;border-radius:9px;color:#fff;font-size:12px}
+.row{display:flex;gap:12px;flex-wrap:wrap}img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else _e(x)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{_num(c)}</td>' if isinstance(c, int | float) or c is None else f"<td>{c}</td>" for c in r
+        )
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _chip(level: str) -> str:
+    return f'<span class="chip" style="background:{LEVEL_COLOURS.get(level, "#777")}">{_e(level)}</span>'
+
+
+def _short(iso: str | None, *, seconds: bool = False) -> str:
+    fmt = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M UTC"
+    return "—" if iso is None else datetime.fromisoformat(iso).astimezone(UTC).strftime(fmt)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "not detected"
+    return f"{seconds:,.0f} s" if seconds < 600 else f"{seconds / 60:,.1f} min"
+
+
+def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 100) -> str:
+    """report.html: the numbers of `report` with the figures embedded, one file that opens anywhere."""
+    ev, w, t = report["events"], report["warnings"], report["throughput"]
+    img = {k: f'<img alt="{_e(k)}" src="{v}">' for k, v in images.items()}
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>riskwatch replay: "
+        f"{_e(report['input'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Replay report</h1><div class=muted>{_e(report['input'])} · rules "
+        + "; ".join(f"{_e(r['name'])}: {_e(r['source'])} (version {r['version']})" for r in report["rules"])
+        + f" · event time {_e(_short(ev['first_ts']))} to {_e(_short(ev['last_ts']))}</div>",
+        "<h2>Events and warnings</h2><div class=row>",
+        _table(
+            ["events", ""],
+            [
+                ["read", ev["records"]],
+                ["scored", ev["scored"]],
+                ["transactions", ev["transactions"]],
+                ["market ticks", ev["market"]],
+                ["duplicates (not rescored)", ev["duplicates"]],
+                ["invalid (dead-lettered)", ev["invalid"]],
+            ],
+        ),
+        _table(
+            ["warnings", ""],
+            [
+                ["distinct warnings", w["total"]],
+                ["published versions", w["versions_published"]],
+                *[[_chip(lv), n] for lv, n in w["by_level"].items()],
+                ["per 1,000 events", report["alert_rate"]["warnings_per_1000_events"]],
+                ["per day", report["alert_rate"]["warnings_per_day"]],
+            ],
+        ),
+        _table(
+            ["throughput", ""],
+            [
+                ["events/s (read + replay)", t["events_per_second"]],
+                ["events/s (scoring alone)", t["scoring_events_per_second"]],
+                ["read and order, s", t["read_seconds"]],
+                ["replay, s", t["replay_seconds"]],
+            ],
+        ),
+        "</div>",
+        img.get("timeline", ""),
+        "<div class=row>",
+        img.get("scores", ""),
+        img.get("categories", ""),
+        "</div>",
+    ]
+    if w["dropped_by_storm_cap"]:
+        parts.append(
+            "<p>Dropped by the storm cap: "
+            + ", ".join(f"{_e(k)} {v:,}" for k, v in w["dropped_by_storm_cap"].items())
+            + "</p>"
+        )
+    evaluation_ = report["evaluation"]
+    if evaluation_ is not None:
+        parts.append(f"<h2>Against the labels</h2><p class=muted>{_e(evaluation_['note'])}</p>")
+        names = {"transactions": "all transactions", "account_scenarios": "account-level scenarios"}
+        parts.append(
+            _table(
+                [
+                    "events",
+                    "n",
+                    "positives",
+                    "ROC AUC",
+                    "average precision",
+                    f"recall ≥ {evaluation_['threshold']:g}",
+                    f"precision ≥ {evaluation_['threshold']:g}",
+                    "alert rate on normal",
+                ],
+                [
+                    [
+                        names[k],
+                        m["n"],
+                        m["n_positive"],
+                        m["roc_auc"],
+                        m["average_precision"],
+                        m["recall_at_threshold"],
+                        m["precision_at_threshold"],
+                        m["alert_rate_normal"],
+                    ]
+                    for k, m in ((k, evaluation_[k]) for k in names)
+                ],
+            )
+        )
+        parts.append(img.get("curves", ""))
+        det = evaluation_["detection"]
+        parts.append(
+            "<h2>Detection of labelled scenario instances</h2>"
+            + _table(
+                ["scenario", "level", "instances", "detected", "median delay"],
+                [
+                    [_e(s), _e(r["level"]), r["instances"], r["detected"], _duration(r["median_delay_seconds"])]
+                    for s, r in det["per_scenario"].items()
+                ],
+            )
+            + f"<p>Median detection delay over all detected instances: {_duration(det['median_delay_seconds'])}"
+            "</p>"
+        )
+    comp = report["comparison"]
+    if comp is not None:
+        cats = sorted(
+            set(comp["only_a"]["by_category"]) | set(comp["only_b"]["by_category"]) | set(comp["both"]["by_category"])
+        )
+        parts.append(
+            f"<h2>Champion / challenger</h2><p>A: {_e(comp['a'])} · B: {_e(comp['b'])}. Warnings are "
+            "matched by alert_id (the same first event gives the same id); "
+            f"{comp['both']['level_differs']:,} of those in both end at a different level.</p>"
+        )
+        parts.append(
+            _table(
+                ["category", "only A", "both", "only B"],
+                [
+                    [
+                        _e(c),
+                        comp["only_a"]["by_category"].get(c, 0),
+                        comp["both"]["by_category"].get(c, 0),
+                        comp["only_b"]["by_category"].get(c, 0),
+                    ]
+                    for c in cats
+                ]
+                + [["<b>total</b>", comp["only_a"]["total"], comp["both"]["total"], comp["only_b"]["total"]]],
+            )
+        )
+        parts.append(img.get("comparison", ""))
+    alerts = report["alerts"]
+    parts.append(
+        f"<h2>Warnings, most severe first</h2><p class=muted>{min(len(alerts), max_rows):,} of "
+        f"{len(alerts):,} shown; report.json holds the final state of every warning.</p>"
+    )
+    parts.append(
+        _table(
+            ["level", "category", "entity", "event time", "score", "events", "reason"],
+            [
+                [
+                    _chip(a["level"]),
+                    _e(a["category"]),
+                    _e(a["entity_id"]),
+                    _e(_short(a["event_ts"], seconds=True)),
+                    a["score"],
+                    len(a["event_ids"]),
+                    _e(a["reasons"][0]["message"] if a["reasons"] else ""),
+                ]
+                for a in alerts[:max_rows]
+            ],
+        )
+    )
+    parts.append("<p class=muted>Generated by <code>riskwatch replay</code>.</p></body></html>\n")
+    return "".join(parts)
+
+
+__all__ = ["LEVEL_COLOURS", "plots", "render"]
