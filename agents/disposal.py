@@ -33,7 +33,8 @@ from app.errors import EventError
 from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, Runtime
 from app.schemas import LEVELS, Alert
 from models.disclosure import AlertSnapshot
-from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, sync_pages, tick
+from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, tick
+from models.pages import sync_pages
 from models.plans import PlanCatalogue
 
 log = logging.getLogger("riskwatch.agents.disposal")

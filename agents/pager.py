@@ -1,6 +1,6 @@
 """Paging through Alertmanager: warnings at or above RISKWATCH_PAGE_MIN_LEVEL go to its v2 API.
 
-The lifecycle state of each alert says which pages it wants (models.lifecycle.sync_pages); this
+The lifecycle state of each alert says which pages it wants (models.pages.sync_pages); this
 module only delivers them. A firing page is POSTed with `endsAt` four refresh intervals ahead and
 re-sent every RISKWATCH_PAGE_REFRESH_SECONDS while the alert is active, the way Prometheus keeps
 its alerts alive; a resolved alert's page is POSTed once more with `endsAt` = now. Alertmanager
@@ -23,7 +23,8 @@ import aiohttp
 
 from agents.disposal import Disposal
 from app.faust_app import Runtime
-from models.lifecycle import Lifecycle, Page
+from models.lifecycle import Lifecycle
+from models.pages import Page
 
 log = logging.getLogger("riskwatch.agents.pager")
 

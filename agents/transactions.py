@@ -106,17 +106,20 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
     models = PartitionModels(rt.models, s.model_checkpoint_every)
     eviction = IdleEviction(s.state_ttl_seconds)
     ingest = Ingest(s)
-    evicting: list[int] = []
+    pinned: list[int] = []  # the partition a write belongs to, set around every table write we make
 
     def partition_for_key(key: Any) -> int | None:
         # Pin changelog writes to the partition the account's events arrive on, not to a hash of
         # the table key: with pseudonymised keys the two differ, and state must move with its events.
+        if pinned:
+            return pinned[0]
         event = current_event()
         if event is not None and event.message.topic == topic_name:
             return int(event.message.partition)
-        return evicting[0] if evicting else None
+        return None
 
     rt.accounts.partition_for_key = partition_for_key
+    rt.models.partition_for_key = partition_for_key
     flows: dict[int, FlowAccumulator] = {}
     stage_decode = m.processing.labels("decode")
     stage_score = m.processing.labels("score")
@@ -127,67 +130,84 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
 
     @rt.app.agent(topic, name="score-transactions", concurrency=1)
     async def score_transactions(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            consumed.inc()
-            t0 = time.perf_counter()
-            try:
-                txn = ingest.transaction(decode_event(event.value, Transaction))
-            except EventError as exc:
-                await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset, exc.reason, exc.field)
-                continue
-            t1 = time.perf_counter()
-            stage_decode.observe(t1 - t0)
-            try:
-                key = txn.account_id.encode()
-                blob = rt.accounts.get(key)
-                state = restricted_loads(blob) if blob else AccountState()
-                scorer.detector = models.get(msg.partition)
-                out = scorer.process(txn, state)
-                if out.duplicate:
-                    m.duplicates.labels(topic_name).inc()
+        # Batches amortise Faust's per-message cost and write each account's state once per batch;
+        # offsets are acknowledged only after the whole batch is done (at-least-once holds).
+        async for batch in stream.take_events(s.batch_size, within=s.batch_within_seconds):
+            states: dict[bytes, tuple[int, AccountState]] = {}
+            warned = False
+            for event in batch:
+                msg = event.message
+                consumed.inc()
+                t0 = time.perf_counter()
+                try:
+                    txn = ingest.transaction(decode_event(event.value, Transaction))
+                except EventError as exc:
+                    await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset, exc.reason,
+                                           exc.field)
                     continue
-                new_blob = dumps(state)
-                models.learned(msg.partition)
-            except Exception as exc:
-                log.exception("scoring failed", extra={"topic": topic_name, "partition": msg.partition,
-                                                       "offset": msg.offset, "event_id": txn.event_id})
-                await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset,
-                                       f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
-                continue
-            ts = txn.ts.timestamp()
-            eviction.touch(key, ts, msg.partition)
-            t2 = time.perf_counter()
-            stage_score.observe(t2 - t1)
-            scored.inc()
-            score_hist.observe(out.score)
-            if s.publish_scores:
-                await sink.score(txn.account_id, txn.event_id, out.score, "surprise")
-            m.saw_event_time(topic_name, ts)
-            if out.late:
-                m.late_events.labels(topic_name).inc()
-            for fd in out.findings:
-                m.rule_hits.labels(fd.detector).inc()
-            for cat in out.dropped:
-                m.storm_dropped.labels(cat).inc()
-            for alert in out.alerts:
-                if alert.alert_id in out.new_ids:
-                    m.warnings.labels(alert.category, alert.level).inc()
-                else:
-                    m.warning_updates.labels(alert.category).inc()
-                await sink.alert(alert)
-            if out.alerts:
+                t1 = time.perf_counter()
+                stage_decode.observe(t1 - t0)
+                key = txn.account_id.encode()
+                try:
+                    entry = states.get(key)
+                    if entry is None:
+                        blob = rt.accounts.get(key)
+                        entry = states[key] = (msg.partition, restricted_loads(blob) if blob else AccountState())
+                    state = entry[1]
+                    scorer.detector = models.get(msg.partition)
+                    out = scorer.process(txn, state)
+                    if out.duplicate:
+                        m.duplicates.labels(topic_name).inc()
+                        continue
+                    pinned[:] = [msg.partition]
+                    models.learned(msg.partition)
+                    pinned.clear()
+                except Exception as exc:
+                    pinned.clear()
+                    # The account's state may be half-updated: drop this batch's changes to it.
+                    states.pop(key, None)
+                    log.exception("scoring failed", extra={"topic": topic_name, "partition": msg.partition,
+                                                           "offset": msg.offset, "event_id": txn.event_id})
+                    await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset,
+                                           f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
+                    continue
+                ts = txn.ts.timestamp()
+                eviction.touch(key, ts, msg.partition)
+                t2 = time.perf_counter()
+                stage_score.observe(t2 - t1)
+                scored.inc()
+                score_hist.observe(out.score)
+                if s.publish_scores:
+                    await sink.score(txn.account_id, txn.event_id, out.score, "surprise")
+                m.saw_event_time(topic_name, ts)
+                if out.late:
+                    m.late_events.labels(topic_name).inc()
+                for fd in out.findings:
+                    m.rule_hits.labels(fd.detector).inc()
+                for cat in out.dropped:
+                    m.storm_dropped.labels(cat).inc()
+                for alert in out.alerts:
+                    if alert.alert_id in out.new_ids:
+                        m.warnings.labels(alert.category, alert.level).inc()
+                    else:
+                        m.warning_updates.labels(alert.category).inc()
+                    await sink.alert(alert)
+                    warned = True
+                acc = flows.get(msg.partition)
+                if acc is None:
+                    acc = flows[msg.partition] = FlowAccumulator(f"p{msg.partition}")
+                for partial in acc.add(ts, txn.txn_type, txn.direction, txn.amount, txn.event_id,
+                                       account_kind=txn.account_kind, offset=msg.offset):
+                    await sink.partial("flow", partial.model_dump_json().encode())
+                stage_publish.observe(time.perf_counter() - t2)
+            if warned:
                 # Warnings reach Kafka before the state that remembers them: a crash in between
-                # redelivers the event, which then raises the same warnings again instead of none.
+                # redelivers the events, which then raise the same warnings again instead of none.
                 await rt.app.producer.flush()
-            rt.accounts[key] = new_blob
-            acc = flows.get(msg.partition)
-            if acc is None:
-                acc = flows[msg.partition] = FlowAccumulator(f"p{msg.partition}")
-            for partial in acc.add(ts, txn.txn_type, txn.direction, txn.amount, txn.event_id,
-                                   account_kind=txn.account_kind, offset=msg.offset):
-                await sink.partial("flow", partial.model_dump_json().encode())
-            stage_publish.observe(time.perf_counter() - t2)
+            for key, (partition, state) in states.items():
+                pinned[:] = [partition]
+                rt.accounts[key] = dumps(state)
+            pinned.clear()
 
     @rt.app.timer(interval=2.0)
     async def flush_and_evict() -> None:
@@ -196,9 +216,9 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
                 await sink.partial("flow", partial.model_dump_json().encode())
         stale = eviction.stale()
         for key, partition in stale:
-            evicting[:] = [partition]
+            pinned[:] = [partition]
             rt.accounts.pop(key, None)
-        evicting.clear()
+        pinned.clear()
         if stale:
             m.evictions.labels("accounts").inc(len(stale))
         m.entities.labels("accounts").set(len(rt.accounts))

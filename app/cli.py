@@ -79,8 +79,12 @@ def _schema_args(p: argparse.ArgumentParser) -> None:
 def cmd_schema(args: argparse.Namespace) -> int:
     """Export JSON Schemas for every message riskwatch reads or writes."""
     from app.schemas import Alert, DeadLetter, MarketTick, Transaction
+    from models.disclosure import DisclosureSummary
+    from models.lifecycle import AckEvent, AuditRecord
+    from models.plans import Trigger
 
-    schemas = {m.__name__.lower(): m.model_json_schema() for m in (Transaction, MarketTick, Alert, DeadLetter)}
+    models = (Transaction, MarketTick, Alert, DeadLetter, Trigger, AckEvent, AuditRecord, DisclosureSummary)
+    schemas = {m.__name__.lower(): m.model_json_schema() for m in models}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, schema in schemas.items():
@@ -185,4 +189,8 @@ __all__ = ["command", "main"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m app.cli` this file runs as __main__; optional command modules register on
+    # the importable app.cli, so dispatch through that copy.
+    from app.cli import main as _main
+
+    sys.exit(_main())

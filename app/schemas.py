@@ -13,7 +13,6 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
-    field_validator,
 )
 
 from app.errors import EventError
@@ -38,22 +37,14 @@ _MIN_TS = datetime(2000, 1, 1, tzinfo=UTC)
 _MAX_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 
-def _check_ts(value: datetime) -> datetime:
-    if not _MIN_TS <= value < _MAX_TS:
-        raise ValueError("timestamp must lie between 2000-01-01 and 2100-01-01")
-    return value
-
-
 class _Event(BaseModel):
     """Fields every input event carries; unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False, str_max_length=256)
 
     event_id: str = Field(min_length=1, max_length=128)
-    ts: AwareDatetime
+    ts: AwareDatetime = Field(ge=_MIN_TS, lt=_MAX_TS, description="RFC 3339 with an offset, 2000-2100")
     label: Literal[0, 1] | None = None
-
-    _ts_range = field_validator("ts")(_check_ts)
 
 
 class Transaction(_Event):

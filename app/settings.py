@@ -29,8 +29,10 @@ class Settings(BaseSettings):
     plans_file: Path = Field(_DEPLOY / "plans.yaml", description="Contingency-plan catalogue")
     state_ttl_seconds: float = Field(30 * 86400, gt=0, description="Evict an entity idle this long")
     model_checkpoint_every: int = Field(500, ge=1, description="Events between model snapshots per partition")
-    target_alert_rate: float = Field(0.002, gt=0, lt=0.5, description="Share of events the model may flag")
     storm_cap_per_minute: int = Field(200, ge=1, description="Warnings per category per minute before dropping")
+    batch_size: int = Field(500, ge=1, description="Most transactions the agent scores per batch")
+    batch_within_seconds: float = Field(
+        0.02, gt=0, description="Longest a transaction waits for its batch to fill (adds to latency)")
     publish_scores: bool = Field(False, description="Also publish every event's score to risk.scores")
     alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
     page_min_level: str = Field("high", description="Lowest warning level pushed to Alertmanager")

@@ -32,6 +32,7 @@ class Figure:
     ratio: float | None = None
     target: str | None = None  # as a person reads it, e.g. ">= 30,000/s"
     met: bool | None = None
+    per_cpu: float | None = None  # the same rate per CPU-second used: what one dedicated core would do
     load_before: list[float] = field(default_factory=list)  # 1, 5, 15 min load average before measuring
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -137,6 +138,9 @@ class Report:
 
     def add(self, fig: Figure) -> Figure:
         """Record a figure, computing its ratio to its ceiling when that ceiling was measured in this run."""
+        if fig.per_cpu is None:
+            cpu_rate = fig.detail.get("events_per_cpu_second") or fig.detail.get("events_per_worker_cpu_second")
+            fig.per_cpu = float(cpu_rate) if cpu_rate else None
         if fig.ceiling is not None:
             base = self.get(fig.ceiling)
             if base is not None and base.value > 0:
@@ -154,19 +158,20 @@ class Report:
 
     def table(self) -> str:
         """The figures as a fixed-width table a person can read in a terminal or paste into Markdown."""
-        head = ("figure", "value", "unit", "ratio to ceiling", "target", "met", "load1")
+        head = ("figure", "value", "unit", "per CPU-second", "ratio to ceiling", "target", "met", "load1")
         rows = [head]
         for f in self.figures:
             ratio = ""
             if f.ratio is not None and f.ceiling is not None:
                 ratio = f"{f.ratio:.1%} of {f.ceiling}" if f.ratio < 10 else f"{f.ratio:.1f}x {f.ceiling}"
             met = "" if f.met is None else ("yes" if f.met else "NO")
-            rows.append((f.label, _num(f.value), f.unit, ratio, f.target or "", met,
-                         f"{f.load_before[0]:.1f}" if f.load_before else ""))
+            rows.append((f.label, _num(f.value), f.unit, _num(f.per_cpu) if f.per_cpu else "", ratio, f.target or "",
+                         met, f"{f.load_before[0]:.1f}" if f.load_before else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = []
         for k, r in enumerate(rows):
-            cells = [c.rjust(w) if i in (1, 6) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+            cells = [c.rjust(w) if i in (1, 3, 7) else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(r, widths, strict=True))]
             lines.append("| " + " | ".join(cells) + " |")
             if k == 0:
                 lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,18 +242,26 @@ class Worker:
         """The worker's process id (the Python interpreter itself, no shell in between)."""
         return self.proc.pid
 
-    def scrape(self) -> dict[str, float]:
-        """The worker's /metrics page summed by sample name (labels folded together)."""
+    def _samples(self) -> Iterator[Any]:
         from prometheus_client.parser import text_string_to_metric_families
 
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
-        out: dict[str, float] = {}
         for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            yield from fam.samples
+
+    def scrape(self) -> dict[str, float]:
+        """The worker's /metrics page summed by sample name (labels folded together)."""
+        out: dict[str, float] = {}
+        for sample in self._samples():
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
         return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of one metric's samples whose labels match `labels`."""
+        return sum(s.value for s in self._samples()
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
     def wait_ready(self, timeout: float = 180.0) -> float:
         """Wait until the worker joined its group and serves /metrics; return the wall time it took."""

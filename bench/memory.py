@@ -77,9 +77,8 @@ def rss_per_account(report: Report, data: Data, bootstrap: str, work: Path, step
                     time.sleep(0.5)
                 done = target
                 time.sleep(2.5)  # the accounts gauge is refreshed by a 2 s timer
-                samples = w.scrape()
                 points.append({"accounts": target, "vm_hwm": w.status("VmHWM"), "vm_rss": w.status("VmRSS"),
-                               "accounts_gauge": samples.get("riskwatch_entities", 0.0)})
+                               "accounts_gauge": w.metric("riskwatch_entities", table="accounts")})
         finally:
             w.stop()
     finally:

@@ -28,7 +28,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from app.errors import EventError
 from app.schemas import Level
-from models.plans import Plan, PlanCatalogue, Trigger, level_at_least, make_trigger, next_level
+from models.pages import Page, pending_pages
+from models.plans import Plan, PlanCatalogue, Trigger, make_trigger, next_level
 
 Status = Literal["open", "acknowledged", "resolved", "escalated", "expired"]
 ACTIVE: frozenset[str] = frozenset({"open", "acknowledged", "escalated"})
@@ -78,25 +79,12 @@ def decode_act(raw: bytes | str) -> AckEvent:
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
-            return_error = EventError(f"not valid JSON: {err['msg']}", None)
-        else:
-            loc = ".".join(str(p) for p in err["loc"]) or None
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            return_error = EventError(f"{loc or 'acknowledgement'}: {msg}", loc)
-        raise return_error from None
+            raise EventError(f"not valid JSON: {err['msg']}", None) from None
+        loc = ".".join(str(p) for p in err["loc"]) or None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise EventError(f"{loc or 'acknowledgement'}: {msg}", loc) from None
     except (ValueError, RecursionError) as exc:
         raise EventError(f"not valid JSON: {exc}", None) from None
-
-
-class Page(BaseModel):
-    """One Alertmanager alert riskwatch keeps for an alert: its labels and what Alertmanager has seen."""
-
-    stage: Literal["plan", "escalation"]
-    labels: dict[str, str]
-    starts_at: float
-    active: bool = True
-    sent: bool = False
-    end_sent: bool = False
 
 
 class Lifecycle(BaseModel):
@@ -378,68 +366,15 @@ def next_due(s: Lifecycle, expire_after: float = 7 * 86_400.0) -> float | None:
     return min(times) if times else None
 
 
-def page_labels(s: Lifecycle, stage: str) -> dict[str, str]:
-    """Alertmanager labels of a page: what routes, groups and inhibits it (deploy/alertmanager)."""
-    escalation = stage == "escalation" and s.plan is not None
-    return {
-        "alertname": "RiskwatchWarning",
-        "alert_id": s.alert_id,
-        "category": s.category,
-        "level": (s.escalation_level or s.level) if escalation else s.level,
-        "entity_type": s.entity_type,
-        "entity_id": s.entity_id,
-        "plan": s.plan.plan_id if s.plan else "",
-        "team": (s.plan.escalation_team if escalation else s.plan.owner_team) if s.plan else "",
-        "stage": stage,
-    }
-
-
-def sync_pages(s: Lifecycle, min_level: str | None, now: float) -> bool:
-    """Bring the state's pages in line with its status; True when something changed.
-
-    Pages are wanted while the alert is active at `min_level` or above (None: paging is off):
-    one for the plan and, once escalated, one for the escalation team. A page whose labels no
-    longer fit (the level rose, the alert closed) is kept, inactive, until its end is delivered.
-    """
-    wanted: list[tuple[str, dict[str, str]]] = []
-    if min_level is not None and s.active and level_at_least(s.level, min_level):
-        wanted.append(("plan", page_labels(s, "plan")))
-        if s.escalated:
-            wanted.append(("escalation", page_labels(s, "escalation")))
-    changed = False
-    for p in s.pages:
-        if p.active and all(p.labels != labels for _, labels in wanted):
-            p.active = False
-            changed = True
-    for stage, labels in wanted:
-        if all(p.labels != labels or not p.active for p in s.pages):
-            s.pages.append(Page(stage=stage, labels=labels, starts_at=now))  # type: ignore[arg-type]
-            changed = True
-    kept = [p for p in s.pages if p.active or (p.sent and not p.end_sent)]
-    if len(kept) != len(s.pages):
-        s.pages = kept
-        changed = True
-    return changed
-
-
-def pending_pages(s: Lifecycle) -> bool:
-    """True while a page must still reach Alertmanager (a new one, or the end of a sent one)."""
-    return any((p.active and not p.sent) or (not p.active and p.sent and not p.end_sent) for p in s.pages)
-
-
 __all__ = [
     "ACTIVE",
     "AckEvent",
     "AuditRecord",
     "Lifecycle",
     "Outcome",
-    "Page",
     "decode_act",
     "next_due",
     "on_act",
     "on_alert",
-    "page_labels",
-    "pending_pages",
-    "sync_pages",
     "tick",
 ]

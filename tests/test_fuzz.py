@@ -232,6 +232,7 @@ class AgentHarness:
             table.send_changelog = lambda *a, **kw: sent
         app.producer.flush = _noop  # type: ignore[method-assign]
         self.topic = s.topic(TRANSACTIONS)
+        self.fed = 0
         self.ctx = app.agents["score-transactions"].test_context()
         self.agent = self.loop.run_until_complete(self.ctx.__aenter__())
 
@@ -261,11 +262,14 @@ class AgentHarness:
         async def run() -> None:
             for raw in raws:
                 await self.agent.put(key=b"fuzz", value=raw)
-            for _ in range(1000):  # put() returns when the agent takes the event, not when it is done
+                self.fed += 1
+            # put() returns when the agent takes the event, not when it is done; the agent scores
+            # in batches, so the last one is processed once its batch window has passed.
+            for _ in range(2000):
                 c = self.counts()
-                if c["consumed"] == c["scored"] + c["invalid"] + c["duplicate"]:
+                if c["consumed"] == self.fed and c["consumed"] == c["scored"] + c["invalid"] + c["duplicate"]:
                     return
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.005)
 
         self.loop.run_until_complete(run())
         self.agent.results.clear()  # Faust's test wrapper keeps every input it saw: not the agent's memory

@@ -17,10 +17,9 @@ from models.lifecycle import (
     next_due,
     on_act,
     on_alert,
-    pending_pages,
-    sync_pages,
     tick,
 )
+from models.pages import pending_pages, sync_pages
 from models.plans import parse_plans, trigger_id
 
 PLANS = parse_plans("""

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,10 +66,21 @@ class Broker:
         """Stop the broker (SIGTERM, then SIGKILL)."""
         kafka_local.stop(self.port)
 
+    def crash(self) -> None:
+        """kill -9 the broker: no shutdown, no goodbye to its clients."""
+        info = kafka_local.status(self.port)
+        assert info is not None, "the broker is not running"
+        os.kill(info.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while kafka_local.status(self.port) is not None:
+            assert time.monotonic() < deadline, "the broker survived SIGKILL"
+            time.sleep(0.1)
+        kafka_local.stop(self.port)  # forgets the dead broker's pid file
 
-@pytest.fixture(scope="module")
-def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A broker for this module alone: faults here must not disturb other tests' broker."""
+
+@contextmanager
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """Start a broker in a fresh data dir; stop and wipe it afterwards."""
     broker = Broker(tmp_path_factory.mktemp("kafka"))
     broker.start()
     try:
@@ -76,9 +90,19 @@ def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         kafka_local.wipe(broker.port, broker.data_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
+def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker for the fault suite: the faults here must not disturb other tests' broker.
+
+    The broker-restart test overrides this with one of its own, so a restart cannot disturb the rest.
+    """
+    with own_broker(tmp_path_factory) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="package")
 def kafka_bootstrap(fault_broker: Broker) -> str:
-    """Every fault test talks to its module's own broker."""
+    """Every fault test talks to the fault suite's broker."""
     return fault_broker.bootstrap
 
 
