@@ -15,7 +15,7 @@ from app.errors import EventError
 from app.faust_app import TRANSACTIONS, Runtime, dumps, restricted_loads
 from app.schemas import Transaction, decode_event
 from app.security import Ingest
-from models.aggregates import FlowAccumulator
+from models.aggregates import FlowAccumulator, FlowPartial
 from models.detector import SurpriseDetector
 from models.features import AccountState
 from models.scoring import TransactionScorer
@@ -134,6 +134,8 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
         # offsets are acknowledged only after the whole batch is done (at-least-once holds).
         async for batch in stream.take_events(s.batch_size, within=s.batch_within_seconds):
             states: dict[bytes, tuple[int, AccountState]] = {}
+            # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
+            partials: dict[tuple[str, int], FlowPartial] = {}
             warned = False
             for event in batch:
                 msg = event.message
@@ -198,8 +200,10 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer) -> Any:
                     acc = flows[msg.partition] = FlowAccumulator(f"p{msg.partition}")
                 for partial in acc.add(ts, txn.txn_type, txn.direction, txn.amount, txn.event_id,
                                        account_kind=txn.account_kind, offset=msg.offset):
-                    await sink.partial("flow", partial.model_dump_json().encode())
+                    partials[(partial.source, partial.bucket)] = partial
                 stage_publish.observe(time.perf_counter() - t2)
+            for partial in partials.values():
+                await sink.partial("flow", partial.model_dump_json().encode())
             if warned:
                 # Warnings reach Kafka before the state that remembers them: a crash in between
                 # redelivers the events, which then raise the same warnings again instead of none.

@@ -116,6 +116,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         producer_linger=0.005,
         producer_compression_type="lz4" if _has_lz4() else None,
         table_cleanup_interval=30.0,
+        # No standby replicas: with the memory store each would double a worker's RAM, and in the
+        # two-worker fault test a worker taking over a partition it held as standby sometimes never
+        # committed it again (tests/faults/test_two_workers.py). Failover replays the changelog.
+        table_standby_replicas=0,
     )
 
     def topic(name: str, **kw: Any) -> TopicT:

@@ -80,8 +80,11 @@ class Namespace:
             mine = [t for t in client.list_topics() if t.startswith((self.prefix, self.app_id))]
             if mine:
                 client.delete_topics(mine, timeout_ms=30_000)
+            # kafka-python 3 lists groups as dicts, 2.x as tuples.
+            if any((g["group_id"] if isinstance(g, dict) else g[0]) == self.app_id for g in client.list_groups()):
+                client.delete_groups([self.app_id])
         except Exception as exc:  # noqa: BLE001 - cleanup is best effort; the run's figures are already taken
-            log.warning("could not delete benchmark topics %s*: %s", self.prefix, exc)
+            log.warning("could not delete benchmark topics %s* or group %s: %s", self.prefix, self.app_id, exc)
         finally:
             client.close()
 

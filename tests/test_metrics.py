@@ -221,6 +221,8 @@ def _supervise(r: Run) -> None:
         _value(s, "riskwatch_verdicts_total", verdict="false_positive") == 1
         and _value(s, "riskwatch_overdue_plans") == 1
         and _value(s, "riskwatch_escalations_total", plan="fund-fast") == 1
+        # The open-alert gauges are refreshed by the deadline timer, a moment after the acts land.
+        and _value(s, "riskwatch_open_alerts", level="medium") == 0
         and _value(s, "riskwatch_pages_total", result="retry") > 0))
 
 
