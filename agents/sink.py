@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
-from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter
+from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
 
 log = logging.getLogger("riskwatch.agents")
 
@@ -19,16 +19,6 @@ def _short_reason(field: str | None, reason: str) -> str:
     if field:
         return field.split(".")[0][:32]
     return "invalid_json" if "JSON" in reason else "invalid_event"
-
-
-def _event_id_of(raw: bytes) -> str | None:
-    # Best effort, so an operator can find the event upstream; invalid JSON simply has none.
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    eid = value.get("event_id") if isinstance(value, dict) else None
-    return eid[:128] if isinstance(eid, str) else None
 
 
 class Sink:
@@ -53,7 +43,7 @@ class Sink:
         """Send an unprocessable input to the dead-letter topic with its origin and reason, and count it."""
         raw = raw or b""
         if event_id is None and len(raw) < DEADLETTER_PAYLOAD_BYTES:
-            event_id = _event_id_of(raw)
+            event_id = event_id_of(raw)
         truncated = len(raw) > DEADLETTER_PAYLOAD_BYTES
         body = raw[:DEADLETTER_PAYLOAD_BYTES]
         try:

@@ -19,7 +19,15 @@ import numpy as np
 
 from app.errors import EventError, RiskwatchError
 from app.eventfiles import READ_ERRORS, records
-from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, MarketTick, Transaction, decode_event, decode_object
+from app.schemas import (
+    DEADLETTER_PAYLOAD_BYTES,
+    Alert,
+    MarketTick,
+    Transaction,
+    decode_event,
+    decode_object,
+    event_id_of,
+)
 from models.pipeline import Pipeline
 from models.rules import Catalogue
 
@@ -85,7 +93,7 @@ class DeadLetters:
         raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
         raw = raw.rstrip(b"\r\n")
         if event_id is None:
-            event_id = _event_id_of(raw)
+            event_id = event_id_of(raw)
         body = raw[:DEADLETTER_PAYLOAD_BYTES]
         try:
             text = body.decode("utf-8")
@@ -113,17 +121,6 @@ def _where(where: dict[str, Any]) -> str:
     if "line" in where:
         return f"line {where['line']}"
     return ", ".join(f"{k} {v}" for k, v in where.items())
-
-
-def _event_id_of(raw: bytes) -> str | None:
-    if len(raw) > DEADLETTER_PAYLOAD_BYTES:
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    eid = value.get("event_id") if isinstance(value, dict) else None
-    return eid[:128] if isinstance(eid, str) else None
 
 
 def _labelled(ev: Event, extra: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar, overload
@@ -164,6 +165,18 @@ def decode_event(raw: bytes | str, kind: type[E] | None = None) -> Transaction |
         raise EventError(f"not valid JSON: {exc}", None) from None
 
 
+def event_id_of(raw: bytes | str) -> str | None:
+    """Best-effort event_id of an input that failed validation, so an operator can find it upstream."""
+    if len(raw) > DEADLETTER_PAYLOAD_BYTES:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    eid = value.get("event_id") if isinstance(value, dict) else None
+    return eid[:128] if isinstance(eid, str) else None
+
+
 def decode_object(obj: dict[str, Any]) -> Transaction | MarketTick:
     """Validate an already-parsed mapping (CSV or Parquet rows) as an event."""
     try:
@@ -187,4 +200,5 @@ __all__ = [
     "Transaction",
     "decode_event",
     "decode_object",
+    "event_id_of",
 ]
