@@ -33,11 +33,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.errors import ConfigError
 from app.schemas import LEVELS, Level
+from models.yamlconf import parse_yaml_model, read_text
 
 # What a plan may ask people (or systems) to do; a typo in the catalogue must fail at load, not
 # surface as an action nobody recognises in the middle of an incident.
@@ -251,29 +250,13 @@ def make_trigger(plan: Plan, version: int, *, alert_id: str, level: str, categor
 
 def parse_plans(text: str | bytes, source: str = "plans") -> PlanCatalogue:
     """Validate plan-catalogue YAML text; ConfigError names the plan, field and problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax and load it again") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'version' and 'plans', got {type(data).__name__}")
-    try:
-        return PlanCatalogue.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {loc + ': ' if loc else ''}{msg}; the plan catalogue was not loaded") from None
+    return parse_yaml_model(text, PlanCatalogue, source, "'version' and 'plans'", "the plan catalogue was not loaded")
 
 
 def load_plans(path: Path | str | None = None) -> PlanCatalogue:
     """Read and validate a plan-catalogue file (the shipped deploy/plans.yaml by default)."""
     p = Path(path) if path else DEFAULT_PLANS
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read plans file {p}: {exc.strerror}; set RISKWATCH_PLANS_FILE") from None
-    return parse_plans(text, str(p))
+    return parse_plans(read_text(p, "plans", "RISKWATCH_PLANS_FILE"), str(p))
 
 
 __all__ = [

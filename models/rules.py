@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.errors import ConfigError
 from app.schemas import Level
 from models.aggregates import LiquidityParams, MarketStressParams
 from models.market import MarketParams
+from models.yamlconf import parse_yaml_model, read_text
 
 
 class _Params(BaseModel):
@@ -128,28 +127,13 @@ DEFAULT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "rules.yaml"
 
 def parse_catalogue(text: str | bytes, source: str = "rules") -> Catalogue:
     """Validate catalogue YAML (or JSON) text; ConfigError names the rule, field and problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc}); fix the syntax and load it again") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'version' and 'rules', got {type(data).__name__}")
-    try:
-        return Catalogue.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{source}: {loc}: {err['msg']}; the catalogue was not applied") from None
+    return parse_yaml_model(text, Catalogue, source, "'version' and 'rules'", "the catalogue was not applied")
 
 
 def load_catalogue(path: Path | str | None = None) -> Catalogue:
     """Read and validate a catalogue file (the shipped deploy/rules.yaml by default)."""
     p = Path(path) if path else DEFAULT_RULES
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read rules file {p}: {exc.strerror}; set RISKWATCH_RULES_FILE") from None
-    return parse_catalogue(text, str(p))
+    return parse_catalogue(read_text(p, "rules", "RISKWATCH_RULES_FILE"), str(p))
 
 
 __all__ = [
