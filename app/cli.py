@@ -49,6 +49,9 @@ def _kafka_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=9092, help="broker port (default 9092)")
     p.add_argument("--fresh", action="store_true", help="wipe the data directory before starting")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the broker to serve metadata (default 60); a data directory holding "
+                        "many topics after an unclean shutdown can take longer to recover")
 
 
 @command("kafka", "Start, stop or check a local single-node Kafka broker from Maven Central jars.")(_kafka_args)
@@ -60,7 +63,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         if args.fresh:
             kafka_local.stop(args.port)
             kafka_local.wipe(args.port)
-        info = kafka_local.start(args.port)
+        info = kafka_local.start(args.port, timeout=args.timeout)
         print(f"Kafka running at {info.bootstrap} (pid {info.pid}, log {info.log_file})")
     elif args.action == "stop":
         print("stopped" if kafka_local.stop(args.port) else f"no local broker was running on port {args.port}")

@@ -219,7 +219,9 @@ def _wait_ready(info: BrokerInfo, port: int, deadline: float) -> None:
         time.sleep(0.3)
     stop(port)
     raise KafkaLocalError(
-        f"Kafka did not serve metadata in time (last error: {last_error!r}):\n{_logs_tail(info.data_dir)}"
+        f"Kafka did not serve metadata in time (last error: {last_error!r}). A data directory with many "
+        f"topics recovers slowly after an unclean shutdown: retry with a longer `--timeout`, or wipe it with "
+        f"`riskwatch kafka start --fresh` (deletes every topic in {info.data_dir}).\n{_logs_tail(info.data_dir)}"
     )
 
 
