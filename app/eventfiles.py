@@ -44,7 +44,7 @@ def _kind(path: Path) -> str:
 def _jsonl(path: Path) -> Iterator[Record]:
     with _open_binary(path) as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
+            if not line.isspace():  # as `line.strip()` is empty, without copying the line
                 yield n, line
 
 

@@ -1,12 +1,14 @@
 """Replay benchmark: events/s and peak memory of `riskwatch replay` on 1M generated transactions.
 
 Usage: .venv/bin/python -m bench.replay_bench [--events 1000000] [--accounts 10000,100000,1000000] [--cpu 1]
+       [--out FILE]
 
 For each account count it writes a JSONL file of `--events` transactions spread over 30 days, then
 replays it in a child process pinned to one CPU (alerts and scores written to files, as an analyst
 would run it) and reads the child's peak RSS from the kernel. Prints a table and writes
-bench/results/replay.json. Scoring time (models.pipeline) and replay overhead (read, decode, order,
-write) are measured separately, so a change on either side shows where it went.
+bench/results/replay.json (`--out FILE` for a trial run that should not replace the recorded one).
+Scoring time (models.pipeline) and replay overhead (read, decode, order, write) are measured
+separately, so a change on either side shows where it went.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def main() -> int:
     ap.add_argument("--accounts", default="10000,100000,1000000", help="comma-separated account counts")
     ap.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)), help="CPU to pin the replay to")
     ap.add_argument("--keep", type=Path, help="keep generated files in this folder (default: a temp folder)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (default: %(default)s)")
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -191,8 +194,8 @@ def main() -> int:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "runs": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n             |       wall clock: events/s        |    per CPU second: events/s     |")
     print(
         f"{'accounts':>12} | {'overall':>9} {'scoring':>10} {'overhead':>11} | {'overall':>9} {'scoring':>10} "
@@ -205,7 +208,7 @@ def main() -> int:
             f"{r['scoring_events_per_cpu_second']:>10,} {r['overhead_events_per_cpu_second']:>10,} | "
             f"{r['total_seconds']:>7.1f} {r['peak_rss_mib']:>8,.0f}"
         )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     return 0
 
 

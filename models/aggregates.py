@@ -360,8 +360,9 @@ class LiquidityMonitor(_Monitor):
         out = inn = 0.0
         ids: list[str] = []
         for by_source in window:
-            # Sorted sources: float sums then do not depend on the order partials arrived in.
-            for src in sorted(by_source):
+            # Sorted sources: float sums then do not depend on the order partials arrived in. One
+            # source (replay, a one-partition worker) is the common case and needs no sorting.
+            for src in sorted(by_source) if len(by_source) > 1 else by_source:
                 o, i, _ = by_source[src][1]
                 out, inn = out + o, inn + i
         # Evidence from the newest bucket of the window that has any, in a fixed order.

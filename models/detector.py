@@ -79,7 +79,7 @@ def surprises(f: TxnFeatures) -> dict[str, float]:
 class Calibrator:
     """Online empirical CDF of raw scores on a log-spaced histogram, with exponential forgetting."""
 
-    __slots__ = ("bins", "counts", "horizon", "max_raw", "total")
+    __slots__ = ("bins", "counts", "horizon", "log_span", "max_raw", "top", "total")
 
     def __init__(self, bins: int = 256, max_raw: float = 64.0, horizon: float = 200_000.0) -> None:
         self.bins = bins
@@ -87,6 +87,12 @@ class Calibrator:
         self.horizon = horizon
         self.counts = array("d", bytes(8 * bins))
         self.total = 0.0
+        self._constants()
+
+    def _constants(self) -> None:
+        # The two constants of _pos, for the scorer's inlined copy (derived: not pickled).
+        self.log_span = math.log1p(self.max_raw)
+        self.top = self.bins - 1e-9
 
     def _pos(self, raw: float) -> float:
         return min(math.log1p(max(raw, 0.0)) / math.log1p(self.max_raw), 1.0) * (self.bins - 1e-9)
@@ -96,9 +102,14 @@ class Calibrator:
         self.counts[int(self._pos(raw))] += 1.0
         self.total += 1.0
         if self.total >= self.horizon:
-            for i in range(self.bins):
-                self.counts[i] *= 0.5
-            self.total *= 0.5
+            self.halve()
+
+    def halve(self) -> None:
+        """Halve every count and the total: old traffic fades (run when the horizon is reached)."""
+        counts = self.counts
+        for i in range(self.bins):
+            counts[i] *= 0.5
+        self.total *= 0.5
 
     def cdf(self, raw: float) -> float:
         """Share of past raw scores below `raw`, interpolated inside its bin; 0.5 before any data."""
@@ -114,6 +125,7 @@ class Calibrator:
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.bins, self.max_raw, self.counts, self.total, self.horizon = state
+        self._constants()
 
 
 class SurpriseDetector(base.AnomalyDetector):

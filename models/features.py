@@ -132,6 +132,54 @@ def _median(values: list[float]) -> float:
     return s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
 
 
+def median_mad(s: list[float]) -> tuple[float, float]:
+    """Median and median absolute deviation of sorted `s`, equal bit for bit to sorting the deviations.
+
+    The deviations below and above the median are two sorted runs, so their middle is found by a
+    binary search over the split instead of a second sort: it runs per debit on the hot path.
+    """
+    m = len(s)
+    h = m >> 1
+    odd = m & 1
+    # The deviation wanted is the k-th smallest (0-based): k = h for an odd count; k = h - 1 and the
+    # next one for an even count.
+    med = s[h] if odd else 0.5 * (s[h - 1] + s[h])
+    # Deviations below the median: L[i] = med - s[h-1-i]; above: R[j] = s[h+j] - med; both ascending,
+    # and med - v == -(v - med) exactly in IEEE arithmetic, so they equal abs(v - med). Taking i from
+    # L and k+1-i from R, find the smallest i with L[i] >= R[k-i].
+    below = h - 1
+    above = h + h - 1 + odd  # h + k
+    lo, hi = 0, h
+    while lo < hi:
+        i = (lo + hi) >> 1
+        if med - s[below - i] < s[above - i] - med:
+            lo = i + 1
+        else:
+            hi = i
+    # The k-th smallest deviation is the larger of the last taken from each side.
+    j = h + odd - lo  # taken from R: k + 1 - i
+    if lo == 0:
+        d = s[h + j - 1] - med
+    else:
+        d = med - s[h - lo]
+        if j:
+            b = s[h + j - 1] - med
+            if b >= d:
+                d = b
+    if odd:
+        return med, d
+    # Even count: the next smallest deviation too, for the mean of the middle two.
+    if lo == h:
+        e = s[h + j] - med
+    else:
+        e = med - s[below - lo]
+        if j < h:
+            b = s[h + j] - med
+            if b < e:
+                e = b
+    return med, 0.5 * (d + e)
+
+
 def _push(buf: array[Any], value: Any, cap: int) -> None:
     buf.append(value)
     if len(buf) > cap:

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import math
+import struct
+from bisect import bisect_left
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field, replace
+from math import exp, log, log1p
+from zlib import adler32, crc32
 
 from app.schemas import Alert, Reason, Transaction
-from models.detector import SurpriseDetector, explain, surprises
-from models.features import AccountState, TxnFeatures, learn, observe, stable_hash
+from models.detector import CAP, Calibrator, SurpriseDetector, _poisson_tail_surprise, explain, surprises
+from models.features import (
+    AMOUNT_HISTORY,
+    DAY,
+    DEBIT_HISTORY,
+    EXTERNAL_TYPES,
+    HOUR,
+    KNOWN_COUNTERPARTIES,
+    KNOWN_DEVICES,
+    MIN_LOG_SPREAD,
+    TINY_AMOUNT,
+    VELOCITY_WINDOW,
+    AccountState,
+    TxnFeatures,
+    learn,
+    median_mad,
+    observe,
+    stable_hash,
+)
 from models.findings import Finding, open_or_update, to_alert
 from models.rules import (
     AnomalyParams,
@@ -24,6 +45,8 @@ from models.rules import (
 # because deterministic evidence of fraud outranks any model rank.
 LEVEL_SCORE = {"low": 0.9, "medium": 0.95}
 RECENT_IDS = 16
+_PACK_Q = struct.Struct("=q").pack  # one element of an array("q"), as bytes
+_ONE_HOUR_SHARE = 1.0 / 24.0  # an hour of the day with less than its even share of activity is unusual
 
 
 @dataclass(slots=True)
@@ -88,6 +111,18 @@ class TransactionScorer:
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
         self._threshold = 1.0 - self._anom.target_alert_rate
+        # Per-event constants of the fused path, taken from the catalogue once instead of every event.
+        self._cold_factor = self._threshold * (1.0 - 1e-9)
+        self._entity_warmup = self._anom.entity_warmup
+        self._global_warmup = self._anom.global_warmup
+        self._fund_on = "fund_isolation" in self._on
+        self._fund_from = frozenset(self._fund.from_kinds)
+        self._fund_to = frozenset(self._fund.to_kinds)
+        self._large_on = "large_transaction" in self._on
+        self._struct_on = "structuring" in self._on
+        self._vel_on = "velocity" in self._on
+        self._vel_min = self._vel.min_debits
+        self._thresholds: dict[str, tuple[float, float]] = {}
         # Structuring is a day-long pattern: its debits hours apart are one case, not several.
         self._cooldowns = {"structuring": self._struct.window_seconds}
 
@@ -98,6 +133,242 @@ class TransactionScorer:
 
     def process(self, txn: Transaction, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """Score, then learn; mutates `state` and returns the findings and warnings to publish."""
+        det = self.detector
+        cal_ = det.calibrator
+        if type(det) is not SurpriseDetector or type(cal_) is not Calibrator:
+            # A detector with its own raw/score/learn: the step-by-step path honours its overrides.
+            return self.process_reference(txn, state, ts)
+        when = txn.ts
+        hour = when.hour
+        if ts is None:
+            ts = when.timestamp()
+        event_id = txn.event_id
+        b = event_id.encode()
+        eid = (crc32(b) << 31) ^ adler32(b)  # stable_hash, inlined
+        recent = state.recent_ids
+        # `eid in recent` boxes every element; a byte search of the buffer does not (a hit must be
+        # 8-byte aligned to be an element).
+        key = _PACK_Q(eid)
+        buf = recent.tobytes()
+        i = buf.find(key)
+        while i > 0 and i & 7:
+            i = buf.find(key, i + 1)
+        if i >= 0:
+            return TxnOutcome(event_id, 0.0, 0.0, duplicate=True)
+
+        # The features, surprises and raw score of models.features.observe and models.detector.surprises
+        # fused into one pass: only what the score needs is computed, in the same order and with the
+        # same float operations, so scores are bit-identical to process_reference (tests check it).
+        amount = txn.amount
+        debit = txn.direction == "debit"
+        n = state.n
+        la = state.log_amounts
+        n_hist = len(la)
+        device = txn.device_id
+        if device:
+            b = device.encode()
+            dev = (crc32(b) << 31) ^ adler32(b)
+            devices = state.devices
+            new_dev = dev != 0 and dev not in devices
+        else:
+            dev = 0
+            new_dev = False
+        lg_amount = log(amount)
+        z = (lg_amount - state.log_med) / state.log_spread if n_hist >= 3 else 0.0
+        conf = n_hist / (n_hist + 4.0)
+        w = det._w
+        raw: float = 0  # an int 0 like sum() of no surprises, so `raw` matches the reference exactly
+        day_start = state.day_start
+        same_day = ts - day_start < DAY
+        d10 = 0
+        expected = 0.0
+        if debit:
+            b = txn.counterparty_id.encode()
+            cp = (crc32(b) << 31) ^ adler32(b)
+            key = _PACK_Q(cp)
+            buf = state.counterparties.tobytes()
+            i = buf.find(key)
+            while i > 0 and i & 7:
+                i = buf.find(key, i + 1)
+            new_cp = i < 0
+            dts = state.debit_ts
+            k = len(dts)
+            since = ts - VELOCITY_WINDOW
+            # Usually no debit in the last 10 minutes: one comparison instead of a bisect.
+            first10 = k if not k or dts[-1] < since else bisect_left(dts, since)
+            d10 = k - first10 + 1
+            burst_max = state.burst_max
+            n_debits = state.n_debits
+            if d10 > 1:
+                typical_gap = exp(state.gap_ew) if n_debits >= 3 else HOUR
+                expected = VELOCITY_WINDOW / (30.0 if 30.0 > typical_gap else typical_gap)
+                if expected > 20.0:
+                    expected = 20.0
+            # min() and max() are spelled as conditionals: same results, no builtin call.
+            if txn.txn_type in EXTERNAL_TYPES:
+                if z > 1.0:
+                    v = z - 1.0
+                    raw += (CAP if v > CAP else v) * conf * w.get("amount", 0.0)
+            elif z > 3.0:
+                v = z - 3.0
+                raw += (CAP if v > CAP else v) * conf * 0.5 * w.get("amount", 0.0)
+            if new_cp:
+                raw += -log((state.new_cp + 1.0) / (n_debits + 2.0)) * conf * w.get("new_counterparty", 0.0)
+            if new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR):
+                raw += -log((state.new_dev + 1.0) / (n + 2.0)) * conf * w.get("new_device", 0.0)
+            if d10 > 1 and d10 > burst_max:
+                v = _poisson_tail_surprise(d10 - burst_max, expected) - 1.0
+                if v > 0:
+                    raw += (CAP if v > CAP else v) * w.get("velocity", 0.0)
+            tiny = 1 if amount < TINY_AMOUNT else 0
+            if d10 > 1:
+                for a in state.debit_amt[first10:]:
+                    if a < TINY_AMOUNT:
+                        tiny += 1
+                if tiny >= 2:
+                    raw += float(tiny - 1) * w.get("tiny_burst", 0.0)
+            hour_share = (state.hours[hour] + 1.0) / (n + 24.0)
+            if hour_share < _ONE_HOUR_SHARE:
+                raw += -log(hour_share * 24.0) * conf * w.get("hour", 0.0)
+            day_out = (state.day_out if same_day else 0.0) + amount
+            dew = state.day_out_ew
+            ratio = day_out / dew if dew > 0 else 1.0
+            if ratio > 3.0:
+                raw += log(ratio / 3.0) * w.get("spend", 0.0)
+        elif z > 3.0:
+            raw += (z - 3.0) * conf * 0.5 * w.get("amount", 0.0)
+
+        # Calibrator.cdf, inlined; a raw score of 0 or less always falls at the bottom of bin 0.
+        total = cal_.total
+        if raw > 0:
+            pos = log1p(raw) / cal_.log_span
+            pos = (1.0 if pos > 1.0 else pos) * cal_.top
+            bin_ = int(pos)
+            if total <= 0:
+                cal = 0.5
+            else:
+                counts = cal_.counts
+                cal = (sum(counts[:bin_]) + counts[bin_] * (pos - bin_)) / total
+                cal = 1.0 if cal > 1.0 else (0.0 if 0.0 > cal else cal)
+        else:
+            bin_ = 0
+            cal = 0.5 if total <= 0 else 0.0
+        if n_hist < self._entity_warmup or total < self._global_warmup:
+            # A cold model may rank but not alarm: its scores stay below the alert threshold.
+            cal *= self._cold_factor
+
+        limits = self._thresholds.get(txn.currency)
+        threshold, near_floor = limits if limits is not None else self._large_thresholds(txn.currency)
+        near = debit and near_floor <= amount < threshold
+        findings: list[Finding] = []
+        if (debit and self._fund_on and txn.account_kind in self._fund_from
+                and txn.counterparty_kind in self._fund_to) or (self._large_on and amount >= threshold) \
+                or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
+            # Some rule may fire: _rules decides (most events skip it).
+            findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
+        if cal >= self._threshold:
+            # Rare: rebuild the full features for the readable reasons, from the state before learning.
+            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn.txn_type)
+            model = self._model(txn, f, surprises(f), raw, cal, hour)
+            if model is not None:
+                findings.append(model)
+        score = cal
+        for fd in findings:
+            if fd.score > score:
+                score = fd.score
+        late = n > 0 and ts < state.last_ts - self.allowed_lateness
+        if not late:
+            # Late events are scored but not learned: they would corrupt windows already moved past.
+            # Calibrator.update, inlined.
+            cal_.counts[bin_] += 1.0
+            cal_.total = total = total + 1.0
+            if total >= cal_.horizon:
+                cal_.halve()
+            # models.features.learn, fused with the values computed above.
+            if n == 0:
+                state.first_ts = ts
+            state.n = n + 1
+            hours = state.hours
+            c = hours[hour]
+            if c < 65000:
+                hours[hour] = c + 1
+            if new_dev:
+                state.new_dev += 1
+                devices.append(dev)
+                if len(devices) > KNOWN_DEVICES:
+                    del devices[0]
+                state.fresh_dev = dev
+                state.fresh_dev_ts = ts
+            if not same_day:
+                if day_start:
+                    # Daily outflow baseline, EW over days; seeded by the first full day.
+                    prev = state.day_out
+                    ew = state.day_out_ew
+                    state.day_out_ew = prev if ew == 0 else 0.8 * ew + 0.2 * prev
+                state.day_start = ts
+                state.day_in = 0.0
+            if debit:
+                state.day_out = day_out
+                if k:
+                    gap = ts - dts[-1]
+                    lg = log(gap if gap >= 1.0 else 1.0)
+                    state.gap_ew = lg if n_debits <= 1 else 0.9 * state.gap_ew + 0.1 * lg
+                state.n_debits = n_debits + 1
+                if d10 > burst_max:
+                    state.burst_max = d10
+                if new_cp:
+                    state.new_cp += 1
+                    cps = state.counterparties
+                    cps.append(cp)
+                    if len(cps) > KNOWN_COUNTERPARTIES:
+                        del cps[0]
+                la.append(lg_amount)
+                if len(la) > AMOUNT_HISTORY:
+                    del la[0]
+                amts = state.debit_amt
+                if k and ts < dts[-1]:
+                    # Keep the window arrays time-ordered for bisect when an event arrives slightly late.
+                    i = bisect_left(dts, ts)
+                    dts.insert(i, ts)
+                    amts.insert(i, amount)
+                    if k >= DEBIT_HISTORY:
+                        del dts[0]
+                        del amts[0]
+                else:
+                    dts.append(ts)
+                    amts.append(amount)
+                    if k >= DEBIT_HISTORY:
+                        del dts[0]
+                        del amts[0]
+                if len(la) >= 3:
+                    values = la.tolist()
+                    values.sort()
+                    med, mad = median_mad(values)
+                    state.log_med = med
+                    spread = 1.4826 * mad
+                    state.log_spread = spread if spread >= MIN_LOG_SPREAD else MIN_LOG_SPREAD
+            else:
+                state.day_in = (state.day_in if same_day else 0.0) + amount
+                if not same_day:
+                    state.day_out = 0.0
+            if ts > state.last_ts:
+                state.last_ts = ts
+            if near:
+                near_ts = state.near_ts
+                near_ts.append(ts)
+                window = self._struct.window_seconds
+                while near_ts and (ts - near_ts[0] > window or len(near_ts) > 32):
+                    del near_ts[0]
+        recent.append(eid)
+        if len(recent) > RECENT_IDS:
+            del recent[0]
+        out = TxnOutcome(event_id, score, raw, findings, [], [], [], False, late)
+        if findings:
+            self._alerts(out, state, ts, event_id)
+        return out
+
+    def process_reference(self, txn: Transaction, state: AccountState, ts: float | None = None) -> TxnOutcome:
+        """process() step by step through observe, surprises and learn: the specification the fused path must match."""
         if ts is None:
             ts = txn.ts.timestamp()
         eid = stable_hash(txn.event_id)
@@ -114,7 +385,8 @@ class TransactionScorer:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._threshold * (1.0 - 1e-9)
         near = debit and self._is_near(txn)
-        findings = self._rules(txn, f, ts, debit, near, state)
+        findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
+                               self._large.threshold(txn.currency))
         if cal >= self._threshold:
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
@@ -147,12 +419,20 @@ class TransactionScorer:
         return Finding(category=r.category, level=r.level, score=score, detector=f"rule:{rule_id}",
                        reasons=reasons, entity_type="account", entity_id=entity_id)
 
+    def _large_thresholds(self, currency: str) -> tuple[float, float]:
+        """(reporting threshold, lower bound of 'just under' it) for a currency, cached per currency."""
+        t = self._thresholds.get(currency)
+        if t is None:
+            limit = self._large.threshold(currency)
+            t = self._thresholds[currency] = (limit, self._struct.lower_fraction * limit)
+        return t
+
     def _is_near(self, txn: Transaction) -> bool:
         t = self._large.threshold(txn.currency)
         return self._struct.lower_fraction * t <= txn.amount < t
 
-    def _rules(self, txn: Transaction, f: TxnFeatures, ts: float, debit: bool, near: bool,
-               state: AccountState) -> list[Finding]:
+    def _rules(self, txn: Transaction, debits_10m: int, expected_10m: float, ts: float, debit: bool, near: bool,
+               state: AccountState, threshold: float) -> list[Finding]:
         on = self._on
         out: list[Finding] = []
         acct = txn.account_id
@@ -167,7 +447,6 @@ class TransactionScorer:
                 message=f"{txn.currency} {txn.amount:,.2f} moved from {txn.account_kind} account {acct} "
                         f"to {txn.counterparty_kind} account {txn.counterparty_id}",
                 value=txn.amount)])
-        threshold = self._large.threshold(txn.currency)
         if "large_transaction" in on and txn.amount >= threshold:
             hit("large_transaction", [Reason(
                 code="large_transaction",
@@ -183,14 +462,14 @@ class TransactionScorer:
                     message=f"{n} debits within {window / 3600:.0f} h each just under the "
                             f"{txn.currency} {threshold:,.0f} reporting threshold",
                     value=float(n), threshold=float(self._struct.min_count))])
-        if debit and f.debits_10m > 1 and "velocity" in on:
+        if debit and debits_10m > 1 and "velocity" in on:
             v = self._vel
-            if f.debits_10m >= v.min_debits and f.debits_10m >= v.min_ratio * f.expected_10m:
-                usual = max(1, math.ceil(f.expected_10m))
+            if debits_10m >= v.min_debits and debits_10m >= v.min_ratio * expected_10m:
+                usual = max(1, math.ceil(expected_10m))
                 hit("velocity", [Reason(
                     code="velocity",
-                    message=f"{f.debits_10m} debits in 10 minutes (usual: at most {usual})",
-                    value=float(f.debits_10m), threshold=float(v.min_debits))])
+                    message=f"{debits_10m} debits in 10 minutes (usual: at most {usual})",
+                    value=float(debits_10m), threshold=float(v.min_debits))])
         return out
 
     def _model(self, txn: Transaction, f: TxnFeatures, x: dict[str, float], raw: float, cal: float,

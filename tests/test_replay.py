@@ -270,3 +270,20 @@ def test_evaluate_prints_metrics_and_needs_labels(
     write_jsonl([{k: v for k, v in e.items() if k != "label"} for e in stream], tmp_path / "unlabelled.jsonl")
     assert main(["evaluate", str(tmp_path / "unlabelled.jsonl")]) == 2
     assert "no labelled transactions" in capsys.readouterr().err
+
+
+def test_partition_of_a_key_matches_kafkas_murmur2() -> None:
+    """Replay's own murmur2 (word at a time, and in bulk with numpy) gives Kafka's partitioner's partitions."""
+    from kafka.partitioner.default import murmur2 as kafka_murmur2
+
+    from models.pipeline import murmur2, partitions_for
+
+    rng = random.Random(7)
+    raw = [bytes(rng.randrange(256) for _ in range(n)) for n in range(300)]
+    raw += [k.encode() for k in ("A0000001", "acct-é中文", "x" * 257, "a\x00")]
+    assert [murmur2(k) for k in raw] == [kafka_murmur2(k) for k in raw]
+    keys = ["".join(chr(rng.choice((rng.randrange(32, 127), rng.randrange(160, 40000), 0))) for _ in range(n))
+            for n in rng.choices(range(45), k=2000)] + [f"A{i:07d}" for i in range(500)]
+    for partitions in (1, 4, 7):
+        expected = [(kafka_murmur2(k.encode()) & 0x7FFFFFFF) % partitions for k in keys]
+        assert partitions_for(keys, partitions) == expected
