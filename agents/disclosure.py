@@ -1,15 +1,17 @@
 """Disclosure summaries: hourly and daily money flows, custody movements, warnings and plans on risk.disclosure.
 
-Stage 1 (`disclosure-flows`, a second reader of risk.transactions) adds transactions, in batches
-of up to 500 or one second, to the cumulative totals of their partition and event-time hour, kept
-in a table whose changelog lives in that same partition and written once per bucket and batch
-(one changelog message per event cost this agent as much as scoring). The totals carry the last
-offset applied, so a redelivered transaction is not counted twice, even across a restart; a
-batch is acknowledged only after its totals are written. Changed totals go to the single-partition
-risk.disclosure.partials topic every two seconds, next to the alert snapshots the disposal
-agent sends whenever an alert changes. Stage 2 (`disclosure-book`, one worker) keeps the latest
-partial of each kind in a table (replacing, never adding) and publishes the summaries of the
-windows that changed every RISKWATCH_DISCLOSURE_PUBLISH_SECONDS, keyed `<period>:<start>`.
+Stage 1 runs inside the transaction agent (`score-transactions` calls `add_batch` with each
+batch it decoded, so every message is consumed and decoded once; a second reader of
+risk.transactions also made group rebalances hang): it adds transactions to the cumulative
+totals of their partition and event-time hour, kept in a table whose changelog lives in that
+same partition and written once per bucket and batch (one changelog message per event cost as
+much as scoring). The totals carry the last offset applied, so a redelivered transaction is not
+counted twice, even across a restart; a batch is acknowledged only after its totals are written.
+Changed totals go to the single-partition risk.disclosure.partials topic every two seconds, next
+to the alert snapshots the disposal agent sends whenever an alert changes. Stage 2 (`disclosure-book`,
+one worker) keeps the latest partial of each kind in a table (replacing, never adding) and
+publishes the summaries of the windows that changed every RISKWATCH_DISCLOSURE_PUBLISH_SECONDS,
+keyed `<period>:<start>`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import faust
 from pydantic import ValidationError
 
 from agents.sink import Sink
-from app.errors import EventError
 from app.faust_app import DISCLOSURE, DISCLOSURE_PARTIALS, TRANSACTIONS, Runtime
-from app.schemas import Transaction, decode_event
+from app.schemas import Transaction
 from models.disclosure import (
     HOUR,
     AlertSnapshot,
@@ -36,7 +37,6 @@ from models.disclosure import (
 
 log = logging.getLogger("riskwatch.agents.disclosure")
 FLUSH_SECONDS = 2.0
-BATCH = 500  # transactions counted per table write of each bucket (at most one second's worth)
 
 
 class SourcePartitionTable(faust.Table):  # type: ignore[misc]
@@ -227,21 +227,11 @@ def _hour_of(blob: bytes, offset_minutes: int) -> float:
 
 
 def attach(rt: Runtime, sink: Sink) -> Disclosure:
-    """Register both disclosure stages and their timers; return the Disclosure for the disposal agent."""
-    d = Disclosure(rt, sink)
-    txn_topic = rt.topics[TRANSACTIONS]
+    """Register stage 2 and the timers; return the Disclosure for the transaction and disposal agents.
 
-    @rt.app.agent(txn_topic, name="disclosure-flows", concurrency=1)
-    async def count_flows(stream: Any) -> None:
-        async for events in stream.take_events(BATCH, within=1.0):
-            batch = []
-            for event in events:
-                try:
-                    txn = decode_event(event.value, Transaction)
-                except EventError:
-                    continue  # the scoring agent dead-letters it; counting it twice would double the metric
-                batch.append((txn, event.message.partition, event.message.offset))
-            d.add_batch(batch)
+    Stage 1 has no agent of its own: the transaction agent passes each batch to `add_batch`.
+    """
+    d = Disclosure(rt, sink)
 
     @rt.app.agent(d.partials, name="disclosure-book", concurrency=1)
     async def keep_book(stream: Any) -> None:

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     state_ttl_seconds: float = Field(30 * 86400, gt=0, description="Evict an entity idle this long")
     model_checkpoint_every: int = Field(500, ge=1, description="Events between model snapshots per partition")
     storm_cap_per_minute: int = Field(200, ge=1, description="Warnings per category per minute before dropping")
-    batch_size: int = Field(500, ge=1, description="Most transactions the agent scores per batch")
+    batch_size: int = Field(2000, ge=1, description="Most transactions the agent scores per batch")
     batch_within_seconds: float = Field(
         0.02, gt=0, description="Longest a transaction waits for its batch to fill (adds to latency)")
     publish_scores: bool = Field(False, description="Also publish every event's score to risk.scores")

@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import start_http_server
 
-from agents import control, health, market, platform, transactions, web
+from agents import control, disclosure, health, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics
 from app.faust_app import Runtime, create_app
@@ -25,7 +25,9 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
     catalogue = load_catalogue(s.rules_file)
     sink = Sink(rt)
     scorer = TransactionScorer(catalogue, storm_cap=s.storm_cap_per_minute)
-    transactions.attach(rt, sink, scorer)
+    # The transaction agent also feeds disclosure stage 1: one reader and one decode per message.
+    disclosed = disclosure.attach(rt, sink)
+    transactions.attach(rt, sink, scorer, disclosed)
     market_agent = market.attach(rt, sink, catalogue)
     monitors = platform.attach(rt, sink, catalogue)
 
@@ -37,17 +39,17 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
     control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
     health.attach(rt, catalogue, sink)
     web.attach(rt)
-    _attach_disposal(rt, sink, s)
+    _attach_disposal(rt, sink, s, disclosed)
     rt.extras["sink"] = sink
     return rt
 
 
-def _attach_disposal(rt: Runtime, sink: Sink, s: Settings) -> None:
-    # Disposal and supervision (contingency plans, acks, escalation, paging, disclosure): agents/disposal.py.
-    from agents import disclosure, disposal, pager
+def _attach_disposal(rt: Runtime, sink: Sink, s: Settings, disclosed: disclosure.Disclosure) -> None:
+    # Disposal and supervision (contingency plans, acks, escalation, paging): agents/disposal.py.
+    from agents import disposal, pager
     from models.plans import load_plans
 
-    disposer = disposal.attach(rt, sink, load_plans(s.plans_file), disclosure.attach(rt, sink))
+    disposer = disposal.attach(rt, sink, load_plans(s.plans_file), disclosed)
     rt.extras["disposal"] = disposer
     pager.attach(rt, disposer)
 
