@@ -10,8 +10,13 @@ partials arriving out of order within that allowance give the same alerts in the
 
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import insort
+from collections.abc import Callable, Sequence
+from functools import reduce
+from itertools import chain
+from operator import add, itemgetter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -73,6 +78,10 @@ class MarketPartial(_Partial):
     event_ids: list[str] = Field(default_factory=list, max_length=MAX_SAMPLE_IDS)
 
 
+# A closed flow bucket as FlowAccumulator.add_totals() gives it: (bucket, outflow, inflow, n, event_ids).
+FlowTotals = tuple[int, float, float, int, tuple[str, ...]]
+
+
 class _Accumulator:
     """Open buckets of one source; a bucket is re-emitted whenever it changed since its last emission."""
 
@@ -102,12 +111,12 @@ class _Accumulator:
         self.max_bucket = max(self.max_bucket, b)
         return b
 
-    def _emit(self, closed_only: bool) -> list[Any]:
+    def _emit(self, closed_only: bool, build: Callable[[int], Any] | None = None) -> list[Any]:
         if closed_only and len(self.dirty) == 1 and self.max_bucket in self.dirty:
             return []  # the common case, an event of the open bucket: nothing closed
         ready = sorted(b for b in self.dirty if not closed_only or b < self.max_bucket)
         self.dirty.difference_update(ready)
-        out = [self._partial(b) for b in ready]
+        out = [(build or self._partial)(b) for b in ready]
         # Forget only after emitting: a time jump must not swallow a bucket never sent.
         horizon = self.max_bucket - self.keep_buckets * self.bucket_seconds
         for old in [k for k in self.buckets if k < horizon]:
@@ -134,12 +143,23 @@ class FlowAccumulator(_Accumulator):
         `direction` is accepted to mirror the contract but unused (see OUTFLOW_TYPES). Pass the
         Kafka `offset` so a redelivered message is recognised and skipped.
         """
-        b = self._bucket(ts, offset)
-        if b is None:
-            return []
-        tot = self.buckets.setdefault(b, [0.0, 0.0, 0, []])
-        # Every event, flow or not, opens its bucket: an empty partial still moves the watermark.
-        self.dirty.add(b)
+        return self._add(ts, txn_type, amount, event_id, account_kind, offset, self._partial)
+
+    def add_totals(self, ts: float, txn_type: str, amount: float, event_id: str,
+                   account_kind: str = "customer") -> list[FlowTotals]:
+        """add() without offsets, returning plain (bucket, outflow, inflow, n, event_ids) tuples.
+
+        For an in-process stage 2 (the replay): LiquidityMonitor.add_totals() takes them as they
+        are, so no FlowPartial is built and validated for every closed bucket.
+        """
+        bs = self.bucket_seconds
+        b = int(ts // bs) * bs  # bucket_of(), inline: this runs for every transaction
+        if b != self.max_bucket or (tot := self.buckets.get(b)) is None:
+            return self._add(ts, txn_type, amount, event_id, account_kind, None, self._totals)
+        # One more event of the open bucket: _add() without a call and without the checks it needs
+        # only for other buckets. Keep the counting below the same as there.
+        dirty = self.dirty
+        dirty.add(b)
         if account_kind == "customer":
             if txn_type in OUTFLOW_TYPES:
                 tot[0] += amount
@@ -148,7 +168,37 @@ class FlowAccumulator(_Accumulator):
             elif txn_type in INFLOW_TYPES:
                 tot[1] += amount
                 tot[2] += 1
-        return self._emit(closed_only=True)
+        return [] if len(dirty) == 1 else self._emit(True, self._totals)
+
+    def _add(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str,
+             offset: int | None, build: Callable[[int], Any]) -> list[Any]:
+        bs = self.bucket_seconds
+        b = int(ts // bs) * bs  # bucket_of(), inline: this runs for every transaction
+        tot = self.buckets.get(b) if offset is None and b == self.max_bucket else None
+        if tot is None:  # not simply one more event of the open bucket: the full checks
+            checked = self._bucket(ts, offset)
+            if checked is None:
+                return []
+            b = checked
+            tot = self.buckets.setdefault(b, [0.0, 0.0, 0, []])
+        # Every event, flow or not, opens its bucket: an empty partial still moves the watermark.
+        dirty = self.dirty
+        dirty.add(b)
+        if account_kind == "customer":  # counted the same way in add_totals()
+            if txn_type in OUTFLOW_TYPES:
+                tot[0] += amount
+                tot[2] += 1
+                _sample(tot[3], event_id)
+            elif txn_type in INFLOW_TYPES:
+                tot[1] += amount
+                tot[2] += 1
+        if len(dirty) == 1 and b == self.max_bucket:
+            return []  # the common case, an event of the open bucket: nothing closed
+        return self._emit(True, build)
+
+    def _totals(self, b: int) -> FlowTotals:
+        out, inn, n, ids = self.buckets[b]
+        return b, out, inn, n, tuple(ids)
 
     def _partial(self, b: int) -> FlowPartial:
         out, inn, n, ids = self.buckets[b]
@@ -207,7 +257,8 @@ class _WindowParams(BaseModel):
 class LiquidityParams(_WindowParams):
     """When platform-wide net outflow is a run."""
 
-    min_net_outflow: float = Field(default=100_000.0, ge=0, description="Net outflow per window never alarming below")
+    # Above zero: before a baseline exists it is the only bar, and zero would call every outflow a run.
+    min_net_outflow: float = Field(default=100_000.0, gt=0, description="Net outflow per window never alarming below")
     high_ratio: float = Field(default=3.0, gt=1, description="Multiple of the usual net outflow that is high")
     critical_ratio: float = Field(default=6.0, gt=1, description="Multiple of the usual net outflow that is critical")
     baseline_windows: int = Field(default=24, ge=MIN_BASELINE, description="Past windows the usual level is taken from")
@@ -236,7 +287,7 @@ class _Monitor:
 
     def __init__(self, params: _WindowParams) -> None:
         self.params = params
-        self.parts: dict[int, dict[str, Any]] = {}  # bucket -> source -> (size, payload)
+        self.parts: dict[int, dict[str, Any]] = {}  # bucket -> source -> (size, payload), buckets in order
         self.next_eval: int | None = None  # first bucket not yet judged
         self.max_bucket: int | None = None
         self.min_bucket: int | None = None
@@ -251,13 +302,26 @@ class _Monitor:
         if self.next_eval is not None and bucket < self.next_eval - p.window_seconds:
             self.late_dropped += 1
             return []
-        by_source = self.parts.setdefault(bucket, {})
+        parts = self.parts
+        by_source = parts.get(bucket)
+        if by_source is None:
+            late = bool(parts) and bucket < next(reversed(parts))
+            by_source = parts[bucket] = {}
+            if late:  # rare: keep the buckets in order, so _advance finds the stale ones at the front
+                self.parts = dict(sorted(parts.items()))
         old = by_source.get(source)
         # Totals are cumulative, so a partial that knows less than the stored one is a stale redelivery.
         if old is None or size >= old[0]:
             by_source[source] = (size, payload)
-        self.max_bucket = bucket if self.max_bucket is None else max(self.max_bucket, bucket)
-        self.min_bucket = bucket if self.min_bucket is None else min(self.min_bucket, bucket)
+            if old is None and len(by_source) > 1:
+                # Sources kept in sorted order: float sums over them then do not depend on the order
+                # partials arrived in, and need no sorting at every evaluation.
+                self.parts[bucket] = dict(sorted(by_source.items()))
+            self._stored(bucket, None if old is None else old[1], payload)
+        if self.max_bucket is None or bucket > self.max_bucket:
+            self.max_bucket = bucket
+        if self.min_bucket is None or bucket < self.min_bucket:
+            self.min_bucket = bucket
         return self._advance(self.max_bucket - p.lateness_buckets * p.bucket_seconds)
 
     def drain(self) -> list[Raised]:
@@ -284,15 +348,23 @@ class _Monitor:
                 continue
             out.extend(self._evaluate(self.next_eval))
             self.next_eval += bs
-        horizon = self.next_eval - p.window_seconds
-        for b in [b for b in self.parts if b < horizon]:
-            del self.parts[b]
+        horizon, parts = self.next_eval - p.window_seconds, self.parts
+        stale = []
+        for b in parts:  # in bucket order (see _store): the stale ones come first, usually one
+            if b >= horizon:
+                break
+            stale.append(b)
+        for b in stale:
+            del parts[b]
         return out
+
+    def _stored(self, bucket: int, old: Any, new: Any) -> None:
+        """Hook: `new` replaced `old` (None: nothing) as a source's payload for `bucket`."""
 
     def _window(self, b: int) -> list[dict[str, Any]]:
         bs = self.params.bucket_seconds
         lo = b - self.params.window_seconds + bs
-        return [self.parts[k] for k in range(lo, b + bs, bs) if k in self.parts]
+        return [by_source for by_source in map(self.parts.get, range(lo, b + bs, bs)) if by_source is not None]
 
     def _raise(self, finding: Finding, b: int, ids: list[str]) -> list[Raised]:
         ts = float(b + self.params.bucket_seconds)  # the bucket's end: event time, never the wall clock
@@ -304,6 +376,25 @@ class _Monitor:
 
     def _evaluate(self, b: int) -> list[Raised]:
         raise NotImplementedError  # pragma: no cover - each monitor judges its own way
+
+
+# Fields of the monitors' stored (size, payload) pairs and of a liquidity payload (outflow, inflow, ids, D, T).
+_PAYLOAD, _OUT, _IN = itemgetter(1), itemgetter(0), itemgetter(1)
+# The float sums of a window's n outflows and inflows each differ from the true sums by at most
+# n * 2**-53 of their size; this relative margin covers that (and the rounding of the test itself)
+# while a window holds fewer than about 4e9 (bucket, source) partials.
+_MARGIN = 2e-6
+_UNBOUNDED = 10**400  # the bounds of amounts too large (or not numbers) to round: never skips
+_FINITE = 10**300
+
+
+def _bounds(outflow: float, inflow: float) -> tuple[int, int]:
+    # Integers D >= outflow - inflow and T >= |outflow| + |inflow|: their sums over a window are exact,
+    # so bounds kept up to date by adding and subtracting them never drift, whatever the order.
+    if outflow < 1e300 and inflow < 1e300:
+        up, low = math.ceil(outflow), math.floor(inflow)
+        return up - low, abs(up) + abs(low)
+    return _UNBOUNDED, _UNBOUNDED
 
 
 def _money(x: float) -> str:
@@ -331,51 +422,111 @@ class LiquidityMonitor(_Monitor):
     and at least min_net_outflow scaled by critical_ratio / high_ratio while there is no baseline.
     """
 
-    __slots__ = ("baseline",)
+    __slots__ = ("_run", "_usual", "baseline")
     detector = "aggregates.liquidity"
     params: LiquidityParams
 
     def __init__(self, params: LiquidityParams | None = None) -> None:
         super().__init__(params or LiquidityParams())
         self.baseline = array("d")  # net outflow of past whole windows, oldest first
+        # usual() of the baseline it was computed from: the baseline changes once a window, while
+        # usual() is asked at every bucket.
+        self._usual: tuple[bytes, tuple[float, float]] = (b"", (0.0, 0.0))
+        # (bucket last judged, window_seconds, bucket_seconds, sums of _bounds() over its window): a
+        # bound of the window's net outflow, and of its size, kept up to date in exact integers.
+        self._run: tuple[int, int, int, int, int] | None = None
 
     def update(self, partial: FlowPartial) -> list[Raised]:
         """Take one partial (replacing any earlier one of its source and bucket); return raised alerts."""
-        payload = (partial.outflow, partial.inflow, tuple(partial.event_ids))
-        return self._store(partial.source, partial.bucket, payload, partial.n)
+        return self.add_totals(partial.source, partial.bucket, partial.outflow, partial.inflow, partial.n,
+                               partial.event_ids)
+
+    def add_totals(self, source: str, bucket: int, outflow: float, inflow: float, n: int,
+                   event_ids: Sequence[str]) -> list[Raised]:
+        """update() from a partial's fields (FlowAccumulator.add_totals() gives them), with no FlowPartial built."""
+        return self._store(source, bucket, (outflow, inflow, tuple(event_ids), *_bounds(outflow, inflow)), n)
+
+    def _stored(self, bucket: int, old: Any, new: Any) -> None:
+        run = self._run
+        # A bucket inside the window last judged changed: move its bounds by the difference. Buckets
+        # after it are read when the window reaches them; those before it are never judged again.
+        if run is not None and run[0] - run[1] < bucket <= run[0]:
+            d, t = (new[3], new[4]) if old is None else (new[3] - old[3], new[4] - old[4])
+            self._run = (run[0], run[1], run[2], run[3] + d, run[4] + t)
+
+    def _quiet(self, b: int, high: float) -> bool:
+        """True when the window ending with bucket b certainly holds a net outflow below `high`.
+
+        Its bounds are those of the previous bucket's window moved on by one bucket, or summed afresh
+        when there are none.
+        """
+        p, parts = self.params, self.parts
+        bs, ws = p.bucket_seconds, p.window_seconds
+        run = self._run
+        if run is not None and run[0] == b - bs and run[1] == ws and run[2] == bs:
+            d, t = run[3], run[4]
+            if (entering := parts.get(b)) is not None:
+                for _, v in entering.values():
+                    d, t = d + v[3], t + v[4]
+            if (leaving := parts.get(b - ws)) is not None:
+                for _, v in leaving.values():
+                    d, t = d - v[3], t - v[4]
+        else:
+            d = t = 0
+            for by_source in self._window(b):
+                for _, v in by_source.values():
+                    d, t = d + v[3], t + v[4]
+        self._run = (b, ws, bs, d, t)
+        # Sound: the float net outflow is at most d + (n * 2**-53) * t, and d <= t.
+        return t < _FINITE and d + t * _MARGIN < high
 
     def usual(self) -> tuple[float, float]:
         """(median, 1.4826 * MAD) of past windows' net outflow; (0, 0) until MIN_BASELINE windows."""
+        seen, found = self._usual
+        key = self.baseline.tobytes()
+        if seen == key:
+            return found
         if len(self.baseline) < MIN_BASELINE:
-            return 0.0, 0.0
-        values = list(self.baseline)
-        med = _median(values)
-        return med, _MAD_SIGMA * _median([abs(v - med) for v in values])
+            found = 0.0, 0.0
+        else:
+            values = list(self.baseline)
+            med = _median(values)
+            found = med, _MAD_SIGMA * _median([abs(v - med) for v in values])
+        self._usual = key, found
+        return found
 
     def _horizon(self) -> int:
         return self.params.window_seconds * (self.params.baseline_windows + 1)
 
     def _evaluate(self, b: int) -> list[Raised]:
-        p, window = self.params, self._window(b)
-        out = inn = 0.0
-        ids: list[str] = []
-        for by_source in window:
-            # Sorted sources: float sums then do not depend on the order partials arrived in. One
-            # source (replay, a one-partition worker) is the common case and needs no sorting.
-            for src in sorted(by_source) if len(by_source) > 1 else by_source:
-                o, i, _ = by_source[src][1]
-                out, inn = out + o, inn + i
-        # Evidence from the newest bucket of the window that has any, in a fixed order.
-        for by_source in reversed(window):
-            if ids := sorted({e for _, (_, _, sample) in by_source.values() for e in sample})[:10]:
-                break
-        net = out - inn
+        p = self.params
         med, spread = self.usual()
         usual = max(med, spread, 0.0)
-        raised: list[Raised] = []
         high = max(p.min_net_outflow, p.high_ratio * usual)
+        # Learn after judging, and only from windows fully inside the data seen.
+        learn = (b + p.bucket_seconds) % p.window_seconds == 0 and self.min_bucket is not None \
+            and b - self.min_bucket >= p.window_seconds - p.bucket_seconds
+        # Almost every bucket is far from alarming: when even an upper bound of the window's net
+        # outflow stays below `high`, the exact sums below could not raise, so they are skipped,
+        # unless this bucket ends a window the baseline learns from.
+        if not learn and self._quiet(b, high):
+            return []
+        window = self._window(b)
+        # Oldest bucket first, sources in sorted order (as _store keeps them), added one by one from
+        # 0.0: the float sums then do not depend on the order partials arrived in. The loops run in
+        # C: this is judged at every bucket, whatever the event rate.
+        payloads = list(map(_PAYLOAD, chain.from_iterable(map(dict.values, window))))
+        out = reduce(add, map(_OUT, payloads), 0.0)
+        inn = reduce(add, map(_IN, payloads), 0.0)
+        net = out - inn
+        raised: list[Raised] = []
         critical = max(p.min_net_outflow * p.critical_ratio / p.high_ratio, p.critical_ratio * usual)
         if net >= high and net > 0:
+            ids: list[str] = []
+            # Evidence from the newest bucket of the window that has any, in a fixed order.
+            for by_source in reversed(window):
+                if ids := sorted({e for _, (_, _, sample, *_) in by_source.values() for e in sample})[:10]:
+                    break
             cur, minutes = p.currency, p.window_seconds / 60
             if usual <= 0:
                 versus = f"no baseline yet (floor {cur} {_money(p.min_net_outflow)})"
@@ -392,9 +543,7 @@ class LiquidityMonitor(_Monitor):
             finding = Finding("liquidity_run", "critical" if crit else "high", min(1.0, 0.5 + 0.5 * net / critical),
                               self.detector, [reason], "platform", "platform")
             raised = self._raise(finding, b, ids)
-        # Learn after judging, and only from windows fully inside the data seen.
-        if (b + p.bucket_seconds) % p.window_seconds == 0 and self.min_bucket is not None \
-                and b - self.min_bucket >= p.window_seconds - p.bucket_seconds:
+        if learn:
             self.baseline.append(net)
             if len(self.baseline) > p.baseline_windows:
                 del self.baseline[0]
@@ -444,6 +593,7 @@ __all__ = [
     "OUTFLOW_TYPES",
     "FlowAccumulator",
     "FlowPartial",
+    "FlowTotals",
     "LiquidityMonitor",
     "LiquidityParams",
     "MarketAccumulator",

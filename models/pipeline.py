@@ -15,6 +15,7 @@ from app.schemas import Alert, MarketTick, Transaction
 from models.aggregates import (
     FlowAccumulator,
     FlowPartial,
+    FlowTotals,
     LiquidityMonitor,
     LiquidityParams,
     MarketAccumulator,
@@ -199,6 +200,9 @@ class Pipeline:
         self._detector_of: dict[str, SurpriseDetector] = {}
         self._n = 0
         self.evicted = 0
+        # The smallest last_ts an account was left with by process(), the only place that changes it
+        # (and only upwards): no account is older, so a scan that could find none stale is skipped.
+        self._oldest = float("inf")
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a new catalogue to every scorer."""
@@ -209,12 +213,15 @@ class Pipeline:
 
     def prime(self, keys: Iterable[str]) -> None:
         """Map many account keys to their partitions' detectors at once (murmur2 in bulk), in first-seen order."""
-        new = list(dict.fromkeys(k for k in keys if k not in self._detector_of))
-        for key, p in zip(new, partitions_for(new, self.partitions), strict=True):
-            det = self.detectors.get(p)
-            if det is None:
-                det = self.detectors[p] = SurpriseDetector()
-            self._detector_of[key] = det
+        known = self._detector_of
+        new = list(dict.fromkeys(keys if not known else (k for k in keys if k not in known)))
+        parts = partitions_for(new, self.partitions)
+        detectors = self.detectors
+        for p in dict.fromkeys(parts):  # partitions in first-seen order, as one key at a time would add them
+            if p not in detectors:
+                detectors[p] = SurpriseDetector()
+        # One pass in C: with a million accounts a Python loop over them was a visible share of a replay.
+        known.update(zip(new, map(detectors.__getitem__, parts), strict=True))
 
     def _detector(self, key: str) -> SurpriseDetector:
         det = self._detector_of.get(key)
@@ -230,6 +237,16 @@ class Pipeline:
         for partial in partials:
             for r in self.monitors.update(partial):
                 _add(out, r)
+
+    def _flows(self, closed: list[FlowTotals], out: Scored) -> None:
+        # What _platform() does with FlowPartials, from the plain totals: no partial is built and
+        # validated for every bucket, which was a fixed cost per minute of event time.
+        liquidity, rule = self.monitors.liquidity, self.monitors.catalogue.rule
+        source = self.flows.source
+        for b, outflow, inflow, n, ids in closed:
+            for r in liquidity.add_totals(source, b, outflow, inflow, n, ids):
+                if rule(r.finding.category) is not None:
+                    _add(out, r)
 
     def process(self, event: Transaction | MarketTick, ts: float | None = None) -> Scored:
         """Score one event and run its partials through the platform monitors.
@@ -247,12 +264,13 @@ class Pipeline:
             det = self._detector_of.get(key)
             self.txn.detector = det if det is not None else self._detector(key)
             o = self.txn.process(event, state, ts)
+            if state.last_ts < self._oldest:
+                self._oldest = state.last_ts
             res = Scored(event.event_id, "transaction", o.score, o.alerts, o.new_ids, o.dropped, o.duplicate)
             if not o.duplicate:
-                partials = self.flows.add(ts, event.txn_type, event.direction, event.amount, event.event_id,
-                                          account_kind=event.account_kind)
-                if partials:  # most events close no bucket
-                    self._platform(partials, res)
+                closed = self.flows.add_totals(ts, event.txn_type, event.amount, event.event_id, event.account_kind)
+                if closed:  # most events close no bucket
+                    self._flows(closed, res)
         else:
             istate = self.instruments.get(event.instrument)
             if istate is None:
@@ -268,6 +286,8 @@ class Pipeline:
 
     def _evict(self, now: float) -> int:
         ttl = self.ttl
+        if now - self._oldest <= ttl:
+            return 0  # every last_ts >= _oldest, so now - last_ts <= ttl for all: nothing is idle
         # The same test evict_idle makes, in one pass over the items: with a million accounts its
         # lookup per key was most of the cost. evict_idle checks these keys again and deletes them.
         stale = [k for k, s in self.accounts.items() if now - s.last_ts > ttl]

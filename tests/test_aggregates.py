@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.errors import ConfigError
+from models import aggregates
 from models.aggregates import (
     FlowAccumulator,
     FlowPartial,
@@ -237,3 +238,37 @@ def test_market_accumulator_is_quiet_when_nothing_changes() -> None:
     acc.add(T0 + 20, "FUND-B", True, "t20")
     [p] = acc.flush()
     assert (p.active, p.abnormal, p.event_ids) == (["FUND-A", "FUND-B"], ["FUND-B"], ["t20"])
+
+
+def full(raised: list[Raised]) -> list[str]:
+    return [r.to_alert().model_dump_json() + repr((r.is_new, r.escalated, r.event_ts)) for r in raised]
+
+
+def test_plain_totals_give_the_same_alerts_as_partials(run_events: list) -> None:
+    # The replay's path (no FlowPartial built) against the worker's, on the same events.
+    acc, mon, raised = FlowAccumulator("replay"), LiquidityMonitor(), []
+    for ts, typ, _, amount, eid in sorted(run_events):
+        for t in acc.add_totals(ts, typ, amount, eid):
+            raised += mon.add_totals(acc.source, *t)
+    raised += [r for p in acc.flush() for r in mon.update(p)] + mon.drain()
+    assert raised and full(raised) == full(run_monitor(partials(run_events, 1)))
+
+
+@pytest.mark.parametrize("sources", [1, 4])
+def test_skipping_quiet_buckets_changes_nothing(run_events: list, sources: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs whose net outflow hovers around the floor, so many buckets come close to it.
+    near = list(flows(7, seed=3, run_from=5, run_per_min=5_800.0))
+    params = LiquidityParams(min_net_outflow=100_000.0, lateness_buckets=1)
+    parts = partials(near, sources, flush_every=37)
+    skipping = full(run_monitor(parts, params))
+    monkeypatch.setattr(aggregates, "_FINITE", 0)  # no bound is finite: every bucket judged in full
+    assert skipping and skipping == full(run_monitor(parts, params))
+
+
+def test_buckets_stay_in_order_when_partials_come_late() -> None:
+    mon = LiquidityMonitor(LiquidityParams(lateness_buckets=3))
+    for b in (T0 + 120, T0 + 60, T0 + 180, T0, T0 + 240):
+        mon.update(FlowPartial(source="p1", bucket=b, outflow=1.0))
+    mon.update(FlowPartial(source="p0", bucket=T0 + 60, outflow=2.0))
+    assert list(mon.parts) == sorted(mon.parts) and list(mon.parts[T0 + 60]) == ["p0", "p1"]

@@ -287,3 +287,25 @@ def test_partition_of_a_key_matches_kafkas_murmur2() -> None:
     for partitions in (1, 4, 7):
         expected = [(kafka_murmur2(k.encode()) & 0x7FFFFFFF) % partitions for k in keys]
         assert partitions_for(keys, partitions) == expected
+
+
+def test_idle_accounts_are_evicted_and_scans_that_cannot_find_any_are_skipped() -> None:
+    from app.schemas import Transaction
+    from models.pipeline import Pipeline
+    from models.rules import load_catalogue
+
+    def txn(i: int, account: str, ts: float) -> Transaction:
+        return Transaction.model_validate({
+            "event_id": f"e{i}", "ts": datetime.fromtimestamp(ts).astimezone().isoformat(), "account_id": account,
+            "counterparty_id": "M1", "amount": 10.0, "currency": "CNY", "direction": "debit",
+            "txn_type": "payment", "channel": "app"})
+
+    t0 = 1_790_000_000.0
+    pipe = Pipeline(load_catalogue(), ttl=3600.0)
+    pipe.process(txn(0, "idle", t0))
+    for i in range(1, 50_000):  # the 50,000th event triggers the scan, within the TTL of "idle"
+        pipe.process(txn(i, "busy", t0 + i * 0.05))
+    assert pipe.evicted == 0 and "idle" in pipe.accounts
+    for i in range(50_000, 100_000):  # the next scan comes 2 h later: "idle" goes, "busy" stays
+        pipe.process(txn(i, "busy", t0 + 7200 + i * 0.001))
+    assert pipe.evicted == 1 and set(pipe.accounts) == {"busy"}

@@ -24,6 +24,9 @@ def test_shipped_catalogue_has_every_default_rule():
     ("version: 2\nrules: {structuring: {category: s, level: high, description: d, params: {min_count: 1}}}",
      "rules.structuring.min_count: Input should be greater than or equal to 2"),
     ("version: 2\nrules: {velocity: {category: v, level: severe, description: d}}", "rules.velocity.level"),
+    # A zero floor would be the only bar before a baseline exists: every outflow would be a run.
+    ("version: 2\nrules: {liquidity_run: {category: l, level: high, description: d, params: {min_net_outflow: 0}}}",
+     "rules.liquidity_run.min_net_outflow: Input should be greater than 0"),
     ("version: 0\nrules: {}", "version"),
     ("version: [unclosed", "not valid YAML"),
     ("- a list", "expected a mapping"),
