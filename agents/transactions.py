@@ -12,7 +12,7 @@ from faust import current_event
 from agents.disclosure import Disclosure
 from agents.sink import Sink
 from app.errors import EventError
-from app.faust_app import TRANSACTIONS, Runtime, dumps, restricted_loads
+from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, load_account, restricted_loads
 from app.schemas import Transaction, decode_event
 from app.security import Ingest
 from models.aggregates import FlowAccumulator, FlowPartial
@@ -182,7 +182,7 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer, disclosure: Discl
                 entry = states.get(key)
                 if entry is None:
                     blob = accounts_get(key)
-                    entry = states[key] = (msg.partition, restricted_loads(blob) if blob else AccountState())
+                    entry = states[key] = (msg.partition, load_account(blob) if blob else AccountState())
                 state = entry[1]
                 scorer.detector = models.get(msg.partition)
                 out = scorer.process(txn, state)
@@ -245,7 +245,7 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer, disclosure: Discl
             await rt.app.producer.flush()
         for key, (partition, state) in states.items():
             pinned[:] = [partition]
-            rt.accounts[key] = dumps(state)
+            rt.accounts[key] = dump_account(state)
         pinned.clear()
 
     @rt.app.timer(interval=2.0)

@@ -26,8 +26,8 @@ def _fit(points: list[tuple[int, int]]) -> tuple[float, float]:
 
 
 def state_sizes(data: Data, n: int = 20_000) -> dict[str, float]:
-    """Pickled AccountState sizes after scoring the data in-process: what each table value costs on the wire."""
-    from app.faust_app import dumps
+    """AccountState sizes after scoring the data in-process: pickled (the old table value) and compact (today's)."""
+    from app.faust_app import dump_account, dumps
     from app.schemas import Transaction, decode_event
     from models.features import AccountState
     from models.rules import load_catalogue
@@ -39,8 +39,11 @@ def state_sizes(data: Data, n: int = 20_000) -> dict[str, float]:
         txn = decode_event(raw, Transaction)
         scorer.process(txn, states.setdefault(txn.account_id, AccountState()))
     sizes = sorted(len(dumps(s)) for s in states.values())
+    compact = sorted(len(dump_account(s)) for s in states.values())
     return {"accounts": len(sizes), "events": min(n, len(data)), "mean_bytes": round(sum(sizes) / len(sizes)),
-            "p50_bytes": sizes[len(sizes) // 2], "max_bytes": sizes[-1]}
+            "p50_bytes": sizes[len(sizes) // 2], "max_bytes": sizes[-1],
+            "codec_mean_bytes": round(sum(compact) / len(compact)), "codec_p50_bytes": compact[len(compact) // 2],
+            "codec_max_bytes": compact[-1]}
 
 
 def rss_per_account(report: Report, data: Data, bootstrap: str, work: Path, steps: list[int],

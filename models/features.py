@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+import sys
 import zlib
 from array import array
 from bisect import bisect_left
@@ -92,6 +95,122 @@ class AccountState:
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
+
+    def to_bytes(self) -> bytes:
+        """The compact binary form of this state (see STATE_FORMAT); StateCodecError if a value does not fit it."""
+        for name in _FLOAT_FIELDS:
+            if type(getattr(self, name)) is not float:
+                raise StateCodecError(f"AccountState.{name} is not a float")
+        for name in _INT_FIELDS:
+            if type(getattr(self, name)) is not int:
+                raise StateCodecError(f"AccountState.{name} is not an int")
+        arrays = [getattr(self, name) for name, _ in _ARRAYS]
+        for a, (name, code) in zip(arrays, _ARRAYS, strict=True):
+            if type(a) is not array or a.typecode != code:
+                raise StateCodecError(f"AccountState.{name} is not an array of typecode {code!r}")
+        try:
+            head = _HEAD.pack(_MAGIC, _VERSION, self.n, self.n_debits, self.new_cp, self.new_dev, self.burst_max,
+                              self.fresh_dev, self.first_ts, self.last_ts, self.log_med, self.log_spread,
+                              self.gap_ew, self.fresh_dev_ts, self.day_start, self.day_in, self.day_out,
+                              self.day_out_ew, *map(len, arrays))
+        except struct.error as exc:  # a count beyond uint32 or an array longer than 255
+            raise StateCodecError(f"AccountState does not fit the compact format: {exc}") from None
+        if _BIG_ENDIAN:
+            arrays = [_swapped(a) for a in arrays]
+        parts: list[Any] = [head, *arrays]
+        if self.alerts:
+            parts.append(_alerts_to_json(self.alerts))
+        # bytes.join takes the arrays' buffers directly: no intermediate tobytes() copies.
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> AccountState:
+        """Decode a blob written by to_bytes, refusing (StateCodecError) anything malformed."""
+        size = len(blob)
+        if size < _HEAD.size:
+            raise StateCodecError(f"AccountState blob too short ({size} bytes)")
+        fields = _HEAD.unpack_from(blob)
+        if fields[0] != _MAGIC or fields[1] != _VERSION:
+            raise StateCodecError(f"not an AccountState blob of version {_VERSION} "
+                                  f"(starts with {bytes(blob[:2])!r})")
+        st = cls.__new__(cls)
+        (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.first_ts, st.last_ts,
+         st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in, st.day_out,
+         st.day_out_ew) = fields[2:18]
+        view = memoryview(blob)
+        off = _HEAD.size
+        for (name, code), count in zip(_ARRAYS, fields[18:], strict=True):
+            end = off + count * _ITEMSIZE[code]
+            if end > size:
+                raise StateCodecError(f"AccountState blob truncated in {name} ({size} bytes)")
+            a = array(code)
+            a.frombytes(view[off:end])
+            if _BIG_ENDIAN:
+                a.byteswap()
+            setattr(st, name, a)
+            off = end
+        st.alerts = _alerts_from_json(view[off:]) if off < size else {}
+        return st
+
+
+class StateCodecError(ValueError):
+    """A state that the compact codec cannot write, or a blob it refuses to read."""
+
+
+# STATE_FORMAT, version 1, little-endian: magic 0xA5, version byte, then five uint32 counts
+# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev as int64, ten float64 scalars (_FLOAT_FIELDS
+# order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only when the
+# account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
+# Pickle blobs start with 0x80 (protocol >= 2), so the two formats are told apart by the first byte.
+_MAGIC = 0xA5
+_VERSION = 1
+_INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev")
+_FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
+                 "day_out", "day_out_ew")
+_ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
+           ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"))
+_ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
+_HEAD = struct.Struct("<BB5Iq10d8B")
+_BIG_ENDIAN = sys.byteorder == "big"
+STATE_MAGIC = bytes([_MAGIC])
+
+
+def _swapped(a: array[Any]) -> array[Any]:
+    b = array(a.typecode, a)
+    b.byteswap()
+    return b
+
+
+def _alerts_to_json(alerts: dict[str, Any]) -> bytes:
+    rows = []
+    for cat, entry in alerts.items():
+        if not (type(cat) is str and type(entry) is tuple and len(entry) == 4):
+            raise StateCodecError("AccountState.alerts holds an entry of an unexpected shape")
+        alert_id, last_ts, ids, level = entry
+        if not (type(alert_id) is str and type(last_ts) is float and type(ids) is list
+                and type(level) is str and all(type(i) is str for i in ids)):
+            raise StateCodecError("AccountState.alerts holds an entry of an unexpected shape")
+        rows.append([cat, alert_id, last_ts, ids, level])
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def _alerts_from_json(raw: memoryview) -> dict[str, tuple[str, float, list[str], str]]:
+    try:
+        rows = json.loads(bytes(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateCodecError(f"AccountState blob has unreadable alerts: {exc}") from None
+    out: dict[str, tuple[str, float, list[str], str]] = {}
+    if type(rows) is not list or not rows:
+        raise StateCodecError("AccountState blob has malformed alerts")
+    for row in rows:
+        if not (type(row) is list and len(row) == 5):
+            raise StateCodecError("AccountState blob has a malformed alert entry")
+        cat, alert_id, last_ts, ids, level = row
+        if not (type(cat) is str and type(alert_id) is str and type(last_ts) is float and type(ids) is list
+                and type(level) is str and all(type(i) is str for i in ids)):
+            raise StateCodecError("AccountState blob has a malformed alert entry")
+        out[cat] = (alert_id, last_ts, ids, level)
+    return out
 
 
 @dataclass(slots=True)
@@ -299,4 +418,4 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
         state.last_ts = ts
 
 
-__all__ = ["AccountState", "TxnFeatures", "learn", "observe", "stable_hash"]
+__all__ = ["STATE_MAGIC", "AccountState", "StateCodecError", "TxnFeatures", "learn", "observe", "stable_hash"]

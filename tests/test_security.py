@@ -71,3 +71,24 @@ def test_the_command_line_prints_pseudonyms() -> None:
     out = subprocess.run([sys.executable, "-m", "app.security", "acct-42"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out == f"acct-42\t{Pseudonymiser(KEY).pseudonym('acct-42')}\n"
+
+
+def test_a_hostile_pickle_in_the_accounts_changelog_is_refused_not_run(tmp_path) -> None:
+    import os
+    import pickle
+
+    from app.faust_app import load_account, restricted_loads
+    from models.features import StateCodecError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return os.system, (f"touch {marker}",)
+
+    blob = pickle.dumps(Evil(), protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(StateCodecError, match="unreadable pickled AccountState"):
+        load_account(blob)
+    with pytest.raises(pickle.UnpicklingError):
+        restricted_loads(blob)
+    assert not marker.exists()

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from app import kafka_local
-from app.faust_app import ALERTS, DEADLETTER, TRANSACTIONS, restricted_loads
+from app.faust_app import ALERTS, DEADLETTER, TRANSACTIONS, load_account
 from app.schemas import Alert, DeadLetter, Transaction
 from app.settings import Settings
 from models.features import AccountState, stable_hash
@@ -346,7 +346,7 @@ def account_states(s: Settings) -> dict[str, AccountState]:
     latest: dict[bytes, bytes | None] = {}
     for r in read_topic(s, f"{s.app_id}-accounts-changelog"):
         latest[r.key] = r.value
-    return {k.decode(): restricted_loads(v) for k, v in latest.items() if v is not None}
+    return {k.decode(): load_account(v) for k, v in latest.items() if v is not None}
 
 
 def rss_mb(pid: int) -> float:
