@@ -36,6 +36,17 @@ MIN_BASELINE = 3  # hourly samples before "the usual" means anything; until then
 _MAD_SIGMA = 1.4826
 
 
+def _count(tot: list[Any], txn_type: str, amount: float, event_id: str) -> None:
+    # One customer transaction into a bucket's [outflow, inflow, count, sample ids] totals.
+    if txn_type in OUTFLOW_TYPES:
+        tot[0] += amount
+        tot[2] += 1
+        _sample(tot[3], event_id)
+    elif txn_type in INFLOW_TYPES:
+        tot[1] += amount
+        tot[2] += 1
+
+
 def _sample(ids: list[str], event_id: str) -> bool:
     # Keep the smallest ids, not the first: the sample then does not depend on how events were
     # spread over partitions or in what order they came. Returns True when the sample changed.
@@ -161,13 +172,7 @@ class FlowAccumulator(_Accumulator):
         dirty = self.dirty
         dirty.add(b)
         if account_kind == "customer":
-            if txn_type in OUTFLOW_TYPES:
-                tot[0] += amount
-                tot[2] += 1
-                _sample(tot[3], event_id)
-            elif txn_type in INFLOW_TYPES:
-                tot[1] += amount
-                tot[2] += 1
+            _count(tot, txn_type, amount, event_id)
         return [] if len(dirty) == 1 else self._emit(True, self._totals)
 
     def _add(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str,
@@ -185,13 +190,7 @@ class FlowAccumulator(_Accumulator):
         dirty = self.dirty
         dirty.add(b)
         if account_kind == "customer":  # counted the same way in add_totals()
-            if txn_type in OUTFLOW_TYPES:
-                tot[0] += amount
-                tot[2] += 1
-                _sample(tot[3], event_id)
-            elif txn_type in INFLOW_TYPES:
-                tot[1] += amount
-                tot[2] += 1
+            _count(tot, txn_type, amount, event_id)
         if len(dirty) == 1 and b == self.max_bucket:
             return []  # the common case, an event of the open bucket: nothing closed
         return self._emit(True, build)
