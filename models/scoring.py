@@ -272,10 +272,7 @@ class TransactionScorer:
             model = self._model(txn, f, surprises(f), raw, cal, hour)
             if model is not None:
                 findings.append(model)
-        score = cal
-        for fd in findings:
-            if fd.score > score:
-                score = fd.score
+        score = _top_score(cal, findings)
         late = n > 0 and ts < state.last_ts - self.allowed_lateness
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
@@ -391,10 +388,7 @@ class TransactionScorer:
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
                 findings.append(model)
-        score = cal
-        for fd in findings:
-            if fd.score > score:
-                score = fd.score
+        score = _top_score(cal, findings)
         late = state.n > 0 and ts < state.last_ts - self.allowed_lateness
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
@@ -505,6 +499,15 @@ class TransactionScorer:
             if is_new:
                 out.new_ids.append(alert_id)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
+
+
+def _top_score(cal: float, findings: list[Finding]) -> float:
+    """An event's score: its calibrated model score, or the highest finding's if that is higher."""
+    score = cal
+    for fd in findings:
+        if fd.score > score:
+            score = fd.score
+    return score
 
 
 def evict_idle(states: MutableMapping[str, AccountState], now: float, ttl: float,

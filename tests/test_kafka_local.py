@@ -80,3 +80,16 @@ def test_start_refuses_a_port_taken_by_another_process(tmp_path: Path) -> None:
         with pytest.raises(KafkaLocalError, match="in use"):
             kafka_local.start(taken, data_dir=tmp_path / "kafka")
     assert kafka_local.status(taken) is None
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_a_broker_too_slow_to_start_is_stopped_with_advice(port: int, tmp_path: Path) -> None:
+    # No JVM serves metadata within 0.5 s: the launcher must give up, stop what it started and say
+    # what to do (wait longer, or wipe a data dir that is slow to recover).
+    with pytest.raises(KafkaLocalError) as exc:
+        kafka_local.start(port, data_dir=tmp_path / "kafka", timeout=0.5)
+    message = str(exc.value)
+    assert "did not serve metadata in time" in message
+    assert "--timeout" in message and "--fresh" in message
+    assert kafka_local.status(port) is None
