@@ -147,11 +147,18 @@ class Disclosure:
             return
         if self.flows_generation != self._generation():
             self._resync_flows(owned)
-        for key in sorted(self.dirty):
+        # Taken before the first await: the transaction agent goes on marking buckets while this
+        # sends, and a bucket it marks meanwhile must stay marked for the next flush.
+        todo, self.dirty = sorted(self.dirty), set()
+        for i, key in enumerate(todo):
             blob = self.flows.get(key)
-            if blob is not None and int(key.split(b":")[0][1:]) in owned:
+            if blob is None or int(key.split(b":")[0][1:]) not in owned:
+                continue
+            try:
                 await self._partial(blob)
-        self.dirty.clear()
+            except BaseException:
+                self.dirty.update(todo[i:])
+                raise
 
     async def note_alert(self, snap: AlertSnapshot) -> None:
         """Send an alert's latest snapshot (new warning, plan, resolution, overdue) to stage 2."""

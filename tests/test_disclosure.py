@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -10,14 +11,18 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.disclosure import Disclosure
+from agents.sink import Sink
 from app.cli_disposal import parse_since, render
-from app.faust_app import ALERTS, CONTINGENCY, DISCLOSURE, TRANSACTIONS
+from app.faust_app import ALERTS, CONTINGENCY, DISCLOSURE, TRANSACTIONS, create_app
+from app.schemas import Transaction
 from app.settings import Settings
 from models.disclosure import (
     DAY,
@@ -156,6 +161,39 @@ def test_latest_keeps_the_newest_version_per_window_and_render_reads_well() -> N
     text = render(got)
     assert "day     2026-11-02 +0800" in text and "1,234,567.89" in text and "custody funds" in text
     assert parse_since("2026-11-02T00:00+08:00") == DAY_START
+
+
+def test_a_bucket_counted_while_a_flush_is_sending_goes_out_with_the_next_flush(
+        tmp_path: Path, make_txn: Callable[..., dict[str, Any]]) -> None:
+    """Stage 1 sends partials one await at a time; the transaction agent runs in between.
+
+    A bucket it changes during a flush must not be forgotten when that flush ends: after a restart
+    the first flush re-sends every bucket, and the last ones counted were lost (CI, 2026-11-27).
+    """
+    rt = create_app(Settings(topic_prefix="unit.", app_id="unit", data_dir=tmp_path / "data",
+                             disclosure_utc_offset_minutes=480))
+    d = Disclosure(rt, Sink(rt))
+    d.flows = {}  # the table's mapping; its changelog is Faust's business, not this test's
+    d._owned = lambda topic: {0}  # type: ignore[method-assign]
+
+    def txn(hours: float) -> Transaction:
+        return Transaction.model_validate(make_txn(ts=(DAY_START + timedelta(hours=hours)).isoformat()))
+
+    sent: list[FlowTotals] = []
+
+    async def partial(blob: bytes) -> None:
+        sent.append(FlowTotals.model_validate_json(blob))
+        if len(sent) == 1:
+            d.add_batch([(txn(2.5), 0, 2)])  # the agent's next batch, while this flush awaits the broker
+
+    d._partial = partial  # type: ignore[method-assign]
+    d.add_batch([(txn(0.5), 0, 0), (txn(1.5), 0, 1)])
+    asyncio.run(d.flush_flows())
+    asyncio.run(d.flush_flows())
+    newest = {t.hour: t for t in sent}
+    assert sum(t.transactions for t in newest.values()) == 3, [(t.hour, t.transactions) for t in sent]
+    asyncio.run(d.flush_flows())
+    assert len(sent) == 3, "nothing changed since: nothing is sent again"
 
 
 # --------------------------------------------------------------------------- a known day, end to end

@@ -1,0 +1,172 @@
+"""A fix to faust-streaming's fetch loop: records fetched before a seek must not be delivered after it.
+
+The bug (faust-streaming 0.15.3, upstream issues #216/#221/#318 are relatives): after a rebalance,
+`Recovery.on_recovery_completed` resumes the stream partitions *before* it seeks them to their
+committed offsets. The fetch loop (`Consumer._drain_messages`) may then hold records fetched in
+between and goes on delivering them while the seek runs and after it. Two things break:
+
+- the seek resets the loop's read offset to the committed offset, and the next stale record,
+  further ahead, looks like a gap: Faust marks the offsets in between as done (they are
+  committed although nobody processed them);
+- the stale records push the read offset ahead again, so the records the seek fetches anew are
+  dropped as "already read".
+
+Measured here: a worker restarted onto a backlog lost 5-20 of 300 transactions in about one run
+of six (tests/test_disclosure.py's kill test, tests/test_restart_backlog.py), and a partition's
+committed offset could stop for good (the two-worker failover test's hang). Both are at-least-once
+violations, so riskwatch installs this loop. It is Faust's own loop with the changes marked
+`riskwatch:`. Each seek opens a new epoch; the loop delivers no record of a batch fetched in an
+older epoch, counts a record as read only if it was delivered within one epoch, and seeks each
+partition with undelivered records back to the first of them (or to its committed offset, if
+lower), so they are read again: the client's position had already moved past them, and a
+partition without a committed offset is not moved by Faust's seek at all. Redelivery is what
+at-least-once allows; every riskwatch agent is idempotent for it (recent event ids per account,
+offsets in the disclosure totals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING, Consumer
+from mode import Service
+
+log = logging.getLogger("riskwatch.faust_fixes")
+PATCHED_VERSIONS = ("0.15.",)
+_EPOCH = "_riskwatch_seek_epoch"
+
+
+def _epoch(consumer: Any) -> int:
+    return int(getattr(consumer, _EPOCH, 0))
+
+
+async def _perform_seek(self: Any) -> None:
+    # riskwatch: a new epoch as the seek starts: whatever the fetch loop holds may now be stale.
+    setattr(self, _EPOCH, _epoch(self) + 1)
+    await _original_perform_seek(self)
+
+
+async def _seek_back(self: Any, dropped: dict[Any, int]) -> None:
+    # The client's position is past the records the loop dropped: seek each of those partitions
+    # back to the first dropped record, or to its committed offset if lower (after a seek the
+    # client was already there, and the dropped records were ahead of it: nothing may be skipped).
+    assigned = self.assignment()
+    targets = {}
+    for tp, first in dropped.items():
+        if tp in assigned:
+            committed = self._committed_offset.get(tp)
+            targets[tp] = first if committed is None else min(first, committed)
+    log.info("records fetched before a seek were not delivered; reading them again from %s",
+             ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(targets.items())))
+    try:
+        await self.seek_wait(targets)
+    except Exception as exc:  # noqa: BLE001 - e.g. revoked meanwhile; the rebalance's recovery seeks again
+        log.warning("could not seek back to re-read dropped records (%r); the rebalance in progress "
+                    "seeks the partitions to their committed offsets", exc)
+
+
+async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in every worker
+    # Faust 0.15.3's Consumer._drain_messages with the riskwatch changes; keep the rest as it is.
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = cast(Service, self)._stopped.is_set
+    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    flag_consumer_fetching = CONSUMER_FETCHING
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(flag_consumer_fetching)
+            epoch = _epoch(self)  # riskwatch: the epoch this batch was fetched in
+            ait = getmany(timeout=1.0)
+
+            await self.sleep(0)
+            if self.should_stop:
+                continue
+            dropped: dict[Any, int] = {}  # riskwatch: first undelivered offset by partition
+            try:
+                async for tp, message in ait:
+                    if dropped or _epoch(self) != epoch:
+                        # riskwatch: fetched before a seek: not delivered, noted to be read again.
+                        dropped.setdefault(tp, message.offset)
+                        continue
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset:
+                            acks_enabled = acks_enabled_for(message.topic)
+                            if acks_enabled:
+                                await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None:
+                            if self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                        delivering = callback(message)
+                        delivered = await self.wait_first(delivering, self.suspend_flow)
+                        if _epoch(self) != epoch or delivering not in delivered.done:
+                            # riskwatch: not delivered, or delivered across a seek: not "read".
+                            dropped.setdefault(tp, offset)
+                            continue
+                        set_read_offset(tp, offset)
+                    else:
+                        self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+            finally:
+                await ait.aclose()
+                unset_flag(flag_consumer_fetching)
+            if dropped:
+                await _seek_back(self, dropped)  # riskwatch: redelivery, never a skip
+
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(flag_consumer_fetching)
+
+
+_original_perform_seek = Consumer.perform_seek
+
+
+def install() -> bool:
+    """Install the fixed fetch loop on Faust's Consumer; False (and a warning) on an untested Faust."""
+    if Consumer._drain_messages is _drain_messages:
+        return True
+    if not faust.__version__.startswith(PATCHED_VERSIONS):
+        log.warning("faust-streaming %s is not the version riskwatch's fetch-loop fix was written for "
+                    "(%s); running without it: check whether it still drops records after a seek",
+                    faust.__version__, ", ".join(v + "x" for v in PATCHED_VERSIONS))
+        return False
+    Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
+    Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
+    return True
+
+
+__all__ = ["install"]
