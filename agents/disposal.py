@@ -62,6 +62,10 @@ class Disposal:
         # each alert's changelog record in the partition of its key, where its warnings and acts are.
         self.table = rt.app.Table("lifecycle", default=None, key_type=bytes, value_type=bytes,
                                   use_partitioner=True, partitions=s.topic_partitions)
+        # The same partition, computed here: Faust's partitioner asks the producer's metadata for the
+        # changelog topic, which a just-started worker may not have yet ("'NoneType' object is not
+        # iterable" from aiokafka, the alert dead-lettered instead of getting its plan).
+        self.table.partition_for_key = self.partition  # type: ignore[method-assign]
         # The agent and the timers await between reading and writing a state: one at a time.
         self.lock = asyncio.Lock()
         self.pages_waiting = asyncio.Event()
