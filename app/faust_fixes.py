@@ -25,12 +25,16 @@ offsets in the disclosure totals).
 
 Producer flush: Faust flushes its producer before committing offsets, but its buffer's flush gave
 up after 0.1 s without progress; see `_buffer_flush`.
+
+Stalled commits: a record that never reaches the agent stops its partition's commits for good;
+`_heal_stalled_commits` reads such a hole again after about two seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import Any, cast
 
 import faust
@@ -72,6 +76,46 @@ async def _seek_back(self: Any, dropped: dict[Any, int]) -> None:
                     "seeks the partitions to their committed offsets", exc)
 
 
+STALL_CHECK_SECONDS = 1.0
+_STALLS = "_riskwatch_stalls"
+
+
+async def _heal_stalled_commits(self: Any) -> None:
+    # Now and then (about one fault-suite run in ten on this machine, cause not found yet) a record
+    # Faust fetched never reaches the agent and is never acked: the commits of its partition stop
+    # there for good, and the next rebalance re-reads everything since. When a partition's lowest
+    # acked offset stays above its committed offset, with nothing in between being processed, for
+    # two checks in a row, seek it back to the committed offset: the hole is read again (the
+    # records after it are redeliveries, which the agents absorb) and the commits go on.
+    app = self.app
+    if app.rebalancing or getattr(app, "in_recovery", False):
+        setattr(self, _STALLS, {})
+        return
+    seen: dict[Any, tuple[int, int]] = getattr(self, _STALLS, {})
+    now: dict[Any, tuple[int, int]] = {}
+    in_flight = {(m.tp, m.offset) for m in list(self._unacked_messages)}
+    heal: dict[Any, int] = {}
+    for tp, acked in list(self._acked.items()):
+        committed = self._committed_offset.get(tp)
+        if committed is None or not acked:
+            continue
+        low = min(acked)
+        if low <= committed + 1 or any((tp, o) in in_flight for o in range(committed, low)):
+            continue
+        if seen.get(tp) == (committed, low):
+            heal[tp] = committed
+            log.warning("commits of %s[%s] stalled at offset %s (acked from %s on): reading it again from %s",
+                        tp.topic, tp.partition, committed, low, committed)
+        else:
+            now[tp] = (committed, low)
+    setattr(self, _STALLS, now)
+    if heal:
+        try:
+            await self.seek_wait(heal)
+        except Exception as exc:  # noqa: BLE001 - revoked meanwhile: its new owner reads from there
+            log.info("could not seek back to the stalled offsets %s (%r)", heal, exc)
+
+
 async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in every worker
     # Faust 0.15.3's Consumer._drain_messages with the riskwatch changes; keep the rest as it is.
     callback = self.callback
@@ -90,9 +134,13 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     yield_every = 100
     num_since_yield = 0
     sleep = asyncio.sleep
+    next_stall_check = monotonic() + STALL_CHECK_SECONDS  # riskwatch
 
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
+            if monotonic() >= next_stall_check:  # riskwatch: between batches, none in flight here
+                next_stall_check = monotonic() + STALL_CHECK_SECONDS
+                await _heal_stalled_commits(self)
             set_flag(flag_consumer_fetching)
             epoch = _epoch(self)  # riskwatch: the epoch this batch was fetched in
             ait = getmany(timeout=1.0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 from faust.transport.producer import ProducerBuffer
+from faust.types import TP
 
 from app import faust_fixes
 
@@ -37,3 +38,29 @@ def test_the_buffer_flush_waits_for_sends_slower_than_a_tenth_of_a_second() -> N
             await buffer.stop()
 
     asyncio.run(run())
+
+
+def test_a_partition_whose_commits_stall_behind_a_hole_is_read_again_from_its_committed_offset() -> None:
+    tp, busy = TP("t", 1), TP("t", 2)
+    sought: list[dict[Any, int]] = []
+
+    async def seek_wait(targets: dict[Any, int]) -> None:
+        sought.append(dict(targets))
+
+    consumer = SimpleNamespace(
+        app=SimpleNamespace(rebalancing=False),
+        # Partition 1: committed 100, offsets 103-105 acked, 100-102 never reached the agent.
+        # Partition 2: the same hole, but offset 100 is still being processed: not a stall.
+        _acked={tp: [103, 104, 105], busy: [103]},
+        _committed_offset={tp: 100, busy: 100},
+        _unacked_messages=[SimpleNamespace(tp=busy, offset=100)],
+        seek_wait=seek_wait,
+    )
+    asyncio.run(faust_fixes._heal_stalled_commits(consumer))
+    assert sought == [], "one look is not a stall: the hole may be filled by the next batch"
+    asyncio.run(faust_fixes._heal_stalled_commits(consumer))
+    assert sought == [{tp: 100}]
+    consumer._acked[tp] = [100, 101]  # read again: the commits go on, nothing more to heal
+    asyncio.run(faust_fixes._heal_stalled_commits(consumer))
+    asyncio.run(faust_fixes._heal_stalled_commits(consumer))
+    assert sought == [{tp: 100}]
