@@ -64,3 +64,16 @@ def test_a_partition_whose_commits_stall_behind_a_hole_is_read_again_from_its_co
     asyncio.run(faust_fixes._heal_stalled_commits(consumer))
     asyncio.run(faust_fixes._heal_stalled_commits(consumer))
     assert sought == [{tp: 100}]
+
+
+def test_a_commit_never_moves_past_a_single_missing_record() -> None:
+    from collections import defaultdict
+
+    from intervaltree import IntervalTree
+
+    tp = TP("t", 0)
+    consumer = SimpleNamespace(_acked={tp: [101, 102]}, _gap=defaultdict(IntervalTree), _committed_offset={tp: 100},
+                               _acked_index={tp: {101, 102}})
+    assert faust_fixes._new_offset(consumer, tp) is None, "Faust's own returned 103, skipping offset 100"
+    consumer._acked[tp] = [100, 101, 102]
+    assert faust_fixes._new_offset(consumer, tp) == 103
