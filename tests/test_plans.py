@@ -182,3 +182,17 @@ def test_every_runbook_link_points_at_a_section_of_the_docs(shipped) -> None:
     for plan in shipped.plans.values():
         path, _, anchor = plan.runbook.partition("#")
         assert path == "docs/disposal.md" and anchor in anchors, (plan.plan_id, plan.runbook)
+
+
+def test_alert_states_are_written_to_their_key_partition_without_asking_the_producer(tmp_path: Path) -> None:
+    # Faust's partitioner needs the producer's metadata for the changelog topic, which a just-started
+    # worker may lack (TypeError, the warning dead-lettered instead of getting its plan).
+    from agents.disposal import Disposal, partition_of
+    from agents.sink import Sink
+    from app.faust_app import create_app
+    from app.settings import Settings
+
+    rt = create_app(Settings(topic_prefix="unit.", app_id="unit", data_dir=tmp_path / "data", topic_partitions=6))
+    d = Disposal(rt, Sink(rt), load_plans(ROOT / "deploy" / "plans.yaml"))
+    for key in (b"a1", b"alert-0001", b"\x00\xff"):
+        assert d.table.partition_for_key(key) == partition_of(key, 6)
