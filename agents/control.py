@@ -5,30 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.sink import Sink
+from app.admin import aiokafka_config
 from app.errors import ConfigError
 from app.faust_app import RULES, Runtime
-from app.settings import Settings
 from models.rules import Catalogue, parse_catalogue
 
 log = logging.getLogger("riskwatch.agents.control")
 
 
-def client_kwargs(s: Settings) -> dict[str, Any]:
-    """aiokafka connection arguments (bootstrap and security) from settings."""
-    kw: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol}
-    if s.kafka_security_protocol.upper() in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kw["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile or None)
-    if s.kafka_security_protocol.upper().startswith("SASL"):
-        kw.update(sasl_mechanism=s.kafka_sasl_mechanism or "PLAIN", sasl_plain_username=s.kafka_sasl_username,
-                  sasl_plain_password=s.kafka_sasl_password.get_secret_value())
-    return kw
+client_kwargs = aiokafka_config  # aiokafka connection arguments (bootstrap and security) from settings
 
 
 class RuleControl:

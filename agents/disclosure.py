@@ -1,12 +1,12 @@
 """Disclosure summaries: hourly and daily money flows, custody movements, warnings and plans on risk.disclosure.
 
-Stage 1 runs inside the transaction agent (`score-transactions` calls `add_batch` with each
-batch it decoded, so every message is consumed and decoded once; a second reader of
-risk.transactions also made group rebalances hang): it adds transactions to the cumulative
-totals of their partition and event-time hour, kept in a table whose changelog lives in that
-same partition and written once per bucket and batch (one changelog message per event cost as
-much as scoring). The totals carry the last offset applied, so a redelivered transaction is not
-counted twice, even across a restart; a batch is acknowledged only after its totals are written.
+Stage 1 runs inside the transaction engine (agents/transactions.py calls `add_batch` with each
+batch it decoded, so every message is consumed and decoded once): it adds transactions to the
+cumulative totals of their partition and event-time hour, kept in one of the engine's tables
+whose changelog lives in that same partition, written once per bucket and batch (one changelog
+message per event cost as much as scoring). The totals carry the last offset applied, so a
+redelivered transaction is not counted twice, even across a restart; a batch is committed only
+after its totals are written.
 Changed totals go to the single-partition risk.disclosure.partials topic every two seconds, next
 to the alert snapshots the disposal agent sends whenever an alert changes. Stage 2 (`disclosure-book`,
 one worker) keeps the latest partial of each kind in a table (replacing, never adding) and
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
-import faust
 from pydantic import ValidationError
 
 from agents.sink import Sink
+from app.changelog import ChangelogStore, PartitionView
 from app.faust_app import DISCLOSURE, DISCLOSURE_PARTIALS, TRANSACTIONS, Runtime
 from app.schemas import Transaction
 from models.disclosure import (
@@ -37,18 +38,12 @@ from models.disclosure import (
 
 log = logging.getLogger("riskwatch.agents.disclosure")
 FLUSH_SECONDS = 2.0
+FLOWS_TABLE = "disclosure-flows"
 
 
-class SourcePartitionTable(faust.Table):  # type: ignore[misc]
-    """A table whose keys `t<partition>:<hour>` name their changelog partition: the source partition.
-
-    Faust otherwise takes the partition from the event being processed, which a batch of events
-    from several partitions does not have.
-    """
-
-    def partition_for_key(self, key: Any) -> int | None:
-        """The partition written in the key."""
-        return int(bytes(key).split(b":", 1)[0][1:])
+def source_partition(key: bytes) -> int:
+    """The partition named in a stage-1 key `t<partition>:<hour>`: its events' and its changelog's."""
+    return int(bytes(key).split(b":", 1)[0][1:])
 
 
 class Disclosure:
@@ -63,9 +58,12 @@ class Disclosure:
         self.partials_name = self.partials.get_topic_name()
         self.out = rt.topics[DISCLOSURE]
         self.txn_name = rt.topics[TRANSACTIONS].get_topic_name()
-        self.flows: Any = rt.app.tables.add(SourcePartitionTable(
-            rt.app, name="disclosure-flows", default=None, key_type=bytes, value_type=bytes,
-            beacon=rt.app.tables.beacon, partitions=s.topic_partitions))
+        # Stage 1's totals live with the transaction engine's tables (it reads them back on assignment
+        # and writes them before it commits); `txn_owned` and `txn_generation` come from the engine.
+        self.store = ChangelogStore(FLOWS_TABLE, s.changelog(FLOWS_TABLE))
+        self.flows: MutableMapping[bytes, bytes] = PartitionView(self.store, source_partition)
+        self.txn_owned: Callable[[], set[int] | None] = lambda: None
+        self.txn_generation: Callable[[], int] = lambda: 0
         self.book_table = rt.app.Table("disclosure-book", default=None, key_type=bytes, value_type=bytes,
                                        partitions=1)
         self.cache: dict[bytes, FlowTotals] = {}
@@ -82,6 +80,8 @@ class Disclosure:
         return int(self.rt.app.rebalancing_count)
 
     def _owned(self, topic: str) -> set[int] | None:
+        if topic == self.txn_name:
+            return self.txn_owned()
         app = self.rt.app
         if app.rebalancing or getattr(app, "in_recovery", False):
             return None
@@ -92,22 +92,21 @@ class Disclosure:
         # After a rebalance or restart: the table (recovered from its changelog) is the truth, and
         # every owned bucket is re-sent once, since stage 2 replaces rather than adds.
         self.cache.clear()
-        self.dirty = {k for k in self.flows.keys() if int(k.split(b":")[0][1:]) in owned}
-        self.flows_generation = self._generation()
+        self.dirty = {k for k in self.flows.keys() if source_partition(k) in owned}
+        self.flows_generation = self.txn_generation()
 
-    def add_batch(self, batch: list[tuple[Transaction, int, int]]) -> None:
-        """Count (transaction, partition, offset) items; each changed bucket is written to the table once.
+    def add_batch(self, batch: list[tuple[Transaction, int, int, float]]) -> None:
+        """Count (transaction, partition, offset, epoch time) items; each changed bucket is written to the table once.
 
-        The batch's events are acknowledged only after this returns, and Faust flushes the
-        changelog before it commits offsets: a crash never commits an event whose count was lost.
+        The transaction engine writes the changed totals to the changelog with the batch's other
+        state before it commits the batch's offsets: a crash never commits an event whose count was lost.
         """
-        if self.cache_generation != self._generation():
+        if self.cache_generation != self.txn_generation():
             self.cache.clear()
             self.max_hour.clear()
-            self.cache_generation = self._generation()
+            self.cache_generation = self.txn_generation()
         changed: set[bytes] = set()
-        for txn, partition, offset in batch:
-            ts = txn.ts.timestamp()
+        for txn, partition, offset, ts in batch:
             hour = window_start(ts, HOUR, self.offset_minutes)
             newest = self.max_hour.get(partition, hour)
             if hour < newest - self.retention:
@@ -145,14 +144,14 @@ class Disclosure:
         owned = self._owned(self.txn_name)
         if owned is None:
             return
-        if self.flows_generation != self._generation():
+        if self.flows_generation != self.txn_generation():
             self._resync_flows(owned)
-        # Taken before the first await: the transaction agent goes on marking buckets while this
+        # Taken before the first await: the transaction engine goes on marking buckets while this
         # sends, and a bucket it marks meanwhile must stay marked for the next flush.
         todo, self.dirty = sorted(self.dirty), set()
         for i, key in enumerate(todo):
             blob = self.flows.get(key)
-            if blob is None or int(key.split(b":")[0][1:]) not in owned:
+            if blob is None or source_partition(key) not in owned:
                 continue
             try:
                 await self._partial(blob)
@@ -236,7 +235,7 @@ def _hour_of(blob: bytes, offset_minutes: int) -> float:
 def attach(rt: Runtime, sink: Sink) -> Disclosure:
     """Register stage 2 and the timers; return the Disclosure for the transaction and disposal agents.
 
-    Stage 1 has no agent of its own: the transaction agent passes each batch to `add_batch`.
+    Stage 1 has no agent of its own: the transaction engine passes each batch to `add_batch`.
     """
     d = Disclosure(rt, sink)
 
@@ -256,4 +255,4 @@ def attach(rt: Runtime, sink: Sink) -> Disclosure:
     return d
 
 
-__all__ = ["Disclosure", "attach"]
+__all__ = ["FLOWS_TABLE", "Disclosure", "attach", "source_partition"]

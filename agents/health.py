@@ -105,12 +105,15 @@ class LagProbe:
         if unseen:
             self.earliest.update(await consumer.earliest_offsets(*unseen))
         lag = lag_per_partition(tps, end, committed, self.earliest)
+        engine = self.rt.extras.get("transactions")
+        if engine is not None:  # risk.transactions is read by the transaction engine, not Faust's consumer
+            lag.update(await engine.lag())
         for topic, partition in self.shown - lag.keys():
             self.gauge.remove(topic, str(partition))
         # After a rebalance took all of a topic's partitions elsewhere, this worker's newest event time there
         # would only age: the worker that reads the topic now reports it.
         m = self.rt.metrics
-        for topic in m.event_time_topics() - {tp.topic for tp in tps}:
+        for topic in m.event_time_topics() - {tp.topic for tp in tps} - {t for t, _ in lag}:
             m.forget_event_time(topic)
         for (topic, partition), value in lag.items():
             self.gauge.labels(topic, str(partition)).set(value)

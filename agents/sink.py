@@ -31,9 +31,7 @@ class Sink:
 
     async def alert(self, alert: Alert) -> None:
         """Publish one warning (new or updated; same alert_id) keyed by its entity."""
-        topic = self.rt.topics[ALERTS]
-        await topic.send(key=alert.entity_id.encode(), value=alert.model_dump_json().encode())
-        self.m.events_published.labels(topic.get_topic_name()).inc()
+        await self._send(ALERTS, alert.entity_id.encode(), alert.model_dump_json().encode())
         self.m.event_to_warning.observe(max(time.time() - alert.event_ts.timestamp(), 0.0))
         for listener in self.alert_listeners:
             listener(alert)  # type: ignore[operator]
@@ -53,27 +51,45 @@ class Sink:
         dl = DeadLetter(payload=text, payload_size=len(raw), payload_truncated=truncated,
                         source_topic=source_topic, partition=partition, offset=offset, reason=reason,
                         field=field, event_id=event_id, received_at=datetime.now(UTC))
-        topic = self.rt.topics[DEADLETTER]
-        await topic.send(key=f"{source_topic}:{partition}:{offset}".encode(), value=dl.model_dump_json().encode())
+        await self._send(DEADLETTER, f"{source_topic}:{partition}:{offset}".encode(), dl.model_dump_json().encode())
         self.m.deadletters.labels(source_topic, _short_reason(field, reason)).inc()
-        self.m.events_published.labels(topic.get_topic_name()).inc()
         log.warning("dead-lettered input from %s[%s]@%s: %s", source_topic, partition, offset, reason,
                     extra={"topic": source_topic, "partition": partition, "offset": offset,
                            "event_id": event_id, "reason": reason})
 
     async def score(self, entity_id: str, event_id: str, score: float, detector: str) -> None:
         """Publish one event's calibrated score (when RISKWATCH_PUBLISH_SCORES is on), keyed by entity."""
-        topic = self.rt.topics[SCORES]
         payload = f'{{"event_id":{json.dumps(event_id)},"entity_id":{json.dumps(entity_id)},' \
                   f'"score":{score!r},"detector":"{detector}"}}'
-        await topic.send(key=entity_id.encode(), value=payload.encode())
-        self.m.events_published.labels(topic.get_topic_name()).inc()
+        await self._send(SCORES, entity_id.encode(), payload.encode())
 
     async def partial(self, key: str, payload: bytes) -> None:
         """Send a stage-one aggregate partial to the single-partition aggregates topic."""
-        topic = self.rt.topics[AGGREGATES]
-        await topic.send(key=key.encode(), value=payload, partition=0)
+        await self._send(AGGREGATES, key.encode(), payload, 0)
+
+    async def _send(self, name: str, key: bytes, value: bytes, partition: int | None = None) -> None:
+        topic = self.rt.topics[name]
+        await topic.send(key=key, value=value, partition=partition)
         self.m.events_published.labels(topic.get_topic_name()).inc()
 
 
-__all__ = ["Sink"]
+class BufferedSink(Sink):
+    """A Sink that collects messages for the transaction engine to send with its own producer, batch by batch."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        self.out: list[tuple[str, bytes, bytes, int | None]] = []
+        self.names = {name: rt.settings.topic(name) for name in (ALERTS, DEADLETTER, SCORES, AGGREGATES)}
+
+    async def _send(self, name: str, key: bytes, value: bytes, partition: int | None = None) -> None:
+        full = self.names[name]
+        self.out.append((full, key, value, partition))
+        self.m.events_published.labels(full).inc()
+
+    def take(self) -> list[tuple[str, bytes, bytes, int | None]]:
+        """The messages collected since the last call: (topic, key, value, partition)."""
+        out, self.out = self.out, []
+        return out
+
+
+__all__ = ["BufferedSink", "Sink"]

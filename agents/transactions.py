@@ -1,21 +1,34 @@
-"""The transaction agent: decode, score against the account's table state, publish warnings and partials."""
+"""The transaction engine: read risk.transactions in batches, score against per-account tables, publish warnings.
+
+It runs beside the Faust app (started and stopped with it) on its own aiokafka consumer group
+(`<app id>-transactions`) and producer; its tables (accounts, model checkpoints, disclosure
+totals) are app.changelog stores with Faust-compatible changelog topics.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
-from faust import current_event
+import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from agents.disclosure import Disclosure
-from agents.sink import Sink
+from agents.sink import BufferedSink, Sink
+from app.admin import aiokafka_config, ensure_changelogs
+from app.changelog import ChangelogStore, gather_all, read_back
 from app.errors import EventError
 from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, load_account, restricted_loads
+from app.metrics import observe_many
 from app.schemas import Transaction, decode_event
 from app.security import Ingest
-from models.aggregates import FlowAccumulator, FlowPartial
+from app.settings import Settings
+from models.aggregates import FlowAccumulator
 from models.detector import SurpriseDetector
 from models.features import AccountState
 from models.scoring import TransactionScorer
@@ -26,8 +39,8 @@ log = logging.getLogger("riskwatch.agents.transactions")
 class PartitionModels:
     """One detector per input partition, checkpointed to the models table so it moves with the partition."""
 
-    def __init__(self, table: Any, every: int, prefix: str = "txn") -> None:
-        self.table = table
+    def __init__(self, store: ChangelogStore, every: int, prefix: str = "txn") -> None:
+        self.store = store
         self.every = every
         self.prefix = prefix
         self.detectors: dict[int, SurpriseDetector] = {}
@@ -40,16 +53,16 @@ class PartitionModels:
         """The partition's detector, restored from its last checkpoint the first time it is needed."""
         det = self.detectors.get(partition)
         if det is None:
-            blob = self.table.get(self._key(partition))
+            blob = self.store.get(partition, self._key(partition))
             det = restricted_loads(zlib.decompress(blob)) if blob else SurpriseDetector()
             self.detectors[partition] = det
         return det
 
-    def learned(self, partition: int) -> None:
-        """Count one learned event; checkpoint every `every` events (call inside stream iteration)."""
-        n = self.pending.get(partition, 0) + 1
+    def learned(self, partition: int, n: int = 1) -> None:
+        """Count learned events; checkpoint every `every` events (written with the batch's state)."""
+        n += self.pending.get(partition, 0)
         if n >= self.every:
-            self.table[self._key(partition)] = zlib.compress(dumps(self.detectors[partition]), 1)
+            self.store.put(partition, self._key(partition), zlib.compress(dumps(self.detectors[partition]), 1))
             n = 0
         self.pending[partition] = n
 
@@ -105,172 +118,600 @@ class IdleEviction:
             del self.seen[p]
 
 
-def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer, disclosure: Disclosure | None = None) -> Any:
-    """Register the transaction agent on the app and return it.
+class TransactionProcessor:
+    """Scores batches of transaction records against the engine's tables: the work, without Kafka.
 
-    With `disclosure`, every decoded transaction is also counted for the disclosure summaries
-    (stage 1, `Disclosure.add_batch`) in the same batch, so each message is consumed and decoded once.
+    Records are anything with `partition`, `offset` and `value` (aiokafka's ConsumerRecord). Output
+    messages collect in `sink` and table changes in the stores' `pending`; the engine sends both.
     """
-    s = rt.settings
-    m = rt.metrics
-    topic = rt.topics[TRANSACTIONS]
-    topic_name = topic.get_topic_name()
-    models = PartitionModels(rt.models, s.model_checkpoint_every)
-    eviction = IdleEviction(s.state_ttl_seconds)
-    ingest = Ingest(s)
-    pinned: list[int] = []  # the partition a write belongs to, set around every table write we make
 
-    def partition_for_key(key: Any) -> int | None:
-        # Pin changelog writes to the partition the account's events arrive on, not to a hash of
-        # the table key: with pseudonymised keys the two differ, and state must move with its events.
-        if pinned:
-            return pinned[0]
-        event = current_event()
-        if event is not None and event.message.topic == topic_name:
-            return int(event.message.partition)
-        return None
+    def __init__(self, rt: Runtime, sink: BufferedSink, scorer: TransactionScorer,
+                 disclosure: Disclosure | None = None) -> None:
+        s = rt.settings
+        self.rt, self.sink, self.scorer, self.disclosure = rt, sink, scorer, disclosure
+        self.settings = s
+        self.topic_name = s.topic(TRANSACTIONS)
+        self.accounts = ChangelogStore(ACCOUNTS_TABLE, s.changelog(ACCOUNTS_TABLE))
+        self.models_store = ChangelogStore(MODELS_TABLE, s.changelog(MODELS_TABLE))
+        self.models = PartitionModels(self.models_store, s.model_checkpoint_every)
+        self.stores = [self.accounts, self.models_store]
+        if disclosure is not None:
+            self.stores.append(disclosure.store)
+        self.eviction = IdleEviction(s.state_ttl_seconds)
+        self.ingest = Ingest(s)
+        self.flows: dict[int, FlowAccumulator] = {}
+        # Decoded account states: changed since the last write (`live`), or written at the last one
+        # and not touched since (`warm`, equal to their table blobs).
+        self.live: dict[tuple[int, bytes], AccountState] = {}
+        self.warm: dict[tuple[int, bytes], AccountState] = {}
+        m = self.m = rt.metrics
+        self._decode_seconds = m.processing.labels("decode")
+        self._score_seconds = m.processing.labels("score")
+        self._publish_seconds = m.processing.labels("publish")
+        self._consumed = m.events_consumed.labels(self.topic_name)
+        self._scored = m.events_scored.labels(self.topic_name)
+        self._duplicates = m.duplicates.labels(self.topic_name)
+        self._late = m.late_events.labels(self.topic_name)
+        self._score_hist = m.scores.labels("surprise")
 
-    rt.accounts.partition_for_key = partition_for_key
-    rt.models.partition_for_key = partition_for_key
-    flows: dict[int, FlowAccumulator] = {}
-    stage_decode = m.processing.labels("decode").observe
-    stage_score = m.processing.labels("score").observe
-    stage_publish = m.processing.labels("publish").observe
-    consumed = m.events_consumed.labels(topic_name)
-    scored = m.events_scored.labels(topic_name)
-    duplicates = m.duplicates.labels(topic_name)
-    late_events = m.late_events.labels(topic_name)
-    score_hist = m.scores.labels("surprise").observe
-    accounts_get = rt.accounts.get
-    decode = decode_event
-    ingest_txn = ingest.transaction
-    perf = time.perf_counter
+    async def process(self, records: Sequence[Any]) -> None:
+        """Decode, score and learn every record; dead-letter what cannot be; stage the outputs.
 
-    @rt.app.agent(topic, name="score-transactions", concurrency=1)
-    async def score_transactions(stream: Any) -> None:
-        # Batches amortise Faust's per-message cost and write each account's state once per batch;
-        # offsets are acknowledged only after the whole batch is done (at-least-once holds).
-        async for batch in stream.take_events(s.batch_size, within=s.batch_within_seconds):
-            await _batch(batch)
-
-    async def _batch(batch: list[Any]) -> None:
-        states: dict[bytes, tuple[int, AccountState]] = {}
+        Account states stay decoded in `live` until `write_state` encodes them into the table
+        (the engine calls it before each commit), so an account busy in many batches is decoded
+        and encoded once per commit interval, not once per batch.
+        """
+        sink, scorer, models, topic_name, live = self.sink, self.scorer, self.models, self.topic_name, self.live
+        warm_pop = self.warm.pop
+        accounts_get = self.accounts.get
+        decode, ingest_txn, perf, touch = decode_event, self.ingest.transaction, time.perf_counter, self.eviction.touch
+        publish_scores = self.settings.publish_scores
         # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
-        partials: dict[tuple[str, int], FlowPartial] = {}
-        counted: list[tuple[Transaction, int, int]] = []
-        warned = False
+        partials: dict[tuple[int, int], Any] = {}
+        counted: list[tuple[Transaction, int, int, float]] = []
         n_scored = 0
         newest = 0.0
-        consumed.inc(len(batch))
-        for event in batch:
-            msg = event.message
+        # Per-event stage times, observed in bulk after the batch (one observe() each cost a microsecond).
+        t_decode: list[float] = []
+        t_score: list[float] = []
+        t_publish: list[float] = []
+        score_values: list[float] = []
+        self._consumed.inc(len(records))
+        current = -1  # records come grouped by partition: switch detectors only between groups
+        learned = 0
+        for rec in records:
+            partition, offset = rec.partition, rec.offset
+            if partition != current:
+                if learned:
+                    models.learned(current, learned)
+                    learned = 0
+                scorer.detector = models.get(partition)
+                current = partition
             t0 = perf()
             try:
-                txn = decode(event.value, Transaction)
-                if disclosure is not None:
+                txn = decode(rec.value or b"", Transaction)
+                ts = txn.ts.timestamp()
+                if self.disclosure is not None:
                     # Disclosure counts every transaction that decodes, as its own reader did.
-                    counted.append((txn, msg.partition, msg.offset))
-                txn = ingest_txn(txn)
+                    counted.append((txn, partition, offset, ts))
+                txn = ingest_txn(txn, ts)
             except EventError as exc:
-                await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset, exc.reason,
-                                       exc.field)
+                await sink.dead_letter(rec.value, topic_name, partition, offset, exc.reason, exc.field)
                 continue
             t1 = perf()
-            stage_decode(t1 - t0)
+            t_decode.append(t1 - t0)
             key = txn.account_id.encode()
+            sk = (partition, key)
             try:
-                entry = states.get(key)
-                if entry is None:
-                    blob = accounts_get(key)
-                    entry = states[key] = (msg.partition, load_account(blob) if blob else AccountState())
-                state = entry[1]
-                scorer.detector = models.get(msg.partition)
-                out = scorer.process(txn, state)
-                if out.duplicate:
-                    duplicates.inc()
+                state = live.get(sk)
+                if state is None:
+                    state = warm_pop(sk, None)
+                    if state is None:
+                        blob = accounts_get(partition, key)
+                        state = load_account(blob) if blob else AccountState()
+                    live[sk] = state
+                if offset <= state.offset:
+                    # Redelivered after a crash or a move: this state already applied it, however
+                    # many events the account saw since (the event-id memory keeps only 16).
+                    self._duplicates.inc()
                     continue
-                pinned[:] = [msg.partition]
-                models.learned(msg.partition)
-                pinned.clear()
+                out = scorer.process(txn, state, ts)
+                state.offset = offset
+                if out.duplicate:
+                    self._duplicates.inc()
+                    continue
+                learned += 1
             except Exception as exc:
-                pinned.clear()
-                # The account's state may be half-updated: drop this batch's changes to it.
-                states.pop(key, None)
-                log.exception("scoring failed", extra={"topic": topic_name, "partition": msg.partition,
-                                                       "offset": msg.offset, "event_id": txn.event_id})
-                await sink.dead_letter(event.value, topic_name, msg.partition, msg.offset,
+                # The account's state may be half-updated: drop its changes since the last write.
+                live.pop(sk, None)
+                log.exception("scoring failed", extra={"topic": topic_name, "partition": partition,
+                                                       "offset": offset, "event_id": txn.event_id})
+                await sink.dead_letter(rec.value, topic_name, partition, offset,
                                        f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
                 continue
-            ts = txn.ts.timestamp()
-            eviction.touch(key, ts, msg.partition)
+            touch(key, ts, partition)
             t2 = perf()
-            stage_score(t2 - t1)
+            t_score.append(t2 - t1)
             n_scored += 1
-            score_hist(out.score)
-            if s.publish_scores:
+            score_values.append(out.score)
+            if publish_scores:
                 await sink.score(txn.account_id, txn.event_id, out.score, "surprise")
             if ts > newest:
                 newest = ts
             if out.late:
-                late_events.inc()
-            for fd in out.findings:
-                m.rule_hits.labels(fd.detector).inc()
-            for cat in out.dropped:
-                m.storm_dropped.labels(cat).inc()
-            for alert in out.alerts:
-                if alert.alert_id in out.new_ids:
-                    m.warnings.labels(alert.category, alert.level).inc()
-                else:
-                    m.warning_updates.labels(alert.category).inc()
-                await sink.alert(alert)
-                warned = True
-            acc = flows.get(msg.partition)
+                self._late.inc()
+            if out.findings or out.dropped or out.alerts:
+                await self._outcome(out)
+            acc = self.flows.get(partition)
             if acc is None:
-                acc = flows[msg.partition] = FlowAccumulator(f"p{msg.partition}")
-            for partial in acc.add(ts, txn.txn_type, txn.direction, txn.amount, txn.event_id,
-                                   account_kind=txn.account_kind, offset=msg.offset):
-                partials[(partial.source, partial.bucket)] = partial
-            stage_publish(perf() - t2)
+                acc = self.flows[partition] = FlowAccumulator(f"p{partition}")
+            for totals in acc.add_counted(ts, txn.txn_type, txn.amount, txn.event_id, txn.account_kind, offset):
+                partials[(partition, totals[0])] = totals
+            t_publish.append(perf() - t2)
+        if learned:
+            models.learned(current, learned)
+        observe_many(self._decode_seconds, t_decode)
+        observe_many(self._score_seconds, t_score)
+        observe_many(self._publish_seconds, t_publish)
         if n_scored:
-            scored.inc(n_scored)
-            m.saw_event_time(topic_name, newest)
-        for partial in partials.values():
-            await sink.partial("flow", partial.model_dump_json().encode())
-        if counted and disclosure is not None:
-            # Written to its table before the batch is acknowledged, once per bucket.
-            disclosure.add_batch(counted)
-        if warned:
-            # Warnings reach Kafka before the state that remembers them: a crash in between
-            # redelivers the events, which then raise the same warnings again instead of none.
-            await rt.app.producer.flush()
-        for key, (partition, state) in states.items():
-            pinned[:] = [partition]
-            rt.accounts[key] = dump_account(state)
-        pinned.clear()
+            self._scored.inc(n_scored)
+            self.m.saw_event_time(topic_name, newest)
+            observe_many(self._score_hist, score_values)
+        for (partition, _), totals in partials.items():
+            await sink.partial("flow", self.flows[partition].partial(totals).model_dump_json().encode())
+        if counted and self.disclosure is not None:
+            self.disclosure.add_batch(counted)
 
-    @rt.app.timer(interval=2.0)
-    async def flush_and_evict() -> None:
-        for acc in list(flows.values()):
+    def write_state(self) -> None:
+        """Encode the account states changed since the last call into the accounts table (and its pending writes).
+
+        They stay decoded for one more interval (`warm`): an account busy in consecutive intervals
+        is decoded once, not once per interval. Both generations together hold at most about
+        2 * MAX_LIVE states, whatever the number of accounts.
+        """
+        put = self.accounts.put
+        for (partition, key), state in self.live.items():
+            put(partition, key, dump_account(state))
+        self.warm, self.live = self.live, {}
+
+    async def _outcome(self, out: Any) -> None:
+        m = self.m
+        for fd in out.findings:
+            m.rule_hits.labels(fd.detector).inc()
+        for cat in out.dropped:
+            m.storm_dropped.labels(cat).inc()
+        for alert in out.alerts:
+            if alert.alert_id in out.new_ids:
+                m.warnings.labels(alert.category, alert.level).inc()
+            else:
+                m.warning_updates.labels(alert.category).inc()
+            await self.sink.alert(alert)
+
+    async def housekeeping(self) -> None:
+        """Send the flow partials of buckets that closed with time, evict idle accounts, update the gauges."""
+        for acc in list(self.flows.values()):
             for partial in acc.flush():
-                await sink.partial("flow", partial.model_dump_json().encode())
-        stale = eviction.stale()
+                await self.sink.partial("flow", partial.model_dump_json().encode())
+        stale = self.eviction.stale()
         for key, partition in stale:
-            pinned[:] = [partition]
-            rt.accounts.pop(key, None)
-        pinned.clear()
+            self.accounts.delete(partition, key)
+            self.live.pop((partition, key), None)
+            self.warm.pop((partition, key), None)
         if stale:
-            m.evictions.labels("accounts").inc(len(stale))
-        m.entities.labels("accounts").set(len(rt.accounts))
+            self.m.evictions.labels(ACCOUNTS_TABLE).inc(len(stale))
+        self.m.entities.labels(ACCOUNTS_TABLE).set(len(self.accounts))
 
-    def _revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
-        models.forget({tp.partition for tp in revoked if tp.topic == topic_name})
+    def assigned(self, partitions: set[int]) -> None:
+        """Forget the in-memory helpers of partitions no longer owned (the engine drops their tables)."""
+        self.models.forget(set(self.models.detectors) - partitions)
+        self.eviction.keep_only(partitions)
+        self.live = {k: v for k, v in self.live.items() if k[0] in partitions}
+        self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}
+        for p in set(self.flows) - partitions:
+            del self.flows[p]
 
-    def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
-        eviction.keep_only({tp.partition for tp in assigned if tp.topic == topic_name})
+    def reset(self, partitions: set[int]) -> None:
+        """Forget what is cached of partitions whose tables are being read back from their changelogs."""
+        self.models.forget(partitions)
+        self.live = {k: v for k, v in self.live.items() if k[0] not in partitions}
+        self.warm = {k: v for k, v in self.warm.items() if k[0] not in partitions}
+        for p in partitions:
+            self.eviction.seen.pop(p, None)
 
-    rt.app.on_partitions_revoked.connect(_revoked)  # type: ignore[arg-type]
-    rt.app.on_partitions_assigned.connect(_assigned)  # type: ignore[arg-type]
-    return score_transactions
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands aiokafka's rebalance callbacks to the engine."""
+
+    def __init__(self, engine: TransactionEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.engine.revoked()
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.engine.assigned({tp.partition for tp in assigned if tp.topic == self.engine.topic})
 
 
-__all__ = ["IdleEviction", "PartitionModels", "attach"]
+class TransactionEngine:
+    """Reads risk.transactions in batches with aiokafka, scores them, then sends outputs, then state, then commits.
+
+    Faust's per-message machinery (conductor, stream, per-message acks and futures, one producer
+    send per table write) cost about 30 times the scoring; this path pays per batch instead.
+    At-least-once: a batch's warnings and dead letters are delivered before the state that
+    remembers the batch, and its offsets are committed only after both, so a crash redelivers
+    events whose state may already hold them (the scorer then skips them as duplicates) and never
+    loses one. Any failed write reads the owned partitions' tables back from their changelogs and
+    resumes from the committed offsets.
+    """
+
+    def __init__(self, rt: Runtime, processor: TransactionProcessor) -> None:
+        s = rt.settings
+        self.rt, self.settings, self.processor = rt, s, processor
+        self.sink = processor.sink
+        self.topic = s.topic(TRANSACTIONS)
+        self.stores = processor.stores
+        self.lock = asyncio.Lock()
+        self.owned: set[int] = set()
+        self.ready = False
+        self.generation = 0
+        self.broken = False
+        self.read: dict[TopicPartition, int] = {}  # next offset after the last record processed
+        self.done: dict[TopicPartition, int] = {}  # ... and after the last one whose state was delivered
+        self.outstanding: list[asyncio.Future[Any]] = []
+        self.committed: dict[TopicPartition, int] = {}
+        self.legacy_offsets: dict[int, int] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.restorer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.last_commit = self.last_chores = 0.0
+        self.batches = 0
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        """Create the changelog topics if missing, connect, join the group and start the loop."""
+        s = self.settings
+        created = await asyncio.to_thread(ensure_changelogs, s, tuple(st.name for st in self.stores))
+        if created:
+            log.info("created changelog topics: %s", ", ".join(created))
+        self.legacy_offsets = await asyncio.to_thread(_legacy_offsets, s)
+        cfg = aiokafka_config(s)
+        self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, max_batch_size=256 * 1024,
+                                         compression_type="lz4" if _has_lz4() else None)
+        self.restorer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False,
+                                         auto_offset_reset="earliest")
+        session_ms = int(s.kafka_session_timeout * 1000)
+        self.consumer = AIOKafkaConsumer(
+            **cfg, group_id=s.transactions_group, enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=session_ms, heartbeat_interval_ms=min(3000, session_ms // 3),
+            max_poll_records=s.batch_size)
+        await self.producer.start()
+        await self.restorer.start()
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        await self.consumer.start()
+        self.task = asyncio.create_task(self._run(), name="transaction-engine")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit, leave the group and close the clients."""
+        self.stopping = True
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), timeout=30)
+            except (TimeoutError, asyncio.CancelledError):
+                self.task.cancel()
+            except Exception:  # noqa: BLE001 - already logged by the loop
+                pass
+        if self.consumer is not None:
+            try:
+                async with self.lock:
+                    if not self.broken and self.ready:
+                        await self._flush()
+            except Exception as exc:  # noqa: BLE001 - the next owner starts from the last commit that worked
+                log.warning("final commit of risk.transactions failed: %s", exc)
+            await self.consumer.stop()
+        for client in (self.producer, self.restorer):
+            if client is not None:
+                await client.stop()
+
+    def owned_partitions(self) -> set[int] | None:
+        """The partitions whose tables are complete here, or None during a rebalance or read-back."""
+        return set(self.owned) if self.ready else None
+
+    # ------------------------------------------------------------------ rebalancing
+    async def revoked(self) -> None:
+        """Before a rebalance: finish the batch in hand and commit what was delivered."""
+        self.ready = False
+        async with self.lock:
+            if self.broken:
+                return  # the tables may be ahead of their changelogs: nothing safe to write or commit
+            try:
+                await self._flush()
+            except Exception as exc:  # noqa: BLE001 - the next owner redoes uncommitted events (deduplicated)
+                log.warning("writing state and committing before the rebalance failed: %s", exc)
+                self.broken = True
+
+    async def assigned(self, partitions: set[int]) -> None:
+        """After a rebalance: drop the tables of partitions gone, read back those newly ours."""
+        async with self.lock:
+            gone, added = self.owned - partitions, partitions - self.owned
+            for store in self.stores:
+                store.drop(gone)
+            self.processor.assigned(partitions)
+            self.owned = set(partitions)
+            self.done = {tp: o for tp, o in self.done.items() if tp.partition in partitions}
+            self.read = {tp: o for tp, o in self.read.items() if tp.partition in partitions}
+            self.committed = {tp: o for tp, o in self.committed.items() if tp.partition in partitions}
+            self.generation += 1
+            try:
+                await self._read_back(added)
+                await self._adopt_legacy_offsets(added)
+                # After a failed write the loop reads every owned partition back before it goes on.
+                self.ready = not self.broken
+            except Exception:
+                log.exception("reading back the tables of partitions %s failed; retrying", sorted(added))
+                self.broken = True
+            log.info("transaction partitions %s (added %s, gone %s)", sorted(partitions), sorted(added),
+                     sorted(gone))
+
+    async def _read_back(self, partitions: set[int]) -> None:
+        if not partitions:
+            return
+        assert self.restorer is not None
+        self.processor.reset(partitions)
+        t0 = time.monotonic()
+        n = await read_back(self.restorer, self.stores, partitions)
+        log.info("read back %d changelog records of partitions %s in %.2f s", n, sorted(partitions),
+                 time.monotonic() - t0)
+
+    async def _adopt_legacy_offsets(self, partitions: set[int]) -> None:
+        # Before this engine, Faust's group (the app id) consumed risk.transactions. A partition this
+        # group never committed starts where that group stopped, not at the earliest offset.
+        assert self.consumer is not None
+        for p in sorted(partitions):
+            offset = self.legacy_offsets.get(p)
+            tp = TopicPartition(self.topic, p)
+            if offset is not None and await self.consumer.committed(tp) is None:
+                log.info("partition %d starts at offset %d, where the Faust group stopped", p, offset)
+                self.consumer.seek(tp, offset)
+
+    async def _rewind(self) -> None:
+        # Something in the last batch failed to reach Kafka: the tables may be ahead of their
+        # changelogs, so they are read back and reading resumes from the committed offsets.
+        assert self.consumer is not None
+        async with self.lock:
+            parts = set(self.owned)
+            for store in self.stores:
+                store.take_pending()
+            self.sink.take()
+            self.outstanding = []
+            await self._read_back(parts)
+            for p in sorted(parts):
+                tp = TopicPartition(self.topic, p)
+                offset = await self.consumer.committed(tp)
+                if offset is None:
+                    offset = self.legacy_offsets.get(p)
+                if offset is None:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, offset)
+                self.done.pop(tp, None)
+                self.read.pop(tp, None)
+            self.generation += 1
+            self.broken = False
+            self.ready = True
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        s = self.settings
+        poll_ms = max(1, int(s.batch_within_seconds * 1000))
+        failures = 0
+        while not self.stopping:
+            try:
+                if self.broken:
+                    await self._rewind()
+                generation = self.generation
+                got = await self.consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
+                async with self.lock:
+                    if got and self.ready and generation == self.generation:
+                        await self._batch(got)
+                    elif got:
+                        self._unread(got)
+                    await self._chores()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                log.exception("transaction batch failed (%d in a row); reading state back and resuming from "
+                              "the committed offsets", failures)
+                self.broken = True
+                await asyncio.sleep(min(0.5 * failures, 5.0))
+
+    def _unread(self, got: dict[TopicPartition, list[Any]]) -> None:
+        """Give back records fetched across a rebalance or rewind: the client's position is already past them.
+
+        Dropping them without a seek skips them until the next rebalance (Faust's fetch loop lost
+        records this way, app/faust_fixes.py). Each partition still assigned reads again from its
+        first record given back.
+        """
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        for tp, recs in got.items():
+            if recs and tp in assigned:
+                self.consumer.seek(tp, recs[0].offset)
+
+    async def _batch(self, got: dict[TopicPartition, list[Any]]) -> None:
+        foreign = {tp: recs for tp, recs in got.items() if tp.partition not in self.owned}
+        if foreign:
+            self._unread(foreign)
+        records = [r for tp in sorted(got, key=lambda tp: tp.partition) for r in got[tp]
+                   if tp.partition in self.owned]
+        t0 = time.perf_counter()
+        await self.processor.process(records)
+        t1 = time.perf_counter()
+        await self._send_outputs()
+        m = self.rt.metrics
+        m.batch_phase.labels("process").observe(t1 - t0)
+        m.batch_size.observe(len(records))
+        for tp, recs in got.items():
+            if recs and tp.partition in self.owned:
+                self.read[tp] = recs[-1].offset + 1
+        self.batches += 1
+
+    async def _send_outputs(self) -> None:
+        # Warnings go out at once (their latency is the product), but are waited for only at the
+        # next flush, before the state that remembers them.
+        producer = self.producer
+        assert producer is not None
+        for topic, key, value, partition in self.sink.take():
+            self.outstanding.append(await producer.send(topic, value, key=key, partition=partition))
+
+    async def _flush(self) -> None:
+        """Wait for the outputs sent, write the tables' changes, wait for them, then commit what they cover.
+
+        A crash at any point leaves the committed offsets at or before state that was delivered
+        with every warning it remembers, so the redelivered events are re-scored or recognised as
+        duplicates, never lost.
+        """
+        producer = self.producer
+        assert producer is not None
+        t0 = time.perf_counter()
+        outstanding, self.outstanding = self.outstanding, []
+        await gather_all(outstanding)
+        self.processor.write_state()
+        futures = []
+        for store in self.stores:
+            pending = store.take_pending()
+            if not pending:
+                continue
+            batches: dict[int, Any] = {}
+            for (partition, key), value in pending.items():
+                batch = batches.get(partition)
+                if batch is None:
+                    batch = batches[partition] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+                    batch = batches[partition] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            for partition, batch in batches.items():
+                if batch.record_count():
+                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+        await gather_all(futures)
+        self.done.update(self.read)
+        self.rt.metrics.batch_phase.labels("write").observe(time.perf_counter() - t0)
+        await self._commit()
+
+    async def _chores(self) -> None:
+        now = time.monotonic()
+        if now - self.last_chores >= CHORES_SECONDS and self.ready:
+            self.last_chores = now
+            await self.processor.housekeeping()
+            await self._send_outputs()
+        if now - self.last_commit >= COMMIT_SECONDS or len(self.processor.live) >= MAX_LIVE:
+            await self._flush()
+
+    async def _commit(self) -> None:
+        self.last_commit = time.monotonic()
+        todo = {tp: o for tp, o in self.done.items() if self.committed.get(tp) != o}
+        if not todo or self.consumer is None:
+            return
+        await self.consumer.commit(todo)
+        self.committed.update(todo)
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind per owned partition: the log end offset minus the next offset to process."""
+        out: dict[tuple[str, int], int] = {}
+        consumer = self.consumer
+        if consumer is None or not self.ready:
+            return out
+        tps = [TopicPartition(self.topic, p) for p in sorted(self.owned)]
+        try:
+            # Asked of the broker: the fetcher's cached high watermark lags behind a fast reader.
+            end = await asyncio.wait_for(consumer.end_offsets(tps), timeout=2.0)
+        except (TimeoutError, KafkaError):
+            end = {tp: hw for tp in tps if (hw := consumer.highwater(tp)) is not None}
+        for tp in tps:
+            if tp not in end:
+                continue
+            done = self.read.get(tp, self.done.get(tp))
+            if done is None:
+                # Nothing read here yet: where reading starts (the committed offset, or the earliest).
+                try:
+                    done = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+                except (TimeoutError, KafkaError, AssertionError, IllegalStateError):
+                    continue
+            out[(self.topic, tp.partition)] = max(end[tp] - done, 0)
+        return out
+
+
+CHORES_SECONDS = 2.0
+COMMIT_SECONDS = 1.0
+# Decoded account states held between two writes; more than this many changed accounts are written
+# at once, so the worker's memory does not grow with a burst of new accounts.
+MAX_LIVE = 5_000
+
+
+def _legacy_offsets(s: Settings) -> dict[int, int]:
+    """Committed offsets of risk.transactions in Faust's group, from before the engine had its own."""
+    from app.admin import admin
+
+    try:
+        client = admin(s, timeout=10.0)
+    except Exception as exc:  # noqa: BLE001 - without them a fresh group starts at the earliest offset
+        log.warning("could not read Faust's old offsets: %s", exc)
+        return {}
+    try:
+        got = client.list_consumer_group_offsets(s.app_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not read Faust's old offsets: %s", exc)
+        return {}
+    finally:
+        client.close()
+    topic = s.topic(TRANSACTIONS)
+    return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
+
+
+def _has_lz4() -> bool:
+    try:
+        import lz4  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer,
+           disclosure: Disclosure | None = None) -> TransactionEngine:
+    """Create the transaction engine, started and stopped with the Faust app; return it.
+
+    With `disclosure`, every decoded transaction is also counted for the disclosure summaries
+    (stage 1, `Disclosure.add_batch`) in the same batch, so each message is consumed and decoded once.
+    """
+    out = BufferedSink(rt)
+    out.alert_listeners = sink.alert_listeners  # the same listeners (top entities) see every warning
+    processor = TransactionProcessor(rt, out, scorer, disclosure)
+    engine = TransactionEngine(rt, processor)
+    if disclosure is not None:
+        disclosure.txn_owned = engine.owned_partitions
+        disclosure.txn_generation = lambda: engine.generation
+
+    @rt.app.service
+    class TransactionService(mode.Service):
+        """Runs the transaction engine for as long as the Faust worker runs."""
+
+        async def on_start(self) -> None:
+            await engine.start()
+
+        async def on_stop(self) -> None:
+            await engine.stop()
+
+    rt.extras["transactions"] = engine
+    return engine
+
+
+ACCOUNTS_TABLE = "accounts"
+MODELS_TABLE = "models"
+
+__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "IdleEviction", "PartitionModels", "TransactionEngine",
+           "TransactionProcessor", "attach"]

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from aiokafka.helpers import create_ssl_context
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -29,6 +30,18 @@ def client_config(s: Settings) -> dict[str, Any]:
     return cfg
 
 
+def aiokafka_config(s: Settings) -> dict[str, Any]:
+    """aiokafka connection settings (bootstrap and security) from riskwatch settings."""
+    cfg: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap.split(","),
+                           "security_protocol": s.kafka_security_protocol.upper()}
+    if cfg["security_protocol"] in ("SSL", "SASL_SSL"):
+        cfg["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile or None)
+    if cfg["security_protocol"].startswith("SASL"):
+        cfg.update(sasl_mechanism=s.kafka_sasl_mechanism or "PLAIN", sasl_plain_username=s.kafka_sasl_username,
+                   sasl_plain_password=s.kafka_sasl_password.get_secret_value())
+    return cfg
+
+
 def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
     """An admin client, retried until the broker answers or `timeout` passes."""
     deadline = time.monotonic() + timeout
@@ -45,17 +58,24 @@ def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
 
 def ensure_topics(s: Settings, extra: tuple[str, ...] = ()) -> list[str]:
     """Create riskwatch's topics if missing (partitions from settings); return the names created."""
+    wanted = [(s.topic(name), 1 if name in SINGLE_PARTITION else s.topic_partitions, name in COMPACTED)
+              for name in (*ALL_TOPICS, *extra)]
+    return _create_missing(s, wanted)
+
+
+def ensure_changelogs(s: Settings, tables: tuple[str, ...]) -> list[str]:
+    """Create the compacted changelog topics of the transaction engine's tables if missing; return those created."""
+    return _create_missing(s, [(s.changelog(t), s.topic_partitions, True) for t in tables])
+
+
+def _create_missing(s: Settings, topics: list[tuple[str, int, bool]]) -> list[str]:
+    # (full name, partitions, compacted) for each topic; those already there are left alone.
     client = admin(s)
     try:
         existing = set(client.list_topics())
-        wanted = []
-        for name in (*ALL_TOPICS, *extra):
-            full = s.topic(name)
-            if full in existing:
-                continue
-            parts = 1 if name in SINGLE_PARTITION else s.topic_partitions
-            configs = {"cleanup.policy": "compact"} if name in COMPACTED else {}
-            wanted.append(NewTopic(full, parts, s.topic_replication, topic_configs=configs))
+        wanted = [NewTopic(name, parts, s.topic_replication,
+                           topic_configs={"cleanup.policy": "compact"} if compacted else {})
+                  for name, parts, compacted in topics if name not in existing]
         if wanted:
             try:
                 client.create_topics(wanted, timeout_ms=30_000)
@@ -77,4 +97,4 @@ def consumer(s: Settings, *topics: str, **kw: Any) -> KafkaConsumer:
     return KafkaConsumer(*topics, **client_config(s), **kw)
 
 
-__all__ = ["admin", "client_config", "consumer", "ensure_topics", "producer"]
+__all__ = ["admin", "aiokafka_config", "client_config", "consumer", "ensure_changelogs", "ensure_topics", "producer"]

@@ -115,9 +115,7 @@ class Runtime:
     app: faust.App
     metrics: Metrics
     topics: dict[str, TopicT]
-    accounts: Any
     instruments: Any
-    models: Any
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,12 +184,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     # Tables: per-entity state survives restarts through their changelog topics (pickled values).
     # Values are bytes we pickle ourselves (restricted on load): Faust's table codecs are JSON or raw.
     # use_partitioner: writes (and idle-eviction deletes from a timer) go to the key's own partition.
-    accounts = app.Table("accounts", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
-                         partitions=s.topic_partitions)
+    # The transaction engine's tables (accounts, models, disclosure totals) are its own: app/changelog.py.
     instruments = app.Table("instruments", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
                             partitions=s.topic_partitions)
-    models = app.Table("models", default=None, key_type=bytes, value_type=bytes, partitions=s.topic_partitions)
-    return Runtime(s, app, metrics or Metrics(), topics, accounts, instruments, models)
+    return Runtime(s, app, metrics or Metrics(), topics, instruments)
 
 
 def _has_lz4() -> bool:

@@ -29,8 +29,10 @@ up after 0.1 s without progress; see `_buffer_flush`.
 Stalled commits: a record that never reaches the agent (rare, cause inside Faust not found) stops
 its partition's commits for good; `_heal_stalled_commits` reads such a hole again after about two
 seconds, and `_new_offset` no longer commits past a single missing record (Faust's did).
-Caveat: the disclosure totals skip a record re-read after later ones of its bucket (they dedupe
-by the highest offset counted), so a healed hole can leave those totals short.
+
+These fixes matter for the Faust agents (market ticks, rules, disposal, disclosure stage 2).
+Transactions no longer go through Faust's consumer: the transaction engine (agents/transactions.py)
+reads them with its own aiokafka consumer group.
 """
 
 from __future__ import annotations

@@ -76,18 +76,18 @@ class Ingest:
         self.max_ahead = settings.max_future_seconds
         self.clock = clock
 
-    def check_time(self, event: Transaction | MarketTick) -> None:
-        """Raise EventError when the event claims a time too far ahead of this worker's clock."""
-        ahead = event.ts.timestamp() - self.clock()
+    def check_time(self, event: Transaction | MarketTick, ts: float | None = None) -> None:
+        """Raise EventError when the event claims a time too far ahead of this worker's clock (ts: its epoch time)."""
+        ahead = (event.ts.timestamp() if ts is None else ts) - self.clock()
         if ahead > self.max_ahead:
             # A future time would stall eviction and lateness for its entity until the clock catches up.
             raise EventError(
                 f"ts: {event.ts.isoformat()} is {_span(ahead)} ahead of this worker's clock (limit "
                 f"{_span(self.max_ahead)}); fix the producer's clock or the event's time", "ts")
 
-    def transaction(self, txn: Transaction) -> Transaction:
-        """Check a decoded transaction and pseudonymise it when a key is configured."""
-        self.check_time(txn)
+    def transaction(self, txn: Transaction, ts: float | None = None) -> Transaction:
+        """Check a decoded transaction and pseudonymise it when a key is configured (ts: its epoch time)."""
+        self.check_time(txn, ts)
         return self.pseudonyms.transaction(txn) if self.pseudonyms is not None else txn
 
     def tick(self, tick: MarketTick) -> MarketTick:

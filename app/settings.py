@@ -66,6 +66,15 @@ class Settings(BaseSettings):
         """Return the full topic name for a logical name such as 'risk.alerts'."""
         return f"{self.topic_prefix}{name}"
 
+    @property
+    def transactions_group(self) -> str:
+        """Consumer group of the transaction engine (risk.transactions is read outside Faust's group)."""
+        return f"{self.app_id}-transactions"
+
+    def changelog(self, table: str) -> str:
+        """Changelog topic of one of the transaction engine's tables (Faust's naming, so old changelogs still load)."""
+        return f"{self.app_id}-{table}-changelog"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

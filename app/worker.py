@@ -25,7 +25,7 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
     catalogue = load_catalogue(s.rules_file)
     sink = Sink(rt)
     scorer = TransactionScorer(catalogue, storm_cap=s.storm_cap_per_minute)
-    # The transaction agent also feeds disclosure stage 1: one reader and one decode per message.
+    # The transaction engine also feeds disclosure stage 1: one reader and one decode per message.
     disclosed = disclosure.attach(rt, sink)
     transactions.attach(rt, sink, scorer, disclosed)
     market_agent = market.attach(rt, sink, catalogue)

@@ -42,7 +42,7 @@ def worker_e2e(report: Report, data: Data, bootstrap: str, work: Path, workers: 
         load = loadavg()
         procs = [Worker(ns, work / f"worker-e2e-{workers}p-{i}.log", RISKWATCH_STORM_CAP_PER_MINUTE=STORM_CAP)
                  for i in range(workers)]
-        committed = Committed(ns.settings, ns.app_id, ns.transactions)
+        committed = Committed(ns.settings, ns.settings.transactions_group, ns.transactions)
         spy = None
         try:
             ready = [w.wait_ready() for w in procs]
@@ -73,6 +73,8 @@ def worker_e2e(report: Report, data: Data, bootstrap: str, work: Path, workers: 
                 time.sleep(0.2)
             cpu = sum(w.cpu_seconds() - c for w, c in zip(procs, cpu0, strict=True))
             samples = [w.scrape() for w in procs]
+            phases = [(w.metric("riskwatch_batch_seconds_sum", phase="process"),
+                       w.metric("riskwatch_batch_seconds_sum", phase="write")) for w in procs]
             rss = [w.status("VmHWM") for w in procs]
         finally:
             committed.close()
@@ -101,6 +103,10 @@ def worker_e2e(report: Report, data: Data, bootstrap: str, work: Path, workers: 
             "deadletters": int(sum(s.get("riskwatch_deadletters_total", 0.0) for s in samples)),
             "peak_rss_mib": [round(r / 2**20, 1) for r in rss],
             "storm_cap_per_minute": int(STORM_CAP),
+            # Where a batch's time goes (summed over the workers): scoring, and waiting for Kafka's acks.
+            "batches": int(sum(s.get("riskwatch_batch_records_count", 0.0) for s in samples)),
+            "batch_process_seconds": round(sum(p for p, _ in phases), 2),
+            "batch_write_seconds": round(sum(w for _, w in phases), 2),
         }
         if spy is not None and profile is not None and profile.exists():
             detail["profile"] = {"raw_stacks": str(profile), **summarise(profile)}

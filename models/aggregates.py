@@ -175,11 +175,33 @@ class FlowAccumulator(_Accumulator):
             _count(tot, txn_type, amount, event_id)
         return [] if len(dirty) == 1 else self._emit(True, self._totals)
 
+    def add_counted(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str,
+                    offset: int) -> list[FlowTotals]:
+        """add() returning plain totals tuples like add_totals(); `partial()` builds the partial of one.
+
+        The worker sends only the newest partial of each bucket per batch, so it builds a FlowPartial
+        once per bucket and batch instead of once per revision.
+        """
+        return self._add(ts, txn_type, amount, event_id, account_kind, offset, self._totals)
+
+    def partial(self, totals: FlowTotals) -> FlowPartial:
+        """The FlowPartial of totals from add_counted()."""
+        b, out, inn, n, ids = totals
+        return FlowPartial(source=self.source, bucket=b, bucket_seconds=self.bucket_seconds,
+                           outflow=out, inflow=inn, n=n, event_ids=list(ids))
+
     def _add(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str,
              offset: int | None, build: Callable[[int], Any]) -> list[Any]:
         bs = self.bucket_seconds
         b = int(ts // bs) * bs  # bucket_of(), inline: this runs for every transaction
-        tot = self.buckets.get(b) if offset is None and b == self.max_bucket else None
+        tot = None
+        if b == self.max_bucket:
+            if offset is None:
+                tot = self.buckets.get(b)
+            elif offset > self.last_offset:  # _bucket()'s redelivery check, inline
+                tot = self.buckets.get(b)
+                if tot is not None:
+                    self.last_offset = offset
         if tot is None:  # not simply one more event of the open bucket: the full checks
             checked = self._bucket(ts, offset)
             if checked is None:

@@ -34,7 +34,7 @@ def stable_hash(value: str) -> int:
 class AccountState:
     """What riskwatch remembers about one account: bounded, picklable, a few hundred bytes."""
 
-    __slots__ = (
+    __slots__ = (  # noqa: RUF023 - order is the pickle layout; "offset" is appended
         "alerts",
         "burst_max",
         "counterparties",
@@ -60,6 +60,8 @@ class AccountState:
         "new_cp",
         "new_dev",
         "recent_ids",
+        # Appended, not sorted in: pickles of earlier versions restore their values by slot position.
+        "offset",
     )
 
     def __init__(self) -> None:
@@ -88,11 +90,16 @@ class AccountState:
         self.near_ts = array("d")  # times of debits just under the reporting threshold
         self.recent_ids = array("q")  # hashes of the last event ids, to score a redelivered event once
         self.alerts: dict[str, tuple[str, float, list[str], str]] = {}
+        # Input offset of the last event this state applied (the worker's; -1 in replay): a redelivered
+        # event at or below it is recognised whatever the number of events since.
+        self.offset = -1
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
+        if len(state) == len(self.__slots__) - 1:  # pickled before `offset` existed
+            state = (*state, -1)
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
@@ -110,7 +117,7 @@ class AccountState:
                 raise StateCodecError(f"AccountState.{name} is not an array of typecode {code!r}")
         try:
             head = _HEAD.pack(_MAGIC, _VERSION, self.n, self.n_debits, self.new_cp, self.new_dev, self.burst_max,
-                              self.fresh_dev, self.first_ts, self.last_ts, self.log_med, self.log_spread,
+                              self.fresh_dev, self.offset, self.first_ts, self.last_ts, self.log_med, self.log_spread,
                               self.gap_ew, self.fresh_dev_ts, self.day_start, self.day_in, self.day_out,
                               self.day_out_ew, *map(len, arrays))
         except struct.error as exc:  # a count beyond uint32 or an array longer than 255
@@ -127,19 +134,28 @@ class AccountState:
     def from_bytes(cls, blob: bytes) -> AccountState:
         """Decode a blob written by to_bytes, refusing (StateCodecError) anything malformed."""
         size = len(blob)
-        if size < _HEAD.size:
+        head = _HEAD if size >= 2 and blob[1] == _VERSION else _HEAD_V1
+        if size < head.size:
             raise StateCodecError(f"AccountState blob too short ({size} bytes)")
-        fields = _HEAD.unpack_from(blob)
-        if fields[0] != _MAGIC or fields[1] != _VERSION:
-            raise StateCodecError(f"not an AccountState blob of version {_VERSION} "
+        fields = head.unpack_from(blob)
+        if fields[0] != _MAGIC or fields[1] not in (1, _VERSION):
+            raise StateCodecError(f"not an AccountState blob of version 1 or {_VERSION} "
                                   f"(starts with {bytes(blob[:2])!r})")
         st = cls.__new__(cls)
-        (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.first_ts, st.last_ts,
-         st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in, st.day_out,
-         st.day_out_ew) = fields[2:18]
+        if head is _HEAD:
+            (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
+             st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
+             st.day_out, st.day_out_ew) = fields[2:19]
+            counts = fields[19:]
+        else:
+            (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.first_ts, st.last_ts,
+             st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in, st.day_out,
+             st.day_out_ew) = fields[2:18]
+            st.offset = -1
+            counts = fields[18:]
         view = memoryview(blob)
-        off = _HEAD.size
-        for (name, code), count in zip(_ARRAYS, fields[18:], strict=True):
+        off = head.size
+        for (name, code), count in zip(_ARRAYS, counts, strict=True):
             end = off + count * _ITEMSIZE[code]
             if end > size:
                 raise StateCodecError(f"AccountState blob truncated in {name} ({size} bytes)")
@@ -157,20 +173,22 @@ class StateCodecError(ValueError):
     """A state that the compact codec cannot write, or a blob it refuses to read."""
 
 
-# STATE_FORMAT, version 1, little-endian: magic 0xA5, version byte, then five uint32 counts
-# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev as int64, ten float64 scalars (_FLOAT_FIELDS
+# STATE_FORMAT, version 2, little-endian: magic 0xA5, version byte, then five uint32 counts
+# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, ten float64 scalars (_FLOAT_FIELDS
 # order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only when the
 # account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
-# Pickle blobs start with 0x80 (protocol >= 2), so the two formats are told apart by the first byte.
+# Version 1 (still read) had no offset. Pickle blobs start with 0x80 (protocol >= 2), so the two
+# formats are told apart by the first byte.
 _MAGIC = 0xA5
-_VERSION = 1
-_INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev")
+_VERSION = 2
+_INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev", "offset")
 _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
                  "day_out", "day_out_ew")
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"))
 _ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
-_HEAD = struct.Struct("<BB5Iq10d8B")
+_HEAD = struct.Struct("<BB5Iqq10d8B")
+_HEAD_V1 = struct.Struct("<BB5Iq10d8B")
 _BIG_ENDIAN = sys.byteorder == "big"
 STATE_MAGIC = bytes([_MAGIC])
 

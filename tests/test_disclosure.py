@@ -173,21 +173,24 @@ def test_a_bucket_counted_while_a_flush_is_sending_goes_out_with_the_next_flush(
     rt = create_app(Settings(topic_prefix="unit.", app_id="unit", data_dir=tmp_path / "data",
                              disclosure_utc_offset_minutes=480))
     d = Disclosure(rt, Sink(rt))
-    d.flows = {}  # the table's mapping; its changelog is Faust's business, not this test's
-    d._owned = lambda topic: {0}  # type: ignore[method-assign]
+    d.flows = {}  # the table's mapping; its changelog is the engine's business, not this test's
+    d.txn_owned = lambda: {0}
 
     def txn(hours: float) -> Transaction:
         return Transaction.model_validate(make_txn(ts=(DAY_START + timedelta(hours=hours)).isoformat()))
+
+    def counted(t: Transaction, partition: int, offset: int) -> tuple[Transaction, int, int, float]:
+        return t, partition, offset, t.ts.timestamp()
 
     sent: list[FlowTotals] = []
 
     async def partial(blob: bytes) -> None:
         sent.append(FlowTotals.model_validate_json(blob))
         if len(sent) == 1:
-            d.add_batch([(txn(2.5), 0, 2)])  # the agent's next batch, while this flush awaits the broker
+            d.add_batch([counted(txn(2.5), 0, 2)])  # the agent's next batch, while this flush awaits the broker
 
     d._partial = partial  # type: ignore[method-assign]
-    d.add_batch([(txn(0.5), 0, 0), (txn(1.5), 0, 1)])
+    d.add_batch([counted(txn(0.5), 0, 0), counted(txn(1.5), 0, 1)])
     asyncio.run(d.flush_flows())
     asyncio.run(d.flush_flows())
     newest = {t.hour: t for t in sent}

@@ -4,7 +4,7 @@ Three layers, about 130,000 generated inputs per run:
 
 - hypothesis properties of the decoder (random bytes, hostile JSON values in every field, every
   proper prefix of an event, valid events round-tripping): 12,000 examples;
-- the real transaction agent in-process (Faust's test context, outbound topics captured): a
+- the real transaction processor in-process (the engine's work without Kafka, outputs captured): a
   hypothesis property over batches (about 3,000 inputs) and a seeded fuzzer (20,000 inputs)
   mixing valid, duplicate, out-of-order, late and mutated events, with an independent model of
   the duplicate and lateness rules as the oracle, and memory checked after a warm-up;
@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,12 +204,8 @@ class Oracle:
         return "scored"
 
 
-async def _noop() -> None:
-    pass
-
-
 class AgentHarness:
-    """The worker's real transaction agent in-process: Faust's test context, outbound messages captured."""
+    """The worker's real transaction processor in-process (the engine's work without Kafka); outputs captured."""
 
     def __init__(self, s: Settings) -> None:
         from app.worker import build
@@ -217,31 +213,14 @@ class AgentHarness:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.rt = build(s, Metrics(CollectorRegistry()))
-        app = self.rt.app
-        app.finalize()
-        app.flow_control.resume()
+        self.processor = self.rt.extras["transactions"].processor
         # Only dead letters are kept, and only what the checks need: the harness must not be
         # what grows when the test measures the agent's memory.
         self.letters: list[tuple[int | None, str]] = []
         self._deadletter_topic = s.topic(DEADLETTER)
-        # Plain functions, not mocks: a mock records every call, and would be what grows.
-        for t in self.rt.topics.values():
-            t.send = self._capture(t.get_topic_name())  # type: ignore[method-assign]
-        sent = SimpleNamespace(message=SimpleNamespace(partition=0))
-        for table in (self.rt.accounts, self.rt.instruments, self.rt.models):
-            table.send_changelog = lambda *a, **kw: sent
-        app.producer.flush = _noop  # type: ignore[method-assign]
         self.topic = s.topic(TRANSACTIONS)
         self.fed = 0
-        self.ctx = app.agents["score-transactions"].test_context()
-        self.agent = self.loop.run_until_complete(self.ctx.__aenter__())
-
-    def _capture(self, name: str) -> Callable[..., Any]:
-        async def capture(**kw: Any) -> None:
-            if name == self._deadletter_topic:
-                d = DeadLetter.model_validate_json(kw["value"])
-                self.letters.append((d.offset, d.reason))
-        return capture
+        self.batch_size = s.batch_size
 
     def metric(self, name: str) -> float:
         """A transaction-topic counter of the agent."""
@@ -257,27 +236,30 @@ class AgentHarness:
                 "late": self.metric("riskwatch_late_events_total")}
 
     def feed(self, raws: Iterable[bytes]) -> None:
-        """Put inputs through the agent and wait until the last one is fully processed."""
+        """Put inputs through the processor in the engine's batch sizes, as records of partition 0."""
+        records = []
+        for raw in raws:
+            records.append(SimpleNamespace(partition=0, offset=self.fed, value=raw))
+            self.fed += 1
 
         async def run() -> None:
-            for raw in raws:
-                await self.agent.put(key=b"fuzz", value=raw)
-                self.fed += 1
-            # put() returns when the agent takes the event, not when it is done; the agent scores
-            # in batches, so the last one is processed once its batch window has passed.
-            for _ in range(2000):
-                c = self.counts()
-                if c["consumed"] == self.fed and c["consumed"] == c["scored"] + c["invalid"] + c["duplicate"]:
-                    return
-                await asyncio.sleep(0.005)
+            for i in range(0, len(records), self.batch_size):
+                await self.processor.process(records[i:i + self.batch_size])
+                for topic, _key, value, _partition in self.processor.sink.take():
+                    if topic == self._deadletter_topic:
+                        d = DeadLetter.model_validate_json(value)
+                        self.letters.append((d.offset, d.reason))
+                for store in self.processor.stores:
+                    store.take_pending()  # what the engine would write to the changelogs
 
         self.loop.run_until_complete(run())
-        self.agent.results.clear()  # Faust's test wrapper keeps every input it saw: not the agent's memory
 
+    def state_keys(self) -> list[bytes]:
+        """Every key the accounts table holds."""
+        return self.processor.accounts.keys()
 
     def close(self) -> None:
-        """Stop the agent and close the loop."""
-        self.loop.run_until_complete(self.ctx.__aexit__(None, None, None))
+        """Close the loop."""
         self.loop.close()
         asyncio.set_event_loop(None)
 
@@ -409,7 +391,7 @@ def test_seeded_fuzz_through_the_agent(harness: AgentHarness, capsys: pytest.Cap
         harness.feed(batch)
     grew = _rss_mb() - warm
     _assert_accounted(harness, oracle)
-    assert all(k.startswith(b"ps-") for k in harness.rt.accounts), "state must hold pseudonyms only"
+    assert all(k.startswith(b"ps-") for k in harness.state_keys()), "state must hold pseudonyms only"
     assert grew < 64, f"memory grew {grew:.0f} MiB over 16,000 inputs after warm-up"
     with capsys.disabled():
         print(f"\nfuzz through the agent: {oracle.counts} in {time.monotonic() - t0:.1f}s after warm-up, "

@@ -132,3 +132,24 @@ def test_malformed_blobs_are_refused_with_a_clear_error(scored_states: dict[str,
     from models.market import InstrumentState
     with pytest.raises(StateCodecError, match="not an AccountState"):
         load_account(dumps(InstrumentState()))
+
+
+def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_load(
+        scored_states: dict[str, AccountState]) -> None:
+    from models import features
+
+    st = next(s for s in scored_states.values() if s.alerts)
+    st.offset = 123_456_789_012
+    assert AccountState.from_bytes(st.to_bytes()).offset == 123_456_789_012
+    # Version 1, as the previous release wrote it: the same head without the offset.
+    v2 = st.to_bytes()
+    fields = list(features._HEAD.unpack_from(v2))
+    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:]) + v2[features._HEAD.size:]
+    old = AccountState.from_bytes(v1)
+    assert old.offset == -1
+    old.offset = st.offset
+    assert _fingerprint(old) == _fingerprint(st)
+    # A pickle from before the slot existed: one value fewer.
+    legacy = pickle.loads(pickle.dumps(st))
+    legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-1]))
+    assert legacy.offset == -1 and legacy.n == st.n

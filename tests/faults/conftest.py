@@ -301,7 +301,7 @@ def committed_offsets(s: Settings) -> dict[int, int]:
 
     client = admin(s)
     try:
-        got = client.list_group_offsets(s.app_id).get(s.app_id, {})
+        got = client.list_group_offsets(s.transactions_group).get(s.transactions_group, {})
     finally:
         client.close()
     topic = s.topic(TRANSACTIONS)
