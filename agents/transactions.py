@@ -8,6 +8,7 @@ totals) are app.changelog stores with Faust-compatible changelog topics.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import zlib
@@ -140,10 +141,8 @@ class TransactionProcessor:
         self.eviction = IdleEviction(s.state_ttl_seconds)
         self.ingest = Ingest(s)
         self.flows: dict[int, FlowAccumulator] = {}
-        # Decoded account states: changed since the last write (`live`), or written at the last one
-        # and not touched since (`warm`, equal to their table blobs).
+        # Decoded account states changed since the last write (at most about MAX_LIVE of them).
         self.live: dict[tuple[int, bytes], AccountState] = {}
-        self.warm: dict[tuple[int, bytes], AccountState] = {}
         m = self.m = rt.metrics
         self._decode_seconds = m.processing.labels("decode")
         self._score_seconds = m.processing.labels("score")
@@ -162,7 +161,6 @@ class TransactionProcessor:
         and encoded once per commit interval, not once per batch.
         """
         sink, scorer, models, topic_name, live = self.sink, self.scorer, self.models, self.topic_name, self.live
-        warm_pop = self.warm.pop
         accounts_get = self.accounts.get
         decode, ingest_txn, perf, touch = decode_event, self.ingest.transaction, time.perf_counter, self.eviction.touch
         publish_scores = self.settings.publish_scores
@@ -205,11 +203,8 @@ class TransactionProcessor:
             try:
                 state = live.get(sk)
                 if state is None:
-                    state = warm_pop(sk, None)
-                    if state is None:
-                        blob = accounts_get(partition, key)
-                        state = load_account(blob) if blob else AccountState()
-                    live[sk] = state
+                    blob = accounts_get(partition, key)
+                    state = live[sk] = load_account(blob) if blob else AccountState()
                 if offset <= state.offset:
                     # Redelivered after a crash or a move: this state already applied it, however
                     # many events the account saw since (the event-id memory keeps only 16).
@@ -263,16 +258,11 @@ class TransactionProcessor:
             self.disclosure.add_batch(counted)
 
     def write_state(self) -> None:
-        """Encode the account states changed since the last call into the accounts table (and its pending writes).
-
-        They stay decoded for one more interval (`warm`): an account busy in consecutive intervals
-        is decoded once, not once per interval. Both generations together hold at most about
-        2 * MAX_LIVE states, whatever the number of accounts.
-        """
+        """Encode the account states changed since the last call into the accounts table (and its pending writes)."""
         put = self.accounts.put
         for (partition, key), state in self.live.items():
             put(partition, key, dump_account(state))
-        self.warm, self.live = self.live, {}
+        self.live = {}
 
     async def _outcome(self, out: Any) -> None:
         m = self.m
@@ -296,7 +286,6 @@ class TransactionProcessor:
         for key, partition in stale:
             self.accounts.delete(partition, key)
             self.live.pop((partition, key), None)
-            self.warm.pop((partition, key), None)
         if stale:
             self.m.evictions.labels(ACCOUNTS_TABLE).inc(len(stale))
         self.m.entities.labels(ACCOUNTS_TABLE).set(len(self.accounts))
@@ -306,7 +295,6 @@ class TransactionProcessor:
         self.models.forget(set(self.models.detectors) - partitions)
         self.eviction.keep_only(partitions)
         self.live = {k: v for k, v in self.live.items() if k[0] in partitions}
-        self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}
         for p in set(self.flows) - partitions:
             del self.flows[p]
 
@@ -314,7 +302,6 @@ class TransactionProcessor:
         """Forget what is cached of partitions whose tables are being read back from their changelogs."""
         self.models.forget(partitions)
         self.live = {k: v for k, v in self.live.items() if k[0] not in partitions}
-        self.warm = {k: v for k, v in self.warm.items() if k[0] not in partitions}
         for p in partitions:
             self.eviction.seen.pop(p, None)
 
@@ -361,11 +348,13 @@ class TransactionEngine:
         self.committed: dict[TopicPartition, int] = {}
         self.legacy_offsets: dict[int, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
+        self.producer: AIOKafkaProducer | None = None  # warnings, dead letters, partials, scores
+        self.state_producer: AIOKafkaProducer | None = None  # table changelogs
         self.restorer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.last_commit = self.last_chores = 0.0
+        self.last_commit = self.last_chores = self.last_flush = 0.0
+        self.writing: asyncio.Task[None] | None = None
         self.batches = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -377,8 +366,12 @@ class TransactionEngine:
             log.info("created changelog topics: %s", ", ".join(created))
         self.legacy_offsets = await asyncio.to_thread(_legacy_offsets, s)
         cfg = aiokafka_config(s)
-        self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, max_batch_size=256 * 1024,
-                                         compression_type="lz4" if _has_lz4() else None)
+        lz4 = "lz4" if _has_lz4() else None
+        # Two producers: aiokafka keeps one request in flight per broker and producer, and warnings
+        # queued behind a large changelog request waited for it (the latency's p99, issue 8).
+        self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, compression_type=lz4)
+        self.state_producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=0, max_batch_size=512 * 1024,
+                                               compression_type=lz4)
         self.restorer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False,
                                          auto_offset_reset="earliest")
         session_ms = int(s.kafka_session_timeout * 1000)
@@ -387,10 +380,14 @@ class TransactionEngine:
             session_timeout_ms=session_ms, heartbeat_interval_ms=min(3000, session_ms // 3),
             max_poll_records=s.batch_size)
         await self.producer.start()
+        await self.state_producer.start()
         await self.restorer.start()
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
         await self.consumer.start()
         self.task = asyncio.create_task(self._run(), name="transaction-engine")
+        # Everything built so far (Faust's services, modules, models) lives as long as the worker: a
+        # full collection scanned it for about 65 ms each time, a stall every warning waited behind.
+        gc.freeze()
 
     async def stop(self) -> None:
         """Finish the batch in hand, commit, leave the group and close the clients."""
@@ -406,11 +403,11 @@ class TransactionEngine:
             try:
                 async with self.lock:
                     if not self.broken and self.ready:
-                        await self._flush()
+                        await self._flush(wait=True)
             except Exception as exc:  # noqa: BLE001 - the next owner starts from the last commit that worked
                 log.warning("final commit of risk.transactions failed: %s", exc)
             await self.consumer.stop()
-        for client in (self.producer, self.restorer):
+        for client in (self.producer, self.state_producer, self.restorer):
             if client is not None:
                 await client.stop()
 
@@ -424,9 +421,11 @@ class TransactionEngine:
         self.ready = False
         async with self.lock:
             if self.broken:
+                await self._abandon_writes()
                 return  # the tables may be ahead of their changelogs: nothing safe to write or commit
             try:
-                await self._flush()
+                await self._flush(wait=True)
+                self.writing = None
             except Exception as exc:  # noqa: BLE001 - the next owner redoes uncommitted events (deduplicated)
                 log.warning("writing state and committing before the rebalance failed: %s", exc)
                 self.broken = True
@@ -434,6 +433,12 @@ class TransactionEngine:
     async def assigned(self, partitions: set[int]) -> None:
         """After a rebalance: drop the tables of partitions gone, read back those newly ours."""
         async with self.lock:
+            if self.writing is not None:  # revoked() waited for it; a write must not span an assignment
+                try:
+                    await self._settle()
+                except Exception:  # noqa: BLE001 - logged where it failed; read back below
+                    self.broken = True
+                self.writing = None
             gone, added = self.owned - partitions, partitions - self.owned
             for store in self.stores:
                 store.drop(gone)
@@ -453,6 +458,15 @@ class TransactionEngine:
                 self.broken = True
             log.info("transaction partitions %s (added %s, gone %s)", sorted(partitions), sorted(added),
                      sorted(gone))
+
+    async def _abandon_writes(self) -> None:
+        # After a failure: let the writes in flight end (none commits past the failed one), ignore how.
+        task, self.writing = self.writing, None
+        if task is not None:
+            try:
+                await task
+            except Exception:  # noqa: BLE001 - the failure that made us rewind, already logged
+                pass
 
     async def _read_back(self, partitions: set[int]) -> None:
         if not partitions:
@@ -480,6 +494,7 @@ class TransactionEngine:
         # changelogs, so they are read back and reading resumes from the committed offsets.
         assert self.consumer is not None
         async with self.lock:
+            await self._abandon_writes()
             parts = set(self.owned)
             for store in self.stores:
                 store.take_pending()
@@ -568,48 +583,75 @@ class TransactionEngine:
         for topic, key, value, partition in self.sink.take():
             self.outstanding.append(await producer.send(topic, value, key=key, partition=partition))
 
-    async def _flush(self) -> None:
-        """Wait for the outputs sent, write the tables' changes, wait for them, then commit what they cover.
+    async def _flush(self, wait: bool = False) -> None:
+        """Snapshot the tables' changes and write them behind the loop: outputs acked, then state, then commit.
 
-        A crash at any point leaves the committed offsets at or before state that was delivered
-        with every warning it remembers, so the redelivered events are re-scored or recognised as
-        duplicates, never lost.
+        The snapshot (states encoded, pending changes taken, offsets read so far) is taken here,
+        under the lock; the writing runs as a task chained after the previous one, so the loop goes
+        on scoring while Kafka acknowledges (a flush used to stall every event behind it for a few
+        round trips). Chaining keeps each partition's changelog in write order. A crash at any point
+        leaves the committed offsets at or before state that was delivered with every warning it
+        remembers, so the redelivered events are re-scored or recognised by offset, never lost.
         """
-        producer = self.producer
+        outstanding, self.outstanding = self.outstanding, []
+        self.processor.write_state()
+        pending = [(store.topic, store.take_pending()) for store in self.stores]
+        offsets = dict(self.read)
+        self.writing = asyncio.create_task(self._write(self.writing, outstanding, pending, offsets),
+                                           name="transaction-engine-write")
+        if wait:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for every write in flight; raise if one failed."""
+        task = self.writing
+        if task is not None:
+            await task
+
+    async def _write(self, previous: asyncio.Task[None] | None, outstanding: list[asyncio.Future[Any]],
+                     pending: list[tuple[str, dict[tuple[int, bytes], bytes | None]]],
+                     offsets: dict[TopicPartition, int]) -> None:
+        if previous is not None:
+            await previous  # a failed earlier write fails this one too: nothing after it may commit
+        producer = self.state_producer
         assert producer is not None
         t0 = time.perf_counter()
-        outstanding, self.outstanding = self.outstanding, []
         await gather_all(outstanding)
-        self.processor.write_state()
         futures = []
-        for store in self.stores:
-            pending = store.take_pending()
-            if not pending:
-                continue
+        for topic, changes in pending:
             batches: dict[int, Any] = {}
-            for (partition, key), value in pending.items():
+            for (partition, key), value in changes.items():
                 batch = batches.get(partition)
                 if batch is None:
                     batch = batches[partition] = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
                     batch = batches[partition] = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
             for partition, batch in batches.items():
                 if batch.record_count():
-                    futures.append(await producer.send_batch(batch, store.topic, partition=partition))
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
         await gather_all(futures)
-        self.done.update(self.read)
+        self.done.update(offsets)
         self.rt.metrics.batch_phase.labels("write").observe(time.perf_counter() - t0)
         await self._commit()
 
     async def _chores(self) -> None:
+        if not self.ready:
+            return
+        writing = self.writing
+        if writing is not None and writing.done():
+            self.writing = None
+            writing.result()  # a failed write raises here: the loop reads back and resumes
         now = time.monotonic()
-        if now - self.last_chores >= CHORES_SECONDS and self.ready:
+        if now - self.last_chores >= CHORES_SECONDS:
             self.last_chores = now
             await self.processor.housekeeping()
             await self._send_outputs()
-        if now - self.last_commit >= COMMIT_SECONDS or len(self.processor.live) >= MAX_LIVE:
+        if now - self.last_flush >= COMMIT_SECONDS or len(self.processor.live) >= MAX_LIVE:
+            if self.writing is not None and len(self.processor.live) < 2 * MAX_LIVE:
+                return  # one write in flight at a time, unless changes pile up
+            self.last_flush = now
             await self._flush()
 
     async def _commit(self) -> None:
@@ -649,8 +691,8 @@ class TransactionEngine:
 CHORES_SECONDS = 2.0
 COMMIT_SECONDS = 1.0
 # Decoded account states held between two writes; more than this many changed accounts are written
-# at once, so the worker's memory does not grow with a burst of new accounts.
-MAX_LIVE = 5_000
+# at once, so the worker's memory does not grow with a burst of new accounts (about 1.2 KB each).
+MAX_LIVE = 2_000
 
 
 def _legacy_offsets(s: Settings) -> dict[int, int]:

@@ -51,7 +51,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                     "issue's two and one a slow worker sustains; quick 200)")
     ap.add_argument("--latency-seconds", type=float, help="measured seconds per offered load (default 15; quick 3)")
     ap.add_argument("--accounts", help="account counts at which worker memory is read "
-                                       "(default 2000,10000,25000; quick 200,600)")
+                                       "(default 2000,10000,25000; quick 2000,8000)")
     ap.add_argument("--bootstrap", default=os.environ.get("RISKWATCH_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
                     help="Kafka bootstrap servers (default RISKWATCH_KAFKA_BOOTSTRAP or 127.0.0.1:9092)")
     ap.add_argument("--own-broker", action="store_true",
@@ -68,7 +68,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.baseline_events = args.baseline_events or (300 if q else 10_000)
     args.rates = _ints(args.rates or ("200" if q else "200,1000,5000"))
     args.latency_seconds = args.latency_seconds or (3.0 if q else 15.0)
-    args.accounts = _ints(args.accounts or ("200,600" if q else "2000,10000,25000"))
+    args.accounts = _ints(args.accounts or ("2000,8000" if q else "2000,10000,25000"))
     args.workers = _ints(args.workers or ("1" if q else "1,2"))
     args.budget = args.budget or 60.0
     groups = args.only.split(",") if args.only else list(GROUPS)

@@ -1,4 +1,4 @@
-"""The Faust worker end to end through the broker: N events already on the topic, 1 or 2 worker processes."""
+"""The worker end to end through the broker: N events already on the topic, 1 or 2 worker processes."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def worker_e2e(report: Report, data: Data, bootstrap: str, work: Path, workers: 
             report.note(GROUP, f"{workers} process(es): {processed:,.0f} of {n - before:,.0f} events done when the "
                                f"{budget:.0f} s budget ran out; the figure is events done / {elapsed:.0f} s, "
                                "not time to the last commit")
-        label = f"riskwatch: Faust worker end to end, {workers} process{'es' if workers > 1 else ''}"
+        label = f"riskwatch: worker end to end, {workers} process{'es' if workers > 1 else ''}"
         return report.add(Figure(GROUP, f"worker_{workers}p", label, processed / elapsed, "events/s",
                                  ceiling=CONSUME, target=">= 10,000/s" if workers == 1 else None,
                                  load_before=load, detail=detail))

@@ -69,7 +69,7 @@ def test_quick_run_prints_the_table_and_writes_every_group(kafka_bootstrap: str,
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| figure" in done.stdout
     for label in ("ceiling: parse+validate only", "baseline: naive River loop", "riskwatch: scoring only",
-                  "riskwatch: file replay", "Faust worker end to end, 1 process", "latency p99 at 200/s offered",
+                  "riskwatch: file replay", "worker end to end, 1 process", "latency p99 at 200/s offered",
                   "worker RSS growth per tracked account"):
         assert label in done.stdout, label
     written = sorted(p.stem for p in out.glob("*.json"))
@@ -89,6 +89,6 @@ def test_quick_run_prints_the_table_and_writes_every_group(kafka_bootstrap: str,
     assert worker["detail"]["scored"] == worker["detail"]["events"] == 1000
     assert worker["ratio"] is not None
     memory = {f["name"]: f for f in json.loads((out / "memory.json").read_text())["figures"]}
-    assert memory["rss_600"]["detail"]["accounts_gauge"] == 600
+    assert memory["rss_8000"]["detail"]["accounts_gauge"] == 8000
     assert {"parse_validate", "bare_consume", "bare_produce", "scoring_only", "worker_1p",
             "latency_200_p99", "rss_per_account"} <= names
