@@ -353,9 +353,8 @@ class TransactionEngine:
         self.restorer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.last_commit = self.last_chores = self.last_flush = 0.0
+        self.last_chores = self.last_flush = 0.0
         self.writing: asyncio.Task[None] | None = None
-        self.batches = 0
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -573,7 +572,6 @@ class TransactionEngine:
         for tp, recs in got.items():
             if recs and tp.partition in self.owned:
                 self.read[tp] = recs[-1].offset + 1
-        self.batches += 1
 
     async def _send_outputs(self) -> None:
         # Warnings go out at once (their latency is the product), but are waited for only at the
@@ -655,7 +653,6 @@ class TransactionEngine:
             await self._flush()
 
     async def _commit(self) -> None:
-        self.last_commit = time.monotonic()
         todo = {tp: o for tp, o in self.done.items() if self.committed.get(tp) != o}
         if not todo or self.consumer is None:
             return
