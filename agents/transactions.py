@@ -24,7 +24,7 @@ from agents.sink import BufferedSink, Sink
 from app.admin import aiokafka_config, ensure_changelogs
 from app.changelog import ChangelogStore, gather_all, read_back
 from app.errors import EventError
-from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, load_account, restricted_loads
+from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, has_lz4, load_account, restricted_loads
 from app.metrics import observe_many
 from app.schemas import Transaction, decode_event
 from app.security import Ingest
@@ -365,7 +365,7 @@ class TransactionEngine:
             log.info("created changelog topics: %s", ", ".join(created))
         self.legacy_offsets = await asyncio.to_thread(_legacy_offsets, s)
         cfg = aiokafka_config(s)
-        lz4 = "lz4" if _has_lz4() else None
+        lz4 = "lz4" if has_lz4() else None
         # Two producers: aiokafka keeps one request in flight per broker and producer, and warnings
         # queued behind a large changelog request waited for it (the latency's p99, issue 8).
         self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, compression_type=lz4)
@@ -702,7 +702,7 @@ def _legacy_offsets(s: Settings) -> dict[int, int]:
         log.warning("could not read Faust's old offsets: %s", exc)
         return {}
     try:
-        got = client.list_consumer_group_offsets(s.app_id)
+        got = client.list_group_offsets(s.app_id).get(s.app_id, {})
     except Exception as exc:  # noqa: BLE001
         log.warning("could not read Faust's old offsets: %s", exc)
         return {}
@@ -710,14 +710,6 @@ def _legacy_offsets(s: Settings) -> dict[int, int]:
         client.close()
     topic = s.topic(TRANSACTIONS)
     return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
-
-
-def _has_lz4() -> bool:
-    try:
-        import lz4  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer,

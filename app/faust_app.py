@@ -168,7 +168,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         broker_heartbeat_interval=min(3.0, s.kafka_session_timeout / 3),
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
-        producer_compression_type="lz4" if _has_lz4() else None,
+        producer_compression_type="lz4" if has_lz4() else None,
         table_cleanup_interval=30.0,
         # No standby replicas: with the memory store each would double a worker's RAM. Failover
         # replays the changelog. (Takeovers that "never committed again" were Faust's seek race,
@@ -190,7 +190,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     return Runtime(s, app, metrics or Metrics(), topics, instruments)
 
 
-def _has_lz4() -> bool:
+def has_lz4() -> bool:
     try:
         import lz4  # noqa: F401
     except ImportError:
@@ -198,5 +198,5 @@ def _has_lz4() -> bool:
     return True
 
 
-__all__ = ["ALL_TOPICS", "Runtime", "create_app", "credentials", "dump_account", "dumps", "load_account",
+__all__ = ["ALL_TOPICS", "Runtime", "create_app", "credentials", "dump_account", "dumps", "has_lz4", "load_account",
            "restricted_loads"]

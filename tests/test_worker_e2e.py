@@ -47,3 +47,35 @@ def test_large_transaction_warns_and_bad_input_is_dead_lettered(settings, start_
     assert worker.metric("riskwatch_deadletters_total", topic=topic) == 2
     assert worker.metric("riskwatch_warnings_total", category="large_transaction", level="medium") == 1
     assert worker.metric("riskwatch_processing_seconds_count", stage="score") == 2
+
+
+@pytest.mark.kafka
+def test_an_upgraded_worker_starts_where_fausts_group_stopped(settings, start_worker, make_txn):
+    """Before the transaction engine, Faust's group (the app id) read risk.transactions: its commits are kept."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from app.admin import client_config, ensure_topics
+
+    s = settings
+    ensure_topics(s)
+    topic = s.topic(TRANSACTIONS)
+    events = [make_txn(event_id=f"up-{i}", account_id="acct-up") for i in range(10)]
+    produce(s, TRANSACTIONS, [(b"acct-up", json.dumps(e).encode()) for e in events])
+    old = KafkaConsumer(**client_config(s), group_id=s.app_id, enable_auto_commit=False)
+    try:
+        partitions = old.partitions_for_topic(topic) or set()
+        end = old.end_offsets([TopicPartition(topic, p) for p in partitions])
+        tp = next(tp for tp, n in end.items() if n == len(events))
+        old.commit({tp: OffsetAndMetadata(6, "", -1)})  # the old group had done 6 of the 10
+    finally:
+        old.close()
+    worker = start_worker(s)
+    deadline = time.monotonic() + 60
+    while worker.metric("riskwatch_events_consumed_total", topic=topic) < 4:
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.3)
+    time.sleep(3.0)  # anything more would be the old group's 6 read again
+    assert worker.metric("riskwatch_events_consumed_total", topic=topic) == 4
