@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from agents.sink import Sink
 from app.changelog import ChangelogStore, PartitionView
 from app.faust_app import DISCLOSURE, DISCLOSURE_PARTIALS, TRANSACTIONS, Runtime
-from app.schemas import Transaction
+from app.schemas import TransactionFields
 from models.disclosure import (
     HOUR,
     AlertSnapshot,
@@ -95,7 +95,7 @@ class Disclosure:
         self.dirty = {k for k in self.flows.keys() if source_partition(k) in owned}
         self.flows_generation = self.txn_generation()
 
-    def add_batch(self, batch: list[tuple[Transaction, int, int, float]]) -> None:
+    def add_batch(self, batch: list[tuple[TransactionFields, int, int, float]]) -> None:
         """Count (transaction, partition, offset, epoch time) items; each changed bucket is written to the table once.
 
         The transaction engine writes the changed totals to the changelog with the batch's other

@@ -26,9 +26,10 @@ from app.changelog import ChangelogStore, gather_all, read_back
 from app.errors import EventError
 from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, has_lz4, load_account, restricted_loads
 from app.metrics import observe_many
-from app.schemas import Transaction, decode_event
+from app.schemas import TransactionFields
 from app.security import Ingest
 from app.settings import Settings
+from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator
 from models.detector import SurpriseDetector
 from models.features import AccountState
@@ -162,11 +163,12 @@ class TransactionProcessor:
         """
         sink, scorer, models, topic_name, live = self.sink, self.scorer, self.models, self.topic_name, self.live
         accounts_get = self.accounts.get
-        decode, ingest_txn, perf, touch = decode_event, self.ingest.transaction, time.perf_counter, self.eviction.touch
+        decode, ingest_txn, touch = decode_transaction, self.ingest.transaction, self.eviction.touch
+        perf = time.perf_counter
         publish_scores = self.settings.publish_scores
         # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
         partials: dict[tuple[int, int], Any] = {}
-        counted: list[tuple[Transaction, int, int, float]] = []
+        counted: list[tuple[TransactionFields, int, int, float]] = []
         n_scored = 0
         newest = 0.0
         # Per-event stage times, observed in bulk after the batch (one observe() each cost a microsecond).
@@ -187,7 +189,7 @@ class TransactionProcessor:
                 current = partition
             t0 = perf()
             try:
-                txn = decode(rec.value or b"", Transaction)
+                txn = decode(rec.value or b"")
                 ts = txn.ts.timestamp()
                 if self.disclosure is not None:
                     # Disclosure counts every transaction that decodes, as its own reader did.

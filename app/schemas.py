@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar, overload
+from typing import Annotated, Any, Literal, Protocol, TypeVar, overload
 
+import msgspec
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -14,6 +15,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 from app.errors import EventError
@@ -47,6 +49,19 @@ class _Event(BaseModel):
     ts: AwareDatetime = Field(ge=_MIN_TS, lt=_MAX_TS, description="RFC 3339 with an offset, 2000-2100")
     label: Literal[0, 1] | None = None
 
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _round_sub_microseconds(cls, value: Any) -> Any:
+        # Fractions beyond microseconds (Java's Instant prints nanoseconds) are rounded to the
+        # nearest microsecond, as the worker's fast decoder (app.wire) does; pydantic alone would
+        # truncate, and live and replay would then disagree by a microsecond.
+        if type(value) is str and (dot := value.find(".")) > 0 and value[dot + 1:dot + 8].isdigit():
+            try:
+                return msgspec.convert(value, datetime)
+            except msgspec.ValidationError:
+                return value  # pydantic's own parser decides, and words the error
+        return value
+
 
 class Transaction(_Event):
     """A money movement on one account (topic risk.transactions, key account_id)."""
@@ -65,6 +80,43 @@ class Transaction(_Event):
     ip: str | None = Field(None, max_length=64)
     country: str | None = Field(None, max_length=8)
     merchant_category: str | None = Field(None, max_length=16)
+
+
+class TransactionFields(Protocol):
+    """What scoring reads of a transaction: a Transaction, or the worker's faster app.wire.TransactionRecord."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def ts(self) -> datetime: ...
+    @property
+    def label(self) -> Literal[0, 1] | None: ...
+    @property
+    def account_id(self) -> str: ...
+    @property
+    def counterparty_id(self) -> str: ...
+    @property
+    def amount(self) -> float: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def direction(self) -> Literal["debit", "credit"]: ...
+    @property
+    def txn_type(self) -> TxnType: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def account_kind(self) -> AccountKind: ...
+    @property
+    def counterparty_kind(self) -> AccountKind: ...
+    @property
+    def device_id(self) -> str | None: ...
+    @property
+    def ip(self) -> str | None: ...
+    @property
+    def country(self) -> str | None: ...
+    @property
+    def merchant_category(self) -> str | None: ...
 
 
 class MarketTick(_Event):
@@ -198,6 +250,7 @@ __all__ = [
     "MarketTick",
     "Reason",
     "Transaction",
+    "TransactionFields",
     "decode_event",
     "decode_object",
     "event_id_of",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from math import exp, log, log1p
 from zlib import adler32, crc32
 
-from app.schemas import Alert, Reason, Transaction
+from app.schemas import Alert, Reason, TransactionFields
 from models.detector import CAP, Calibrator, SurpriseDetector, _poisson_tail_surprise, explain, surprises
 from models.features import (
     AMOUNT_HISTORY,
@@ -131,7 +131,7 @@ class TransactionScorer:
         """Calibrated score at or above which the model may warn."""
         return self._threshold
 
-    def process(self, txn: Transaction, state: AccountState, ts: float | None = None) -> TxnOutcome:
+    def process(self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """Score, then learn; mutates `state` and returns the findings and warnings to publish."""
         det = self.detector
         cal_ = det.calibrator
@@ -364,7 +364,7 @@ class TransactionScorer:
             self._alerts(out, state, ts, event_id)
         return out
 
-    def process_reference(self, txn: Transaction, state: AccountState, ts: float | None = None) -> TxnOutcome:
+    def process_reference(self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """process() step by step through observe, surprises and learn: the specification the fused path must match."""
         if ts is None:
             ts = txn.ts.timestamp()
@@ -421,11 +421,11 @@ class TransactionScorer:
             t = self._thresholds[currency] = (limit, self._struct.lower_fraction * limit)
         return t
 
-    def _is_near(self, txn: Transaction) -> bool:
+    def _is_near(self, txn: TransactionFields) -> bool:
         t = self._large.threshold(txn.currency)
         return self._struct.lower_fraction * t <= txn.amount < t
 
-    def _rules(self, txn: Transaction, debits_10m: int, expected_10m: float, ts: float, debit: bool, near: bool,
+    def _rules(self, txn: TransactionFields, debits_10m: int, expected_10m: float, ts: float, debit: bool, near: bool,
                state: AccountState, threshold: float) -> list[Finding]:
         on = self._on
         out: list[Finding] = []
@@ -466,7 +466,7 @@ class TransactionScorer:
                     value=float(debits_10m), threshold=float(v.min_debits))])
         return out
 
-    def _model(self, txn: Transaction, f: TxnFeatures, x: dict[str, float], raw: float, cal: float,
+    def _model(self, txn: TransactionFields, f: TxnFeatures, x: dict[str, float], raw: float, cal: float,
                hour: int) -> Finding | None:
         rule = self.catalogue.rule("anomaly")
         p = self._anom
