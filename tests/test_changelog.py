@@ -122,3 +122,51 @@ def test_a_batch_of_a_partition_not_owned_is_given_back_not_processed(tmp_path: 
     asyncio.run(engine._batch({mine: _records(mine, range(3)), other: _records(other, range(10, 12))}))
     assert seen == [0, 0, 0] and engine.consumer.seeks == [(other, 10)]
     assert engine.read == {mine: 3}
+
+
+def _txn(k: int, account: str, ts: str = "2026-11-02T09:00:00+08:00") -> bytes:
+    return (f'{{"event_id":"w-{k}","ts":"{ts}","account_id":"{account}","counterparty_id":"cp","amount":12.5,'
+            f'"currency":"CNY","direction":"debit","txn_type":"payment","channel":"app"}}').encode()
+
+
+def _process(proc: Any, raws: list[tuple[int, int, bytes]]) -> None:
+    recs = [SimpleNamespace(topic="t", partition=p, offset=o, value=v) for p, o, v in raws]
+    asyncio.run(proc.process(recs))
+
+
+def test_written_states_stay_decoded_equal_to_the_table_and_bounded(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.transactions as tx
+    from models.features import AccountState
+
+    proc = _engine(tmp_path).processor
+    decoded: list[bytes] = []
+    real_load = tx.load_account
+
+    def counting_load(blob: bytes) -> Any:
+        decoded.append(blob)
+        return real_load(blob)
+
+    monkeypatch.setattr(tx, "load_account", counting_load)
+    monkeypatch.setattr(tx, "WARM_MAX", 3)
+    _process(proc, [(0, k, _txn(k, f"a{k}")) for k in range(5)])
+    proc.write_state()
+    assert len(proc.warm) == 3 and not proc.live, "the oldest written states leave the cache first"
+    for (p, key), state in proc.warm.items():
+        assert AccountState.from_bytes(proc.accounts.get(p, key)).__getstate__() == state.__getstate__()
+    # a4 is warm: its next event decodes nothing; a0 was pushed out: read from the table.
+    _process(proc, [(0, 10, _txn(10, "a4")), (0, 11, _txn(11, "a0"))])
+    assert len(decoded) == 1 and proc.live[(0, b"a4")].n == 2 and proc.live[(0, b"a0")].n == 2
+    proc.write_state()
+    # Tables read back from their changelogs (a reassignment, a failed write) replace what is cached.
+    proc.reset({0})
+    assert not proc.warm
+    proc.accounts.put(0, b"a4", tx.dump_account(AccountState()))
+    _process(proc, [(0, 12, _txn(12, "a4"))])
+    assert proc.live[(0, b"a4")].n == 1, "a state read back must not be shadowed by the cached one"
+    proc.write_state()
+    assert (0, b"a4") in proc.warm
+    # Eviction deletes the cached state with the stored one.
+    proc.eviction.now = 1e12
+    asyncio.run(proc.housekeeping())
+    assert (0, b"a4") not in proc.warm and proc.accounts.get(0, b"a4") is None
