@@ -104,6 +104,11 @@ def test_records_fetched_across_a_rebalance_are_read_again(tmp_path: Path) -> No
     engine.consumer = _Consumer({kept})
     engine._unread({kept: _records(kept, range(40, 45)), gone: _records(gone, range(7, 9))})
     assert engine.consumer.seeks == [(kept, 40)], "only partitions still assigned are sought"
+    # A partition the assignment moved on purpose (to where Faust's group stopped) keeps that position.
+    engine.consumer.seeks.clear()
+    engine.repositioned = {kept}
+    engine._unread({kept: _records(kept, range(0, 10))})
+    assert engine.consumer.seeks == []
 
 
 def test_a_batch_of_a_partition_not_owned_is_given_back_not_processed(tmp_path: Path) -> None:
@@ -170,3 +175,51 @@ def test_written_states_stay_decoded_equal_to_the_table_and_bounded(tmp_path: Pa
     proc.eviction.now = 1e12
     asyncio.run(proc.housekeeping())
     assert (0, b"a4") not in proc.warm and proc.accounts.get(0, b"a4") is None
+
+
+def test_send_batched_delivers_in_order_and_routes_keys_as_send_does(kafka_bootstrap: str, namespace: str) -> None:
+    """Real broker: records filled into batches arrive complete, in order per partition, where send() puts keys."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    import agents.transactions as tx
+
+    topic = f"{namespace}.batched"
+
+    async def run() -> tuple[list[tuple[int, bytes, bytes]], dict[bytes, int]]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+        await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_batch_size=16_384)
+        await producer.start()
+        try:
+            parts = sorted(await producer.partitions_for(topic))
+            keys = [f"k{i % 7}".encode() for i in range(300)]
+            # Values large enough that each partition needs several batches, and one above the batch size.
+            values = [(b"%04d-" % i) + b"x" * (5_000 if i != 150 else 40_000) for i in range(300)]
+            msgs = [(topic, tx._partitioner(k, parts, parts), k, v) for k, v in zip(keys, values, strict=True)]
+            await tx.gather_all(await tx.send_batched(producer, msgs))
+            # Where the producer's own send() puts each key.
+            by_send = {k: (await (await producer.send(topic, b"probe", key=k))).partition for k in set(keys)}
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False, fetch_max_bytes=10_000_000)
+        await consumer.start()
+        got: list[tuple[int, bytes, bytes]] = []
+        try:
+            while len(got) < 300 + len(by_send):
+                for recs in (await consumer.getmany(timeout_ms=1000)).values():
+                    got.extend((r.partition, r.key, r.value) for r in recs)
+        finally:
+            await consumer.stop()
+        return [g for g in got if g[2] != b"probe"], by_send
+
+    got, by_send = asyncio.run(asyncio.wait_for(run(), 60))
+    assert len(got) == 300 and sorted(len(v) for _, _, v in got)[-2:] == [5_005, 40_005]
+    assert {v[:4] for _, _, v in got} == {b"%04d" % i for i in range(300)}
+    for p in {p for p, _, _ in got}:
+        seq = [int(v[:4]) for q, _, v in got if q == p]
+        assert seq == sorted(seq), f"partition {p} out of order"
+    assert all(by_send[k] == p for p, k, _ in got), "a key must land where the producer's send() puts it"

@@ -42,7 +42,9 @@ def test_large_transaction_warns_and_bad_input_is_dead_lettered(settings, start_
 
     assert worker.proc.poll() is None, "the worker must survive bad input"
     topic = settings.topic(TRANSACTIONS)
-    assert worker.metric("riskwatch_events_consumed_total", topic=topic) == 4
+    consumed = worker.metric("riskwatch_events_consumed_total", topic=topic)
+    assert consumed == 4, (f"consumed {consumed}: scored {worker.metric('riskwatch_events_scored_total', topic=topic)},"
+                           f" duplicates {worker.metric('riskwatch_duplicates_total', topic=topic)}")
     assert worker.metric("riskwatch_events_scored_total", topic=topic) == 2
     assert worker.metric("riskwatch_deadletters_total", topic=topic) == 2
     assert worker.metric("riskwatch_warnings_total", category="large_transaction", level="medium") == 1
@@ -78,4 +80,6 @@ def test_an_upgraded_worker_starts_where_fausts_group_stopped(settings, start_wo
         assert time.monotonic() < deadline, worker.tail()
         time.sleep(0.3)
     time.sleep(3.0)  # anything more would be the old group's 6 read again
-    assert worker.metric("riskwatch_events_consumed_total", topic=topic) == 4
+    consumed = worker.metric("riskwatch_events_consumed_total", topic=topic)
+    assert consumed == 4, (f"consumed {consumed}: scored {worker.metric('riskwatch_events_scored_total', topic=topic)},"
+                           f" duplicates {worker.metric('riskwatch_duplicates_total', topic=topic)}")
