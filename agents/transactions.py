@@ -148,7 +148,7 @@ class TransactionProcessor:
         self.live: dict[tuple[int, bytes], AccountState] = {}
         # Decoded states already written, kept for their next event, least recently used first: an
         # active account is decoded once, not once per write interval (decoding was ~10% of the
-        # work). They equal their stored blobs; a bounded, fixed cost (WARM_MAX states).
+        # work). They equal their stored blobs; a bounded, fixed cost (WARM_MAX states, ~7 MB).
         self.warm: dict[tuple[int, bytes], AccountState] = {}
         m = self.m = rt.metrics
         self._decode_seconds = m.processing.labels("decode")
@@ -271,9 +271,12 @@ class TransactionProcessor:
         """Encode the account states changed since the last call into the accounts table (and its pending writes)."""
         put = self.accounts.put
         live, warm = self.live, self.warm
-        for (partition, key), state in live.items():
-            put(partition, key, dump_account(state))
-        warm.update(live)
+        for sk, state in live.items():
+            put(sk[0], sk[1], dump_account(state))
+            if state.n > 1:
+                # An account seen once (a one-off payer, a card tester's throwaway) is admitted at
+                # its second event: a flood of them must not push the active accounts out.
+                warm[sk] = state
         self.live = {}
         excess = len(warm) - WARM_MAX
         if excess > 0:

@@ -156,12 +156,17 @@ def test_written_states_stay_decoded_equal_to_the_table_and_bounded(tmp_path: Pa
     monkeypatch.setattr(tx, "WARM_MAX", 3)
     _process(proc, [(0, k, _txn(k, f"a{k}")) for k in range(5)])
     proc.write_state()
+    assert not proc.warm, "an account seen once is not cached"
+    _process(proc, [(0, 5 + k, _txn(5 + k, f"a{k}")) for k in range(5)])
+    proc.write_state()
+    assert len(decoded) == 5
+    decoded.clear()
     assert len(proc.warm) == 3 and not proc.live, "the oldest written states leave the cache first"
     for (p, key), state in proc.warm.items():
         assert AccountState.from_bytes(proc.accounts.get(p, key)).__getstate__() == state.__getstate__()
     # a4 is warm: its next event decodes nothing; a0 was pushed out: read from the table.
     _process(proc, [(0, 10, _txn(10, "a4")), (0, 11, _txn(11, "a0"))])
-    assert len(decoded) == 1 and proc.live[(0, b"a4")].n == 2 and proc.live[(0, b"a0")].n == 2
+    assert len(decoded) == 1 and proc.live[(0, b"a4")].n == 3 and proc.live[(0, b"a0")].n == 3
     proc.write_state()
     # Tables read back from their changelogs (a reassignment, a failed write) replace what is cached.
     proc.reset({0})
@@ -169,6 +174,8 @@ def test_written_states_stay_decoded_equal_to_the_table_and_bounded(tmp_path: Pa
     proc.accounts.put(0, b"a4", tx.dump_account(AccountState()))
     _process(proc, [(0, 12, _txn(12, "a4"))])
     assert proc.live[(0, b"a4")].n == 1, "a state read back must not be shadowed by the cached one"
+    proc.write_state()
+    _process(proc, [(0, 13, _txn(13, "a4"))])
     proc.write_state()
     assert (0, b"a4") in proc.warm
     # Eviction deletes the cached state with the stored one.
