@@ -108,7 +108,7 @@ def machine() -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         mem_kib = 0
     versions: dict[str, str | None] = {}
-    for pkg in ("faust-streaming", "aiokafka", "kafka-python", "river", "pydantic", "pydantic-core"):
+    for pkg in ("faust-streaming", "aiokafka", "kafka-python", "river", "pydantic", "pydantic-core", "msgspec"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
