@@ -367,7 +367,6 @@ class TransactionEngine:
         self.read: dict[TopicPartition, int] = {}  # next offset after the last record processed
         self.done: dict[TopicPartition, int] = {}  # ... and after the last one whose state was delivered
         self.outstanding: list[asyncio.Future[Any]] = []
-        self.partitions: dict[str, list[int]] = {}  # output topics' partitions, for routing keyed messages
         self.repositioned: set[TopicPartition] = set()  # partitions the last assignment sought on purpose
         self.committed: dict[TopicPartition, int] = {}
         self.legacy_offsets: dict[int, int] = {}
@@ -613,11 +612,13 @@ class TransactionEngine:
         if not messages:
             return
         routed = []
+        routes: dict[str, list[int]] = {}
         for topic, key, value, partition in messages:
             if partition is None:
-                parts = self.partitions.get(topic)
+                parts = routes.get(topic)
                 if parts is None:
-                    parts = self.partitions[topic] = sorted(await producer.partitions_for(topic))
+                    # Asked per batch, not cached for good: the client's metadata follows partitions added later.
+                    parts = routes[topic] = sorted(await producer.partitions_for(topic))
                 # The producer's own rule (murmur2 of the key), so a key lands where send() would put it.
                 partition = _partitioner(key, parts, parts)
             routed.append((topic, partition, key, value))
