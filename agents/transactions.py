@@ -746,7 +746,7 @@ COMMIT_SECONDS = 1.0
 # Decoded account states held between two writes; more than this many changed accounts are written
 # at once, so the worker's memory does not grow with a burst of new accounts (about 1.2 KB each).
 MAX_LIVE = 2_000
-# Decoded states kept across writes (see TransactionProcessor.warm): about 6 MB at most.
+# Decoded states kept across writes (see TransactionProcessor.warm): about 7 MB at most.
 WARM_MAX = 5_000
 
 
