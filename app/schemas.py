@@ -36,8 +36,8 @@ EntityType = Literal["account", "instrument", "market", "platform"]
 LEVELS: tuple[str, ...] = ("low", "medium", "high", "critical")
 
 # Event times outside this range are typos or clock faults, not history we can learn from.
-_MIN_TS = datetime(2000, 1, 1, tzinfo=UTC)
-_MAX_TS = datetime(2100, 1, 1, tzinfo=UTC)
+MIN_TS = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 class _Event(BaseModel):
@@ -46,7 +46,7 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False, str_max_length=256)
 
     event_id: str = Field(min_length=1, max_length=128)
-    ts: AwareDatetime = Field(ge=_MIN_TS, lt=_MAX_TS, description="RFC 3339 with an offset, 2000-2100")
+    ts: AwareDatetime = Field(ge=MIN_TS, lt=MAX_TS, description="RFC 3339 with an offset, 2000-2100")
     label: Literal[0, 1] | None = None
 
     @field_validator("ts", mode="before")
@@ -244,6 +244,8 @@ def is_finite(x: float) -> bool:
 
 __all__ = [
     "LEVELS",
+    "MAX_TS",
+    "MIN_TS",
     "Alert",
     "DeadLetter",
     "Event",

@@ -11,17 +11,26 @@ tests/test_wire.py checks that whatever this module accepts, pydantic accepts wi
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
 
 from app.errors import EventError
-from app.schemas import MAX_PAYLOAD_BYTES, AccountKind, Transaction, TransactionFields, TxnType, decode_event
+from app.schemas import (
+    MAX_PAYLOAD_BYTES,
+    MAX_TS,
+    MIN_TS,
+    AccountKind,
+    Transaction,
+    TransactionFields,
+    TxnType,
+    decode_event,
+)
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-_MIN_EPOCH = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
-_MAX_EPOCH = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
+_MIN_EPOCH = MIN_TS.timestamp()  # the contract's range (app.schemas), as epoch seconds
+_MAX_EPOCH = MAX_TS.timestamp()
 
 
 class TransactionRecord(msgspec.Struct, frozen=True, gc=False):
