@@ -230,3 +230,61 @@ def test_send_batched_delivers_in_order_and_routes_keys_as_send_does(kafka_boots
         seq = [int(v[:4]) for q, _, v in got if q == p]
         assert seq == sorted(seq), f"partition {p} out of order"
     assert all(by_send[k] == p for p, k, _ in got), "a key must land where the producer's send() puts it"
+
+
+def test_keyed_outputs_follow_partitions_added_while_running(kafka_bootstrap: str, namespace: str,
+                                                            tmp_path: Path) -> None:
+    """Real broker: after partitions are added, the engine routes each key where the producer's send() now does."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+
+    engine = _engine(tmp_path)
+    topic = f"{namespace}.routed"
+    keys = [f"k{i}".encode() for i in range(40)]
+
+    async def run() -> tuple[dict[bytes, int], dict[bytes, int], list[tuple[int, bytes, bytes]]]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        engine.producer = producer
+
+        async def send_round(tag: bytes) -> dict[bytes, int]:
+            engine.sink.out.extend((topic, k, tag, None) for k in keys)
+            await engine._send_outputs()
+            await gather_all(engine.outstanding)
+            engine.outstanding.clear()
+            return {k: (await (await producer.send(topic, b"probe", key=k))).partition for k in keys}
+
+        try:
+            before = await send_round(b"r1")
+            await admin.create_partitions({topic: NewPartitions(total_count=6)})
+            for _ in range(100):
+                await producer.client.force_metadata_update()
+                if len(await producer.partitions_for(topic)) == 6:
+                    break
+                await asyncio.sleep(0.1)
+            after = await send_round(b"r2")
+        finally:
+            await producer.stop()
+            await admin.close()
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        got: list[tuple[int, bytes, bytes]] = []
+        try:
+            while len(got) < 4 * len(keys):
+                for recs in (await consumer.getmany(timeout_ms=1000)).values():
+                    got.extend((r.partition, r.key, r.value) for r in recs)
+        finally:
+            await consumer.stop()
+        return before, after, got
+
+    before, after, got = asyncio.run(asyncio.wait_for(run(), 90))
+    assert before != after, "adding partitions moves some keys"
+    for partition, key, value in got:
+        if value == b"r1":
+            assert partition == before[key]
+        elif value == b"r2":
+            assert partition == after[key], "a key must land where send() puts it after the partitions were added"
