@@ -21,6 +21,10 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
     topic = rt.topics[AGGREGATES]
     name = topic.get_topic_name()
     monitors = PlatformMonitors(catalogue)
+    # Stage one's sources are the partitions of the input topics ("p<n>"); partitions beyond these
+    # (added to a topic later) take part from their first partial on.
+    sources = [f"p{i}" for i in range(rt.settings.topic_partitions)]
+    monitors.expect(sources, sources)
 
     @rt.app.agent(topic, name="platform-aggregates", concurrency=1)
     async def aggregate(stream: Any) -> None:

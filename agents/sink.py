@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
@@ -82,14 +83,21 @@ class BufferedSink(Sink):
         self.names = {name: rt.settings.topic(name) for name in (ALERTS, DEADLETTER, SCORES, AGGREGATES)}
 
     async def _send(self, name: str, key: bytes, value: bytes, partition: int | None = None) -> None:
-        full = self.names[name]
-        self.out.append((full, key, value, partition))
-        self.m.events_published.labels(full).inc()
+        self.out.append((self.names[name], key, value, partition))
 
     def take(self) -> list[tuple[str, bytes, bytes, int | None]]:
-        """The messages collected since the last call: (topic, key, value, partition)."""
+        """The messages collected since the last call: (topic, key, value, partition), counted as published."""
         out, self.out = self.out, []
+        if out:
+            # Counted per topic and batch: a labels() lookup per message cost about 2% of the worker.
+            published = self.m.events_published
+            for topic, n in Counter(m[0] for m in out).items():
+                published.labels(topic).inc(n)
         return out
+
+    def discard(self) -> None:
+        """Drop the messages collected so far, unsent and uncounted (their events are about to be read again)."""
+        self.out = []
 
 
 __all__ = ["BufferedSink", "Sink"]

@@ -32,7 +32,7 @@ from app.schemas import TransactionFields
 from app.security import Ingest
 from app.settings import Settings
 from app.wire import decode_transaction
-from models.aggregates import FlowAccumulator
+from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
 from models.features import AccountState
 from models.scoring import TransactionScorer
@@ -173,7 +173,7 @@ class TransactionProcessor:
         perf = time.perf_counter
         publish_scores = self.settings.publish_scores
         # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
-        partials: dict[tuple[int, int], Any] = {}
+        partials: dict[tuple[int, int], FlowTotals] = {}
         counted: list[tuple[TransactionFields, int, int, float]] = []
         n_scored = 0
         newest = 0.0
@@ -262,10 +262,24 @@ class TransactionProcessor:
             self._scored.inc(n_scored)
             self.m.saw_event_time(topic_name, newest)
             observe_many(self._score_hist, score_values)
-        for (partition, _), totals in partials.items():
-            await sink.partial("flow", self.flows[partition].partial(totals).model_dump_json().encode())
+        if partials:
+            await self._send_partials(partials)
         if counted and self.disclosure is not None:
             self.disclosure.add_batch(counted)
+
+    async def _send_partials(self, partials: dict[tuple[int, int], FlowTotals]) -> None:
+        sink = self.sink
+        if self.settings.flow_partials == "single":
+            for (partition, _), totals in partials.items():
+                await sink.partial("flow", self.flows[partition].partial(totals).model_dump_json().encode())
+            return
+        closed: dict[int, list[FlowTotals]] = {}
+        for (partition, _), totals in partials.items():
+            closed.setdefault(partition, []).append(totals)
+        for partition, buckets in closed.items():
+            acc = self.flows[partition]
+            for payload in flow_buckets_json(acc.source, acc.bucket_seconds, buckets):
+                await sink.partial("flow", payload)
 
     def write_state(self) -> None:
         """Encode the account states changed since the last call into the accounts table (and its pending writes)."""
@@ -525,7 +539,7 @@ class TransactionEngine:
             parts = set(self.owned)
             for store in self.stores:
                 store.take_pending()
-            self.sink.take()
+            self.sink.discard()
             self.outstanding = []
             await self._read_back(parts)
             for p in sorted(parts):

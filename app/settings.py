@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     batch_within_seconds: float = Field(
         0.02, gt=0, description="Longest a transaction waits for its batch to fill (adds to latency)")
     publish_scores: bool = Field(False, description="Also publish every event's score to risk.scores")
+    flow_partials: Literal["batched", "single"] = Field(
+        "batched", description="Liquidity partials as one message per partition and batch, or one per bucket "
+                               "(for a rolling upgrade from workers that read only the latter)")
     alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
     page_min_level: str = Field("high", description="Lowest warning level pushed to Alertmanager")
     escalation_check_seconds: float = Field(

@@ -11,14 +11,16 @@ partials arriving out of order within that allowance give the same alerts in the
 from __future__ import annotations
 
 import math
+import time
 from array import array
 from bisect import insort
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import reduce
 from itertools import chain
 from operator import add, itemgetter
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.errors import ConfigError
@@ -32,6 +34,9 @@ OUTFLOW_TYPES = frozenset({"withdrawal", "redemption"})
 INFLOW_TYPES = frozenset({"deposit", "investment"})
 MAX_SAMPLE_IDS = 20
 MAX_INSTRUMENTS = 2000  # per partial list: ~40 kB of JSON, well under Kafka's 1 MB message limit
+# Per FlowBuckets message: a bucket is at most ~2.7 kB of JSON (20 sample ids of up to 128
+# characters), so a message stays under ~550 kB, well within Kafka's default 1 MB limit.
+MAX_BUCKETS_PER_MESSAGE = 200
 MIN_BASELINE = 3  # hourly samples before "the usual" means anything; until then only the floor applies
 _MAD_SIGMA = 1.4826
 
@@ -57,6 +62,9 @@ def _sample(ids: list[str], event_id: str) -> bool:
     return True
 
 
+_now = time.monotonic  # the stage-2 clock for idle sources (tests replace it)
+
+
 def bucket_of(ts: float, bucket_seconds: int) -> int:
     """The start (epoch seconds) of the bucket holding `ts`."""
     return int(ts // bucket_seconds) * bucket_seconds
@@ -78,6 +86,35 @@ class FlowPartial(_Partial):
     inflow: float = Field(default=0.0, ge=0)
     n: int = Field(default=0, ge=0)
     event_ids: list[str] = Field(default_factory=list, max_length=MAX_SAMPLE_IDS)
+
+
+_Bucket = tuple[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)],
+                Annotated[int, Field(ge=0)], Annotated[list[str], Field(max_length=MAX_SAMPLE_IDS)]]
+
+
+class FlowBuckets(BaseModel):
+    """FlowPartials of several buckets of one source in one message, as (bucket, outflow, inflow, n, event_ids).
+
+    The worker sends one per partition and batch: a backlog spanning hours of event time closes a
+    bucket every few events, and one Kafka message per bucket cost the worker more than a tenth of
+    its time (built, sent, then read back one by one by stage 2). Stage 2 stores each bucket exactly
+    as it stores a FlowPartial, so both forms can share the topic.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: Literal["flows"] = "flows"
+    source: str = Field(min_length=1, max_length=64)
+    bucket_seconds: int = Field(default=60, gt=0)
+    buckets: list[_Bucket] = Field(min_length=1, max_length=MAX_BUCKETS_PER_MESSAGE)
+
+
+def flow_buckets_json(source: str, bucket_seconds: int, closed: Sequence[FlowTotals]) -> list[bytes]:
+    """FlowBuckets JSON messages of totals from FlowAccumulator.add_counted(), in their order, split to fit."""
+    # Our own totals need no validation on the way out; msgspec writes tuples as JSON arrays.
+    return [msgspec.json.encode({"kind": "flows", "source": source, "bucket_seconds": bucket_seconds,
+                                 "buckets": closed[i:i + MAX_BUCKETS_PER_MESSAGE]})
+            for i in range(0, len(closed), MAX_BUCKETS_PER_MESSAGE)]
 
 
 class MarketPartial(_Partial):
@@ -264,8 +301,11 @@ class _WindowParams(BaseModel):
 
     window_seconds: int = Field(default=3600, gt=0)
     bucket_seconds: int = Field(default=60, gt=0)
-    lateness_buckets: int = Field(default=2, ge=0, description="Buckets a partial may trail the newest one")
+    lateness_buckets: int = Field(default=2, ge=0, description="Buckets a partial may trail its source's slowest peer")
     cooldown_seconds: float = Field(default=1800.0, gt=0, description="Quiet time after which a new alert opens")
+    idle_source_seconds: float = Field(
+        default=60.0, gt=0, description="Wall-clock seconds without a partial after which a source no longer "
+                                        "holds the others back (an idle partition)")
 
     @model_validator(mode="after")
     def _whole_buckets(self) -> _WindowParams:
@@ -303,7 +343,7 @@ class MarketStressParams(_WindowParams):
 class _Monitor:
     """Stage 2 skeleton: latest partial per (source, bucket), evaluation behind a watermark."""
 
-    __slots__ = ("alerts", "late_dropped", "max_bucket", "min_bucket", "next_eval", "params", "parts")
+    __slots__ = ("alerts", "heard", "late_dropped", "max_bucket", "min_bucket", "next_eval", "params", "parts")
     detector = ""
 
     def __init__(self, params: _WindowParams) -> None:
@@ -314,6 +354,8 @@ class _Monitor:
         self.min_bucket: int | None = None
         self.alerts: AlertMemory = {}
         self.late_dropped = 0
+        # source -> (newest bucket it sent, wall-clock time of its last partial): the watermark.
+        self.heard: dict[str, tuple[int, float]] = {}
 
     def _store(self, source: str, bucket: int, payload: Any, size: int) -> list[Raised]:
         p = self.params
@@ -343,7 +385,34 @@ class _Monitor:
             self.max_bucket = bucket
         if self.min_bucket is None or bucket < self.min_bucket:
             self.min_bucket = bucket
-        return self._advance(self.max_bucket - p.lateness_buckets * p.bucket_seconds)
+        return self._advance(self._watermark(source, bucket) - p.lateness_buckets * p.bucket_seconds)
+
+    def expect(self, sources: Iterable[str]) -> None:
+        """Hold judgement until each of `sources` is heard from, or has been silent for idle_source_seconds.
+
+        Without it, the first source heard after a start would decide alone until the others spoke.
+        """
+        now = _now()
+        for source in sources:
+            self.heard.setdefault(source, (-1, now))
+
+    def _watermark(self, source: str, bucket: int) -> int:
+        """The newest bucket every live source has reached: the slowest one's, not the fastest one's.
+
+        Sources (partitions) progress at their own pace whenever there is a backlog: one worker's
+        batch can carry hours of one partition's events before another's, and two workers catch up
+        at different speeds. Judging behind the fastest source would close windows before the
+        slower sources' partials arrived, and drop them as late. A source silent for
+        idle_source_seconds of wall-clock time (an idle partition) stops holding the others back.
+        """
+        now = _now()
+        heard = self.heard
+        prev = heard.get(source)
+        heard[source] = (bucket if prev is None or bucket > prev[0] else prev[0], now)
+        if len(heard) == 1:
+            return heard[source][0]
+        since = now - self.params.idle_source_seconds
+        return min(b for b, t in heard.values() if t >= since)
 
     def drain(self) -> list[Raised]:
         """Judge every bucket seen, lateness or not: the end of an offline replay."""
@@ -611,8 +680,10 @@ class MarketStressMonitor(_Monitor):
 
 __all__ = [
     "INFLOW_TYPES",
+    "MAX_BUCKETS_PER_MESSAGE",
     "OUTFLOW_TYPES",
     "FlowAccumulator",
+    "FlowBuckets",
     "FlowPartial",
     "FlowTotals",
     "LiquidityMonitor",
@@ -622,4 +693,5 @@ __all__ = [
     "MarketStressMonitor",
     "MarketStressParams",
     "bucket_of",
+    "flow_buckets_json",
 ]

@@ -14,6 +14,7 @@ from pydantic import Field, TypeAdapter
 from app.schemas import Alert, MarketTick, Transaction
 from models.aggregates import (
     FlowAccumulator,
+    FlowBuckets,
     FlowPartial,
     FlowTotals,
     LiquidityMonitor,
@@ -30,8 +31,8 @@ from models.market import InstrumentState, MarketOutcome, MarketParams, score_ti
 from models.rules import Catalogue
 from models.scoring import TransactionScorer, evict_idle
 
-PARTIAL: TypeAdapter[FlowPartial | MarketPartial] = TypeAdapter(
-    Annotated[FlowPartial | MarketPartial, Field(discriminator="kind")])
+PARTIAL: TypeAdapter[FlowPartial | FlowBuckets | MarketPartial] = TypeAdapter(
+    Annotated[FlowPartial | FlowBuckets | MarketPartial, Field(discriminator="kind")])
 
 
 _M = 0x5BD1E995
@@ -148,16 +149,26 @@ class PlatformMonitors:
         self.stress = MarketStressMonitor(catalogue.params("market_stress", MarketStressParams))
         self.catalogue = catalogue
 
+    def expect(self, flow_sources: Iterable[str], market_sources: Iterable[str]) -> None:
+        """Name the stage-one sources (partitions) each monitor waits for before judging a bucket."""
+        self.liquidity.expect(flow_sources)
+        self.stress.expect(market_sources)
+
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply new parameters; the monitors keep the history they gathered."""
         self.catalogue = catalogue
         self.liquidity.params = catalogue.params("liquidity_run", LiquidityParams)
         self.stress.params = catalogue.params("market_stress", MarketStressParams)
 
-    def update(self, partial: FlowPartial | MarketPartial) -> list[Raised]:
-        """Feed one partial to its monitor; return alerts whose rules are enabled."""
+    def update(self, partial: FlowPartial | FlowBuckets | MarketPartial) -> list[Raised]:
+        """Feed one partial (or one message of flow buckets) to its monitor; return alerts whose rules are enabled."""
         if isinstance(partial, FlowPartial):
             raised = self.liquidity.update(partial)
+        elif isinstance(partial, FlowBuckets):
+            raised = []
+            add, source = self.liquidity.add_totals, partial.source
+            for b, outflow, inflow, n, ids in partial.buckets:
+                raised.extend(add(source, b, outflow, inflow, n, ids))
         else:
             raised = self.stress.update(partial)
         return [r for r in raised if self.catalogue.rule(r.finding.category) is not None]

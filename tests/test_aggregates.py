@@ -12,14 +12,18 @@ from pydantic import ValidationError
 from app.errors import ConfigError
 from models import aggregates
 from models.aggregates import (
+    MAX_BUCKETS_PER_MESSAGE,
     FlowAccumulator,
+    FlowBuckets,
     FlowPartial,
+    FlowTotals,
     LiquidityMonitor,
     LiquidityParams,
     MarketAccumulator,
     MarketPartial,
     MarketStressMonitor,
     MarketStressParams,
+    flow_buckets_json,
 )
 from models.findings import Raised
 
@@ -213,7 +217,9 @@ def test_params_are_validated_and_buckets_must_agree() -> None:
         LiquidityMonitor().update(FlowPartial(source="p0", bucket=T0 + 30, bucket_seconds=30))
 
 
-def test_time_jumps_neither_swallow_data_nor_stall() -> None:
+def test_time_jumps_neither_swallow_data_nor_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(aggregates, "_now", lambda: clock[0])
     acc = FlowAccumulator("p0")
     acc.add(T0 + 1, "withdrawal", "debit", 50.0, "a")
     [sent] = acc.add(T0 + 86_400, "deposit", "credit", 1.0, "b")  # the unsent bucket still goes out
@@ -222,6 +228,7 @@ def test_time_jumps_neither_swallow_data_nor_stall() -> None:
     before = summary(run_stress(parts))
     mon = MarketStressMonitor()
     after = [r for p in parts for r in mon.update(p)]
+    clock[0] += mon.params.idle_source_seconds + 1  # p1 has gone quiet: it no longer holds the watermark back
     # A year of silence: the old data is judged to the end of its windows, the gap is skipped.
     after += mon.update(MarketPartial(source="p0", bucket=T0 + 365 * 86_400, active=["FUND-00"]))
     assert summary(after)[: len(before)] == before
@@ -272,3 +279,106 @@ def test_buckets_stay_in_order_when_partials_come_late() -> None:
         mon.update(FlowPartial(source="p1", bucket=b, outflow=1.0))
     mon.update(FlowPartial(source="p0", bucket=T0 + 60, outflow=2.0))
     assert list(mon.parts) == sorted(mon.parts) and list(mon.parts[T0 + 60]) == ["p0", "p1"]
+
+
+def _worker_batches(events: list[tuple[float, str, str, float, str]], n_sources: int, batch: int,
+                    batched: bool) -> list[bytes]:
+    """What the worker sends: per batch, the newest totals of each (source, bucket), one message each or per source."""
+    accs = [FlowAccumulator(f"p{i}") for i in range(n_sources)]
+    ordered = sorted(events)
+    out: list[bytes] = []
+    for start in range(0, len(ordered), batch):
+        newest: dict[tuple[int, int], FlowTotals] = {}
+        for j in range(start, min(start + batch, len(ordered))):
+            ts, typ, _, amount, eid = ordered[j]
+            for t in accs[j % n_sources].add_counted(ts, typ, amount, eid, "customer", j):
+                newest[(j % n_sources, t[0])] = t
+        by_source: dict[int, list[FlowTotals]] = {}
+        for (i, _), t in newest.items():
+            by_source.setdefault(i, []).append(t)
+        for i, closed in by_source.items():
+            if batched:
+                out += flow_buckets_json(accs[i].source, accs[i].bucket_seconds, closed)
+            else:
+                out += [accs[i].partial(t).model_dump_json().encode() for t in closed]
+    for acc in accs:
+        out += [p.model_dump_json().encode() for p in acc.flush()]
+    return out
+
+
+def test_flow_buckets_messages_give_the_same_alerts_as_one_partial_per_bucket(run_events: list) -> None:
+    from models.pipeline import PARTIAL, PlatformMonitors
+    from models.rules import load_catalogue
+
+    def stage2(messages: list[bytes]) -> list[str]:
+        mon = PlatformMonitors(load_catalogue())
+        raised = [r for m in messages for r in mon.update(PARTIAL.validate_json(m))]
+        return full(raised + mon.liquidity.drain())
+
+    single = _worker_batches(run_events, 4, 97, batched=False)
+    batched = _worker_batches(run_events, 4, 97, batched=True)
+    assert len(batched) < len(single) / 5, (len(batched), len(single))
+    expected = stage2(single)
+    assert expected and stage2(batched) == expected
+
+
+def test_flow_buckets_are_split_to_fit_a_kafka_message_and_validated() -> None:
+    from models.pipeline import PARTIAL
+
+    worst = [(T0 + i * MIN, 1e12, 0.5, 10**6, tuple(f"{i:03d}-{k:02d}".ljust(128, "x") for k in range(20)))
+             for i in range(2 * MAX_BUCKETS_PER_MESSAGE + 1)]
+    messages = flow_buckets_json("p3", 60, worst)
+    assert [len(PARTIAL.validate_json(m).buckets) for m in messages] == [MAX_BUCKETS_PER_MESSAGE] * 2 + [1]
+    assert max(map(len, messages)) < 1_000_000, "above Kafka's default message.max.bytes"
+    back = [tuple(b) for m in messages for b in FlowBuckets.model_validate_json(m).buckets]
+    assert back == [(b, o, i, n, list(ids)) for b, o, i, n, ids in worst]
+    for bad in ('{"kind":"flows","source":"p0","buckets":[[60,-1.0,0.0,1,[]]]}',
+                '{"kind":"flows","source":"p0","buckets":[]}',
+                '{"kind":"flows","source":"p0","buckets":[[60,1.0,0.0,1,' + str([f"e{k}" for k in range(21)])
+                .replace("'", '"') + ']]}'):
+        with pytest.raises(ValidationError):
+            PARTIAL.validate_json(bad)
+
+
+def test_a_source_behind_the_others_holds_the_watermark_back(run_events: list) -> None:
+    # A backlog read by one worker: a batch carries one partition's hours before the next one's.
+    parts = partials(run_events, 4)
+    by_source = sorted(parts, key=lambda p: p.source)  # stable: each source's own order kept
+    expected = full(run_monitor(parts))
+    mon = LiquidityMonitor()
+    mon.expect(["p0", "p1", "p2", "p3"])  # as the stage-two agent does when it starts
+    raised = [r for p in by_source for r in mon.update(p)]
+    assert expected and full(raised + mon.drain()) == expected
+    assert mon.late_dropped == 0
+
+
+def test_an_idle_source_stops_holding_the_watermark_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(aggregates, "_now", lambda: clock[0])
+    mon = LiquidityMonitor(LiquidityParams(lateness_buckets=0, idle_source_seconds=30.0))
+    mon.update(FlowPartial(source="p1", bucket=T0, inflow=1.0))
+    for m in range(1, 6):
+        mon.update(FlowPartial(source="p0", bucket=T0 + m * MIN, outflow=1.0))
+    assert mon.next_eval == T0 + MIN, "p1 was heard just now: nothing after its bucket may be judged"
+    clock[0] += 30.5
+    mon.update(FlowPartial(source="p0", bucket=T0 + 6 * MIN, outflow=1.0))
+    assert mon.next_eval == T0 + 7 * MIN, "p1 silent for longer than idle_source_seconds: p0 alone decides"
+    clock[0] += 1.0
+    mon.update(FlowPartial(source="p1", bucket=T0 + 7 * MIN, inflow=1.0))  # back, and caught up
+    mon.update(FlowPartial(source="p0", bucket=T0 + 8 * MIN, outflow=1.0))
+    assert mon.next_eval == T0 + 8 * MIN and mon.late_dropped == 0, "p1 holds the watermark again"
+    mon.update(FlowPartial(source="p1", bucket=T0 + 8 * MIN, inflow=1.0))
+    assert mon.next_eval == T0 + 9 * MIN
+
+
+def test_an_expected_source_is_waited_for_until_it_speaks_or_idles(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(aggregates, "_now", lambda: clock[0])
+    mon = LiquidityMonitor(LiquidityParams(lateness_buckets=0, idle_source_seconds=30.0))
+    mon.expect(["p0", "p9"])
+    for m in range(5):
+        mon.update(FlowPartial(source="p0", bucket=T0 + m * MIN, outflow=1.0))
+    assert mon.next_eval is None, "p9 has not spoken since the start: nothing is judged yet"
+    clock[0] += 30.5
+    mon.update(FlowPartial(source="p0", bucket=T0 + 5 * MIN, outflow=1.0))
+    assert mon.next_eval == T0 + 6 * MIN

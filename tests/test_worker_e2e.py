@@ -83,3 +83,28 @@ def test_an_upgraded_worker_starts_where_fausts_group_stopped(settings, start_wo
     consumed = worker.metric("riskwatch_events_consumed_total", topic=topic)
     assert consumed == 4, (f"consumed {consumed}: scored {worker.metric('riskwatch_events_scored_total', topic=topic)},"
                            f" duplicates {worker.metric('riskwatch_duplicates_total', topic=topic)}")
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("flow_partials", ["batched", "single"])
+def test_a_withdrawal_run_is_warned_through_both_stages(settings, start_worker, flow_partials):
+    """Stage 1 (the engine's partials) through risk.aggregates to stage 2, in either form of the partials."""
+    from app.faust_app import AGGREGATES
+    from models.synth import generate
+
+    s = settings.model_copy(update={"flow_partials": flow_partials})
+    events = [e for e in generate(seed=3, accounts=100, days=1.0, instruments=0, scenarios=["liquidity_run"])
+              if e["event_type"] == "transaction"]
+    worker = start_worker(s)
+    produce(s, TRANSACTIONS, [(e["account_id"].encode(), json.dumps(e).encode()) for e in events])
+    alerts = consume(s, ALERTS, lambda got: any(a["category"] == "liquidity_run" for a in got), timeout=90)
+    run = Alert.model_validate(next(a for a in alerts if a["category"] == "liquidity_run"))
+    assert run.entity_type == "platform" and run.level in ("high", "critical")
+    assert run.reasons[0].message.startswith("net outflow CNY ")
+    labelled = {e["event_id"] for e in events if e.get("scenario") == "liquidity_run"}
+    assert set(run.event_ids) & labelled, "the warning's sample must name some of the run's withdrawals"
+    aggregates = s.topic(AGGREGATES)
+    assert worker.metric("riskwatch_deadletters_total", topic=aggregates) == 0
+    sent = worker.metric("riskwatch_events_published_total", topic=aggregates)
+    # ~1,400 one-minute buckets over 4 partitions: one message each when single, a few per batch when batched.
+    assert (sent < 200) if flow_partials == "batched" else (sent > 1000), sent
