@@ -32,6 +32,7 @@ from models.disclosure import (
     AlertSnapshot,
     DisclosureBook,
     FlowTotals,
+    count_flow,
     parse_partial,
     window_start,
 )
@@ -106,25 +107,36 @@ class Disclosure:
             self.max_hour.clear()
             self.cache_generation = self.txn_generation()
         changed: set[bytes] = set()
+        cache, max_hour, retention = self.cache, self.max_hour, self.retention
+        off = self.offset_minutes * 60
+        # Records come grouped by partition and mostly in time order: the bucket of the previous
+        # record is usually this one's too, so its key and totals are looked up once per run.
+        current: tuple[int, float] | None = None
+        key = b""
+        totals: FlowTotals | None = None
         for txn, partition, offset, ts in batch:
-            hour = window_start(ts, HOUR, self.offset_minutes)
-            newest = self.max_hour.get(partition, hour)
-            if hour < newest - self.retention:
-                continue  # older than anything still summarised
-            key = f"t{partition}:{hour}".encode()
-            totals = self.cache.get(key)
-            if totals is None:
-                blob = self.flows.get(key)
-                totals = (FlowTotals.model_validate_json(blob) if blob
-                          else FlowTotals(source=f"t{partition}", hour=hour))
-                self.cache[key] = totals
-            if totals.add(ts=ts, txn_type=txn.txn_type, direction=txn.direction, amount=txn.amount,
-                          currency=txn.currency, account_kind=txn.account_kind,
-                          counterparty_kind=txn.counterparty_kind, offset=offset):
+            k = (ts + off) // HOUR  # window_start()'s own arithmetic, so the same hour for every ts
+            if current != (partition, k):
+                hour = int(k) * HOUR - off
+                newest = max_hour.get(partition, hour)
+                if hour < newest - retention:
+                    current = None
+                    continue  # older than anything still summarised
+                key = f"t{partition}:{hour}".encode()
+                totals = cache.get(key)
+                if totals is None:
+                    blob = self.flows.get(key)
+                    totals = (FlowTotals.model_validate_json(blob) if blob
+                              else FlowTotals(source=f"t{partition}", hour=hour))
+                    cache[key] = totals
+                if hour > newest or partition not in max_hour:
+                    # Forgets only hours before this one's retention: never `totals`.
+                    max_hour[partition] = max(hour, newest)
+                    self._forget_flows(partition)
+                current = (partition, k)
+            if count_flow(totals, ts, txn.txn_type, txn.direction, txn.amount, txn.currency,  # type: ignore[arg-type]
+                          txn.account_kind, txn.counterparty_kind, offset):
                 changed.add(key)
-            if hour > newest or partition not in self.max_hour:
-                self.max_hour[partition] = max(hour, newest)
-                self._forget_flows(partition)
         for key in changed:
             totals = self.cache.get(key)
             if totals is not None:

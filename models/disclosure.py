@@ -79,43 +79,49 @@ class FlowTotals(BaseModel):
     def add(self, *, ts: float, txn_type: str, direction: str, amount: float, currency: str,
             account_kind: str, counterparty_kind: str, offset: int | None = None) -> bool:
         """Count one transaction; False when `offset` was already applied (a redelivery)."""
-        # Fields are updated in __dict__: pydantic's __setattr__ costs about a microsecond each and
-        # these plain numbers need no validation (this runs for every transaction).
-        d = self.__dict__
-        if offset is not None:
-            # One source is one partition: its offsets only grow, so one not above the last is a repeat.
-            if offset <= d["last_offset"]:
-                return False
-            d["last_offset"] = offset
-        d["transactions"] += 1
-        if ts > d["max_ts"]:
-            d["max_ts"] = ts
-        by_type = d["money"].get(currency)
-        if by_type is None:
-            by_type = d["money"][currency] = {}
-        flow = by_type.get(txn_type)
-        if flow is None:
-            flow = by_type[txn_type] = Flow()
-        f = flow.__dict__
-        debit = direction == "debit"
-        f["n"] += 1
+        return count_flow(self, ts, txn_type, direction, amount, currency, account_kind, counterparty_kind, offset)
+
+
+def count_flow(totals: FlowTotals, ts: float, txn_type: str, direction: str, amount: float, currency: str,
+               account_kind: str, counterparty_kind: str, offset: int | None) -> bool:
+    """FlowTotals.add with positional arguments, for the worker's per-transaction loop."""
+    # Fields are updated in __dict__: pydantic's __setattr__ costs about a microsecond each and
+    # these plain numbers need no validation (this runs for every transaction).
+    d = totals.__dict__
+    if offset is not None:
+        # One source is one partition: its offsets only grow, so one not above the last is a repeat.
+        if offset <= d["last_offset"]:
+            return False
+        d["last_offset"] = offset
+    d["transactions"] += 1
+    if ts > d["max_ts"]:
+        d["max_ts"] = ts
+    by_type = d["money"].get(currency)
+    if by_type is None:
+        by_type = d["money"][currency] = {}
+    flow = by_type.get(txn_type)
+    if flow is None:
+        flow = by_type[txn_type] = Flow()
+    f = flow.__dict__
+    debit = direction == "debit"
+    f["n"] += 1
+    if debit:
+        f["outflow"] += amount
+    else:
+        f["inflow"] += amount
+    if account_kind == "custody":
+        c = d["custody"].get(currency)
+        if c is None:
+            c = d["custody"][currency] = Custody()
+        cd = c.__dict__
+        cd["n"] += 1
         if debit:
-            f["outflow"] += amount
+            cd["outflow"] += amount
+            if counterparty_kind == "platform_own":
+                cd["to_platform_own"] += amount
         else:
-            f["inflow"] += amount
-        if account_kind == "custody":
-            c = d["custody"].get(currency)
-            if c is None:
-                c = d["custody"][currency] = Custody()
-            cd = c.__dict__
-            cd["n"] += 1
-            if debit:
-                cd["outflow"] += amount
-                if counterparty_kind == "platform_own":
-                    cd["to_platform_own"] += amount
-            else:
-                cd["inflow"] += amount
-        return True
+            cd["inflow"] += amount
+    return True
 
 
 class AlertSnapshot(BaseModel):
@@ -291,6 +297,7 @@ __all__ = [
     "FlowTotals",
     "PlanCounts",
     "WarningCounts",
+    "count_flow",
     "latest",
     "parse_partial",
     "window_start",
