@@ -10,6 +10,7 @@ import zlib
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 # Bounds on per-account memory: every array below is capped, so an account costs well under 1 KiB.
@@ -105,30 +106,37 @@ class AccountState:
 
     def to_bytes(self) -> bytes:
         """The compact binary form of this state (see STATE_FORMAT); StateCodecError if a value does not fit it."""
+        # Read and type-checked in bulk (attrgetter, one tuple compare): this runs for every account
+        # written, about once a second per active account.
+        scalars = _get_scalars(self)
+        arrays = _get_arrays(self)
+        if (tuple(map(type, scalars)) != _SCALAR_TYPES or tuple(map(type, arrays)) != _ARRAY_TYPES
+                or [a.typecode for a in arrays] != _ARRAY_CODES):
+            self._refuse()
+        try:
+            head = _HEAD.pack(_MAGIC, _VERSION, *scalars, *map(len, arrays))
+        except struct.error as exc:  # a count beyond uint32 or an array longer than 255
+            raise StateCodecError(f"AccountState does not fit the compact format: {exc}") from None
+        if _BIG_ENDIAN:
+            arrays = tuple(_swapped(a) for a in arrays)
+        parts: list[Any] = [head, *arrays]
+        if self.alerts:
+            parts.append(_alerts_to_json(self.alerts))
+        # bytes.join takes the arrays' buffers directly: no intermediate tobytes() copies.
+        return b"".join(parts)
+
+    def _refuse(self) -> None:
+        """Raise StateCodecError naming the first field whose type the compact format cannot hold."""
         for name in _FLOAT_FIELDS:
             if type(getattr(self, name)) is not float:
                 raise StateCodecError(f"AccountState.{name} is not a float")
         for name in _INT_FIELDS:
             if type(getattr(self, name)) is not int:
                 raise StateCodecError(f"AccountState.{name} is not an int")
-        arrays = [getattr(self, name) for name, _ in _ARRAYS]
-        for a, (name, code) in zip(arrays, _ARRAYS, strict=True):
+        for name, code in _ARRAYS:
+            a = getattr(self, name)
             if type(a) is not array or a.typecode != code:
                 raise StateCodecError(f"AccountState.{name} is not an array of typecode {code!r}")
-        try:
-            head = _HEAD.pack(_MAGIC, _VERSION, self.n, self.n_debits, self.new_cp, self.new_dev, self.burst_max,
-                              self.fresh_dev, self.offset, self.first_ts, self.last_ts, self.log_med, self.log_spread,
-                              self.gap_ew, self.fresh_dev_ts, self.day_start, self.day_in, self.day_out,
-                              self.day_out_ew, *map(len, arrays))
-        except struct.error as exc:  # a count beyond uint32 or an array longer than 255
-            raise StateCodecError(f"AccountState does not fit the compact format: {exc}") from None
-        if _BIG_ENDIAN:
-            arrays = [_swapped(a) for a in arrays]
-        parts: list[Any] = [head, *arrays]
-        if self.alerts:
-            parts.append(_alerts_to_json(self.alerts))
-        # bytes.join takes the arrays' buffers directly: no intermediate tobytes() copies.
-        return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> AccountState:
@@ -187,6 +195,12 @@ _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fres
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"))
 _ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
+# The head's scalars in their order (_INT_FIELDS, then _FLOAT_FIELDS), and the arrays, read at once.
+_get_scalars = attrgetter(*_INT_FIELDS, *_FLOAT_FIELDS)
+_get_arrays = attrgetter(*(name for name, _ in _ARRAYS))
+_SCALAR_TYPES = (int,) * len(_INT_FIELDS) + (float,) * len(_FLOAT_FIELDS)
+_ARRAY_TYPES = (array,) * len(_ARRAYS)
+_ARRAY_CODES = [code for _, code in _ARRAYS]
 _HEAD = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
 _BIG_ENDIAN = sys.byteorder == "big"

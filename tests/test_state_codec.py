@@ -110,8 +110,12 @@ def test_states_the_codec_cannot_hold_fall_back_to_the_pickle_form() -> None:
     big.n = 2**40  # beyond the uint32 count
     long = AccountState()
     long.recent_ids.extend(range(300))  # beyond the uint8 length
-    for st in (odd, big, long):
-        with pytest.raises(StateCodecError):
+    flag = AccountState()
+    flag.n = True  # a bool is an int subclass: it would come back as 1
+    wide = AccountState()
+    wide.hours = array("I", bytes(96))  # another typecode: the items would be read back as uint16
+    for st, named in ((odd, "day_in"), (big, "fit"), (long, "fit"), (flag, "AccountState.n "), (wide, "hours")):
+        with pytest.raises(StateCodecError, match=named):
             st.to_bytes()
         blob = dump_account(st)
         assert blob[:1] == b"\x80"
