@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -18,6 +19,14 @@ from tests.faults.conftest import (
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def _wait_log(w: WorkerProcess, pattern: bytes, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, w.log_path.read_bytes()):
+        assert w.proc.poll() is None, f"worker died:\n{w.tail()}"
+        assert time.monotonic() < deadline, f"no {pattern!r} in the worker's log:\n{w.tail()}"
+        time.sleep(0.3)
 
 
 def _wait_consuming(w: WorkerProcess, topic: str, at_least: float, timeout: float = 120.0) -> float:
@@ -54,6 +63,9 @@ def test_one_of_two_workers_dies_the_other_takes_over_then_it_returns(fault_sett
                      a_consumed_after_kill=int(took_over))
 
     back = start_worker(worker_settings(s, "b2"))
+    # Faust is ready before the transaction engine's group has given b2 its partitions; events sent
+    # before that can all be drained by a, and b2 would have nothing to show.
+    _wait_log(back, rb"transaction partitions \[\d")
     producer.send(feed.make(6000))
     wait_drained(s, alive=lambda: a.proc.poll() is None or pytest.fail(a.tail()))
     back_consumed = _wait_consuming(back, topic, 1)
