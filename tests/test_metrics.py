@@ -556,11 +556,15 @@ def test_top_entities_keep_the_n_most_warned_entities_of_the_last_hour() -> None
     assert get("riskwatch_top_entity_warnings", {"entity_type": "account", "entity_id": "acct-2"}) == 2
 
 
-def test_observe_many_matches_observe_value_by_value() -> None:
+@pytest.mark.parametrize("values", [
+    [0.0, 0.1, 0.1000001, 0.25, 0.5, 0.99, 0.995, 1.0, 1.5, -0.2],
+    [0.0, 0.1, 0.1000001, 0.25, 0.5, 0.99, 0.995, 1.0, 1.5, -0.2, float("nan")],  # NaN: in the sum, in no bucket
+    [0.3, float("inf"), 1e300],
+])
+def test_observe_many_matches_observe_value_by_value(values: list[float]) -> None:
     """The transaction engine's bulk observe must export exactly what one observe() per value does."""
     from app.metrics import observe_many
 
-    values = [0.0, 0.1, 0.1000001, 0.25, 0.5, 0.99, 0.995, 1.0, 1.5, -0.2, float("nan")]
     one, many = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
     for v in values:
         one.scores.labels("surprise").observe(v)
