@@ -380,6 +380,7 @@ class TransactionEngine:
         self.broken = False
         self.read: dict[TopicPartition, int] = {}  # next offset after the last record processed
         self.done: dict[TopicPartition, int] = {}  # ... and after the last one whose state was delivered
+        self.snapshotted: dict[TopicPartition, int] = {}  # `read` as of the last snapshot
         self.outstanding: list[asyncio.Future[Any]] = []
         self.repositioned: set[TopicPartition] = set()  # partitions the last assignment sought on purpose
         self.committed: dict[TopicPartition, int] = {}
@@ -574,7 +575,7 @@ class TransactionEngine:
                         await self._batch(got)
                     elif got:
                         self._unread(got)
-                    await self._chores()
+                    await self._chores(idle=not got)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -652,6 +653,7 @@ class TransactionEngine:
         self.processor.write_state()
         pending = [(store.topic, store.take_pending()) for store in self.stores]
         offsets = dict(self.read)
+        self.snapshotted = offsets
         self.writing = asyncio.create_task(self._write(self.writing, outstanding, pending, offsets),
                                            name="transaction-engine-write")
         if wait:
@@ -678,7 +680,7 @@ class TransactionEngine:
         self.rt.metrics.batch_phase.labels("write").observe(time.perf_counter() - t0)
         await self._commit()
 
-    async def _chores(self) -> None:
+    async def _chores(self, idle: bool = False) -> None:
         if not self.ready:
             return
         writing = self.writing
@@ -693,6 +695,12 @@ class TransactionEngine:
         if now - self.last_flush >= COMMIT_SECONDS or len(self.processor.live) >= MAX_LIVE:
             if self.writing is not None and len(self.processor.live) < 2 * MAX_LIVE:
                 return  # one write in flight at a time, unless changes pile up
+            self.last_flush = now
+            await self._flush()
+        elif (idle and self.writing is None and self.read != self.snapshotted
+              and now - self.last_flush >= IDLE_FLUSH_SECONDS):
+            # Caught up (a poll came back empty): write and commit now rather than at the next
+            # tick, so the end of a burst is committed promptly and not redelivered after a crash.
             self.last_flush = now
             await self._flush()
 
@@ -757,6 +765,7 @@ async def send_batched(producer: AIOKafkaProducer,
 _partitioner = DefaultPartitioner()
 CHORES_SECONDS = 2.0
 COMMIT_SECONDS = 1.0
+IDLE_FLUSH_SECONDS = 0.1  # at most ten early writes a second when traffic comes in short bursts
 # Decoded account states held between two writes; more than this many changed accounts are written
 # at once, so the worker's memory does not grow with a burst of new accounts (about 1.2 KB each).
 MAX_LIVE = 2_000

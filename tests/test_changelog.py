@@ -288,3 +288,46 @@ def test_keyed_outputs_follow_partitions_added_while_running(kafka_bootstrap: st
             assert partition == before[key]
         elif value == b"r2":
             assert partition == after[key], "a key must land where send() puts it after the partitions were added"
+
+
+def test_a_caught_up_engine_writes_and_commits_at_once_not_at_the_next_tick(tmp_path: Path) -> None:
+    """An empty poll after a burst snapshots at once (at most every IDLE_FLUSH_SECONDS), once per burst."""
+    import time
+
+    from agents import transactions
+
+    engine = _engine(tmp_path)
+    tp = TopicPartition(engine.topic, 0)
+    written: list[dict[TopicPartition, int]] = []
+
+    async def write(previous: Any, outstanding: Any, pending: Any, offsets: dict[TopicPartition, int]) -> None:
+        written.append(offsets)
+
+    engine._write = write
+    engine.ready = True
+
+    async def run() -> None:
+        now = time.monotonic()
+        engine.last_chores = engine.last_flush = now  # the 1-second tick is far off
+        engine.read = {tp: 5}
+        await engine._chores(idle=False)
+        assert written == [], "records keep coming: the tick decides"
+        await engine._chores(idle=True)
+        assert written == [], f"within {transactions.IDLE_FLUSH_SECONDS} s of the last write"
+        engine.last_flush = now - 2 * transactions.IDLE_FLUSH_SECONDS
+        await engine._chores(idle=True)
+        await asyncio.sleep(0)
+        assert written == [{tp: 5}]
+        engine.last_flush = now - 2 * transactions.IDLE_FLUSH_SECONDS
+        await engine._chores(idle=True)
+        assert len(written) == 1, "nothing new read since: no second write"
+        engine.read = {tp: 9}
+        engine.writing = asyncio.get_running_loop().create_future()  # a write still in flight
+        await engine._chores(idle=True)
+        assert len(written) == 1, "one write at a time"
+        engine.writing.set_result(None)
+        await engine._chores(idle=True)
+        await asyncio.sleep(0)
+        assert written[1:] == [{tp: 9}]
+
+    asyncio.run(run())
