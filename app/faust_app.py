@@ -191,11 +191,15 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
 
 
 def has_lz4() -> bool:
-    try:
-        import lz4  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when every Kafka client here handles lz4: aiokafka writes it (through cramjam), kafka-python reads it (lz4).
+
+    Checking only for the lz4 module let a worker start that aiokafka then refused to produce
+    with ("Compression library for lz4 not found").
+    """
+    from aiokafka.codec import has_lz4 as aiokafka_has_lz4
+    from kafka.codec import has_lz4 as kafka_python_has_lz4
+
+    return bool(aiokafka_has_lz4() and kafka_python_has_lz4())
 
 
 __all__ = ["ALL_TOPICS", "Runtime", "create_app", "credentials", "dump_account", "dumps", "has_lz4", "load_account",

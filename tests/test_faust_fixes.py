@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import faust
+import pytest
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 
@@ -77,3 +78,20 @@ def test_a_commit_never_moves_past_a_single_missing_record() -> None:
     assert faust_fixes._new_offset(consumer, tp) is None, "Faust's own returned 103, skipping offset 100"
     consumer._acked[tp] = [100, 101, 102]
     assert faust_fixes._new_offset(consumer, tp) == 103
+
+
+def test_lz4_is_used_only_when_both_kafka_clients_can_handle_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lz4 module alone once made a worker that aiokafka refused to produce with (it needs cramjam)."""
+    import aiokafka.codec
+    import kafka.codec
+
+    from app.faust_app import has_lz4
+
+    monkeypatch.setattr(aiokafka.codec, "cramjam", None)
+    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: True)
+    assert not has_lz4(), "aiokafka cannot write lz4 without cramjam"
+    monkeypatch.setattr(aiokafka.codec, "cramjam", object())
+    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: False)
+    assert not has_lz4(), "kafka-python tools could not read what the worker writes"
+    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: True)
+    assert has_lz4()
