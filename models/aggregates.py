@@ -4,8 +4,10 @@ Stage 1 (an accumulator per source: a Kafka partition, or "replay") sums its own
 time buckets and emits *partials* carrying cumulative totals for (source, bucket). Stage 2 (one
 monitor, all partials re-keyed to one key) keeps the latest partial per (source, bucket),
 REPLACING any earlier one, so a redelivered or re-emitted partial never counts twice. A bucket
-is judged once the watermark (newest bucket seen minus `lateness_buckets`) has passed it, so
-partials arriving out of order within that allowance give the same alerts in the same order.
+is judged once the watermark has passed it: the newest bucket that every live source has reached
+(a source idle for `idle_source_seconds` does not hold it back), minus `lateness_buckets`. So
+partials arriving out of order within that allowance, or from sources progressing at different
+speeds, give the same alerts in the same order.
 """
 
 from __future__ import annotations
