@@ -331,3 +331,22 @@ def test_a_caught_up_engine_writes_and_commits_at_once_not_at_the_next_tick(tmp_
         assert written[1:] == [{tp: 9}]
 
     asyncio.run(run())
+
+
+def test_buffered_outputs_are_counted_when_taken_and_not_when_discarded(tmp_path: Path) -> None:
+    """riskwatch_events_published_total counts what the engine sends, not what a failed batch dropped."""
+    engine = _engine(tmp_path)
+    sink, published = engine.sink, engine.rt.metrics.events_published
+    alerts, aggregates = sink.names["risk.alerts"], sink.names["risk.aggregates"]
+
+    def count(topic: str) -> float:
+        return published.labels(topic)._value.get()
+
+    asyncio.run(sink.partial("flow", b"{}"))
+    sink.discard()  # a rewind: these events are read again and their outputs made again
+    assert sink.take() == [] and count(aggregates) == 0
+    for _ in range(3):
+        asyncio.run(sink.partial("flow", b"{}"))
+    asyncio.run(sink._send("risk.alerts", b"k", b"{}"))
+    assert len(sink.take()) == 4
+    assert (count(aggregates), count(alerts)) == (3, 1)
