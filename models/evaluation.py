@@ -1,10 +1,16 @@
-"""Offline evaluation of risk scores against labels: ranking quality, alert rates, curves, detection delays."""
+"""Offline evaluation of risk scores against labels: ranking quality, alert rates, curves, detection delays.
+
+Event-level metrics (AUC, AP) say how scores rank single events; the episode metrics say what an
+analyst sees: which risky runs (episodes) got a warning, how late, how many warnings were noise,
+and what recall a given warning budget would buy. docs/episode-metrics.md defines each number.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +20,8 @@ import numpy.typing as npt
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 MAX_CURVE_POINTS = 200
+# Warnings per 1,000 normal transactions: from one in 4,000 (a small team) to one in 62 (a noisy rule set).
+BUDGETS_PER_1000 = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +190,303 @@ def median_detection_delay(delays: Mapping[str, float | None], scenario: str | N
     return float(statistics.median(found)) if found else None
 
 
+def detector_kind(detector: str) -> str:
+    """'model' for the anomaly model, 'rule' for catalogue rules, 'platform' for market and aggregate monitors.
+
+    >>> [detector_kind(d) for d in ("surprise", "rule:velocity", "market.drawdown", "aggregates.liquidity")]
+    ['model', 'rule', 'platform', 'platform']
+    """
+    if detector == "surprise":
+        return "model"
+    return "rule" if detector.startswith("rule:") else "platform"
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    alert_id: str
+    t: float  # event time of this version, epoch seconds
+    category: str
+    kind: str
+    event_ids: Sequence[str]
+
+
+def _versions(warnings: Iterable[Any]) -> Iterator[_Version]:
+    for a in warnings:
+        stamp = _get(a, "event_ts") or _get(a, "created_at")
+        if stamp is None:
+            raise ValueError(f"alert {_get(a, 'alert_id')!r} has neither event_ts nor created_at")
+        yield _Version(str(_get(a, "alert_id")), _seconds(stamp), str(_get(a, "category")),
+                       detector_kind(str(_get(a, "detector") or "")), _get(a, "event_ids") or ())
+
+
+def _risky(labelled: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Label-1 events, each event_id once (a redelivered copy is the same event)."""
+    seen: set[str] = set()
+    out = []
+    for ev in labelled:
+        eid = str(ev["event_id"])
+        if ev.get("label", 1) == 1 and eid not in seen:
+            seen.add(eid)
+            out.append(ev)
+    return out
+
+
+def _spread(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(median, 90th percentile, linear interpolation) or (None, None) for no values."""
+    if not values:
+        return None, None
+    med, p90 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90])
+    return float(med), float(p90)
+
+
+def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    warned = [r for r in rows if r["warned"]]
+    med_e, p90_e = _spread([r["delay_events"] for r in warned])
+    med_s, p90_s = _spread([r["delay_seconds"] for r in warned])
+    return {
+        "episodes": len(rows),
+        "warned": len(warned),
+        "recall": len(warned) / len(rows) if rows else None,
+        "median_delay_events": med_e,
+        "p90_delay_events": p90_e,
+        "median_delay_seconds": med_s,
+        "p90_delay_seconds": p90_s,
+        "caught_by_category": dict(sorted(Counter(c for r in warned for c in r["categories"]).items())),
+        "caught_by_detector": dict(sorted(Counter(k for r in warned for k in r["detectors"]).items())),
+    }
+
+
+def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> dict[str, Any]:
+    """Which episodes (scenario instances, `instance_key`) were warned, how late, and by what.
+
+    `warnings` are every published version (mappings or `Alert`s): a version counts from its own
+    `event_ts`. An episode's delay runs from its first risky event to the first version naming
+    any of its events, in seconds and in risky events: how many of its events had happened by
+    then (1 = warned at its first). Returns {"overall", "per_scenario", "instances"}.
+
+    >>> ev = lambda i: {"event_id": f"e{i}", "ts": f"2026-11-01T00:0{i}:00+00:00", "label": 1,
+    ...                 "scenario": "takeover", "account_id": "A1"}
+    >>> w = {"alert_id": "w1", "event_ts": "2026-11-01T00:02:00+00:00", "category": "velocity",
+    ...      "detector": "rule:velocity", "event_ids": ["e1", "e2"]}
+    >>> r = episodes([ev(1), ev(2), ev(3)], [w])
+    >>> r["instances"]["takeover:A1"]["delay_events"], r["instances"]["takeover:A1"]["delay_seconds"]
+    (2, 60.0)
+    >>> r["overall"]["warned"], r["overall"]["caught_by_detector"]
+    (1, {'rule': 1})
+    """
+    times: dict[str, list[float]] = {}
+    scenario: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for ev in _risky(labelled):
+        key = instance_key(ev)
+        times.setdefault(key, []).append(_seconds(ev["ts"]))
+        scenario.setdefault(key, str(ev.get("scenario") or "unknown"))
+        owner[str(ev["event_id"])] = key
+    first: dict[str, float] = {}
+    caught: dict[str, tuple[set[str], set[str]]] = {}
+    for v in _versions(warnings):
+        for key in {owner[e] for e in v.event_ids if e in owner}:
+            first[key] = min(first.get(key, v.t), v.t)
+            cats, kinds = caught.setdefault(key, (set(), set()))
+            cats.add(v.category)
+            kinds.add(v.kind)
+    rows: dict[str, dict[str, Any]] = {}
+    for key, ts in sorted(times.items()):
+        t = np.sort(np.asarray(ts))
+        w = first.get(key)
+        cats, kinds = caught.get(key, (set(), set()))
+        rows[key] = {
+            "scenario": scenario[key],
+            "events": int(t.size),
+            "warned": w is not None,
+            "delay_seconds": None if w is None else w - float(t[0]),
+            # At least 1: a platform monitor may stamp a warning with the start of its time bucket.
+            "delay_events": None if w is None else max(1, int(np.searchsorted(t, w, side="right"))),
+            "categories": sorted(cats),
+            "detectors": sorted(kinds),
+        }
+    per: dict[str, list[dict[str, Any]]] = {}
+    for r in rows.values():
+        per.setdefault(r["scenario"], []).append(r)
+    return {
+        "overall": _summary(list(rows.values())),
+        "per_scenario": {s: _summary(rs) for s, rs in sorted(per.items())},
+        "instances": rows,
+    }
+
+
+def _judge(labelled: Iterable[Mapping[str, Any]],
+           warnings: Iterable[Any]) -> tuple[dict[str, _Version], set[str], set[str], set[str]]:
+    """(final version per alert_id, ids of true warnings, risky event ids, event ids named by the model)."""
+    risky = {str(ev["event_id"]) for ev in _risky(labelled)}
+    final: dict[str, _Version] = {}
+    true: set[str] = set()
+    model_named: set[str] = set()
+    for v in _versions(warnings):
+        final[v.alert_id] = v
+        # Any version, not just the last: a long warning keeps only its newest 50 event ids.
+        if v.alert_id not in true and not risky.isdisjoint(v.event_ids):
+            true.add(v.alert_id)
+        if v.kind == "model":
+            model_named.update(v.event_ids)
+    return final, true, risky, model_named
+
+
+def _share(true: int, n: int) -> dict[str, Any]:
+    return {"warnings": n, "true": true, "precision": true / n if n else None}
+
+
+def warning_precision(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> dict[str, Any]:
+    """Share of warnings (final version per alert_id) naming at least one risky event: overall, by category
+    and by detector kind.
+
+    >>> lab = [{"event_id": "r", "ts": "2026-11-01T00:00:00Z", "label": 1}]
+    >>> ws = [{"alert_id": i, "event_ts": "2026-11-01T00:00:00Z", "category": "velocity", "detector": d,
+    ...        "event_ids": ids} for i, d, ids in (("1", "surprise", ["r"]), ("2", "surprise", ["n"]),
+    ...                                             ("3", "rule:velocity", ["n", "r"]))]
+    >>> p = warning_precision(lab, ws)
+    >>> p["overall"], p["by_detector"]["model"]["precision"]
+    ({'warnings': 3, 'true': 2, 'precision': 0.6666666666666666}, 0.5)
+    """
+    final, true, _, _ = _judge(labelled, warnings)
+    out: dict[str, Any] = {"overall": _share(len(true), len(final))}
+    for name, attr in (("by_category", "category"), ("by_detector", "kind")):
+        n: Counter[str] = Counter(getattr(v, attr) for v in final.values())
+        t: Counter[str] = Counter(getattr(final[a], attr) for a in true)
+        out[name] = {g: _share(t[g], n[g]) for g in sorted(n)}
+    return out
+
+
+def active_account_days(times: Sequence[float], accounts: Sequence[str]) -> dict[str, int]:
+    """Distinct accounts with a transaction on each UTC day, summed over the days; and the number of days.
+
+    >>> day = 86400.0
+    >>> active_account_days([0.0, 10.0, 20.0, day + 5, day + 6], ["A", "A", "B", "A", "A"])
+    {'account_days': 3, 'days': 2}
+    """
+    days = (np.asarray(times, dtype=np.float64) // 86400.0).astype(np.int64)
+    pairs = set(zip(days.tolist(), accounts, strict=True))
+    return {"account_days": len(pairs), "days": len({d for d, _ in pairs})}
+
+
+def _per(n: int, base: int | None) -> float | None:
+    return 1000.0 * n / base if base else None
+
+
+def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any], *, normal_transactions: int,
+                 account_days: int | None = None) -> dict[str, Any]:
+    """Warnings per 1,000 normal transactions and per 1,000 active accounts per day, all and model-only.
+
+    `false_*` counts only warnings naming no risky event: the noise normal traffic costs. A rate over
+    account-days is warnings per day per 1,000 accounts active that day, weighted by each day's traffic.
+    `model_normal_named_share` is the share of normal transactions named by any model warning.
+
+    >>> lab = [{"event_id": "r", "ts": "2026-11-01T00:00:00Z", "label": 1}]
+    >>> ws = [{"alert_id": i, "event_ts": "2026-11-01T00:00:00Z", "category": "c", "detector": d, "event_ids": ids}
+    ...       for i, d, ids in (("1", "surprise", ["r"]), ("2", "surprise", ["n1", "n2"]), ("3", "rule:x", ["n3"]))]
+    >>> load = warning_load(lab, ws, normal_transactions=4000, account_days=500)
+    >>> load["all"]["false_per_1000_normal"], load["model"]["per_1000_account_days"], load["model_normal_named_share"]
+    (0.5, 4.0, 0.0005)
+    """
+    final, true, risky, model_named = _judge(labelled, warnings)
+    out: dict[str, Any] = {"normal_transactions": normal_transactions, "account_days": account_days}
+    for group, keep in (("all", lambda v: True), ("model", lambda v: v.kind == "model")):
+        ids = [a for a, v in final.items() if keep(v)]
+        n, false = len(ids), sum(a not in true for a in ids)
+        out[group] = {
+            "warnings": n,
+            "false_warnings": false,
+            "per_1000_normal": _per(n, normal_transactions),
+            "false_per_1000_normal": _per(false, normal_transactions),
+            "per_1000_account_days": _per(n, account_days),
+            "false_per_1000_account_days": _per(false, account_days),
+        }
+    named = len(model_named - risky)
+    out["model_normal_named_share"] = named / normal_transactions if normal_transactions else None
+    return out
+
+
+def budget_threshold(sorted_normal: npt.NDArray[np.float64], per_1000: float) -> float:
+    """The lowest score at which at most per_1000/1000 of the normal scores (sorted ascending) are at or above it.
+
+    Ties stay together: when the cut falls inside a run of equal scores, the threshold moves above the run.
+
+    >>> s = np.array([0.1, 0.2, 0.5, 0.5, 0.9])
+    >>> [budget_threshold(s, b) for b in (200.0, 400.0, 600.0, 1000.0)]
+    [0.9, 0.9, 0.5, 0.1]
+    >>> budget_threshold(s, 100.0) > 0.9
+    True
+    """
+    n = sorted_normal.size
+    k = min(n, math.floor(per_1000 * n / 1000.0 + 1e-9))
+    above = float(np.nextafter(sorted_normal[-1], np.inf))
+    i = n - k
+    if i >= n:
+        return above
+    v = sorted_normal[i]
+    if i > 0 and sorted_normal[i - 1] == v:
+        j = int(np.searchsorted(sorted_normal, v, side="right"))
+        return float(sorted_normal[j]) if j < n else above
+    return float(v)
+
+
+def budget_curve(normal_scores: Sequence[float] | npt.NDArray[np.float64],
+                 risky_scores: Sequence[float] | npt.NDArray[np.float64],
+                 risky_episodes: Sequence[str], risky_scenarios: Sequence[str], *,
+                 budgets: Sequence[float] = BUDGETS_PER_1000,
+                 warned: Collection[str] | None = None, warned_rate: float | None = None) -> dict[str, Any] | None:
+    """Episode recall at several warning budgets, from event scores alone (None without normal scores).
+
+    For each budget B (warnings per 1,000 normal transactions) the threshold is `budget_threshold`;
+    an episode counts as found when any of its events scores at or above it. Warnings that never
+    raise an event's score (windowed rules, platform monitors) are not in this curve. `warned` (the
+    episodes model warnings named) and `warned_rate` (their false warnings per 1,000 normal) give
+    the operating point actually reached.
+
+    >>> c = budget_curve([0.1, 0.2, 0.3, 0.4], [0.35, 0.05, 0.5], ["a", "a", "b"], ["s", "s", "t"],
+    ...                  budgets=[250.0, 500.0])
+    >>> c["thresholds"], c["recall"]["overall"], c["recall"]["per_scenario"]
+    ([0.4, 0.3], [0.5, 1.0], {'s': [0.0, 1.0], 't': [1.0, 1.0]})
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if s.size == 0:
+        return None
+    thr = np.array([budget_threshold(s, b) for b in budgets])
+    keys, inv = np.unique(np.asarray(risky_episodes, dtype=str), return_inverse=True)
+    best = np.full(keys.size, -np.inf)
+    np.maximum.at(best, inv, np.asarray(risky_scores, dtype=np.float64))
+    scen = np.empty(keys.size, dtype=object)
+    scen[inv] = list(risky_scenarios)
+    found = best[None, :] >= thr[:, None]  # budgets x episodes
+    per = {str(x): found[:, scen == x].mean(axis=1).tolist() for x in sorted(set(scen.tolist()))}
+    op = None
+    if warned is not None and keys.size:
+        op = {"false_per_1000_normal": warned_rate, "recall": float(np.isin(keys, list(warned)).mean())}
+    return {
+        "budgets_per_1000": [float(b) for b in budgets],
+        "thresholds": thr.tolist(),
+        "normal_per_1000": (1000.0 * (s.size - np.searchsorted(s, thr, side="left")) / s.size).tolist(),
+        "episodes": {"overall": int(keys.size), **{x: int((scen == x).sum()) for x in per}},
+        "recall": {"overall": found.mean(axis=1).tolist() if keys.size else [None] * len(budgets),
+                   "per_scenario": per},
+        "operating_point": op,
+    }
+
+
 __all__ = [
+    "BUDGETS_PER_1000",
     "MAX_CURVE_POINTS",
     "EvalResult",
+    "active_account_days",
+    "budget_curve",
+    "budget_threshold",
     "curves",
     "detection_delays",
+    "detector_kind",
+    "episodes",
     "evaluate_scores",
     "instance_key",
     "median_detection_delay",
+    "warning_load",
+    "warning_precision",
 ]
