@@ -105,6 +105,8 @@ def _check(args: argparse.Namespace) -> None:
 )(_replay_args)
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay a file or a Kafka time range and summarise what the rules and models would have raised."""
+    from app import report as rp
+
     _check(args)
     s = get_settings()
     configs = _configs(s, args.rules, args.against)
@@ -136,6 +138,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             loaded = read_file(args.input, dead, progress=progress)
             source = str(args.input)
         partitions = args.partitions or loaded.partitions or s.topic_partitions
+        traffic = rp.traffic(loaded)  # the replay consumes the events
         on_alert = None if publisher is None else (lambda i, a: publisher.send(a) if i == 0 else None)
         result = replay(
             loaded,
@@ -148,9 +151,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             progress=progress,
             on_alert=on_alert,
         )
-    from app import report as rp
-
-    rep = rp.build(result, input_name=source)
+    rep = rp.build(result, input_name=source, traffic=traffic)
     if args.report:
         wrote.extend(rp.write(args.report, result, rep))
     if dead.path is not None and dead.count:
@@ -192,6 +193,11 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
                 f"at {ev_['threshold']:g}"
             )
         print(f"  median detection delay {_fmt(ev_['detection']['median_delay_seconds'], ',.0f')} s")
+        ep, prec = ev_["episodes"]["overall"], ev_["warnings"]["overall"]
+        print(
+            f"  episodes warned {ep['warned']:,} of {ep['episodes']:,} (recall {_fmt(ep['recall'])}), median delay "
+            f"{_fmt(ep['median_delay_events'], 'g')} risky events; warning precision {_fmt(prec['precision'])}"
+        )
     comp = rep["comparison"]
     if comp is not None:
         print(
@@ -222,6 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     s = get_settings()
     dead = DeadLetters(None)
     loaded = read_file(args.input, dead, progress=sys.stderr.isatty())
+    traffic = rp.traffic(loaded)  # the replay consumes the events
     result = replay(
         loaded,
         _configs(s, args.rules, None),
@@ -230,13 +237,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ttl=s.state_ttl_seconds,
         progress=sys.stderr.isatty(),
     )
-    ev = rp.evaluation(result)
+    rep = rp.build(result, input_name=str(args.input), traffic=traffic)
+    ev = rep["evaluation"]
     if ev is None or ev["transactions"]["n"] == 0:
         raise ReplayError(
             f"{args.input} has no labelled transactions; evaluate needs `label` (0 or 1) on events "
             "(use `riskwatch replay` for counts without labels)"
         )
-    rep = rp.build(result, input_name=str(args.input))
     if args.json:
         print(
             json.dumps(
@@ -261,15 +268,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "warnings by category: "
         + ", ".join(f"{c} {sum(v.values()):,}" for c, v in rep["warnings"]["by_category"].items())
     )
-    print(f"{'scenario':16}{'level':10}{'detected':>10}{'median delay':>15}")
-    for scen, row in ev["detection"]["per_scenario"].items():
-        delay = row["median_delay_seconds"]
-        print(
-            f"{scen:16}{row['level']:10}{row['detected']:>5} of {row['instances']:<3}"
-            f"{'—' if delay is None else f'{delay:,.0f} s':>14}"
-        )
+    _episode_table(ev["episodes"])
     print("platform-level scenarios (liquidity_run, market_crash) are judged by detection, not event-level metrics")
+    _precision_and_load(ev["warnings"], ev["load"])
+    if ev["budget_curve"] is not None:
+        print(_budget_line(ev["budget_curve"]))
     return 0
+
+
+def _episode_table(eps: dict[str, Any]) -> None:
+    print("episodes (one entity's run of risky events in one scenario) warned by any warning; delay to the first")
+    print(f"{'':37}{'delay, risky events':>20}{'delay, seconds':>20}")
+    print(f"{'scenario':16}{'level':9}{'warned':>9}{'recall':>7}{'median':>10}{'p90':>10}{'median':>10}{'p90':>10}")
+    rows = [*eps["per_scenario"].items(), ("all", {**eps["overall"], "level": ""})]
+    for scen, r in rows:
+        print(
+            f"{scen:16}{r['level']:9}{r['warned']:>4} of {r['episodes']:<3}{_fmt(r['recall'], '.2f'):>6}"
+            f"{_fmt(r['median_delay_events'], 'g'):>10}{_fmt(r['p90_delay_events'], '.3g'):>10}"
+            f"{_fmt(r['median_delay_seconds'], ',.0f'):>10}{_fmt(r['p90_delay_seconds'], ',.0f'):>10}"
+        )
+
+
+def _precision_and_load(prec: dict[str, Any], load: dict[str, Any]) -> None:
+    def share(p: dict[str, Any]) -> str:
+        return f"{_fmt(p['precision'])} ({p['true']:,} of {p['warnings']:,})"
+
+    kinds = ", ".join(f"{k} {share(p)}" for k, p in prec["by_detector"].items())
+    print(f"warning precision (share naming a risky event): {share(prec['overall'])}; {kinds}")
+    for name, g in (("all warnings", load["all"]), ("model warnings", load["model"])):
+        print(
+            f"{name:15} per 1,000 normal transactions {_fmt(g['per_1000_normal'])} "
+            f"(false {_fmt(g['false_per_1000_normal'])}), "
+            f"per 1,000 active accounts per day {_fmt(g['per_1000_account_days'], '.2f')} "
+            f"(false {_fmt(g['false_per_1000_account_days'], '.2f')})"
+        )
+    print(f"normal transactions named by a model warning: {_fmt(load['model_normal_named_share'], '.4%')}")
+
+
+def _budget_line(c: dict[str, Any]) -> str:
+    pts = ", ".join(
+        f"{b:g}: {_fmt(r, '.2f')}" for b, r in zip(c["budgets_per_1000"], c["recall"]["overall"], strict=True)
+    )
+    op = c["operating_point"]
+    reached = (
+        ""
+        if op is None
+        else (
+            f"; the model reached {_fmt(op['recall'], '.2f')} at {_fmt(op['false_per_1000_normal'])} false "
+            f"(threshold's target {c['configured_per_1000']:g})"
+        )
+    )
+    return f"recall of {c['episodes']['overall']:,} account-level episodes at warnings per 1,000 normal: {pts}{reached}"
 
 
 __all__ = ["cmd_evaluate", "cmd_replay"]

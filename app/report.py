@@ -12,9 +12,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.replay import PLATFORM_SCENARIOS, Outcome, Result
-from app.schemas import LEVELS, Alert
-from models.evaluation import detection_delays, evaluate_scores, median_detection_delay
+from app.replay import PLATFORM_SCENARIOS, Loaded, Outcome, Result
+from app.schemas import LEVELS, Alert, Transaction
+from models.evaluation import (
+    active_account_days,
+    budget_curve,
+    detection_delays,
+    episodes,
+    evaluate_scores,
+    instance_key,
+    median_detection_delay,
+    warning_load,
+    warning_precision,
+)
 
 EVALUATION_NOTE = (
     "Event-level metrics use each transaction's calibrated score against its label, at the model's default "
@@ -23,6 +33,14 @@ EVALUATION_NOTE = (
     "many accounts or instruments and are measured by detection delay per instance instead. Market ticks are "
     "not in the event-level metrics. A detection is the first published warning naming any event of the "
     "instance; the delay runs from the instance's first labelled event to that warning's event time."
+)
+BUDGET_NOTE = (
+    "Recall of account-level episodes if the model warned on every transaction scoring at or above the "
+    "threshold that lets through the budget's share of normal transactions. An event's score is the model's, "
+    "or its highest per-transaction rule finding's when higher; warnings from windowed rules and platform "
+    "monitors that leave scores unchanged are not counted. The operating point is what the model's own "
+    "warnings reached: their false warnings per 1,000 normal transactions against the share of these "
+    "episodes they named."
 )
 
 
@@ -34,6 +52,51 @@ def arrays(res: Result) -> dict[str, npt.NDArray[Any]]:
         "market": np.asarray(res.market, dtype=bool),
         "platform": np.asarray(res.platform, dtype=bool),
     }
+
+
+def traffic(loaded: Loaded) -> dict[str, int]:
+    """Active accounts per UTC day, summed over days; read before `replay` consumes `loaded.events`."""
+    pairs = [
+        (t, ev.account_id) for ev, t in zip(loaded.events, loaded.times, strict=True) if isinstance(ev, Transaction)
+    ]
+    return active_account_days([t for t, _ in pairs], [acc for _, acc in pairs])
+
+
+def _risky_scores(res: Result, a: dict[str, npt.NDArray[Any]]) -> tuple[list[dict[str, Any]], npt.NDArray[Any]] | None:
+    """The label-1 events in replay order with their scores; None when they cannot be lined up one to one.
+
+    The replay orders events by time, stably, and keeps label-1 events (in input order) beside; a copy
+    the scorer recognised as a duplicate has no score, so repeated event ids are dropped when counts differ.
+    """
+    pos = np.flatnonzero(a["labels"] == 1)
+    risky = sorted(res.loaded.labelled, key=lambda e: e["ts"].timestamp())
+    if len(risky) != pos.size:
+        first: dict[str, dict[str, Any]] = {}
+        for e in risky:
+            first.setdefault(e["event_id"], e)
+        risky = list(first.values())
+    return (risky, a["scores"][pos]) if len(risky) == pos.size else None
+
+
+def _curve(res: Result, a: dict[str, npt.NDArray[Any]], eps: dict[str, Any], load: dict[str, Any]) -> Any:
+    lined = _risky_scores(res, a)
+    if lined is None:
+        return None
+    risky, scores = lined
+    keep = [e["kind"] == "transaction" and e["scenario"] not in PLATFORM_SCENARIOS for e in risky]
+    acct = [e for e, k in zip(risky, keep, strict=True) if k]
+    curve = budget_curve(
+        a["scores"][~a["market"] & (a["labels"] == 0)],
+        scores[np.asarray(keep, dtype=bool)],
+        [instance_key(e) for e in acct],
+        [str(e["scenario"]) for e in acct],
+        warned={k for k, r in eps["instances"].items() if "model" in r["detectors"]},
+        warned_rate=load["model"]["false_per_1000_normal"],
+    )
+    if curve is not None:
+        curve["configured_per_1000"] = round(1000.0 * (1.0 - res.threshold), 9)
+        curve["note"] = BUDGET_NOTE
+    return curve
 
 
 def _metrics(labels: npt.NDArray[Any], scores: npt.NDArray[Any], threshold: float) -> dict[str, Any]:
@@ -49,8 +112,14 @@ def _metrics(labels: npt.NDArray[Any], scores: npt.NDArray[Any], threshold: floa
     }
 
 
-def evaluation(res: Result, outcome: Outcome | None = None) -> dict[str, Any] | None:
-    """Label metrics (None without labelled transactions) and detection delays per scenario instance."""
+def evaluation(
+    res: Result, outcome: Outcome | None = None, *, traffic: dict[str, int] | None = None
+) -> dict[str, Any] | None:
+    """Label metrics (None without labelled transactions), detection delays and episode metrics.
+
+    `traffic` (from `traffic(loaded)` before the replay) gives the active account-days the load per
+    account is measured against; without it those rates are None.
+    """
     a = arrays(res)
     txn = ~a["market"] & (a["labels"] >= 0)
     if not txn.any() and not res.loaded.labelled:
@@ -74,6 +143,16 @@ def evaluation(res: Result, outcome: Outcome | None = None) -> dict[str, Any] | 
         row["detected"] += d is not None
     for scen, row in per.items():
         row["median_delay_seconds"] = median_detection_delay(delays, scen)
+    eps = episodes(res.loaded.labelled, published)
+    for scen, row in eps["per_scenario"].items():
+        row["level"] = "platform" if scen in PLATFORM_SCENARIOS else "account"
+    load = warning_load(
+        res.loaded.labelled,
+        published,
+        normal_transactions=int((~a["market"] & (a["labels"] == 0)).sum()),
+        account_days=(traffic or {}).get("account_days"),
+    )
+    load["days"] = (traffic or {}).get("days")
     return {
         "threshold": res.threshold,
         "note": EVALUATION_NOTE,
@@ -84,6 +163,10 @@ def evaluation(res: Result, outcome: Outcome | None = None) -> dict[str, Any] | 
             "per_scenario": dict(sorted(per.items())),
             "instances": delays,
         },
+        "episodes": eps,
+        "warnings": warning_precision(res.loaded.labelled, published),
+        "load": load,
+        "budget_curve": _curve(res, a, eps, load),
     }
 
 
@@ -118,7 +201,9 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-def build(res: Result, *, input_name: str, timings: dict[str, float] | None = None) -> dict[str, Any]:
+def build(
+    res: Result, *, input_name: str, timings: dict[str, float] | None = None, traffic: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Everything report.json holds, for the first configuration (and the comparison when there are two)."""
     main = res.outcomes[0]
     final = list(main.final().values())
@@ -173,7 +258,7 @@ def build(res: Result, *, input_name: str, timings: dict[str, float] | None = No
             else None,
             **t,
         },
-        "evaluation": evaluation(res),
+        "evaluation": evaluation(res, traffic=traffic),
         "comparison": comparison(res.outcomes[0], res.outcomes[1]) if len(res.outcomes) > 1 else None,
         "alerts": [json.loads(x.model_dump_json()) for x in sorted(final, key=_rank)],
     }
@@ -195,4 +280,4 @@ def write(outdir: Path, res: Result, report: dict[str, Any]) -> tuple[Path, Path
     return js, page
 
 
-__all__ = ["EVALUATION_NOTE", "arrays", "build", "comparison", "evaluation", "write"]
+__all__ = ["BUDGET_NOTE", "EVALUATION_NOTE", "arrays", "build", "comparison", "evaluation", "traffic", "write"]
