@@ -67,7 +67,8 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
             acc = stress.get(msg.partition)
             if acc is None:
                 acc = stress[msg.partition] = MarketAccumulator(f"p{msg.partition}")
-            for partial in acc.add(tick.ts.timestamp(), tick.instrument, out.stressed, tick.event_id):
+            for partial in acc.add(tick.ts.timestamp(), tick.instrument, out.stressed, tick.event_id, move=out.move,
+                                   spacing=out.spacing):
                 await sink.partial("market", partial.model_dump_json().encode())
 
     @rt.app.timer(interval=2.0)

@@ -22,6 +22,12 @@ CRASH_SLOTS = 64
 # already contains them, a burst of 4-sigma moves can never look like 4x the usual volatility: the
 # baseline would chase it (x1.5 per tick at alpha 0.03) faster than the short horizon can rise.
 VOL_LAG = 8
+# The tick spacing is a running median of the gaps between ticks (a "frugal" median: one float,
+# moved 5% towards each new gap). A median, because the gaps that are not bars are the minority:
+# weekends and holidays are 1 in 5 gaps of daily closes, the overnight gap 1 in 390 of minute bars.
+# On daily closes it stays within 1.00-1.05 days; from a first gap 3x off it settles in ~22 ticks,
+# inside the warm-up.
+SPACING_STEP = 1.05
 DETECTOR_RETURNS = "market.ew_volatility"
 DETECTOR_DRAWDOWN = "market.drawdown"
 _SQRT2 = math.sqrt(2.0)
@@ -37,9 +43,15 @@ class MarketParams(BaseModel):
     vol_shock_ratio: float = Field(default=4.0, gt=1, description="Short / long horizon volatility that is a shock")
     crash_drop_pct: float = Field(default=10.0, gt=0, lt=100, description="Fall from the window's high that is a crash")
     crash_window_seconds: float = Field(default=900.0, gt=0, description="How far back the crash high is looked for")
+    crash_window_bars: int = Field(default=1, ge=1, description="The crash window in bars of the instrument's own "
+                                                               "spacing, when longer than crash_window_seconds")
     critical_drop_pct: float = Field(default=20.0, gt=0, lt=100, description="Fall that makes a crash critical")
     long_alpha: float = Field(default=0.03, gt=0, lt=1, description="EW weight of the usual (long horizon) volatility")
     short_alpha: float = Field(default=0.3, gt=0, lt=1, description="EW weight of the short horizon volatility")
+    breadth_z: float = Field(default=2.5, gt=0, description="A move, in the instrument's own sigmas over the breadth "
+                                                            "horizon, that counts toward market-wide breadth")
+    breadth_seconds: float = Field(default=60.0, gt=0, description="The breadth horizon: the move over about this "
+                                                                   "long, or over one bar when bars are longer")
 
     @model_validator(mode="after")
     def _consistent(self) -> MarketParams:
@@ -55,7 +67,10 @@ class MarketParams(BaseModel):
 class InstrumentState:
     """What riskwatch remembers about one instrument: a few hundred bytes pickled, whatever the tick rate."""
 
-    __slots__ = ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n", "pending", "var_long", "var_short")
+    # New slots go at the end, with a default in _DEFAULTS: a state pickled by an older version (a
+    # shorter tuple) then still loads. So the order is the pickle format, not alphabetical.
+    __slots__ = ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n", "pending",  # noqa: RUF023
+                 "var_long", "var_short", "spacing", "drift")
 
     def __init__(self) -> None:
         self.last_price = 0.0
@@ -67,13 +82,23 @@ class InstrumentState:
         self.hist_ts = array("d")  # candidates for the crash window's high: times, and decreasing prices
         self.hist_px = array("d")
         self.alerts: AlertMemory = {}
+        self.spacing = 0.0  # running median of the gaps between ticks, seconds (0: not known yet)
+        self.drift = 0.0  # EW sum of returns over the breadth horizon
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state, strict=True):
+        if len(state) > len(self.__slots__):
+            raise ValueError(f"instrument state has {len(state)} fields, this version knows {len(self.__slots__)}")
+        for name, value in zip(self.__slots__, state, strict=False):
             setattr(self, name, value)
+        for name in self.__slots__[len(state):]:
+            setattr(self, name, _DEFAULTS[name])
+
+
+# Defaults of the slots added after the first release, for states pickled before them.
+_DEFAULTS: dict[str, Any] = {"spacing": 0.0, "drift": 0.0}
 
 
 @dataclass(slots=True)
@@ -87,6 +112,8 @@ class MarketOutcome:
     vol_ratio: float = 0.0
     drawdown_pct: float = 0.0
     crashed: bool = False
+    move: int = 0  # -1 or +1: a move of at least breadth_z sigmas over the breadth horizon, that way
+    spacing: float = 0.0  # the instrument's tick spacing as estimated so far, seconds
 
     @property
     def stressed(self) -> bool:
@@ -115,7 +142,11 @@ def _fmt_span(seconds: float) -> str:
 
 
 def _window_high(state: InstrumentState, since: float) -> tuple[float, float]:
-    # Prices are kept decreasing, so the first one still inside the window is its high.
+    # Prices are kept decreasing, so the first one still inside the window is its high. The newest
+    # kept price always is: a fall across a gap longer than the window (a weekend, a halt) is still
+    # a fall in one bar.
+    if state.hist_ts:
+        since = min(since, state.hist_ts[-1])
     for t, p in zip(state.hist_ts, state.hist_px, strict=True):
         if t >= since:
             return p, t
@@ -160,6 +191,30 @@ def _learn_return(state: InstrumentState, r: float, params: MarketParams, warm: 
     state.var_long += max(params.long_alpha, 1.0 / learned) * (r2 - state.var_long)
 
 
+def _learn_spacing(state: InstrumentState, gap: float) -> float:
+    # The frugal running median of the gaps (see SPACING_STEP); ticks at the same time are no gap.
+    m = state.spacing
+    if gap > 0:
+        if m <= 0:
+            m = gap
+        elif gap > m:
+            m *= SPACING_STEP
+        elif gap < m:
+            m /= SPACING_STEP
+        state.spacing = m
+    return m
+
+
+def crash_reach(params: MarketParams, spacing: float) -> float:
+    """Seconds back the crash high is looked for: crash_window_seconds, or crash_window_bars bars if longer.
+
+    Half a bar more than the bars, so a spacing estimate off by up to half a bar still reaches the
+    close N bars back: on daily closes the default (1 bar) compares with the previous close, on
+    ticks or minute bars it stays 900 seconds.
+    """
+    return max(params.crash_window_seconds, (params.crash_window_bars + 0.5) * spacing)
+
+
 def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: str, instrument: str,
                params: MarketParams) -> MarketOutcome:
     """Score one price tick against the instrument's history, then fold it into that history.
@@ -185,7 +240,7 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
         return MarketOutcome(0.0, 0.0, False)
     if state.n == 0:
         state.last_price, state.last_ts, state.n = price, tick_ts, 1
-        _remember_price(state, tick_ts, price, params.crash_window_seconds)
+        _remember_price(state, tick_ts, price, crash_reach(params, state.spacing))
         return MarketOutcome(0.0, 0.0, False)
 
     prev = state.last_price
@@ -195,6 +250,15 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
     z = r / sigma
     score = math.erf(abs(z) / _SQRT2) if warm else 0.0
     abnormal = warm and abs(z) >= params.anomaly_z
+    spacing = _learn_spacing(state, tick_ts - state.last_ts)
+    # The move over the breadth horizon: an EW sum of the returns of its k ticks (k = 1 once bars are
+    # as long as the horizon, so on minute bars and daily closes it is this tick's z). Scaled by its
+    # own spread, sigma / sqrt(a (2 - a)), it is in sigmas whatever the tick rate: twelve 5-second
+    # ticks falling 1 sigma each are a 4-sigma move, as the minute bar holding them would be.
+    a = min(1.0, spacing / params.breadth_seconds) if spacing > 0 else 1.0
+    drift = state.drift = (1.0 - a) * state.drift + r
+    z_move = drift * math.sqrt(a * (2.0 - a)) / sigma
+    move = (1 if z_move > 0 else -1) if warm and abs(z_move) >= params.breadth_z else 0
     findings: list[Finding] = []
 
     reasons: list[Reason] = []
@@ -228,7 +292,8 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
         findings.append(Finding("market_anomaly", level, anomaly_score, DETECTOR_RETURNS, reasons,
                                 "instrument", instrument))
 
-    high_px, high_ts = _window_high(state, tick_ts - params.crash_window_seconds)
+    reach = crash_reach(params, spacing)
+    high_px, high_ts = _window_high(state, tick_ts - reach)
     drawdown = (1.0 - price / high_px) * 100.0 if high_px > price else 0.0
     crashed = drawdown >= params.crash_drop_pct
     if crashed:
@@ -248,8 +313,8 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
     state.n += 1
     _learn_return(state, r, params, warm)
     state.last_price, state.last_ts = price, tick_ts
-    _remember_price(state, tick_ts, price, params.crash_window_seconds)
-    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed)
+    _remember_price(state, tick_ts, price, reach)
+    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed, move, spacing)
 
 
-__all__ = ["InstrumentState", "MarketOutcome", "MarketParams", "score_tick"]
+__all__ = ["InstrumentState", "MarketOutcome", "MarketParams", "crash_reach", "score_tick"]

@@ -290,7 +290,8 @@ class Pipeline:
             res = Scored(event.event_id, "market", mo.score)
             for r in raised:
                 _add(res, r)
-            self._platform(self.stress.add(ts, event.instrument, mo.stressed, event.event_id), res)
+            self._platform(self.stress.add(ts, event.instrument, mo.stressed, event.event_id, move=mo.move,
+                                           spacing=mo.spacing), res)
         if self._n % 50_000 == 0:
             self.evicted += self._evict(ts)
         return res
