@@ -123,6 +123,9 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
         ax2.legend(fontsize=8, loc="upper right")
         out["curves"] = _png(fig)
 
+    if ev is not None and ev["budget_curve"] is not None:
+        out["budget"] = _budget_plot(plt, ev["budget_curve"])
+
     comp = report["comparison"]
     if comp is not None:
         cats = sorted(
@@ -145,6 +148,38 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
         ax.legend(fontsize=8)
         out["comparison"] = _png(fig)
     return out
+
+
+def _budget_plot(plt: Any, c: dict[str, Any]) -> str:
+    """Episode recall against warnings per 1,000 normal transactions, one line per scenario, log x."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = c["budgets_per_1000"]
+    for scen, ys in c["recall"]["per_scenario"].items():
+        ax.plot(x, ys, marker=".", linewidth=1.2, label=f"{scen} ({c['episodes'][scen]})")
+    if c["episodes"]["overall"]:
+        ax.plot(x, c["recall"]["overall"], color="black", linewidth=2.4, label=f"all ({c['episodes']['overall']})")
+    ax.axvline(c["configured_per_1000"], color="#555555", linestyle="--", label="model threshold's target rate")
+    op = c["operating_point"]
+    if op is not None and op["false_per_1000_normal"]:  # a log axis cannot show zero
+        ax.plot(
+            [op["false_per_1000_normal"]],
+            [op["recall"]],
+            marker="*",
+            markersize=14,
+            color="#a50f15",
+            linestyle="none",
+            label="model warnings reached",
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{b:g}" for b in x])
+    ax.set(
+        xlabel="warnings per 1,000 normal transactions (budget)",
+        ylabel="episodes with an event at or above",
+        ylim=(-0.02, 1.02),
+        title="Recall of account-level episodes against the warning budget",
+    )
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
 
 
 def _human(seconds: float) -> str:
@@ -205,6 +240,77 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "not detected"
     return f"{seconds:,.0f} s" if seconds < 600 else f"{seconds / 60:,.1f} min"
+
+
+def _events(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def _episodes_html(ev: dict[str, Any]) -> str:
+    """The episode table per scenario, warning precision by detector kind and the warning load."""
+    eps = ev["episodes"]
+    rows = [*eps["per_scenario"].items(), ("<b>all</b>", {**eps["overall"], "level": ""})]
+    prec, load = ev["warnings"], ev["load"]
+    kinds = [("all", prec["overall"]), *prec["by_detector"].items()]
+    share = load["model_normal_named_share"]
+    named = "—" if share is None else f"{share:.4%}"
+    return (
+        "<h2>Episodes: labelled risky runs, one entity and scenario each</h2><p class=muted>An episode is warned "
+        "when a published warning names any of its events. Delay runs from its first risky event to that "
+        "warning: in risky events (1 = warned at the first) and in event-time seconds. docs/episode-metrics.md "
+        "defines each figure.</p>"
+        + _table(
+            [
+                "scenario",
+                "level",
+                "warned",
+                "episodes",
+                "recall",
+                "median delay, events",
+                "p90, events",
+                "median delay",
+                "p90 delay",
+                "caught by",
+            ],
+            [
+                [
+                    s if s.startswith("<b>") else _e(s),
+                    _e(r["level"]),
+                    r["warned"],
+                    r["episodes"],
+                    r["recall"],
+                    _events(r["median_delay_events"]),
+                    _events(r["p90_delay_events"]),
+                    _duration(r["median_delay_seconds"]),
+                    _duration(r["p90_delay_seconds"]),
+                    _e(", ".join(f"{k} {n}" for k, n in r["caught_by_detector"].items())),
+                ]
+                for s, r in rows
+            ],
+        )
+        + "<div class=row>"
+        + _table(
+            ["warnings by detector", "warnings", "naming a risky event", "precision"],
+            [[_e(k), p["warnings"], p["true"], p["precision"]] for k, p in kinds],
+        )
+        + _table(
+            ["load", "per 1,000 normal txns", "false only", "per 1,000 active accounts a day", "false only"],
+            [
+                [
+                    name,
+                    g["per_1000_normal"],
+                    g["false_per_1000_normal"],
+                    g["per_1000_account_days"],
+                    g["false_per_1000_account_days"],
+                ]
+                for name, g in (("all warnings", load["all"]), ("model warnings", load["model"]))
+            ],
+        )
+        + "</div>"
+        + f"<p>Median detection delay over all detected instances: "
+        f"{_duration(ev['detection']['median_delay_seconds'])}. Normal transactions named by a model warning: "
+        f"{named}.</p>" + (f"<p class=muted>{_e(ev['budget_curve']['note'])}</p>" if ev["budget_curve"] else "")
+    )
 
 
 def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 100) -> str:
@@ -293,19 +399,8 @@ def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 10
             )
         )
         parts.append(img.get("curves", ""))
-        det = evaluation_["detection"]
-        parts.append(
-            "<h2>Detection of labelled scenario instances</h2>"
-            + _table(
-                ["scenario", "level", "instances", "detected", "median delay"],
-                [
-                    [_e(s), _e(r["level"]), r["instances"], r["detected"], _duration(r["median_delay_seconds"])]
-                    for s, r in det["per_scenario"].items()
-                ],
-            )
-            + f"<p>Median detection delay over all detected instances: {_duration(det['median_delay_seconds'])}"
-            "</p>"
-        )
+        parts.append(_episodes_html(evaluation_))
+        parts.append(img.get("budget", ""))
     comp = report["comparison"]
     if comp is not None:
         cats = sorted(
