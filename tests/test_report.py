@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +145,88 @@ def test_report_numbers_match_an_independent_computation(sample_report: Path) ->
     assert "platform-level" in ev["note"]
 
 
+def test_report_episode_metrics_match_an_independent_computation(sample_report: Path) -> None:
+    ev = json.loads((sample_report / "report" / "report.json").read_text())["evaluation"]
+    # The earlier keys stay for old readers; the episode metrics come beside them.
+    assert {"threshold", "note", "transactions", "account_scenarios", "detection"} < set(ev)
+    assert {"episodes", "warnings", "load", "budget_curve"} < set(ev)
+    events = _events()
+    risky = [e for e in events if e["label"] == 1]
+    alerts = [Alert.model_validate_json(line) for line in (sample_report / "alerts.jsonl").read_text().splitlines()]
+
+    # Episodes are the scenario instances: the same keys, and warned exactly when detected.
+    eps = ev["episodes"]
+    assert set(eps["instances"]) == {e["scenario_instance"] for e in risky}
+    for scen, row in ev["detection"]["per_scenario"].items():
+        assert (eps["per_scenario"][scen]["episodes"], eps["per_scenario"][scen]["warned"]) == (
+            row["instances"],
+            row["detected"],
+        )
+        assert eps["per_scenario"][scen]["level"] == row["level"]
+    # The delay in events: the episode's risky events up to the first warning naming one of them.
+    named: dict[str, float] = {}
+    for a in alerts:
+        for e in risky:
+            if e["event_id"] in a.event_ids:
+                named[e["scenario_instance"]] = min(named.get(e["scenario_instance"], 1e18), a.event_ts.timestamp())
+    for key, row in eps["instances"].items():
+        ts = [datetime.fromisoformat(e["ts"]).timestamp() for e in risky if e["scenario_instance"] == key]
+        assert row["events"] == len(ts) and row["warned"] == (key in named)
+        if key in named:
+            assert row["delay_events"] == max(1, sum(t <= named[key] for t in ts))
+            assert row["delay_seconds"] == pytest.approx(named[key] - min(ts))
+
+    # Precision: a warning is true when any version names a risky event.
+    ids = {e["event_id"] for e in risky}
+    true = {a.alert_id for a in alerts if ids & set(a.event_ids)}
+    final = {a.alert_id: a for a in alerts}
+    assert ev["warnings"]["overall"] == {"warnings": len(final), "true": len(true), "precision": len(true) / len(final)}
+
+    # Load: per normal transaction and per account active on each UTC day.
+    txns = [e for e in events if e["event_type"] == "transaction"]
+    normal = [e for e in txns if e["label"] == 0]
+    days = {(datetime.fromisoformat(e["ts"]).astimezone(UTC).date(), e["account_id"]) for e in txns}
+    load = ev["load"]
+    assert (load["normal_transactions"], load["account_days"]) == (len(normal), len(days))
+    assert load["all"]["false_per_1000_normal"] == pytest.approx(1000 * (len(final) - len(true)) / len(normal))
+    assert load["all"]["per_1000_account_days"] == pytest.approx(1000 * len(final) / len(days))
+
+    # Recall at each budget, recomputed from the scores file: episodes of account-level scenarios with an
+    # event at or above the threshold that lets through at most the budget's share of normal transactions.
+    scores = {s["event_id"]: s["score"] for s in map(json.loads, (sample_report / "scores.jsonl").open())}
+    c = ev["budget_curve"]
+    s = np.array([scores[e["event_id"]] for e in normal])
+    acct = [
+        e for e in risky if e["event_type"] == "transaction" and e["scenario"] not in ("liquidity_run", "market_crash")
+    ]
+    best: dict[str, float] = {}
+    for e in acct:
+        best[e["scenario_instance"]] = max(best.get(e["scenario_instance"], -1.0), scores[e["event_id"]])
+    assert c["episodes"]["overall"] == len(best)
+    for b, t, recall in zip(c["budgets_per_1000"], c["thresholds"], c["recall"]["overall"], strict=True):
+        assert 1000 * (s >= t).mean() <= b
+        assert recall == pytest.approx(sum(v >= t for v in best.values()) / len(best))
+    assert c["recall"]["overall"] == sorted(c["recall"]["overall"])
+    assert c["configured_per_1000"] == pytest.approx(1000 * (1 - ev["threshold"]))
+
+
+def test_report_html_has_the_episode_table_and_budget_plot(sample_report: Path) -> None:
+    text = (sample_report / "report" / "report.html").read_text()
+    ev = json.loads((sample_report / "report" / "report.json").read_text())["evaluation"]
+    assert '<img alt="budget" src="data:image/png;base64,' in text
+    table = text[text.index("<h2>Episodes") :]
+    row = ev["episodes"]["per_scenario"]["fund_isolation"]
+    assert f'<td>fund_isolation</td><td>account</td><td class="n">{row["warned"]}</td>' in table
+    assert "warnings by detector" in table and "per 1,000 active accounts a day" in table
+
+
 def test_report_html_renders_its_images_in_chromium(sample_report: Path, tmp_path: Path) -> None:
     page = sample_report / "report" / "report.html"
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # one file: nothing to fetch
     seen = render(tmp_path, page)
-    # Timeline, scores, categories and the ROC/PR curves (the sample has labels).
-    assert seen["images"] == 4 and seen["decoded"] == 4, seen
+    # Timeline, scores, categories, the ROC/PR curves and recall against budget (the sample has labels).
+    assert seen["images"] == 5 and seen["decoded"] == 5, seen
     assert min(seen["widths"]) > 300
     shot = tmp_path / "shot.png"
     chromium(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri())
