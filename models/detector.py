@@ -128,8 +128,33 @@ class Calibrator:
         self._constants()
 
 
+# The budget controller (SurpriseDetector.spend/refresh). Each new model warning lowers the
+# exceedance share it warns at by GAIN (in log terms), each event raises it by GAIN * budget, so the
+# share settles where new warnings come at `budget` per event. 0.05 moves the share 5% per warning:
+# at a 2-in-1,000 budget it converges from 2x off in about 7,000 events of a partition and wanders
+# about +-10% around its settled value.
+BUDGET_GAIN = 0.05
+# How far the learned share may sit from the budget itself (log units, e^3 = 20x): bounds what a
+# burst of warnings or a long quiet spell can do to the operating point.
+BUDGET_LOG_RANGE = 3.0
+# Events between two re-computations of the operating point on the hot path (drift of at most
+# GAIN * budget * 256 = 2.6% at the default budget in between).
+BUDGET_REFRESH = 256.0
+
+
+# Per-type amount shifts (SurpriseDetector.learn_shift): a stochastic-approximation median of how far
+# each transaction type sits from its accounts' typical debit, in log units. The step shrinks as
+# 1/count from 0.1 and stays at SHIFT_STEP: a type's first few hundred events place it, and a
+# median moved by sign steps cannot be dragged by the very outliers the detector is looking for.
+SHIFT_STEP = 0.002
+SHIFT_LIMIT = 4.0  # e^4 = 55x: no type is that far from its accounts' typical debit
+
+
 class SurpriseDetector(base.AnomalyDetector):
     """River anomaly detector over per-account surprises: raw = weighted sum, score = online ECDF rank.
+
+    It also keeps the model's operating point: the share of events whose score may open a warning,
+    learned so that new warnings are opened at the budgeted rate (`spend`, `refresh`).
 
     >>> det = SurpriseDetector()
     >>> for i in range(1000):
@@ -137,6 +162,17 @@ class SurpriseDetector(base.AnomalyDetector):
     >>> det.score_one({"amount": 0.0}) < 0.2 < det.score_one({"amount": 5.0})
     True
     """
+
+    # Budget controller state; class defaults so detectors pickled before it existed still load.
+    log_share = 0.0  # log(exceedance share / budget): 0 = warn at exactly the budgeted share of events
+    _anchor = 0.0  # calibration total at the last refresh
+    _refresh_at = 0.0
+    share = 0.0  # exceedance share in force: budget * exp(log_share); scores >= 1 - share may warn
+    # (txn_type, debit) -> [shift, count]: how much larger this type of transaction usually is than the
+    # account's typical debit, in log units. Mixing card payments with withdrawals and investments
+    # otherwise widens every account's spread so much that a 20x spike is a 3-sigma move. None until
+    # first used, so detectors pickled before it existed still load.
+    shifts: dict[tuple[str, bool], list[float]] | None = None
 
     def __init__(self, weights: dict[str, float] | None = None, horizon: float = 200_000.0) -> None:
         self.weights = weights
@@ -169,6 +205,58 @@ class SurpriseDetector(base.AnomalyDetector):
     def seen(self) -> float:
         """Events the calibration has seen (decayed)."""
         return self.calibrator.total
+
+    def shift(self, txn_type: str, debit: bool) -> float:
+        """The learned log-amount shift of a transaction type (0 for a type not seen yet)."""
+        shifts = self.shifts
+        if shifts is None:
+            return 0.0
+        entry = shifts.get((txn_type, debit))
+        return 0.0 if entry is None else entry[0]
+
+    def learn_shift(self, txn_type: str, debit: bool, residual: float) -> None:
+        """Move the type's shift one step towards `residual`'s side (log amount - shift - account median)."""
+        shifts = self.shifts
+        if shifts is None:
+            shifts = self.shifts = {}
+        entry = shifts.get((txn_type, debit))
+        if entry is None:
+            entry = shifts[(txn_type, debit)] = [0.0, 0.0]
+        n = entry[1] + 1.0
+        entry[1] = n
+        step = 0.1 / n if n < 50.0 else SHIFT_STEP
+        if step < SHIFT_STEP:
+            step = SHIFT_STEP
+        if residual > 0.0:
+            v = entry[0] + step
+            entry[0] = v if v < SHIFT_LIMIT else SHIFT_LIMIT
+        elif residual < 0.0:
+            v = entry[0] - step
+            entry[0] = v if v > -SHIFT_LIMIT else -SHIFT_LIMIT
+
+    def refresh(self, budget: float, warmup: float = 0.0) -> float:
+        """Let the share drift up for the events seen since the last refresh; return the share in force.
+
+        `budget` is new warnings per event. Called every BUDGET_REFRESH events and before `spend`.
+        Events before `warmup` (the calibration's own warm-up, when no warning can be raised) do not
+        count: the share would otherwise start 20x too high and spend a burst of warnings coming down.
+        """
+        total = self.calibrator.total
+        seen = total - max(self._anchor, warmup)
+        # A halving of the calibration (seen < 0) loses at most BUDGET_REFRESH events of drift.
+        if seen > 0:
+            self.log_share = min(self.log_share + BUDGET_GAIN * budget * seen, BUDGET_LOG_RANGE)
+        self._anchor = total
+        self._refresh_at = total + BUDGET_REFRESH
+        self.share = budget * math.exp(self.log_share)
+        return self.share
+
+    def spend(self, budget: float, warmup: float = 0.0) -> float:
+        """Count one new model warning against the budget; return the (lower) share now in force."""
+        self.refresh(budget, warmup)
+        self.log_share = max(self.log_share - BUDGET_GAIN, -BUDGET_LOG_RANGE)
+        self.share = budget * math.exp(self.log_share)
+        return self.share
 
 
 def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int, top: int = 3,
@@ -206,4 +294,4 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
     return [r for _, r in out[:top]]
 
 
-__all__ = ["WEIGHTS", "Calibrator", "SurpriseDetector", "explain", "surprises"]
+__all__ = ["BUDGET_GAIN", "BUDGET_LOG_RANGE", "WEIGHTS", "Calibrator", "SurpriseDetector", "explain", "surprises"]

@@ -275,6 +275,7 @@ class TxnFeatures:
     day_out: float
     day_in: float
     day_out_ratio: float
+    shift: float = 0.0  # the log-amount shift of this transaction's type (models.detector.TypeShift)
 
 
 def _median(values: list[float]) -> float:
@@ -341,13 +342,18 @@ EXTERNAL_TYPES = frozenset({"payment", "transfer", "withdrawal"})
 
 
 def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
-            device: str | None, local_hour: int, txn_type: str = "payment") -> TxnFeatures:
-    """Compute the features of a transaction from the state before it (score before learn)."""
+            device: str | None, local_hour: int, txn_type: str = "payment", shift: float = 0.0) -> TxnFeatures:
+    """Compute the features of a transaction from the state before it (score before learn).
+
+    `shift` is how much larger, in log units, this type of transaction usually is than the
+    account's typical debit (a withdrawal to the bank is typically a few times a card payment):
+    amounts are compared with the account's history after taking it off.
+    """
     n_hist = len(state.log_amounts)
     if n_hist >= 3:
         med = state.log_med
-        z = (math.log(amount) - med) / state.log_spread
-        median_amount = math.exp(med)
+        z = (math.log(amount) - shift - med) / state.log_spread
+        median_amount = math.exp(med + shift)
     else:
         z, median_amount = 0.0, amount
     cp = stable_hash(counterparty)
@@ -395,6 +401,7 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         day_out=day_out,
         day_in=(state.day_in if same_day else 0.0) + (0.0 if debit else amount),
         day_out_ratio=day_out / state.day_out_ew if state.day_out_ew > 0 else 1.0,
+        shift=shift,
     )
 
 
@@ -427,7 +434,7 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
         if f.new_counterparty:
             state.new_cp += 1
             _push(state.counterparties, f.cp_hash, KNOWN_COUNTERPARTIES)
-        _push(state.log_amounts, math.log(f.amount), AMOUNT_HISTORY)
+        _push(state.log_amounts, math.log(f.amount) - f.shift, AMOUNT_HISTORY)
         if dts and ts < dts[-1]:
             # Keep the window arrays time-ordered for bisect when an event arrives slightly late.
             i = bisect_left(dts, ts)

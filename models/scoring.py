@@ -11,7 +11,15 @@ from math import exp, log, log1p
 from zlib import adler32, crc32
 
 from app.schemas import Alert, Reason, TransactionFields
-from models.detector import CAP, Calibrator, SurpriseDetector, _poisson_tail_surprise, explain, surprises
+from models.detector import (
+    BUDGET_LOG_RANGE,
+    CAP,
+    Calibrator,
+    SurpriseDetector,
+    _poisson_tail_surprise,
+    explain,
+    surprises,
+)
 from models.features import (
     AMOUNT_HISTORY,
     DAY,
@@ -45,6 +53,7 @@ from models.rules import (
 # because deterministic evidence of fraud outranks any model rank.
 LEVEL_SCORE = {"low": 0.9, "medium": 0.95}
 RECENT_IDS = 16
+MODEL_DETECTOR = "surprise"  # the `detector` of model warnings, as opposed to "rule:<id>"
 _PACK_Q = struct.Struct("=q").pack  # one element of an array("q"), as bytes
 _ONE_HOUR_SHARE = 1.0 / 24.0  # an hour of the day with less than its even share of activity is unusual
 
@@ -110,9 +119,11 @@ class TransactionScorer:
         self._vel = c.params("velocity", VelocityParams)
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
-        self._threshold = 1.0 - self._anom.target_alert_rate
+        self._budget = self._anom.budget
+        self._threshold = 1.0 - self._budget
         # Per-event constants of the fused path, taken from the catalogue once instead of every event.
-        self._cold_factor = self._threshold * (1.0 - 1e-9)
+        # A cold model's scores stay below the lowest operating point the budget controller can reach.
+        self._cold_factor = (1.0 - min(0.5, self._budget * exp(BUDGET_LOG_RANGE))) * (1.0 - 1e-9)
         self._entity_warmup = self._anom.entity_warmup
         self._global_warmup = self._anom.global_warmup
         self._fund_on = "fund_isolation" in self._on
@@ -128,7 +139,7 @@ class TransactionScorer:
 
     @property
     def threshold(self) -> float:
-        """Calibrated score at or above which the model may warn."""
+        """The nominal operating point, 1 - budget; each detector learns the one it actually warns at."""
         return self._threshold
 
     def process(self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
@@ -173,7 +184,12 @@ class TransactionScorer:
         else:
             dev = 0
             new_dev = False
-        lg_amount = log(amount)
+        txn_type = txn.txn_type
+        # SurpriseDetector.shift, inlined.
+        shifts = det.shifts
+        entry = shifts.get((txn_type, debit)) if shifts is not None else None
+        shift = entry[0] if entry is not None else 0.0
+        lg_amount = log(amount) - shift
         z = (lg_amount - state.log_med) / state.log_spread if n_hist >= 3 else 0.0
         conf = n_hist / (n_hist + 4.0)
         w = det._w
@@ -205,7 +221,7 @@ class TransactionScorer:
                 if expected > 20.0:
                     expected = 20.0
             # min() and max() are spelled as conditionals: same results, no builtin call.
-            if txn.txn_type in EXTERNAL_TYPES:
+            if txn_type in EXTERNAL_TYPES:
                 if z > 1.0:
                     v = z - 1.0
                     raw += (CAP if v > CAP else v) * conf * w.get("amount", 0.0)
@@ -256,6 +272,8 @@ class TransactionScorer:
         if n_hist < self._entity_warmup or total < self._global_warmup:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._cold_factor
+        if total >= det._refresh_at:
+            det.refresh(self._budget, self._global_warmup)
 
         limits = self._thresholds.get(txn.currency)
         threshold, near_floor = limits if limits is not None else self._large_thresholds(txn.currency)
@@ -266,9 +284,9 @@ class TransactionScorer:
                 or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
             # Some rule may fire: _rules decides (most events skip it).
             findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
-        if cal >= self._threshold:
+        if cal >= 1.0 - det.share:
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
-            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn.txn_type)
+            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
             model = self._model(txn, f, surprises(f), raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -281,6 +299,8 @@ class TransactionScorer:
             cal_.total = total = total + 1.0
             if total >= cal_.horizon:
                 cal_.halve()
+            if n_hist >= 3:
+                det.learn_shift(txn_type, debit, lg_amount - state.log_med)
             # models.features.learn, fused with the values computed above.
             if n == 0:
                 state.first_ts = ts
@@ -373,18 +393,21 @@ class TransactionScorer:
             return TxnOutcome(txn.event_id, 0.0, 0.0, duplicate=True)
         debit = txn.direction == "debit"
         hour = txn.ts.hour
-        f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type)
-        x = surprises(f)
         det = self.detector
+        shift = det.shift(txn.txn_type, debit)
+        f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type, shift)
+        x = surprises(f)
         raw = det.raw(x)
         cal = det.score_raw(raw)
         if f.history < self._anom.entity_warmup or det.seen < self._anom.global_warmup:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
-            cal *= self._threshold * (1.0 - 1e-9)
+            cal *= self._cold_factor
+        if det.seen >= det._refresh_at:
+            det.refresh(self._budget, self._global_warmup)
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
-        if cal >= self._threshold:
+        if cal >= 1.0 - det.share:
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -393,6 +416,8 @@ class TransactionScorer:
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
             det.learn_raw(raw)
+            if f.history >= 3:
+                det.learn_shift(txn.txn_type, debit, (log(txn.amount) - shift) - state.log_med)
             learn(state, f)
             if near:
                 state.near_ts.append(ts)
@@ -472,13 +497,13 @@ class TransactionScorer:
         p = self._anom
         if rule is None or f.history < p.entity_warmup or self.detector.seen < p.global_warmup:
             return None
-        if cal < self.threshold or raw < p.min_evidence:
+        if cal < 1.0 - self.detector.share or raw < p.min_evidence:
             return None
         level = "high" if raw >= p.high_evidence else rule.level
         reasons = [Reason(code=code, message=msg, value=round(val, 4),
                           threshold=None if base is None else round(base, 4))
                    for code, msg, val, base in explain(x, f, txn.currency, hour)]
-        return Finding(category=rule.category, level=level, score=cal, detector="surprise",
+        return Finding(category=rule.category, level=level, score=cal, detector=MODEL_DETECTOR,
                        reasons=reasons, entity_type="account", entity_id=txn.account_id)
 
     def _alerts(self, out: TxnOutcome, state: AccountState, ts: float, event_id: str) -> None:
@@ -498,6 +523,9 @@ class TransactionScorer:
             fd = replace(fd, level=state.alerts[fd.category][3])
             if is_new:
                 out.new_ids.append(alert_id)
+                if fd.detector == MODEL_DETECTOR:
+                    # The budget is spent by the warnings a person must open, not by every event scored.
+                    self.detector.spend(self._budget, self._global_warmup)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
 
 
@@ -520,4 +548,4 @@ def evict_idle(states: MutableMapping[str, AccountState], now: float, ttl: float
     return len(stale)
 
 
-__all__ = ["LEVEL_SCORE", "StormCap", "TransactionScorer", "TxnOutcome", "evict_idle"]
+__all__ = ["LEVEL_SCORE", "MODEL_DETECTOR", "StormCap", "TransactionScorer", "TxnOutcome", "evict_idle"]

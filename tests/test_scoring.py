@@ -225,8 +225,10 @@ def test_fused_scoring_matches_the_step_by_step_reference_bit_for_bit():
             got.append((repr(o.score), repr(o.raw), o.duplicate, o.late, o.new_ids, o.dropped,
                         [(f.category, f.level, repr(f.score), f.detector, [r.model_dump() for r in f.reasons])
                          for f in o.findings], [a.model_dump_json() for a in o.alerts]))
-        cal = sc.detector.calibrator
-        return got, [repr((list(cal.counts), cal.total))] + [repr(pickle.dumps(states[k])) for k in sorted(states)]
+        det = sc.detector
+        cal = det.calibrator
+        return got, [repr((list(cal.counts), cal.total, det.shifts, det.log_share, det.share))] + [
+            repr(pickle.dumps(states[k])) for k in sorted(states)]
 
     fused, fused_state = run(True)
     ref, ref_state = run(False)
