@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import struct
 from bisect import bisect_left
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from math import exp, log, log1p
+from typing import Protocol
 from zlib import adler32, crc32
 
 from app.schemas import Alert, Reason, TransactionFields
@@ -56,6 +57,23 @@ RECENT_IDS = 16
 MODEL_DETECTOR = "surprise"  # the `detector` of model warnings, as opposed to "rule:<id>"
 _PACK_Q = struct.Struct("=q").pack  # one element of an array("q"), as bytes
 _ONE_HOUR_SHARE = 1.0 / 24.0  # an hour of the day with less than its even share of activity is unusual
+
+
+# Rules a regulator requires: analysts' verdicts never make them harder to raise (models.feedback).
+REQUIRED_RULES = frozenset({"fund_isolation", "large_transaction", "structuring"})
+
+
+class Feedback(Protocol):
+    """What scoring asks of analysts' verdicts (models.feedback.FeedbackBook implements it)."""
+
+    max_factor: float  # the largest factor() can return: the hot path's pre-check uses it
+
+    def factor(self, detector: str, codes: Sequence[str]) -> float:
+        """Multiplier of the share of events a finding of `detector` with these reason codes may warn at.
+
+        1 is neutral; below 1 asks for more evidence (false positives), above 1 for less (confirmed).
+        """
+        ...
 
 
 @dataclass(slots=True)
@@ -107,7 +125,15 @@ class TransactionScorer:
         self.allowed_lateness = allowed_lateness
         self.storm = StormCap(storm_cap)
         self.on_finding = on_finding
+        self.feedback: Feedback | None = None
+        self._fb_max = 1.0
         self.set_catalogue(catalogue)
+
+    def set_feedback(self, feedback: Feedback | None) -> None:
+        """Let analysts' verdicts move the operating point of the model and of non-required rules."""
+        self.feedback = feedback
+        self._fb_max = 1.0 if feedback is None else max(1.0, feedback.max_factor)
+        self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a (validated) rule catalogue; takes effect with the next event."""
@@ -132,7 +158,7 @@ class TransactionScorer:
         self._large_on = "large_transaction" in self._on
         self._struct_on = "structuring" in self._on
         self._vel_on = "velocity" in self._on
-        self._vel_min = self._vel.min_debits
+        self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
         self._thresholds: dict[str, tuple[float, float]] = {}
         # Structuring is a day-long pattern: its debits hours apart are one case, not several.
         self._cooldowns = {"structuring": self._struct.window_seconds}
@@ -284,7 +310,7 @@ class TransactionScorer:
                 or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
             # Some rule may fire: _rules decides (most events skip it).
             findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
-        if cal >= 1.0 - det.share:
+        if cal >= 1.0 - det.share * self._fb_max:
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
             f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
             model = self._model(txn, f, surprises(f), raw, cal, hour)
@@ -407,7 +433,7 @@ class TransactionScorer:
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
-        if cal >= 1.0 - det.share:
+        if cal >= 1.0 - det.share * self._fb_max:
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -483,7 +509,10 @@ class TransactionScorer:
                     value=float(n), threshold=float(self._struct.min_count))])
         if debit and debits_10m > 1 and "velocity" in on:
             v = self._vel
-            if debits_10m >= v.min_debits and debits_10m >= v.min_ratio * expected_10m:
+            need = v.min_debits
+            if self.feedback is not None:
+                need = math.ceil(need / self.feedback.factor("rule:velocity", ("velocity",)))
+            if debits_10m >= need and debits_10m >= v.min_ratio * expected_10m:
                 usual = max(1, math.ceil(expected_10m))
                 hit("velocity", [Reason(
                     code="velocity",
@@ -497,12 +526,18 @@ class TransactionScorer:
         p = self._anom
         if rule is None or f.history < p.entity_warmup or self.detector.seen < p.global_warmup:
             return None
-        if cal < 1.0 - self.detector.share or raw < p.min_evidence:
+        if raw < p.min_evidence:
+            return None
+        explained = explain(x, f, txn.currency, hour)
+        share = self.detector.share
+        if self.feedback is not None:
+            share *= self.feedback.factor(MODEL_DETECTOR, [e[0] for e in explained])
+        if cal < 1.0 - share:
             return None
         level = "high" if raw >= p.high_evidence else rule.level
         reasons = [Reason(code=code, message=msg, value=round(val, 4),
                           threshold=None if base is None else round(base, 4))
-                   for code, msg, val, base in explain(x, f, txn.currency, hour)]
+                   for code, msg, val, base in explained]
         return Finding(category=rule.category, level=level, score=cal, detector=MODEL_DETECTOR,
                        reasons=reasons, entity_type="account", entity_id=txn.account_id)
 
@@ -548,4 +583,13 @@ def evict_idle(states: MutableMapping[str, AccountState], now: float, ttl: float
     return len(stale)
 
 
-__all__ = ["LEVEL_SCORE", "MODEL_DETECTOR", "StormCap", "TransactionScorer", "TxnOutcome", "evict_idle"]
+__all__ = [
+    "LEVEL_SCORE",
+    "MODEL_DETECTOR",
+    "REQUIRED_RULES",
+    "Feedback",
+    "StormCap",
+    "TransactionScorer",
+    "TxnOutcome",
+    "evict_idle",
+]
