@@ -738,16 +738,16 @@ class MarketStressMonitor(_Monitor):
         near: set[str] = set()  # active within the breadth window
         down: set[str] = set()
         up: set[str] = set()
-        since = b - breadth_window
-        for k in range(b - window + bs, b + bs, bs):
+        for k in range(b - max(window, breadth_window) + bs, b + bs, bs):
             by_source = parts.get(k)
             if by_source is None:
                 continue
             for _, (act, abn, ids, dn, upw, _) in by_source.values():
-                active |= act | abn  # an instrument that moved abnormally certainly ticked
-                bad |= abn
                 samples.update(ids)
-                if k > since:
+                if k > b - window:
+                    active |= act | abn  # an instrument that moved abnormally certainly ticked
+                    bad |= abn
+                if k > b - breadth_window:
                     near |= act
                     down |= dn
                     up |= upw

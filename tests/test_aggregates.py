@@ -382,3 +382,76 @@ def test_an_expected_source_is_waited_for_until_it_speaks_or_idles(monkeypatch: 
     clock[0] += 30.5
     mon.update(FlowPartial(source="p0", bucket=T0 + 5 * MIN, outflow=1.0))
     assert mon.next_eval == T0 + 6 * MIN
+
+
+DAY = 86_400
+
+
+def daily_parts(days: list[dict[str, int]], *, n: int = 10, spacing: float = DAY) -> list[MarketPartial]:
+    """Stage 1 on daily closes of `n` instruments: days[k] maps an instrument index to its move that day."""
+    acc, out = MarketAccumulator("p0"), []
+    for k, moves in enumerate(days):
+        ts = T0 + k * DAY + 3600
+        for i in range(n):
+            out += acc.add(ts + i, f"S{i:02d}", False, f"d{k}-{i}", move=moves.get(i, 0), spacing=spacing)
+    return out + acc.flush()
+
+
+def test_breadth_of_same_way_moves_is_market_stress() -> None:
+    calm: dict[int, int] = {}
+    raised = run_stress(daily_parts([calm, calm, {i: -1 for i in range(6)}, calm]))
+    assert raised and raised[0].is_new
+    f = raised[0].finding
+    assert f.category == "market_stress" and [r.code for r in f.reasons] == ["market_breadth"]
+    assert f.reasons[0].message.startswith("6 of 10 instruments fell together within 12 hours")
+    assert f.reasons[0].value == 0.6 and f.reasons[0].threshold == 0.5
+    assert {e.split("-")[0] for e in raised[0].to_alert().event_ids} == {"d2"}
+
+
+@pytest.mark.parametrize("day", [
+    {i: -1 for i in range(4)},  # 40%: below the share
+    {**{i: -1 for i in range(3)}, **{i: 1 for i in range(3, 6)}},  # six moves, but not the same way
+])
+def test_narrow_or_mixed_moves_are_quiet(day: dict[int, int]) -> None:
+    assert run_stress(daily_parts([{}, day, {}])) == []
+
+
+def test_daily_windows_do_not_add_up_consecutive_days() -> None:
+    # 4 of 10 fell on Monday and 4 others on Tuesday: 40% each day, though 80% in two days.
+    monday, tuesday = {i: -1 for i in range(4)}, {i: -1 for i in range(4, 8)}
+    assert run_stress(daily_parts([{}, monday, tuesday, {}])) == []
+    # The same days at a spacing estimate 5% long (after a weekend) still judge one day at a time.
+    assert run_stress(daily_parts([{}, monday, tuesday, {}], spacing=1.05 * DAY)) == []
+    # Two bars of breadth window do add them up.
+    mon = MarketStressMonitor(MarketStressParams(breadth_bars=2))
+    assert [r for p in daily_parts([{}, monday, tuesday, {}]) for r in mon.update(p)] + mon.drain()
+
+
+def test_windows_follow_the_spacing() -> None:
+    mon = MarketStressMonitor()
+    assert mon.windows(0.0) == (900, 60)  # unknown spacing: the seconds forms
+    assert mon.windows(5.0) == (900, 60)  # ticks seconds apart
+    assert mon.windows(60.0) == (900, 60)  # minute bars
+    assert mon.windows(3600.0) == (1800, 1800)  # hourly bars: half a bar back, one bar in all
+    assert mon.windows(DAY) == (43_200, 43_200)
+    assert mon.windows(365 * DAY) == (8 * DAY, 8 * DAY)  # capped: memory stays bounded
+    assert MarketStressMonitor(MarketStressParams(window_bars=3)).windows(DAY)[0] == 2.5 * DAY
+
+
+def test_partial_of_the_previous_version_still_parses_and_counts() -> None:
+    from models.pipeline import PARTIAL
+
+    old = (f'{{"kind":"market","source":"p0","bucket":{T0},"bucket_seconds":60,"active":["A","B","C","D"],'
+           '"abnormal":["A","B","C"],"event_ids":["x"]}')
+    part = PARTIAL.validate_json(old)
+    assert isinstance(part, MarketPartial) and (part.down, part.up, part.spacing_seconds) == ([], [], 0.0)
+    mon = MarketStressMonitor()
+    raised = mon.update(part) + mon.drain()
+    assert [r.finding.reasons[0].code for r in raised] == ["market_stress"]
+    # A new partial carries the new fields; an old stage 2 would ignore them (extra="ignore").
+    acc = MarketAccumulator("p0")
+    acc.add(T0 + 1, "A", False, "a", move=-1, spacing=60.0)
+    acc.add(T0 + 2, "B", True, "b", move=1, spacing=30.0)
+    [new] = acc.flush()
+    assert (new.down, new.up, new.abnormal, new.spacing_seconds, new.event_ids) == (["A"], ["B"], ["B"], 45.0,
+                                                                                    ["a", "b"])

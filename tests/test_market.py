@@ -155,3 +155,99 @@ def test_params_are_validated() -> None:
         MarketParams(unknown=1)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         MarketParams().anomaly_z = 3  # type: ignore[misc]
+
+
+DAY = 86_400.0
+
+
+def closes(n: int, *, seed: int = 1, sigma: float = 0.01, start: float = 1_420_000_000.0) -> list[tuple[float, float]]:
+    """(ts, price) of n daily closes on weekdays only: Monday follows Friday by three days."""
+    rng, t, price, out = random.Random(seed), start, 100.0, []
+    while len(out) < n:
+        if (t // DAY + 4) % 7 < 5:  # 1970-01-01 was a Thursday: days 0..4 after Monday are weekdays
+            price *= math.exp(rng.gauss(0.0, sigma))
+            out.append((t, price))
+        t += DAY
+    return out
+
+
+def feed(st: InstrumentState, ticks: list[tuple[float, float]], p: MarketParams | None = None) -> list[MarketOutcome]:
+    p = p or MarketParams()
+    return [score_tick(st, ts, px, f"e{i}", "ACME", p) for i, (ts, px) in enumerate(ticks)]
+
+
+@pytest.mark.parametrize(("gaps", "expect"), [
+    ([DAY, DAY, DAY, DAY, 3 * DAY], DAY),  # daily closes, weekends
+    ([60.0] * 389 + [17.5 * 3600], 60.0),  # minute bars, the overnight gap
+    ([3.0, 5.0, 4.0, 6.0, 5.0, 7.0, 5.0], 5.0),  # irregular ticks: the median gap
+])
+def test_spacing_is_the_running_median_of_gaps(gaps: list[float], expect: float) -> None:
+    st, t, p = InstrumentState(), T0, MarketParams()
+    score_tick(st, t, 100.0, "e", "ACME", p)
+    for i in range(600):
+        t += gaps[i % len(gaps)]
+        out = score_tick(st, t, 100.0, "e", "ACME", p)
+    assert expect / 1.06 <= st.spacing == out.spacing <= expect * 1.06
+    before = st.spacing
+    score_tick(st, t, 100.0, "same-time", "ACME", p)  # a second tick at the same time is no gap
+    assert st.spacing == before
+
+
+def test_daily_breadth_move_is_flagged_without_being_abnormal() -> None:
+    st = InstrumentState()
+    feed(st, closes(200))
+    sigma = math.sqrt(st.var_long)
+    t = st.last_ts + DAY
+    out = score_tick(st, t, st.last_price * math.exp(-3.2 * sigma), "down", "ACME", MarketParams())
+    assert out.move == -1 and not out.abnormal and out.findings == []
+    calm = score_tick(st, t + DAY, st.last_price * math.exp(0.5 * sigma), "calm", "ACME", MarketParams())
+    assert calm.move == 0
+
+
+def test_a_slide_of_small_ticks_is_one_breadth_move() -> None:
+    # Twelve 5-second ticks falling 1.2 sigma each: no tick is unusual, the minute they make is.
+    st, p = InstrumentState(), MarketParams()
+    walk(st, 2000, step=5.0, sigma=0.0005)
+    sigma, moves = math.sqrt(st.var_long), []
+    for i in range(12):
+        out = score_tick(st, st.last_ts + 5.0, st.last_price * math.exp(-1.2 * sigma), f"s{i}", "FUND-A", p)
+        assert abs(out.z) < 2 and not out.abnormal
+        moves.append(out.move)
+    assert moves[-1] == -1 and moves[0] == 0
+
+
+def test_daily_crash_window_is_one_bar_even_across_a_weekend() -> None:
+    ticks = closes(120)
+    while (ticks[-1][0] // DAY + 4) % 7 != 4:  # end on a Friday
+        ticks.pop()
+    st = InstrumentState()
+    feed(st, ticks)
+    # Monday's close 12% below Friday's: a crash within one bar, though 3 days (and 900 s) apart.
+    out = score_tick(st, st.last_ts + 3 * DAY, st.last_price * 0.88, "monday", "ACME", MarketParams())
+    assert out.crashed and out.drawdown_pct == pytest.approx(12.0)
+    [crash] = [f for f in out.findings if f.category == "market_crash"]
+    assert "3.0 days" not in crash.reasons[0].message and "72.0 hours" in crash.reasons[0].message
+
+
+def test_crash_window_in_bars_counts_bars_not_one_close() -> None:
+    two_day = [(ts, px) for ts, px in closes(100)]
+    t, px = two_day[-1]
+    two_day += [(t + DAY, px * 0.94), (t + 2 * DAY, px * 0.94 * 0.94)]  # -11.6% over two closes, -6% each
+    one, two = InstrumentState(), InstrumentState()
+    assert not feed(one, two_day)[-1].crashed
+    assert feed(two, two_day, MarketParams(crash_window_bars=2))[-1].crashed
+
+
+def test_state_pickled_by_the_previous_version_still_loads() -> None:
+    st = InstrumentState()
+    walk(st, 100)
+    old = tuple(getattr(st, s) for s in InstrumentState.__slots__[:9])  # the nine slots of the last release
+    assert InstrumentState.__slots__[:9] == ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n",
+                                             "pending", "var_long", "var_short")
+    loaded = InstrumentState.__new__(InstrumentState)
+    loaded.__setstate__(old)
+    assert (loaded.spacing, loaded.drift, loaded.n) == (0.0, 0.0, st.n)
+    out = score_tick(loaded, loaded.last_ts + 10, loaded.last_price * 0.97, "x", "FUND-A", MarketParams())
+    assert out.abnormal and loaded.spacing == 10.0
+    with pytest.raises(ValueError, match="fields"):
+        InstrumentState.__new__(InstrumentState).__setstate__((*st.__getstate__(), 1.0))
