@@ -725,6 +725,11 @@ class MarketStressMonitor(_Monitor):
     def _span(self) -> int:
         return max(self.windows(self.spacing))
 
+    def _within(self, window: int, floor: int, bars: int) -> str:
+        if window <= floor:
+            return _span_text(window)
+        return f"{'one bar' if bars == 1 else f'{bars} bars'} ({_span_text(self.spacing)} apart)"
+
     def _evaluate(self, b: int) -> list[Raised]:
         p, bs, parts = self.params, self.params.bucket_seconds, self.parts
         here = parts.get(b)
@@ -757,7 +762,7 @@ class MarketStressMonitor(_Monitor):
         if len(bad) >= p.min_instruments and share >= p.min_share:
             reasons.append(Reason(code="market_stress", value=round(share, 4), threshold=p.min_share,
                                   message=f"{len(bad)} of {len(active)} instruments moved abnormally within "
-                                          f"{_span_text(window)} ({_names(bad)})"))
+                                          f"{self._within(window, p.window_seconds, p.window_bars)} ({_names(bad)})"))
             if share >= 2 * p.min_share:
                 level = "critical"
             score = min(1.0, 0.5 + 0.5 * share / min(1.0, 2 * p.min_share))
@@ -766,8 +771,8 @@ class MarketStressMonitor(_Monitor):
             if len(moved) >= p.min_instruments and wide >= p.breadth_share:
                 reasons.append(Reason(code="market_breadth", value=round(wide, 4), threshold=p.breadth_share,
                                       message=f"{len(moved)} of {len(near)} instruments {verb} together within "
-                                              f"{_span_text(breadth_window)}, each by a move unusual for it "
-                                              f"({_names(moved)})"))
+                                              f"{self._within(breadth_window, bs, p.breadth_bars)}, each by a move "
+                                              f"unusual for it ({_names(moved)})"))
                 score = max(score, min(1.0, 0.5 + 0.5 * wide))
         if not reasons:
             return []
@@ -782,9 +787,9 @@ def _names(instruments: set[str]) -> str:
 def _span_text(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} minutes"
-    if seconds < 2 * 86_400:
+    if seconds < 0.9 * 86_400:
         return f"{seconds / 3600:.0f} hours"
-    return f"{seconds / 86_400:.0f} days"
+    return f"{seconds / 86_400:.1f} days"
 
 
 __all__ = [

@@ -34,7 +34,15 @@ _SQRT2 = math.sqrt(2.0)
 
 
 class MarketParams(BaseModel):
-    """Thresholds of the per-instrument market detectors."""
+    """Thresholds of the per-instrument market detectors.
+
+    Every threshold is in the instrument's own units, whatever its bar interval: z in sigmas of its
+    own per-tick returns, windows in seconds or in bars of its own tick spacing (whichever is
+    longer). breadth_z = 2.5: one instrument moves 2.5 sigmas one way on 0.6% of its bars, so half
+    of ten independent ones doing it in one bar is ~2e-9: it takes a common shock. On River's daily
+    closes of ten US stocks (models.market_eval) it found 5 of the 5 recorded sell-off days, with 2
+    other warned days in 5 years; 3.0, the value first set, found 3 of 5 (docs/markets.md: the grid).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

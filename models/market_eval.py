@@ -233,6 +233,10 @@ def main() -> None:
     for seed in (1, 2, 3):
         for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed))):
             print(line)
+    print("Generated 5-second ticks, slides of 20 own sigmas that no single tick shows (4 hours, seeds 1-5):")
+    for seed in range(1, 6):
+        for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed, hours=4.0, sigmas=20.0))):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -403,7 +403,7 @@ def test_breadth_of_same_way_moves_is_market_stress() -> None:
     assert raised and raised[0].is_new
     f = raised[0].finding
     assert f.category == "market_stress" and [r.code for r in f.reasons] == ["market_breadth"]
-    assert f.reasons[0].message.startswith("6 of 10 instruments fell together within 12 hours")
+    assert f.reasons[0].message.startswith("6 of 10 instruments fell together within one bar (1.0 days apart)")
     assert f.reasons[0].value == 0.6 and f.reasons[0].threshold == 0.5
     assert {e.split("-")[0] for e in raised[0].to_alert().event_ids} == {"d2"}
 
