@@ -735,7 +735,9 @@ class MarketStressMonitor(_Monitor):
         here = parts.get(b)
         if here is None:
             return []
-        self.spacing = max(payload[5] for _, payload in here.values())
+        spacing = max(v[5] for _, v in here.values())  # the slowest source's
+        if spacing > 0:  # 0: only workers of the previous version spoke; keep the last known
+            self.spacing = spacing
         window, breadth_window = self.windows(self.spacing)
         active: set[str] = set()
         bad: set[str] = set()

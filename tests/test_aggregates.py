@@ -448,6 +448,13 @@ def test_partial_of_the_previous_version_still_parses_and_counts() -> None:
     mon = MarketStressMonitor()
     raised = mon.update(part) + mon.drain()
     assert [r.finding.reasons[0].code for r in raised] == ["market_stress"]
+    # Mixed in with new partials on daily closes, an old one leaves the windows at one day.
+    mon = MarketStressMonitor()
+    for p in daily_parts([{}, {}]):
+        mon.update(p)
+    mon.update(MarketPartial(source="p0", bucket=T0 + 2 * DAY + 3600, active=["S00"]))
+    mon.drain()
+    assert mon.spacing == DAY
     # A new partial carries the new fields; an old stage 2 would ignore them (extra="ignore").
     acc = MarketAccumulator("p0")
     acc.add(T0 + 1, "A", False, "a", move=-1, spacing=60.0)
