@@ -310,7 +310,7 @@ class TransactionScorer:
                 or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
             # Some rule may fire: _rules decides (most events skip it).
             findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
-        if cal >= 1.0 - det.share * self._fb_max:
+        if cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
             f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
             model = self._model(txn, f, surprises(f), raw, cal, hour)
@@ -433,7 +433,7 @@ class TransactionScorer:
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
-        if cal >= 1.0 - det.share * self._fb_max:
+        if cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -562,6 +562,15 @@ class TransactionScorer:
                     # The budget is spent by the warnings a person must open, not by every event scored.
                     self.detector.spend(self._budget, self._global_warmup)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
+
+
+def _covered(findings: list[Finding]) -> bool:
+    """True when a high or critical rule already warns this event: a model warning beside it would be
+    a second case for one event, and would spend the model's budget on what is already seen."""
+    for fd in findings:
+        if fd.level == "high" or fd.level == "critical":
+            return True
+    return False
 
 
 def _top_score(cal: float, findings: list[Finding]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from app.schemas import Transaction
-from models.detector import BUDGET_LOG_RANGE, SurpriseDetector
+from models.detector import BUDGET_BURST, BUDGET_GAIN, BUDGET_LOG_RANGE, BUDGET_WINDOW, SurpriseDetector
 from models.features import AccountState
 from models.pipeline import Pipeline
 from models.rules import AnomalyParams, Catalogue, load_catalogue, parse_catalogue
@@ -67,11 +68,23 @@ def test_spend_lowers_and_quiet_raises_the_share_within_bounds():
     det = SurpriseDetector()
     det.calibrator.total = 5000.0
     assert det.refresh(0.002, warmup=5000.0) == pytest.approx(0.002)
-    for _ in range(200):
-        det.spend(0.002)
-    assert det.share == pytest.approx(0.002 * 2.718281828 ** -BUDGET_LOG_RANGE, rel=1e-6), "bounded below"
+    det.spend(0.002, warmup=5000.0)
+    assert det.share == pytest.approx(0.002 * math.exp(-BUDGET_GAIN))
+    det.log_share = -BUDGET_LOG_RANGE + 0.01
+    det.calibrator.total += BUDGET_WINDOW / 0.002  # a new window, so the burst rule does not apply
+    det.spend(0.002, warmup=det.calibrator.total)
+    assert det.share == pytest.approx(0.002 * math.exp(-BUDGET_LOG_RANGE)), "bounded below"
     det.calibrator.total += 10_000_000.0
-    assert det.refresh(0.002) == pytest.approx(0.002 * 2.718281828 ** BUDGET_LOG_RANGE, rel=1e-6), "bounded above"
+    assert det.refresh(0.002) == pytest.approx(0.002 * math.exp(BUDGET_LOG_RANGE)), "bounded above"
+
+
+def test_a_burst_of_warnings_is_an_incident_and_moves_the_share_only_so_far():
+    det = SurpriseDetector()
+    det.calibrator.total = 5000.0
+    det.refresh(0.002, warmup=5000.0)
+    for _ in range(600):  # a liquidity run: hundreds of fair warnings within one window
+        det.spend(0.002, warmup=5000.0)
+    assert det.log_share == pytest.approx(-BUDGET_GAIN * BUDGET_BURST * BUDGET_WINDOW)
 
 
 def test_no_drift_during_the_calibration_warm_up():
