@@ -60,6 +60,8 @@ class MarketParams(BaseModel):
                                                             "horizon, that counts toward market-wide breadth")
     breadth_seconds: float = Field(default=60.0, gt=0, description="The breadth horizon: the move over about this "
                                                                    "long, or over one bar when bars are longer")
+    session_gap_bars: float = Field(default=10.0, gt=1, description="A gap of more bars than this opens a new "
+                                                                    "session, whose first return is not judged")
 
     @model_validator(mode="after")
     def _consistent(self) -> MarketParams:
@@ -253,20 +255,27 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
 
     prev = state.last_price
     r = math.log(price / prev)
+    gap = tick_ts - state.last_ts
+    spacing = _learn_spacing(state, gap)
+    # A gap of many bars (a night between minute bars, a lunch break, a halt) opens a new session:
+    # the return across it is not a bar's, so it is neither judged against per-bar volatility nor
+    # learned (every open would otherwise be an abnormal move of every instrument). A fall across
+    # it is still a crash.
+    fresh = state.n > 1 and gap > params.session_gap_bars * spacing
     warm = state.n - 1 >= params.warmup_ticks
+    judged = warm and not fresh
     sigma = max(math.sqrt(state.var_long), MIN_SIGMA)
-    z = r / sigma
-    score = math.erf(abs(z) / _SQRT2) if warm else 0.0
-    abnormal = warm and abs(z) >= params.anomaly_z
-    spacing = _learn_spacing(state, tick_ts - state.last_ts)
+    z = r / sigma if not fresh else 0.0
+    score = math.erf(abs(z) / _SQRT2) if judged else 0.0
+    abnormal = judged and abs(z) >= params.anomaly_z
     # The move over the breadth horizon: an EW sum of the returns of its k ticks (k = 1 once bars are
     # as long as the horizon, so on minute bars and daily closes it is this tick's z). Scaled by its
     # own spread, sigma / sqrt(a (2 - a)), it is in sigmas whatever the tick rate: twelve 5-second
     # ticks falling 1 sigma each are a 4-sigma move, as the minute bar holding them would be.
     a = min(1.0, spacing / params.breadth_seconds) if spacing > 0 else 1.0
-    drift = state.drift = (1.0 - a) * state.drift + r
+    drift = state.drift = (1.0 - a) * state.drift + r if not fresh else 0.0
     z_move = drift * math.sqrt(a * (2.0 - a)) / sigma
-    move = (1 if z_move > 0 else -1) if warm and abs(z_move) >= params.breadth_z else 0
+    move = (1 if z_move > 0 else -1) if judged and abs(z_move) >= params.breadth_z else 0
     findings: list[Finding] = []
 
     reasons: list[Reason] = []
@@ -288,7 +297,7 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
     vol_ratio = math.sqrt(var_short_after) / sigma
     # One jump alone lifts the short volatility past the ratio; that is an abnormal move, reported as
     # such. A shock is volatility that stays high, so an abnormal tick only adds it if it was already on.
-    if warm and vol_ratio >= params.vol_shock_ratio and (not abnormal or ratio_before >= params.vol_shock_ratio):
+    if judged and vol_ratio >= params.vol_shock_ratio and (not abnormal or ratio_before >= params.vol_shock_ratio):
         reasons.append(Reason(
             code="volatility_shock",
             message=f"short-term volatility {vol_ratio:.1f}x its usual level",
@@ -318,8 +327,9 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
                     threshold=params.critical_drop_pct if crit else params.crash_drop_pct)],
             "instrument", instrument))
 
-    state.n += 1
-    _learn_return(state, r, params, warm)
+    if not fresh:
+        state.n += 1
+        _learn_return(state, r, params, warm)
     state.last_price, state.last_ts = price, tick_ts
     _remember_price(state, tick_ts, price, reach)
     return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed, move, spacing)

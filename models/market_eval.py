@@ -182,6 +182,37 @@ def gbm_ticks(*, seed: int = 1, instruments: int = 10, hours: float = 12.0, step
     return [e for _, e in events]
 
 
+def session_minute_bars(*, seed: int = 1, instruments: int = 10, days: int = 10, gap_sigma: float = 0.01,
+                        t0: datetime = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)) -> list[dict[str, Any]]:
+    """Minute bars of a market open 6.5 hours on weekdays: correlated moves, and a night between sessions.
+
+    Minute returns share a common factor (correlation 0.3); the night moves every instrument by a
+    common gap of `gap_sigma` (1% by default, some 20 minute-sigmas) plus its own half of that. No
+    crash: any market_stress here is a false alarm, which every open made before sessions were known.
+    """
+    rng = random.Random(seed)
+    sig = [math.exp(rng.uniform(math.log(0.01), math.log(0.03))) / math.sqrt(390) for _ in range(instruments)]
+    log_p = [math.log(rng.uniform(5, 200)) for _ in range(instruments)]
+    events: list[dict[str, Any]] = []
+    day, opened = t0, 0
+    while opened < days:
+        if day.weekday() < 5:
+            common = rng.gauss(0.0, gap_sigma)
+            for j in range(instruments):
+                if opened:
+                    log_p[j] += common + rng.gauss(0.0, gap_sigma / 2)
+            for m in range(390):
+                f = rng.gauss(0.0, 1.0)
+                ts = (day + timedelta(minutes=m)).isoformat()
+                for j in range(instruments):
+                    log_p[j] += sig[j] * (math.sqrt(0.3) * f + math.sqrt(0.7) * rng.gauss(0.0, 1.0))
+                    events.append({"event_id": f"S{j:02d}-{opened}-{m:03d}", "event_type": "market", "ts": ts,
+                                   "instrument": f"S{j:02d}", "price": round(math.exp(log_p[j]), 6), "label": 0})
+            opened += 1
+        day += timedelta(days=1)
+    return events
+
+
 @dataclass(frozen=True)
 class IntradayReport:
     """Warnings on generated intraday ticks: delays per crash window, and warnings outside any crash."""
@@ -233,6 +264,10 @@ def main() -> None:
     for seed in (1, 2, 3):
         for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed))):
             print(line)
+    print("Generated minute bars in sessions, nights moving every instrument ~20 minute-sigmas (10 days, seeds 1-3):")
+    for seed in (1, 2, 3):
+        night = evaluate_intraday(session_minute_bars(seed=seed))
+        print(f"  market_stress alerts: {night.false_stress} in {night.hours:.0f} hours")
     print("Generated 5-second ticks, slides of 20 own sigmas that no single tick shows (4 hours, seeds 1-5):")
     for seed in range(1, 6):
         for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed, hours=4.0, sigmas=20.0))):

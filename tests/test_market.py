@@ -251,3 +251,21 @@ def test_state_pickled_by_the_previous_version_still_loads() -> None:
     assert out.abnormal and loaded.spacing == 10.0
     with pytest.raises(ValueError, match="fields"):
         InstrumentState.__new__(InstrumentState).__setstate__((*st.__getstate__(), 1.0))
+
+
+def test_a_night_between_minute_bars_opens_a_session_not_an_abnormal_move() -> None:
+    st, p, rng = InstrumentState(), MarketParams(), random.Random(5)
+    price, t, outs = 100.0, T0, []
+    for session in range(3):
+        price *= 1.02 if session else 1.0  # each night: +2%, some 40 minute-sigmas
+        for m in range(390):
+            price *= math.exp(rng.gauss(0.0, 0.0005))
+            outs.append(score_tick(st, t + 60.0 * m, price, f"m{session}-{m}", "ACME", p))
+        t += DAY
+    opens = [outs[390], outs[780]]
+    assert all(o.z == 0.0 and not o.abnormal and o.move == 0 and o.findings == [] for o in opens)
+    assert [f for o in outs for f in o.findings] == []
+    assert st.spacing == pytest.approx(60.0, rel=0.06) and st.n == 1 + 3 * 390 - 3
+    # A fall across the night is still a crash.
+    gap_down = score_tick(st, t, st.last_price * 0.85, "open", "ACME", p)
+    assert gap_down.crashed and [f.category for f in gap_down.findings] == ["market_crash"]

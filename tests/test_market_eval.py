@@ -61,3 +61,9 @@ def test_five_second_ticks_crash_warns_within_minutes(seed: int) -> None:
 def test_calm_five_second_ticks_raise_no_market_stress() -> None:
     report = me.evaluate_intraday(me.gbm_ticks(seed=4, hours=3.0, crash_at=2.0))  # the crash never comes
     assert report.delays == {} and report.false_stress == 0
+
+
+def test_overnight_gaps_of_minute_bars_raise_no_market_stress() -> None:
+    # Nights of ~20 minute-sigmas for every instrument: judged as minute moves, every open was stress.
+    report = me.evaluate_intraday(me.session_minute_bars(seed=1, days=6))
+    assert report.false_stress == 0 and report.hours > 100
