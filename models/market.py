@@ -203,9 +203,11 @@ def _learn_return(state: InstrumentState, r: float, params: MarketParams, warm: 
 
 def _learn_spacing(state: InstrumentState, gap: float) -> float:
     # The frugal running median of the gaps (see SPACING_STEP); ticks at the same time are no gap.
+    # It starts from the shorter of the first two gaps: minute bars that begin with a night would
+    # otherwise take ~140 ticks to come down from 17 hours to a minute.
     m = state.spacing
     if gap > 0:
-        if m <= 0:
+        if m <= 0 or (state.n <= 2 and gap < m):
             m = gap
         elif gap > m:
             m *= SPACING_STEP

@@ -269,3 +269,12 @@ def test_a_night_between_minute_bars_opens_a_session_not_an_abnormal_move() -> N
     # A fall across the night is still a crash.
     gap_down = score_tick(st, t, st.last_price * 0.85, "open", "ACME", p)
     assert gap_down.crashed and [f.category for f in gap_down.findings] == ["market_crash"]
+
+
+def test_spacing_starts_right_when_the_data_starts_with_a_night() -> None:
+    st, p = InstrumentState(), MarketParams()
+    score_tick(st, T0, 100.0, "close", "ACME", p)
+    t = T0 + 17.5 * 3600
+    for m in range(5):
+        score_tick(st, t + 60.0 * m, 100.0, f"m{m}", "ACME", p)
+    assert st.spacing == pytest.approx(60.0, rel=0.06)
