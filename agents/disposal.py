@@ -28,11 +28,13 @@ from typing import Any
 from kafka.partitioner.default import murmur2
 from pydantic import ValidationError
 
+from agents.feedback import FeedbackFollower
 from agents.sink import Sink
 from app.errors import EventError
-from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, Runtime
+from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, FEEDBACK, Runtime
 from app.schemas import LEVELS, Alert
 from models.disclosure import AlertSnapshot
+from models.feedback import FeedbackAudit, VerdictNote, key_name
 from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, tick
 from models.pages import sync_pages
 from models.plans import PlanCatalogue
@@ -48,9 +50,11 @@ def partition_of(key: bytes, partitions: int) -> int:
 class Disposal:
     """The lifecycle table and everything that changes it: warnings, acts and the deadline clock."""
 
-    def __init__(self, rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None) -> None:
+    def __init__(self, rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None,
+                 feedback: FeedbackFollower | None = None) -> None:
         s = rt.settings
         self.rt, self.sink, self.plans, self.disclosure = rt, sink, plans, disclosure
+        self.feedback = feedback  # agents.feedback.FeedbackFollower: verdicts move operating points
         self.m = rt.metrics
         self.partitions = s.topic_partitions
         self.page_min = s.page_min_level if s.alertmanager_url else None
@@ -144,6 +148,8 @@ class Disposal:
                 m.acks.labels(rec.action, rec.outcome).inc()
         for detector, verdict in out.verdicts:
             m.verdicts.labels(detector, verdict).inc()
+        for note in out.feedback:
+            await self.feed_back(note, now)
         for seconds in out.ack_seconds:
             m.time_to_ack.observe(seconds)
         for act in out.given_up:
@@ -162,6 +168,30 @@ class Disposal:
                     overdue=state.overdue))
         if out.changed:
             self.put(key, state)
+
+    async def feed_back(self, note: VerdictNote, now: float) -> None:
+        """Publish a verdict to risk.feedback, and its adaptation (if it moves a factor a band) to risk.audit.
+
+        The audit record goes first, judged against the book before the verdict: after a crash
+        before the verdict is published the step runs again and repeats the same audit id; after one
+        between publishing and counting it, the restarted book holds it and nothing is audited twice.
+        """
+        fb = self.feedback
+        if fb is None:
+            return
+        await fb.wait_ready()
+        a = fb.book.preview(note)
+        if a is not None:
+            rec = FeedbackAudit.of(a, note.by or "unknown", now)
+            await self.rt.topics[AUDIT].send(key=rec.key.encode(), value=rec.model_dump_json().encode())
+            self._published(AUDIT)
+            self.m.feedback_adaptations.labels(a.detector, a.code, a.direction).inc()
+            log.info("feedback adapted %s: factor %.4g -> %.4g after %s on %s (audit %s)",
+                     key_name(a.detector, a.code), a.old_factor, a.new_factor, a.verdict, a.alert_id, rec.audit_id)
+        await self.rt.topics[FEEDBACK].send(key=note.alert_id.encode(), value=note.model_dump_json().encode(),
+                                            partition=0)
+        self._published(FEEDBACK)
+        fb.apply(note)
 
     def _published(self, logical: str) -> None:
         self.m.events_published.labels(self.rt.topics[logical].get_topic_name()).inc()
@@ -249,10 +279,11 @@ class Disposal:
         self.m.overdue_plans.set(overdue)
 
 
-def attach(rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None) -> Disposal:
+def attach(rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None,
+           feedback: FeedbackFollower | None = None) -> Disposal:
     """Register the re-keying agent, the lifecycle agent and the deadline timer; return the Disposal."""
     s = rt.settings
-    d = Disposal(rt, sink, plans, disclosure)
+    d = Disposal(rt, sink, plans, disclosure, feedback)
     alerts_topic = rt.topics[ALERTS]
     alerts_name = alerts_topic.get_topic_name()
     both = rt.app.topic(s.topic(ALERTS_BY_ID), s.topic(ACKS), key_type=bytes, value_type=bytes,

@@ -94,6 +94,17 @@ class Metrics:
         self.verdicts = Counter(
             "riskwatch_verdicts_total", "Analyst verdicts on resolved alerts, by detector and verdict",
             ["detector", "verdict"], registry=r)
+        self.feedback_factor = Gauge(
+            "riskwatch_feedback_factor", "Verdict feedback: multiplier of the share of events a finding of this "
+            "detector and lead reason code may warn at (1 neutral, below 1 more evidence needed), as this worker "
+            "scores with it", ["detector", "code"], registry=r)
+        self.feedback_adaptations = Counter(
+            "riskwatch_feedback_adaptations_total", "Verdicts that moved a key's feedback factor a band (audited on "
+            "risk.audit), by detector, code and direction (down, up)", ["detector", "code", "direction"],
+            registry=r)
+        self.feedback_verdicts = Counter(
+            "riskwatch_feedback_verdicts_total", "Verdict records read from risk.feedback, by result: applied "
+            "(new or changed), repeated (already counted: redelivery), invalid", ["result"], registry=r)
         self.pages = Counter(
             "riskwatch_pages_total", "Pages pushed to Alertmanager, by result: sent (a new page accepted), resolved "
             "(its end accepted), retry (Alertmanager unreachable or 5xx: tried again later), failed (refused "

@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import start_http_server
 
-from agents import control, disclosure, health, market, platform, transactions, web
+from agents import control, disclosure, feedback, health, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics
 from app.faust_app import Runtime, create_app
@@ -37,19 +37,24 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
         monitors.set_catalogue(cat)
 
     control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
+    # Analysts' verdicts (risk.feedback, written by the disposal agent) move the scorer's operating points.
+    follower = feedback.FeedbackFollower(rt, scorer)
+    feedback.attach(rt, follower)
+    rt.extras["feedback"] = follower
     health.attach(rt, catalogue, sink)
     web.attach(rt)
-    _attach_disposal(rt, sink, s, disclosed)
+    _attach_disposal(rt, sink, s, disclosed, follower)
     rt.extras["sink"] = sink
     return rt
 
 
-def _attach_disposal(rt: Runtime, sink: Sink, s: Settings, disclosed: disclosure.Disclosure) -> None:
+def _attach_disposal(rt: Runtime, sink: Sink, s: Settings, disclosed: disclosure.Disclosure,
+                     follower: feedback.FeedbackFollower) -> None:
     # Disposal and supervision (contingency plans, acks, escalation, paging): agents/disposal.py.
     from agents import disposal, pager
     from models.plans import load_plans
 
-    disposer = disposal.attach(rt, sink, load_plans(s.plans_file), disclosed)
+    disposer = disposal.attach(rt, sink, load_plans(s.plans_file), disclosed, follower)
     rt.extras["disposal"] = disposer
     pager.attach(rt, disposer)
 

@@ -28,6 +28,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from app.errors import EventError
 from app.schemas import Level
+from models.feedback import VerdictNote, note_for
 from models.pages import Page, pending_pages
 from models.plans import Plan, PlanCatalogue, Trigger, make_trigger, next_level
 
@@ -100,6 +101,8 @@ class Lifecycle(BaseModel):
     category: str = ""
     level: Level = "low"
     detector: str = ""
+    codes: list[str] = Field(default_factory=list, description="reason codes when raised, lead first; empty in "
+                                                                "records written before verdict feedback")
     summary: str = ""
     created_at: float = 0.0
     status: Status = "open"
@@ -156,12 +159,18 @@ class AuditRecord(BaseModel):
 
 @dataclass
 class Outcome:
-    """What one step produced: the new state (None: forget it), triggers, audit records and feedback."""
+    """What one step produced: the new state (None: forget it), triggers, audit records and feedback.
+
+    `verdicts` is (detector, verdict) of every verdict given, for the metrics; `feedback` the verdicts
+    that move an operating point (models.feedback: not the required rules, not old records without
+    reason codes).
+    """
 
     state: Lifecycle | None
     triggers: list[Trigger] = field(default_factory=list)
     audit: list[AuditRecord] = field(default_factory=list)
     verdicts: list[tuple[str, str]] = field(default_factory=list)
+    feedback: list[VerdictNote] = field(default_factory=list)
     ack_seconds: list[float] = field(default_factory=list)
     changed: bool = False
     given_up: list[AckEvent] = field(default_factory=list)
@@ -172,6 +181,7 @@ class Outcome:
         self.triggers += other.triggers
         self.audit += other.audit
         self.verdicts += other.verdicts
+        self.feedback += other.feedback
         self.ack_seconds += other.ack_seconds
         self.given_up += other.given_up
         self.changed = self.changed or other.changed
@@ -216,6 +226,10 @@ def _alert_fields(alert: Any) -> dict[str, Any]:
     return d
 
 
+def _codes(a: dict[str, Any]) -> list[str]:
+    return [str(r["code"]) for r in a.get("reasons") or () if isinstance(r, dict) and "code" in r][:8]
+
+
 def on_alert(state: Lifecycle | None, alert: Any, plans: PlanCatalogue, now: float) -> Outcome:
     """Apply a warning (first version or an update with the same alert_id); idempotent under redelivery."""
     a = _alert_fields(alert)
@@ -224,7 +238,7 @@ def on_alert(state: Lifecycle | None, alert: Any, plans: PlanCatalogue, now: flo
     if state is None or not state.known:
         early = list(state.early) if state is not None else []
         s = Lifecycle(alert_id=a["alert_id"], entity_type=a["entity_type"], entity_id=a["entity_id"],
-                      category=a["category"], level=level, detector=a.get("detector", ""),
+                      category=a["category"], level=level, detector=a.get("detector", ""), codes=_codes(a),
                       summary=a.get("summary", ""), created_at=float(a["created_at"]), updated_at=now)
         plan = plans.select(s.category, level)
         if plan is not None:
@@ -295,6 +309,9 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
             s.acked_by, s.acked_at = act.by, ts
         if act.verdict is not None:
             out.verdicts.append((s.detector or "unknown", act.verdict))
+            note = note_for(s.alert_id, s.detector, s.codes, act.verdict, ts, by=act.by)
+            if note is not None:
+                out.feedback.append(note)
         _record(s, out, "resolve", before, verdict=act.verdict, **kw)
     else:
         if before in ACTIVE:

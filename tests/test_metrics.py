@@ -445,10 +445,46 @@ def test_every_metric_has_a_test_here() -> None:
               "riskwatch_contingency_triggers", "riskwatch_acks", "riskwatch_time_to_ack_seconds",
               "riskwatch_verdicts", "riskwatch_escalations", "riskwatch_overdue_plans", "riskwatch_open_alerts",
               "riskwatch_pages", "riskwatch_top_entity_warnings", "riskwatch_batch_seconds",
-              "riskwatch_batch_records"}
+              "riskwatch_batch_records", "riskwatch_feedback_factor", "riskwatch_feedback_adaptations",
+              "riskwatch_feedback_verdicts"}
     families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}
     assert families - tested == set(), "a new metric needs a test here that makes it move"
     assert tested <= families
+
+
+def test_feedback_factor_adaptations_and_verdict_records() -> None:
+    """The follower sets the factor and counts records; the disposal agent counts the adaptations it audits.
+
+    (On a real worker and broker: tests/test_feedback_e2e.py.)
+    """
+    import asyncio
+    from unittest.mock import AsyncMock
+
+    from agents.disposal import Disposal
+    from agents.feedback import FeedbackFollower
+    from app.faust_app import AUDIT, FEEDBACK
+    from models.feedback import note_for
+
+    m = Metrics(CollectorRegistry())
+    topics = {AUDIT: SimpleNamespace(send=AsyncMock(), get_topic_name=lambda: "audit"),
+              FEEDBACK: SimpleNamespace(send=AsyncMock(), get_topic_name=lambda: "feedback")}
+    rt = SimpleNamespace(metrics=m, settings=SimpleNamespace(topic=lambda name: name), topics=topics)
+    follower = FeedbackFollower(rt, None)  # type: ignore[arg-type]
+    follower.ready.set()
+    disposal = SimpleNamespace(feedback=follower, rt=rt, m=m, _published=lambda logical: None)
+    notes = [note_for(f"a{i}", "surprise", ["hour"], "false_positive", 1.79e9 + i, by="alice") for i in range(6)]
+    for n in notes:
+        assert n is not None
+        asyncio.run(Disposal.feed_back(disposal, n, 1.79e9 + 100))  # type: ignore[arg-type]
+    get = m.registry.get_sample_value
+    assert get("riskwatch_feedback_factor", {"detector": "surprise", "code": "hour"}) == 0.4
+    assert get("riskwatch_feedback_adaptations_total", {"detector": "surprise", "code": "hour",
+                                                        "direction": "down"}) == 2
+    assert topics[FEEDBACK].send.await_count == 6 and topics[AUDIT].send.await_count == 2
+    follower.handle(notes[0].model_dump_json().encode(), 0)  # the disposal agent's own record, read back
+    follower.handle(b"{}", 1)
+    assert get("riskwatch_feedback_verdicts_total", {"result": "repeated"}) == 1
+    assert get("riskwatch_feedback_verdicts_total", {"result": "invalid"}) == 1
 
 
 def test_prime_creates_series_at_zero_so_the_first_increment_is_a_rate() -> None:
