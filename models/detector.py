@@ -8,7 +8,14 @@ from typing import Any
 
 from river import base
 
-from models.features import TINY_AMOUNT, VELOCITY_WINDOW, TxnFeatures
+from models.features import (
+    DORMANT_FACTOR,
+    DORMANT_MIN_SECONDS,
+    SESSION_SECONDS,
+    TINY_AMOUNT,
+    VELOCITY_WINDOW,
+    TxnFeatures,
+)
 
 # How much each surprise counts: nats of evidence, scaled down for features that legitimately vary.
 WEIGHTS: dict[str, float] = {
@@ -19,6 +26,9 @@ WEIGHTS: dict[str, float] = {
     "tiny_burst": 1.2,
     "hour": 0.5,
     "spend": 0.6,
+    "pass_through": 1.0,
+    "dormant": 1.0,
+    "session": 0.7,
 }
 
 
@@ -73,7 +83,46 @@ def surprises(f: TxnFeatures) -> dict[str, float]:
         out["hour"] = -math.log(f.hour_share * 24.0) * conf
     if f.day_out_ratio > 3.0:
         out["spend"] = math.log(f.day_out_ratio / 3.0)
+    v = pass_through(f)
+    if v > 0.0:
+        out["pass_through"] = v
+    v = dormancy(f.idle, f.typical_gap)
+    if v > 0.0:
+        out["dormant"] = v
+    if f.session > 0.0:
+        # Last: the session's share is what is left out when the evidence is carried on.
+        out["session"] = min(f.session, CAP)
     return out
+
+
+def pass_through(f: TxnFeatures) -> float:
+    """Nats for sending on money just received from new counterparties (a mule's pattern), 0 if not so.
+
+    Counts when most of this external debit is covered by that recent inflow: ln of the amount
+    passed through against the account's usual debit of this type.
+    """
+    if not f.external or f.inflow_new <= 0.0:
+        return 0.0
+    return _pass_through(f.amount, f.inflow_new, f.median_amount)
+
+
+def _pass_through(amount: float, inflow: float, usual: float) -> float:
+    sent = amount if amount < inflow else inflow
+    if sent < 0.5 * amount or sent <= usual:
+        return 0.0
+    v = math.log(sent / usual)
+    return v if v < CAP else CAP
+
+
+def dormancy(idle: float, typical_gap: float) -> float:
+    """Nats for waking after a silence far longer than the account's rhythm, 0 if it is not dormant."""
+    quiet = DORMANT_FACTOR * typical_gap
+    if quiet < DORMANT_MIN_SECONDS:
+        quiet = DORMANT_MIN_SECONDS
+    if idle <= quiet:
+        return 0.0
+    v = 1.0 + math.log(idle / quiet)
+    return v if v < 4.0 else 4.0
 
 
 class Calibrator:
@@ -249,6 +298,9 @@ class SurpriseDetector(base.AnomalyDetector):
         Events before `warmup` (the calibration's own warm-up, when no warning can be raised) do not
         count: the share would otherwise start 20x too high and spend a burst of warnings coming down.
         """
+        if self.weights is None and len(self._w) != len(WEIGHTS):
+            # Pickled by a release with fewer features: their weights are the defaults of now.
+            self._w = dict(WEIGHTS)
         total = self.calibrator.total
         seen = total - max(self._anchor, warmup)
         # A halving of the calibration (seen < 0) loses at most BUDGET_REFRESH events of drift.
@@ -278,6 +330,14 @@ class SurpriseDetector(base.AnomalyDetector):
         return self.share
 
 
+def _span(seconds: float) -> str:
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds / 86400:.0f} days"
+
+
 def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int, top: int = 3,
             min_nats: float = 1.0) -> list[tuple[str, str, float, float | None]]:
     """Readable reasons for the largest surprises: (code, message, value, baseline)."""
@@ -302,6 +362,16 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
         elif k == "tiny_burst":
             r = (k, f"{f.tiny_10m} tiny debits (under {TINY_AMOUNT:g}) in {VELOCITY_WINDOW / 60:.0f} minutes, "
                  "a card-testing pattern", float(f.tiny_10m), 1.0)
+        elif k == "pass_through":
+            sent = min(f.amount, f.inflow_new)
+            r = (k, f"sends on {currency} {sent:,.0f} of {currency} {f.inflow_new:,.0f} received from new "
+                 "counterparties in the last hours, a money-mule pattern", sent, f.inflow_new)
+        elif k == "dormant":
+            r = (k, f"first transaction in {f.idle / 86400:.1f} days; this account usually transacts every "
+                 f"{_span(f.typical_gap)}", f.idle / 86400, f.typical_gap / 86400)
+        elif k == "session":
+            r = (k, f"follows other unusual activity on this account in the last {SESSION_SECONDS / 60:.0f} "
+                 "minutes", f.session, 1.0)
         elif k == "hour":
             r = (k, f"active at {local_hour:02d}h local time, when this account rarely is "
                  f"({f.hour_share:.1%} of its activity)", f.hour_share, 1 / 24)
@@ -313,4 +383,14 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
     return [r for _, r in out[:top]]
 
 
-__all__ = ["BUDGET_GAIN", "BUDGET_LOG_RANGE", "WEIGHTS", "Calibrator", "SurpriseDetector", "explain", "surprises"]
+__all__ = [
+    "BUDGET_GAIN",
+    "BUDGET_LOG_RANGE",
+    "WEIGHTS",
+    "Calibrator",
+    "SurpriseDetector",
+    "dormancy",
+    "explain",
+    "pass_through",
+    "surprises",
+]

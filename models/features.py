@@ -23,6 +23,19 @@ HOUR = 3600.0
 DAY = 86400.0
 TINY_AMOUNT = 5.0  # major units: below this, a debit is a card-testing probe rather than a purchase
 MIN_LOG_SPREAD = 0.35  # an account that always pays 100.00 must not alarm at 101
+# Evidence of unusual transactions carries over to the account's next ones, fading by e every
+# SESSION_SECONDS: a takeover or a card test is a run of moderately odd debits minutes apart, none
+# decisive alone. Only what an event adds beyond SESSION_FLOOR nats carries over, so ordinary
+# activity (almost always under 1 nat) builds nothing up.
+SESSION_SECONDS = 900.0
+SESSION_FLOOR = 1.0
+# Money received from counterparties the account never dealt with, fading by e every INFLOW_SECONDS:
+# what a mule account sends on within hours.
+INFLOW_SECONDS = 6 * 3600.0
+# An account is dormant when its silence is both DORMANT_FACTOR times its usual gap between debits
+# and at least DORMANT_MIN_SECONDS.
+DORMANT_FACTOR = 20.0
+DORMANT_MIN_SECONDS = 3 * 86400.0
 
 
 def stable_hash(value: str) -> int:
@@ -35,7 +48,7 @@ def stable_hash(value: str) -> int:
 class AccountState:
     """What riskwatch remembers about one account: bounded, picklable, a few hundred bytes."""
 
-    __slots__ = (  # noqa: RUF023 - order is the pickle layout; "offset" is appended
+    __slots__ = (  # noqa: RUF023 - order is the pickle layout; "offset" and the session fields are appended
         "alerts",
         "burst_max",
         "counterparties",
@@ -63,6 +76,10 @@ class AccountState:
         "recent_ids",
         # Appended, not sorted in: pickles of earlier versions restore their values by slot position.
         "offset",
+        "ev_sum",
+        "ev_ts",
+        "in_new",
+        "in_ts",
     )
 
     def __init__(self) -> None:
@@ -94,13 +111,22 @@ class AccountState:
         # Input offset of the last event this state applied (the worker's; -1 in replay): a redelivered
         # event at or below it is recognised whatever the number of events since.
         self.offset = -1
+        # Evidence carried over from this account's last unusual transactions (nats, fading with
+        # SESSION_SECONDS), and money received from counterparties it never dealt with (fading with
+        # INFLOW_SECONDS), each with the time it was last updated.
+        self.ev_sum = 0.0
+        self.ev_ts = 0.0
+        self.in_new = 0.0
+        self.in_ts = 0.0
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        if len(state) == len(self.__slots__) - 1:  # pickled before `offset` existed
+        if len(state) == len(self.__slots__) - 5:  # pickled before `offset` existed
             state = (*state, -1)
+        if len(state) == len(self.__slots__) - 4:  # pickled before the session fields existed
+            state = (*state, 0.0, 0.0, 0.0, 0.0)
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
@@ -142,24 +168,31 @@ class AccountState:
     def from_bytes(cls, blob: bytes) -> AccountState:
         """Decode a blob written by to_bytes, refusing (StateCodecError) anything malformed."""
         size = len(blob)
-        head = _HEAD if size >= 2 and blob[1] == _VERSION else _HEAD_V1
+        head = _HEADS.get(blob[1], _HEAD_V1) if size >= 2 else _HEAD_V1
         if size < head.size:
             raise StateCodecError(f"AccountState blob too short ({size} bytes)")
         fields = head.unpack_from(blob)
-        if fields[0] != _MAGIC or fields[1] not in (1, _VERSION):
-            raise StateCodecError(f"not an AccountState blob of version 1 or {_VERSION} "
+        if fields[0] != _MAGIC or fields[1] not in _HEADS:
+            raise StateCodecError(f"not an AccountState blob of version 1 to {_VERSION} "
                                   f"(starts with {bytes(blob[:2])!r})")
         st = cls.__new__(cls)
         if head is _HEAD:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
              st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
+             st.day_out, st.day_out_ew, st.ev_sum, st.ev_ts, st.in_new, st.in_ts) = fields[2:23]
+            counts = fields[23:]
+        elif head is _HEAD_V2:
+            (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
+             st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
              st.day_out, st.day_out_ew) = fields[2:19]
+            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = 0.0
             counts = fields[19:]
         else:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.first_ts, st.last_ts,
              st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in, st.day_out,
              st.day_out_ew) = fields[2:18]
             st.offset = -1
+            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = 0.0
             counts = fields[18:]
         view = memoryview(blob)
         off = head.size
@@ -181,17 +214,17 @@ class StateCodecError(ValueError):
     """A state that the compact codec cannot write, or a blob it refuses to read."""
 
 
-# STATE_FORMAT, version 2, little-endian: magic 0xA5, version byte, then five uint32 counts
-# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, ten float64 scalars (_FLOAT_FIELDS
-# order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only when the
-# account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
-# Version 1 (still read) had no offset. Pickle blobs start with 0x80 (protocol >= 2), so the two
-# formats are told apart by the first byte.
+# STATE_FORMAT, version 3, little-endian: magic 0xA5, version byte, then five uint32 counts
+# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, fourteen float64 scalars
+# (_FLOAT_FIELDS order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only
+# when the account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
+# Versions 1 (no offset) and 2 (no ev_sum, ev_ts, in_new, in_ts) are still read. Pickle blobs start
+# with 0x80 (protocol >= 2), so the two formats are told apart by the first byte.
 _MAGIC = 0xA5
-_VERSION = 2
+_VERSION = 3
 _INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev", "offset")
 _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
-                 "day_out", "day_out_ew")
+                 "day_out", "day_out_ew", "ev_sum", "ev_ts", "in_new", "in_ts")
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"))
 _ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
@@ -201,8 +234,10 @@ _get_arrays = attrgetter(*(name for name, _ in _ARRAYS))
 _SCALAR_TYPES = (int,) * len(_INT_FIELDS) + (float,) * len(_FLOAT_FIELDS)
 _ARRAY_TYPES = (array,) * len(_ARRAYS)
 _ARRAY_CODES = [code for _, code in _ARRAYS]
-_HEAD = struct.Struct("<BB5Iqq10d8B")
+_HEAD = struct.Struct("<BB5Iqq14d8B")
+_HEAD_V2 = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
+_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD}
 _BIG_ENDIAN = sys.byteorder == "big"
 STATE_MAGIC = bytes([_MAGIC])
 
@@ -275,7 +310,11 @@ class TxnFeatures:
     day_out: float
     day_in: float
     day_out_ratio: float
-    shift: float = 0.0  # the log-amount shift of this transaction's type (models.detector.TypeShift)
+    shift: float = 0.0  # the log-amount shift of this transaction's type (SurpriseDetector.shift)
+    session: float = 0.0  # nats of evidence carried over from the account's last minutes
+    inflow_new: float = 0.0  # recent money in from new counterparties, faded to now
+    idle: float = 0.0  # seconds since the account's last transaction (0 for its first)
+    typical_gap: float = DAY  # the account's usual seconds between debits
 
 
 def _median(values: list[float]) -> float:
@@ -380,6 +419,8 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
     same_day = ts - state.day_start < DAY
     d = 1 if debit else 0
     day_out = (state.day_out if same_day else 0.0) + (amount if debit else 0.0)
+    session = faded(state.ev_sum, ts - state.ev_ts, SESSION_SECONDS)
+    inflow = faded(state.in_new, ts - state.in_ts, INFLOW_SECONDS)
     return TxnFeatures(
         ts, amount, debit, debit and txn_type in EXTERNAL_TYPES, local_hour, cp, dev,
         history=n_hist,
@@ -402,7 +443,39 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         day_in=(state.day_in if same_day else 0.0) + (0.0 if debit else amount),
         day_out_ratio=day_out / state.day_out_ew if state.day_out_ew > 0 else 1.0,
         shift=shift,
+        session=session,
+        inflow_new=inflow,
+        idle=ts - state.last_ts if state.n else 0.0,
+        typical_gap=typical_gap if state.n_debits >= 3 else DAY,
     )
+
+
+def faded(value: float, elapsed: float, scale: float) -> float:
+    """`value` faded by e every `scale` seconds over `elapsed` (an event earlier than the last: not faded)."""
+    if value == 0.0:
+        return 0.0
+    return value * math.exp(-elapsed / scale) if elapsed > 0.0 else value
+
+
+def carry(state: AccountState, f: TxnFeatures, own: float) -> None:
+    """Fold one scored transaction's evidence (`own`: its raw score without the session's) and money flow
+    into the account's session and inflow memory (credits count when they come from a new counterparty)."""
+    ts = f.ts
+    session = f.session
+    if own > SESSION_FLOOR:
+        session += own - SESSION_FLOOR
+    if session > 0.01 or state.ev_sum:
+        state.ev_sum = session if session > 0.01 else 0.0
+        state.ev_ts = ts
+    inflow = f.inflow_new
+    if f.debit:
+        if inflow:
+            inflow -= f.amount
+            state.in_new = inflow if inflow > 0.0 else 0.0
+            state.in_ts = ts
+    elif f.new_counterparty:
+        state.in_new = inflow + f.amount
+        state.in_ts = ts
 
 
 def learn(state: AccountState, f: TxnFeatures) -> None:
@@ -457,4 +530,5 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
         state.last_ts = ts
 
 
-__all__ = ["STATE_MAGIC", "AccountState", "StateCodecError", "TxnFeatures", "learn", "observe", "stable_hash"]
+__all__ = ["STATE_MAGIC", "AccountState", "StateCodecError", "TxnFeatures", "carry", "faded", "learn", "observe",
+           "stable_hash"]

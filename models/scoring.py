@@ -17,7 +17,9 @@ from models.detector import (
     CAP,
     Calibrator,
     SurpriseDetector,
+    _pass_through,
     _poisson_tail_surprise,
+    dormancy,
     explain,
     surprises,
 )
@@ -27,13 +29,17 @@ from models.features import (
     DEBIT_HISTORY,
     EXTERNAL_TYPES,
     HOUR,
+    INFLOW_SECONDS,
     KNOWN_COUNTERPARTIES,
     KNOWN_DEVICES,
     MIN_LOG_SPREAD,
+    SESSION_FLOOR,
+    SESSION_SECONDS,
     TINY_AMOUNT,
     VELOCITY_WINDOW,
     AccountState,
     TxnFeatures,
+    carry,
     learn,
     median_mad,
     observe,
@@ -224,6 +230,17 @@ class TransactionScorer:
         same_day = ts - day_start < DAY
         d10 = 0
         expected = 0.0
+        # models.features.faded, inlined for the session's evidence and the inflow from new counterparties.
+        sess = state.ev_sum
+        if sess:
+            elapsed = ts - state.ev_ts
+            if elapsed > 0.0:
+                sess = sess * exp(-elapsed / SESSION_SECONDS)
+        inflow = state.in_new
+        if inflow:
+            elapsed = ts - state.in_ts
+            if elapsed > 0.0:
+                inflow = inflow * exp(-elapsed / INFLOW_SECONDS)
         if debit:
             b = txn.counterparty_id.encode()
             cp = (crc32(b) << 31) ^ adler32(b)
@@ -277,8 +294,30 @@ class TransactionScorer:
             ratio = day_out / dew if dew > 0 else 1.0
             if ratio > 3.0:
                 raw += log(ratio / 3.0) * w.get("spend", 0.0)
-        elif z > 3.0:
-            raw += (z - 3.0) * conf * 0.5 * w.get("amount", 0.0)
+            if inflow > 0.0 and txn_type in EXTERNAL_TYPES:
+                v = _pass_through(amount, inflow, exp(state.log_med + shift) if n_hist >= 3 else amount)
+                if v > 0.0:
+                    raw += v * w.get("pass_through", 0.0)
+            if n:
+                v = dormancy(ts - state.last_ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
+                if v > 0.0:
+                    raw += v * w.get("dormant", 0.0)
+            own = raw
+            if sess > 0.0:
+                raw += (CAP if sess > CAP else sess) * w.get("session", 0.0)
+        else:
+            if z > 3.0:
+                raw += (z - 3.0) * conf * 0.5 * w.get("amount", 0.0)
+            own = raw
+            # Credits count towards pass-through only from counterparties the account never paid.
+            b = txn.counterparty_id.encode()
+            cp = (crc32(b) << 31) ^ adler32(b)
+            key = _PACK_Q(cp)
+            buf = state.counterparties.tobytes()
+            i = buf.find(key)
+            while i > 0 and i & 7:
+                i = buf.find(key, i + 1)
+            new_cp = i < 0
 
         # Calibrator.cdf, inlined; a raw score of 0 or less always falls at the bottom of bin 0.
         total = cal_.total
@@ -396,6 +435,20 @@ class TransactionScorer:
                     state.day_out = 0.0
             if ts > state.last_ts:
                 state.last_ts = ts
+            # models.features.carry, inlined.
+            if own > SESSION_FLOOR:
+                sess += own - SESSION_FLOOR
+            if sess > 0.01 or state.ev_sum:
+                state.ev_sum = sess if sess > 0.01 else 0.0
+                state.ev_ts = ts
+            if debit:
+                if inflow:
+                    inflow -= amount
+                    state.in_new = inflow if inflow > 0.0 else 0.0
+                    state.in_ts = ts
+            elif new_cp:
+                state.in_new = inflow + amount
+                state.in_ts = ts
             if near:
                 near_ts = state.near_ts
                 near_ts.append(ts)
@@ -424,6 +477,8 @@ class TransactionScorer:
         f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type, shift)
         x = surprises(f)
         raw = det.raw(x)
+        # The raw score without the session's share: what this event adds to the session.
+        own = det.raw({k: v for k, v in x.items() if k != "session"}) if "session" in x else raw
         cal = det.score_raw(raw)
         if f.history < self._anom.entity_warmup or det.seen < self._anom.global_warmup:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
@@ -445,6 +500,7 @@ class TransactionScorer:
             if f.history >= 3:
                 det.learn_shift(txn.txn_type, debit, (log(txn.amount) - shift) - state.log_med)
             learn(state, f)
+            carry(state, f, own)
             if near:
                 state.near_ts.append(ts)
                 while state.near_ts and (ts - state.near_ts[0] > self._struct.window_seconds

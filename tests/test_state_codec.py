@@ -144,16 +144,24 @@ def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_
 
     st = next(s for s in scored_states.values() if s.alerts)
     st.offset = 123_456_789_012
+    st.ev_sum, st.ev_ts, st.in_new, st.in_ts = 2.5, 1.7e9, 900.0, 1.7e9 + 60
     assert AccountState.from_bytes(st.to_bytes()).offset == 123_456_789_012
-    # Version 1, as the previous release wrote it: the same head without the offset.
-    v2 = st.to_bytes()
-    fields = list(features._HEAD.unpack_from(v2))
-    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:]) + v2[features._HEAD.size:]
-    old = AccountState.from_bytes(v1)
-    assert old.offset == -1
-    old.offset = st.offset
-    assert _fingerprint(old) == _fingerprint(st)
-    # A pickle from before the slot existed: one value fewer.
-    legacy = pickle.loads(pickle.dumps(st))
-    legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-1]))
-    assert legacy.offset == -1 and legacy.n == st.n
+    v3 = st.to_bytes()
+    fields = list(features._HEAD.unpack_from(v3))
+    arrays = v3[features._HEAD.size:]
+    # Version 2, as the previous release wrote it: no session fields (the last four floats).
+    v2 = features._HEAD_V2.pack(fields[0], 2, *fields[2:19], *fields[23:]) + arrays
+    # Version 1, as the release before it wrote it: no offset either.
+    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:19], *fields[23:]) + arrays
+    for blob, offset in ((v2, st.offset), (v1, -1)):
+        old = AccountState.from_bytes(blob)
+        assert old.offset == offset
+        assert (old.ev_sum, old.ev_ts, old.in_new, old.in_ts) == (0.0, 0.0, 0.0, 0.0)
+        old.offset, old.ev_sum, old.ev_ts, old.in_new, old.in_ts = st.offset, st.ev_sum, st.ev_ts, st.in_new, st.in_ts
+        assert _fingerprint(old) == _fingerprint(st)
+    # Pickles from before the slots existed: four values fewer, or five (no offset either).
+    for missing in (4, 5):
+        legacy = pickle.loads(pickle.dumps(st))
+        legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-missing]))
+        assert legacy.n == st.n and legacy.ev_sum == 0.0 and legacy.in_new == 0.0
+        assert legacy.offset == (-1 if missing == 5 else st.offset)
