@@ -11,7 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from app.cli import command
-from app.replay import Config, DeadLetters, Loaded, ReplayError, Result, deadletter_path, open_text, read_file, replay
+from app.replay import (
+    Config,
+    DeadLetters,
+    Loaded,
+    ReplayError,
+    Result,
+    deadletter_path,
+    open_text,
+    read_file,
+    read_verdicts,
+    replay,
+)
 from app.schemas import LEVELS
 from app.settings import Settings, get_settings
 
@@ -62,6 +73,13 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--deadletter", type=Path, metavar="FILE", help="invalid inputs (default: deadletter.jsonl beside the outputs)"
     )
+    p.add_argument(
+        "--verdicts",
+        type=Path,
+        metavar="FILE",
+        help='analysts\' verdicts to feed back, JSON lines of {"alert_id", "verdict", "ts"} (or risk.audit records): '
+        "each moves the operating point as the worker's would once event time reaches its ts",
+    )
     k = p.add_argument_group("replay from Kafka")
     k.add_argument("--from-kafka", action="store_true", help="re-read the input topics instead of a file")
     k.add_argument(
@@ -110,6 +128,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _check(args)
     s = get_settings()
     configs = _configs(s, args.rules, args.against)
+    verdicts = read_verdicts(args.verdicts) if args.verdicts is not None else None
     progress = sys.stderr.isatty()
     dead = DeadLetters(args.deadletter or deadletter_path(args.alerts, args.scores, args.report))
     publisher: Any = None
@@ -150,6 +169,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             scores_out=outs[2],
             progress=progress,
             on_alert=on_alert,
+            verdicts=verdicts,
         )
     rep = rp.build(result, input_name=source, traffic=traffic)
     if args.report:
@@ -198,6 +218,7 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
             f"  episodes warned {ep['warned']:,} of {ep['episodes']:,} (recall {_fmt(ep['recall'])}), median delay "
             f"{_fmt(ep['median_delay_events'], 'g')} risky events; warning precision {_fmt(prec['precision'])}"
         )
+    _feedback_summary(res)
     comp = rep["comparison"]
     if comp is not None:
         print(
@@ -210,6 +231,28 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
                     f"    {name.replace('_', ' ')}: "
                     + ", ".join(f"{c} {n:,}" for c, n in comp[name]["by_category"].items())
                 )
+
+
+def _feedback_summary(res: Result) -> None:
+    from models.feedback import key_name
+
+    for oc in res.outcomes:
+        fb = oc.feedback
+        if fb is None:
+            continue
+        name = f" ({oc.config.name})" if len(res.outcomes) > 1 else ""
+        print(
+            f"  verdicts{name}: {fb.applied:,} applied of {len(fb.verdicts):,} ({fb.not_raised:,} for warnings not "
+            f"raised in this replay, {fb.not_adaptive:,} on rules verdicts never move); "
+            f"{len(fb.adaptations):,} adaptations"
+        )
+        for d, c, f in fb.book.factors():
+            n = fb.book.counts(d, c)
+            moves = [a for a in fb.adaptations if (a.detector, a.code) == (d, c)]
+            print(
+                f"    {key_name(d, c)}: factor {f:g} ({n.confirmed:.1f} confirmed, {n.false_positive:.1f} false "
+                f"positive; {len(moves)} adaptations)"
+            )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,7 @@ from app.schemas import (
     event_id_of,
 )
 from app.schemas import Event as AnyEvent
+from models.feedback import Adaptation, FeedbackBook, note_for
 from models.pipeline import Pipeline
 from models.rules import Catalogue
 
@@ -286,6 +288,123 @@ def _bar(enabled: bool, desc: str, total: int | None) -> Any:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayVerdict:
+    """An analyst's verdict on a warning, as `riskwatch replay --verdicts` reads it."""
+
+    alert_id: str
+    verdict: str
+    ts: float  # epoch seconds: applied once the replay's event time reaches it
+    by: str | None = None
+
+
+def _verdict_time(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("ts must be an RFC 3339 time or epoch seconds")
+    if isinstance(value, int | float):
+        return float(value)
+    when = datetime.fromisoformat(str(value))
+    if when.tzinfo is None:
+        raise ValueError(f"ts {value!r} has no UTC offset")
+    return when.timestamp()
+
+
+def read_verdicts(path: Path) -> list[ReplayVerdict]:
+    """Verdicts from JSON lines, in time order: {"alert_id", "verdict", "ts"} or risk.audit's records.
+
+    From risk.audit only applied resolves with a verdict count (acks, escalations, refused acts and
+    feedback records are skipped), so an exported audit topic can be given as it is.
+    """
+    out: list[ReplayVerdict] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ReplayError(f"cannot read verdicts from {path}: {exc.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+            if "action" in rec and (rec.get("action") != "resolve" or rec.get("outcome", "applied") != "applied"):
+                continue
+            if "action" not in rec and rec.get("kind") == "feedback":
+                continue
+            verdict = rec.get("verdict")
+            if verdict is None and "action" in rec:
+                continue  # resolved without a verdict
+            if verdict not in ("confirmed", "false_positive"):
+                raise ValueError(f"verdict must be confirmed or false_positive, not {verdict!r}")
+            alert_id = rec.get("alert_id")
+            if not isinstance(alert_id, str) or not alert_id:
+                raise ValueError("alert_id is missing")
+            by = rec.get("by")
+            out.append(ReplayVerdict(alert_id, verdict, _verdict_time(rec.get("ts")),
+                                     by if isinstance(by, str) else None))
+        except ValueError as exc:
+            raise ReplayError(f"{path}, line {n}: {exc}; each line needs alert_id, verdict "
+                              "(confirmed or false_positive) and ts") from None
+    out.sort(key=lambda v: v.ts)
+    return out
+
+
+@dataclass
+class FeedbackReplay:
+    """Verdicts fed back into one configuration's replay, as the worker's disposal agent feeds them back.
+
+    A verdict is applied when the replay's event time reaches its ts, if its alert was raised in
+    this replay (by the warning's first version: its detector and reason codes, as the lifecycle
+    records them); the book and the scorer are the worker's own (models.feedback, set_feedback).
+    """
+
+    verdicts: list[ReplayVerdict]
+    book: FeedbackBook = field(default_factory=FeedbackBook)
+    raised: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    applied: int = 0
+    not_raised: int = 0
+    not_adaptive: int = 0  # required rules, other rules: counted, never fed back
+    adaptations: list[Adaptation] = field(default_factory=list)
+    _next: int = 0
+
+    @property
+    def due(self) -> float:
+        """Event time at which the next verdict applies (infinity when none is left)."""
+        return self.verdicts[self._next].ts if self._next < len(self.verdicts) else float("inf")
+
+    def seen(self, alert: Alert) -> None:
+        """Note a published warning (only its first version matters)."""
+        if alert.alert_id not in self.raised:
+            self.raised[alert.alert_id] = (alert.detector, [r.code for r in alert.reasons])
+
+    def apply_until(self, ts: float, pipe: Pipeline) -> None:
+        """Apply every verdict due by event time `ts`; tell the pipeline's scorer if any moved it."""
+        book, moved = self.book, False
+        while self._next < len(self.verdicts) and self.verdicts[self._next].ts <= ts:
+            v = self.verdicts[self._next]
+            self._next += 1
+            hit = self.raised.get(v.alert_id)
+            if hit is None:
+                self.not_raised += 1
+                continue
+            note = note_for(v.alert_id, hit[0], hit[1], v.verdict, v.ts, by=v.by)
+            if note is None:
+                self.not_adaptive += 1
+                continue
+            self.applied += 1
+            a = book.record(note)
+            moved = True
+            if a is not None:
+                self.adaptations.append(a)
+        if moved:
+            pipe.set_feedback(book)
+
+    def finish(self) -> None:
+        """Verdicts later than the last event: their alerts were raised, but nothing is left to score."""
+        self.not_raised += sum(1 for v in self.verdicts[self._next:] if v.alert_id not in self.raised)
+        self._next = len(self.verdicts)
+
+
 @dataclass(slots=True)
 class Config:
     """One rule configuration under test: a name, where its catalogue came from, and the catalogue."""
@@ -303,6 +422,7 @@ class Outcome:
     published: list[Alert] = field(default_factory=list)
     new: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    feedback: FeedbackReplay | None = None  # with --verdicts
 
     def final(self) -> dict[str, Alert]:
         """The last published version of each warning, by alert_id."""
@@ -345,14 +465,21 @@ def replay(
     scores_out: IO[str] | None = None,
     progress: bool = False,
     on_alert: Callable[[int, Alert], None] | None = None,
+    verdicts: Sequence[ReplayVerdict] | None = None,
 ) -> Result:
     """Run every configuration over the events in event-time order; write alert and score lines as they come.
 
     The event list is consumed (emptied) as it is replayed, so memory goes to state as events go.
+    With `verdicts` (time-ordered), each configuration feeds them back into its own scoring as
+    event time reaches them (FeedbackReplay).
     """
     pipes = [Pipeline(c.catalogue, partitions=partitions, storm_cap=storm_cap, ttl=ttl) for c in configs]
     first, others = pipes[0], pipes[1:]
     res = Result(loaded, [Outcome(c) for c in configs], first.txn.threshold)
+    feeds = [FeedbackReplay(list(verdicts)) for _ in pipes] if verdicts is not None else []
+    for oc, feed in zip(res.outcomes, feeds, strict=False):
+        oc.feedback = feed
+    due = min((f.due for f in feeds), default=float("inf"))
     outs = list(alerts_out) + [None] * (len(pipes) - len(alerts_out))
     events, times = loaded.events, loaded.times
     total = len(events)
@@ -386,8 +513,11 @@ def replay(
         oc.new += new
         oc.dropped.update(dropped)
         out = outs[i]
+        feed = oc.feedback
         for a in alerts:
             oc.published.append(a)
+            if feed is not None:
+                feed.seen(a)
             if out is not None:
                 out.write(a.model_dump_json() + "\n")
             if on_alert is not None:
@@ -404,6 +534,10 @@ def replay(
             stamps.reverse()
             ids: list[str] = []
             for ev, ts in zip(chunk, stamps, strict=True):
+                if ts >= due:  # rare: a verdict's time has come
+                    for feed, p in zip(feeds, pipes, strict=True):
+                        feed.apply_until(ts, p)
+                    due = min(f.due for f in feeds)
                 t0 = clock()
                 r = first_process(ev, ts)
                 rest = [p.process(ev, ts) for p in others] if others else ()
@@ -442,6 +576,8 @@ def replay(
         score_time += clock() - t0
         ids_seen = {a.alert_id for a in res.outcomes[i].published}
         emit(i, flushed, len({a.alert_id for a in flushed} - ids_seen), [])
+    for feed in feeds:
+        feed.finish()
     if bar is not None:
         bar.update(total - bar.n)
         bar.close()
@@ -493,12 +629,15 @@ __all__ = [
     "Collector",
     "Config",
     "DeadLetters",
+    "FeedbackReplay",
     "Loaded",
     "Outcome",
     "ReplayError",
+    "ReplayVerdict",
     "Result",
     "deadletter_path",
     "open_text",
     "read_file",
+    "read_verdicts",
     "replay",
 ]

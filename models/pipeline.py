@@ -29,7 +29,7 @@ from models.features import AccountState
 from models.findings import Finding, Raised, track
 from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
 from models.rules import Catalogue
-from models.scoring import TransactionScorer, evict_idle
+from models.scoring import Feedback, TransactionScorer, evict_idle
 
 PARTIAL: TypeAdapter[FlowPartial | FlowBuckets | MarketPartial] = TypeAdapter(
     Annotated[FlowPartial | FlowBuckets | MarketPartial, Field(discriminator="kind")])
@@ -221,6 +221,10 @@ class Pipeline:
         self.txn.set_catalogue(catalogue)
         self.market.set_catalogue(catalogue)
         self.monitors.set_catalogue(catalogue)
+
+    def set_feedback(self, feedback: Feedback | None) -> None:
+        """Let analysts' verdicts move the transaction scorer's operating points (models.feedback)."""
+        self.txn.set_feedback(feedback)
 
     def prime(self, keys: Iterable[str]) -> None:
         """Map many account keys to their partitions' detectors at once (murmur2 in bulk), in first-seen order."""

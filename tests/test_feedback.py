@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from models.lifecycle import AckEvent, Lifecycle, on_act, on_alert
 from models.plans import parse_plans
 from models.scoring import MODEL_DETECTOR, REQUIRED_RULES
 
+ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_790_000_000.0
 DAY = 86_400.0
 
@@ -218,3 +220,98 @@ def test_held_acts_give_their_feedback_when_the_warning_arrives() -> None:
     assert [n.code for n in out.feedback] == ["hour"]
 
 
+
+
+# ---------------------------------------------------------------- offline: riskwatch replay --verdicts
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 3-day stream of 300 accounts replayed at 20 model warnings per 1,000 (about 130 to judge)."""
+    from models.synth import generate, write_jsonl
+
+    root = tmp_path_factory.mktemp("feedback-replay")
+    stream = root / "stream.jsonl"
+    write_jsonl(generate(seed=5, accounts=300, days=3.0, instruments=0), stream)
+    rules = root / "rules.yaml"
+    text = (ROOT / "deploy" / "rules.yaml").read_text()
+    assert "budget_per_1000: 2.0" in text
+    rules.write_text(text.replace("budget_per_1000: 2.0", "budget_per_1000: 20.0"))
+    base = _replay_cli(root, stream, rules, "base")
+    return {"root": root, "stream": stream, "rules": rules, "base": base}
+
+
+
+def _replay_cli(root: Any, stream: Any, rules: Any, name: str, *extra: Any) -> dict[str, Any]:
+    """Run `riskwatch replay` in this process; the first version of each warning and the printed summary."""
+    import contextlib
+    import io
+
+    from app.cli import main
+
+    alerts = root / f"{name}.jsonl"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["replay", str(stream), "--rules", str(rules), "--alerts", str(alerts), *map(str, extra)]) == 0
+    first: dict[str, dict[str, Any]] = {}
+    for line in alerts.read_text().splitlines():
+        a = json.loads(line)
+        first.setdefault(a["alert_id"], a)
+    return {"alerts": first, "stdout": out.getvalue()}
+
+
+def _model_warnings(alerts: dict[str, dict[str, Any]], code: str) -> list[dict[str, Any]]:
+    return [a for a in alerts.values() if a["detector"] == MODEL_DETECTOR and a["reasons"]
+            and a["reasons"][0]["code"] == code]
+
+
+def _verdicts_file(root: Any, alerts: list[dict[str, Any]], verdict: str) -> Any:
+    """Every given warning resolved with `verdict` a minute after it was raised."""
+    path = root / f"verdicts-{verdict}.jsonl"
+    path.write_text("".join(json.dumps({"alert_id": a["alert_id"], "verdict": verdict, "ts": datetime.fromisoformat(
+        a["created_at"]).timestamp() + 60}) + "\n" for a in alerts))
+    return path
+
+
+@pytest.mark.parametrize("verdict", ["false_positive", "confirmed"])
+def test_replay_with_verdicts_reproduces_the_adaptation(replayed: dict[str, Any], verdict: str) -> None:
+    base = replayed["base"]["alerts"]
+    lead = [a["reasons"][0]["code"] for a in base.values() if a["detector"] == MODEL_DETECTOR and a["reasons"]]
+    code = max(set(lead), key=lead.count)  # the most frequent kind of model warning
+    judged = _model_warnings(base, code)
+    others = len([a for a in base.values() if a["detector"] == MODEL_DETECTOR]) - len(judged)
+    assert len(judged) >= 40 and others >= 10, "the stream must give many warnings of one kind and some of others"
+    verdicts = _verdicts_file(replayed["root"], judged, verdict)
+    again = _replay_cli(replayed["root"], replayed["stream"], replayed["rules"], verdict, "--verdicts", verdicts)
+    after = _model_warnings(again["alerts"], code)
+    print(f"{verdict}: {code}-led model warnings {len(judged)} -> {len(after)}")
+    assert f"surprise/{code}: factor" in again["stdout"] and "adaptations" in again["stdout"]
+    if verdict == "false_positive":
+        assert len(after) <= 0.7 * len(judged)
+        assert "surprise/" + code + ": factor 0.25" in again["stdout"]
+    else:
+        assert len(after) >= len(judged)
+    # Required rules never move: the same large-transaction, structuring and fund-isolation warnings.
+    required = {f"rule:{r}" for r in REQUIRED_RULES}
+    assert ({k for k, a in base.items() if a["detector"] in required}
+            == {k for k, a in again["alerts"].items() if a["detector"] in required})
+
+
+def test_replay_reads_audit_records_and_refuses_bad_verdict_lines(tmp_path: Any) -> None:
+    from app.replay import ReplayError, read_verdicts
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"alert_id": "a1", "action": "ack", "outcome": "applied", "ts": "2026-11-02T09:00:00+08:00"}),
+        json.dumps({"alert_id": "a1", "action": "resolve", "outcome": "applied", "verdict": "false_positive",
+                    "by": "alice", "ts": "2026-11-02T09:05:00+08:00"}),
+        json.dumps({"alert_id": "a2", "action": "resolve", "outcome": "rejected", "verdict": "confirmed",
+                    "ts": "2026-11-02T09:06:00+08:00"}),
+        json.dumps({"kind": "feedback", "action": "adapt", "alert_id": "a1", "verdict": "false_positive",
+                    "ts": "2026-11-02T09:05:00+08:00"}),
+        json.dumps({"alert_id": "a3", "verdict": "confirmed", "ts": 1.8e9}),  # epoch seconds, 2027
+    ]) + "\n")
+    got = read_verdicts(path)
+    assert [(v.alert_id, v.verdict, v.by) for v in got] == [("a1", "false_positive", "alice"),
+                                                             ("a3", "confirmed", None)]
+    path.write_text(json.dumps({"alert_id": "a1", "verdict": "maybe", "ts": 1.79e9}) + "\n")
+    with pytest.raises(ReplayError, match="line 1: verdict must be"):
+        read_verdicts(path)
