@@ -183,10 +183,11 @@ def gbm_ticks(*, seed: int = 1, instruments: int = 10, hours: float = 12.0, step
 
 
 def session_minute_bars(*, seed: int = 1, instruments: int = 10, days: int = 10, gap_sigma: float = 0.01,
-                        t0: datetime = datetime(2026, 3, 2, 14, 30, tzinfo=UTC)) -> list[dict[str, Any]]:
+                        corr: float = 0.3, t0: datetime = datetime(2026, 3, 2, 14, 30, tzinfo=UTC),
+                        ) -> list[dict[str, Any]]:
     """Minute bars of a market open 6.5 hours on weekdays: correlated moves, and a night between sessions.
 
-    Minute returns share a common factor (correlation 0.3); the night moves every instrument by a
+    Minute returns share a common factor (correlation `corr`); the night moves every instrument by a
     common gap of `gap_sigma` (1% by default, some 20 minute-sigmas) plus its own half of that. No
     crash: any market_stress here is a false alarm, which every open made before sessions were known.
     """
@@ -205,7 +206,7 @@ def session_minute_bars(*, seed: int = 1, instruments: int = 10, days: int = 10,
                 f = rng.gauss(0.0, 1.0)
                 ts = (day + timedelta(minutes=m)).isoformat()
                 for j in range(instruments):
-                    log_p[j] += sig[j] * (math.sqrt(0.3) * f + math.sqrt(0.7) * rng.gauss(0.0, 1.0))
+                    log_p[j] += sig[j] * (math.sqrt(corr) * f + math.sqrt(1 - corr) * rng.gauss(0.0, 1.0))
                     events.append({"event_id": f"S{j:02d}-{opened}-{m:03d}", "event_type": "market", "ts": ts,
                                    "instrument": f"S{j:02d}", "price": round(math.exp(log_p[j]), 6), "label": 0})
             opened += 1
@@ -267,6 +268,10 @@ def main() -> None:
     print("Generated minute bars in sessions, nights moving every instrument ~20 minute-sigmas (10 days, seeds 1-3):")
     for seed in (1, 2, 3):
         night = evaluate_intraday(session_minute_bars(seed=seed))
+        print(f"  market_stress alerts: {night.false_stress} in {night.hours:.0f} hours")
+    print("The same at correlation 0.5 (20 days, seeds 1-3):")
+    for seed in (1, 2, 3):
+        night = evaluate_intraday(session_minute_bars(seed=seed, days=20, corr=0.5))
         print(f"  market_stress alerts: {night.false_stress} in {night.hours:.0f} hours")
     print("Generated 5-second ticks, slides of 20 own sigmas that no single tick shows (4 hours, seeds 1-5):")
     for seed in range(1, 6):

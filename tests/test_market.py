@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.findings import Finding, open_or_update, to_alert, track
-from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
+from models.market import InstrumentState, MarketOutcome, MarketParams, breadth_threshold, score_tick
 
 T0 = 1_750_000_000.0
 
@@ -205,12 +205,13 @@ def test_daily_breadth_move_is_flagged_without_being_abnormal() -> None:
 
 
 def test_a_slide_of_small_ticks_is_one_breadth_move() -> None:
-    # Twelve 5-second ticks falling 1.2 sigma each: no tick is unusual, the minute they make is.
+    # Twelve 5-second ticks falling 1.5 sigma each: no tick is unusual, the minute they make is (~4.6
+    # sigmas, past the 3.6 a minute's breadth move needs).
     st, p = InstrumentState(), MarketParams()
     walk(st, 2000, step=5.0, sigma=0.0005)
     sigma, moves = math.sqrt(st.var_long), []
     for i in range(12):
-        out = score_tick(st, st.last_ts + 5.0, st.last_price * math.exp(-1.2 * sigma), f"s{i}", "FUND-A", p)
+        out = score_tick(st, st.last_ts + 5.0, st.last_price * math.exp(-1.5 * sigma), f"s{i}", "FUND-A", p)
         assert abs(out.z) < 2 and not out.abnormal
         moves.append(out.move)
     assert moves[-1] == -1 and moves[0] == 0
@@ -278,3 +279,13 @@ def test_spacing_starts_right_when_the_data_starts_with_a_night() -> None:
     for m in range(5):
         score_tick(st, t + 60.0 * m, 100.0, f"m{m}", "ACME", p)
     assert st.spacing == pytest.approx(60.0, rel=0.06)
+
+
+def test_breadth_threshold_holds_the_rate_per_day_not_per_bar() -> None:
+    p = MarketParams()
+    assert breadth_threshold(p, 86_400.0) == breadth_threshold(p, 3 * 86_400.0) == 2.5
+    assert breadth_threshold(p, 3600.0) == pytest.approx(2.5 + 0.35 * math.log10(24))
+    minute = breadth_threshold(p, 60.0)
+    assert minute == pytest.approx(3.605, abs=1e-3)
+    assert breadth_threshold(p, 5.0) == breadth_threshold(p, 0.0) == minute  # the horizon is one minute
+    assert breadth_threshold(MarketParams(breadth_z_per_decade=0), 60.0) == 2.5
