@@ -33,9 +33,11 @@ SESSION_FLOOR = 1.0
 # what a mule account sends on within hours.
 INFLOW_SECONDS = 6 * 3600.0
 # An account is dormant when its silence is both DORMANT_FACTOR times its usual gap between debits
-# and at least DORMANT_MIN_SECONDS.
-DORMANT_FACTOR = 20.0
-DORMANT_MIN_SECONDS = 3 * 86400.0
+# (a geometric mean, about half the arithmetic one for Poisson-like activity) and at least
+# DORMANT_MIN_SECONDS: an account that pays every few hours and then says nothing for three days is
+# dormant; one that pays once a day is not.
+DORMANT_FACTOR = 10.0
+DORMANT_MIN_SECONDS = 86400.0
 
 
 def stable_hash(value: str) -> int:

@@ -17,15 +17,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# New scenarios go at the end: each one's random stream and cast follow its position, so the ones
+# before it stay event for event what they were.
 ALL_SCENARIOS: tuple[str, ...] = (
-    "takeover", "card_testing", "spike", "structuring", "fund_isolation", "liquidity_run", "market_crash")
+    "takeover", "card_testing", "spike", "structuring", "fund_isolation", "liquidity_run", "market_crash", "mule",
+    "dormant")
 DEFAULT_START = datetime(2026, 11, 1, tzinfo=timezone(timedelta(hours=8)))
 REPORTING_THRESHOLD = 50_000.0  # CNY: a single transaction at or above it must be reported
 TICK_SECONDS = 60.0
 _DAY, _HOUR = 86400.0, 3600.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CST = timezone(timedelta(hours=8))
-_ACCOUNT_SCENARIOS = ("takeover", "card_testing", "spike", "structuring")
+_ACCOUNT_SCENARIOS = ("takeover", "card_testing", "spike", "structuring", "mule", "dormant")
 
 # (txn_type, direction, base share, amount as a multiple of the account's median); debit = money leaves account_id.
 _KINDS: tuple[tuple[str, str, float, float], ...] = (
@@ -114,6 +117,7 @@ class _Stream:
         self.t0 = start.timestamp()
         self.t1 = self.t0 + days * _DAY
         self.rows: list[tuple[int, timezone, dict[str, Any]]] = []
+        self.silent: dict[str, tuple[float, float]] = {}  # account -> (from, to): its own activity paused
         rng = _rng(seed, 0)
         self.n_merchants = max(300, 3 * accounts)
         self.mcat = [_MCATS[i] for i in _pick(rng, _MCAT_SHARE, self.n_merchants)]
@@ -282,6 +286,54 @@ class _Stream:
         else:
             self.txn(acc, t, "transfer", "debit", _external(rng), amount, "app", device=acc.devices[0], tag=tag)
 
+    def mule(self, rng: np.random.Generator, acc: _Account, t: float, tag: Tag) -> None:
+        # A money mule: transfers in from several payers it never dealt with, sent on within the hour or two
+        # to one or two new payees (or cashed out to a new card), keeping a small cut.
+        t = float(_times(rng, acc.hours, acc.offset, 1, t, t + _DAY)[0])
+        total = 0.0
+        for _ in range(int(rng.integers(3, 9))):
+            amount = acc.median * rng.uniform(2, 12)
+            self.txn(acc, t, "transfer", "credit", _external(rng), amount, "app", device=acc.devices[0], tag=tag)
+            total += round(amount, 2)
+            t += rng.uniform(2, 25) * 60
+        left = total * rng.uniform(0.85, 0.97)
+        for k in range(int(rng.integers(1, 3)), 0, -1):
+            t += rng.uniform(3, 40) * 60
+            part = left if k == 1 else left * rng.uniform(0.4, 0.7)
+            left -= part
+            if rng.random() < 0.7:
+                self.txn(acc, t, "transfer", "debit", _external(rng), part, "app", device=acc.devices[0], tag=tag)
+            else:
+                self.txn(acc, t, "withdrawal", "debit", f"B{int(rng.integers(10**7)):07d}", part, "app",
+                         device=acc.devices[0], tag=tag)
+
+    def dormant(self, rng: np.random.Generator, acc: _Account, t: float, tag: Tag, *, emit: bool = True) -> None:
+        # A sold or taken-over account that had gone quiet: silent for most of the stream, then a short run of
+        # transfers and a cash-out to payees it never used, often from a new device.
+        span = self.t1 - self.t0
+        lo = self.t0 + rng.uniform(0.3, 0.35) * span  # after a history of its own
+        quiet = min(rng.uniform(0.55, 0.6) * span, 30 * _DAY)
+        wake = float(_times(rng, acc.hours, acc.offset, 1, lo + quiet, min(lo + quiet + _DAY, self.t1))[0])
+        self.silent[acc.id] = (lo, wake + 2 * _HOUR)
+        if not emit:
+            return
+        device = _device(rng) if rng.random() < 0.6 else acc.devices[0]
+        t = wake
+        for _ in range(int(rng.integers(2, 6))):
+            if rng.random() < 0.7:
+                self.txn(acc, t, "transfer", "debit", _external(rng), acc.median * rng.uniform(2, 6), "app",
+                         device=device, tag=tag)
+            else:
+                self.txn(acc, t, "withdrawal", "debit", f"B{int(rng.integers(10**7)):07d}",
+                         acc.median * rng.uniform(2, 6), "app", device=device, tag=tag)
+            t += rng.uniform(1, 20) * 60
+
+    def vacation(self, rng: np.random.Generator, acc: _Account) -> None:
+        """An ordinary customer away for days, then back to their usual habits (no label)."""
+        span = self.t1 - self.t0
+        lo = self.t0 + rng.uniform(0.2, 0.35) * span
+        self.silent.setdefault(acc.id, (lo, lo + min(rng.uniform(0.5, 0.6) * span, 21 * _DAY)))
+
     def structuring(self, rng: np.random.Generator, acc: _Account, t: float, tag: Tag) -> None:
         t = float(_times(rng, acc.hours, acc.offset, 1, t, t + _DAY)[0])
         window = min(23.5 * _HOUR, 0.95 * max(self.t1 - t, _HOUR))
@@ -361,6 +413,12 @@ class _Stream:
         return [(lo + i * (hi - lo) / k, lo + (i + 1) * (hi - lo) / k) for i in range(k)]
 
     def finish(self) -> list[dict[str, Any]]:
+        if self.silent:
+            # Unlabelled activity of a silenced account inside its silence is dropped; its episode is kept.
+            silent = {a: (round(lo * 1000), round(hi * 1000)) for a, (lo, hi) in self.silent.items()}
+            self.rows = [r for r in self.rows
+                         if r[2].get("label") or (w := silent.get(r[2].get("account_id", ""))) is None
+                         or not w[0] <= r[0] < w[1]]
         self.rows.sort(key=itemgetter(0))  # stable: ties keep generation order, so output stays deterministic
         for n, (ms, tz, ev) in enumerate(self.rows):
             ev["event_id"] = f"{self.seed}-{n:08d}"
@@ -382,7 +440,7 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
     >>> events == generate(seed=1, accounts=20, days=0.5, instruments=2)
     True
     >>> sorted({e["scenario"] for e in events if e["label"]})[:3]
-    ['card_testing', 'fund_isolation', 'liquidity_run']
+    ['card_testing', 'dormant', 'fund_isolation']
     """
     unknown = sorted(set(scenarios) - set(ALL_SCENARIOS))
     if unknown:
@@ -409,9 +467,11 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
         cast: dict[str, list[_Account]] = {}
         used: set[int] = set()
         for name in _ACCOUNT_SCENARIOS:
-            # Structurers move real money: CNY accounts with a sizeable median.
-            fits = [i for i in order if name != "structuring"
-                    or (s.customers[i].currency == "CNY" and s.customers[i].median >= 300)] or order
+            # Structurers move real money: CNY accounts with a sizeable median. An account that went dormant
+            # had been active: at least a few transactions a day before it fell silent.
+            fits = [i for i in order if (name != "structuring"
+                    or (s.customers[i].currency == "CNY" and s.customers[i].median >= 300))
+                    and (name != "dormant" or s.customers[i].rate >= 6)] or order
             free = [i for i in fits if i not in used] or fits
             cast[name] = [s.customers[free[k % len(free)]] for k in range(n_inst)]
             used.update(free[:n_inst])
@@ -419,6 +479,10 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
         bystanders = [s.customers[i] for i in order if i not in used] or s.customers
         for acc in bystanders[: max(1, round(0.01 * accounts))]:
             s.big_purchase(arng, acc)
+        # About 1% of ordinary customers go quiet for days and come back: what a dormant account must be told from.
+        vrng = _rng(seed, 4)
+        for acc in bystanders[max(1, round(0.01 * accounts)):][: max(1, round(0.01 * accounts))]:
+            s.vacation(vrng, acc)
 
         for k, name in enumerate(ALL_SCENARIOS):
             srng = _rng(seed, 100 + k)
@@ -429,6 +493,8 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
                     t = float(srng.uniform(s.t0 + 0.3 * (s.t1 - s.t0), s.t0 + 0.9 * (s.t1 - s.t0)))
                     if name in scenarios:
                         getattr(s, name)(srng, acc, t, tag)
+                    elif name == "dormant":
+                        s.dormant(srng, acc, t, tag, emit=False)  # its silence stays: other events do not move
             elif name == "liquidity_run" and name in scenarios:
                 for j, (lo, hi) in enumerate(s.segments(max(3, round(days * rate_scale)))):
                     s.liquidity_run(srng, bystanders, lo, hi, j + 1)

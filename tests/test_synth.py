@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -169,3 +170,41 @@ def test_write_jsonl_round_trips_and_gzip_output_is_reproducible(events: list[di
 def test_bad_arguments_say_what_is_wrong(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         generate(**kwargs)
+
+
+def test_a_mule_sends_on_most_of_what_it_received_from_new_payers_within_hours(events: list[dict[str, Any]]) -> None:
+    for key, evs in by_instance(events, "mule").items():
+        ins = [e for e in evs if e["direction"] == "credit"]
+        outs = [e for e in evs if e["direction"] == "debit"]
+        assert len(ins) >= 3 and 1 <= len(outs) <= 2, key
+        assert all(e["txn_type"] == "transfer" for e in ins), key
+        assert 0.85 <= sum(e["amount"] for e in outs) / sum(e["amount"] for e in ins) <= 0.97, key
+        first, last = (datetime.fromisoformat(evs[i]["ts"]) for i in (0, -1))
+        assert (last - first).total_seconds() < 8 * 3600, key
+        payers = {e["counterparty_id"] for e in ins}
+        before = {e["counterparty_id"] for e in events if e.get("account_id") == ins[0]["account_id"]
+                  and e["ts"] < ins[0]["ts"]}
+        assert not payers & before, "the payers are new to the account"
+
+
+def test_a_dormant_account_was_active_then_silent_before_its_run(events: list[dict[str, Any]]) -> None:
+    span = SMALL["days"] * 86400.0
+    for key, evs in by_instance(events, "dormant").items():
+        acct = evs[0]["account_id"]
+        first = datetime.fromisoformat(evs[0]["ts"])
+        own = [datetime.fromisoformat(e["ts"]) for e in events if e.get("account_id") == acct and e["label"] == 0
+               and datetime.fromisoformat(e["ts"]) < first]
+        assert own, f"{key}: an account with a history"
+        assert (first - max(own)).total_seconds() >= 0.5 * span, f"{key}: silent for most of the stream first"
+        assert all(e["direction"] == "debit" for e in evs)
+
+
+def test_some_ordinary_accounts_go_quiet_and_come_back_unlabelled() -> None:
+    evs = generate(seed=5, accounts=400, days=4.0, instruments=0, scenarios=())
+    by_acct: dict[str, list[datetime]] = defaultdict(list)
+    for e in evs:
+        by_acct[e["account_id"]].append(datetime.fromisoformat(e["ts"]))
+    gaps = [max((b - a).total_seconds() for a, b in itertools.pairwise(ts)) for ts in by_acct.values()
+            if len(ts) > 10]
+    assert sum(g > 1.5 * 86400 for g in gaps) >= 2, "vacations: days of silence, then back"
+    assert all(e["label"] == 0 for e in evs)
