@@ -42,6 +42,7 @@ class MarketParams(BaseModel):
     of ten independent ones doing it in one bar is ~2e-9: it takes a common shock. On River's daily
     closes of ten US stocks (models.market_eval) it found 5 of the 5 recorded sell-off days, with 2
     other warned days in 5 years; 3.0, the value first set, found 3 of 5 (docs/markets.md: the grid).
+    That is per look: faster bars raise it (breadth_threshold), so the false alarms a day stay put.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
