@@ -14,6 +14,11 @@ At-least-once, with deterministic ids: a trigger's id hashes (alert_id, plan_id[
 an audit record's id hashes (alert_id, action, sequence). A redelivered warning or act finds its
 effect already in the table and produces nothing new; a crash between publishing and writing the
 table can repeat a message with the same id, never a different one.
+
+Verdicts. A resolve with a verdict on a kind of warning verdicts may move (models.feedback) is
+published to risk.feedback, one record per alert; every worker's feedback follower
+(agents/feedback.py) counts it into the book its scorer asks. A verdict that moves its key's
+factor a band is first audited on risk.audit (kind `feedback`).
 """
 
 from __future__ import annotations
