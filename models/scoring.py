@@ -43,6 +43,7 @@ from models.features import (
     learn,
     median_mad,
     observe,
+    p_new_payee,
     stable_hash,
 )
 from models.findings import Finding, open_or_update, to_alert
@@ -250,6 +251,7 @@ class TransactionScorer:
             while i > 0 and i & 7:
                 i = buf.find(key, i + 1)
             new_cp = i < 0
+            cp_at = i >> 3
             dts = state.debit_ts
             k = len(dts)
             since = ts - VELOCITY_WINDOW
@@ -272,7 +274,7 @@ class TransactionScorer:
                 v = z - 3.0
                 raw += (CAP if v > CAP else v) * conf * 0.5 * w.get("amount", 0.0)
             if new_cp:
-                raw += -log((state.new_cp + 1.0) / (n_debits + 2.0)) * conf * w.get("new_counterparty", 0.0)
+                raw += -log(p_new_payee(state)) * conf * w.get("new_counterparty", 0.0)
             if new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR):
                 raw += -log((state.new_dev + 1.0) / (n + 2.0)) * conf * w.get("new_device", 0.0)
             if d10 > 1 and d10 > burst_max:
@@ -398,12 +400,19 @@ class TransactionScorer:
                 state.n_debits = n_debits + 1
                 if d10 > burst_max:
                     state.burst_max = d10
+                cp_counts = state.cp_counts
                 if new_cp:
                     state.new_cp += 1
                     cps = state.counterparties
                     cps.append(cp)
+                    cp_counts.append(1)
                     if len(cps) > KNOWN_COUNTERPARTIES:
                         del cps[0]
+                        del cp_counts[0]
+                else:
+                    c = cp_counts[cp_at]
+                    if c < 65535:
+                        cp_counts[cp_at] = c + 1
                 la.append(lg_amount)
                 if len(la) > AMOUNT_HISTORY:
                     del la[0]
