@@ -148,20 +148,35 @@ def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_
     assert AccountState.from_bytes(st.to_bytes()).offset == 123_456_789_012
     v3 = st.to_bytes()
     fields = list(features._HEAD.unpack_from(v3))
-    arrays = v3[features._HEAD.size:]
+    # Earlier versions had no payee counts: their arrays are all but the last, then the alerts.
+    arrays = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-1])
+    arrays += features._alerts_to_json(st.alerts) if st.alerts else b""
     # Version 2, as the previous release wrote it: no session fields (the last four floats).
-    v2 = features._HEAD_V2.pack(fields[0], 2, *fields[2:19], *fields[23:]) + arrays
+    v2 = features._HEAD_V2.pack(fields[0], 2, *fields[2:19], *fields[23:-1]) + arrays
     # Version 1, as the release before it wrote it: no offset either.
-    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:19], *fields[23:]) + arrays
+    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:19], *fields[23:-1]) + arrays
     for blob, offset in ((v2, st.offset), (v1, -1)):
         old = AccountState.from_bytes(blob)
         assert old.offset == offset
         assert (old.ev_sum, old.ev_ts, old.in_new, old.in_ts) == (0.0, 0.0, 0.0, 0.0)
+        assert list(old.cp_counts) == [1] * len(st.counterparties), "each known payee counted once"
         old.offset, old.ev_sum, old.ev_ts, old.in_new, old.in_ts = st.offset, st.ev_sum, st.ev_ts, st.in_new, st.in_ts
+        old.cp_counts = st.cp_counts
         assert _fingerprint(old) == _fingerprint(st)
-    # Pickles from before the slots existed: four values fewer, or five (no offset either).
-    for missing in (4, 5):
+    # Pickles from before the slots existed: one value fewer (payee counts), five (the session fields
+    # too), or six (no offset either).
+    for missing in (1, 5, 6):
         legacy = pickle.loads(pickle.dumps(st))
         legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-missing]))
-        assert legacy.n == st.n and legacy.ev_sum == 0.0 and legacy.in_new == 0.0
-        assert legacy.offset == (-1 if missing == 5 else st.offset)
+        assert legacy.n == st.n and list(legacy.cp_counts) == [1] * len(st.counterparties)
+        assert (legacy.ev_sum, legacy.in_new) == ((0.0, 0.0) if missing > 1 else (st.ev_sum, st.in_new))
+        assert legacy.offset == (-1 if missing == 6 else st.offset)
+
+
+def test_a_blob_whose_payee_counts_do_not_match_its_payees_is_refused(
+        scored_states: dict[str, AccountState]) -> None:
+    some = next(s for s in scored_states.values() if len(s.counterparties) > 1)
+    st = AccountState.from_bytes(some.to_bytes())  # a copy: the fixture is shared
+    st.cp_counts = st.cp_counts[:-1]
+    with pytest.raises(StateCodecError, match="counts"):
+        AccountState.from_bytes(st.to_bytes())
