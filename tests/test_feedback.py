@@ -315,3 +315,15 @@ def test_replay_reads_audit_records_and_refuses_bad_verdict_lines(tmp_path: Any)
     path.write_text(json.dumps({"alert_id": "a1", "verdict": "maybe", "ts": 1.79e9}) + "\n")
     with pytest.raises(ReplayError, match="line 1: verdict must be"):
         read_verdicts(path)
+
+
+def test_the_warnings_page_ignores_feedback_records_on_risk_audit() -> None:
+    from agents.web import AlertFeed
+
+    book = FeedbackBook()
+    moves = [book.record(note(f"a{i}", ts=T0 + i)) for i in range(5)]
+    assert moves[-1] is not None
+    record = json.loads(FeedbackAudit.of(moves[-1], "alice", T0 + 10).model_dump_json())
+    feed = AlertFeed()
+    feed.on_audit(record)
+    assert feed.seq == 0 and not feed.early and not feed.disposal_seen
