@@ -68,10 +68,10 @@ def surprises(f: TxnFeatures) -> dict[str, float]:
     elif z > 1.0:
         out["amount"] = min(z - 1.0, CAP) * conf
     if f.new_counterparty:
-        out["new_counterparty"] = -math.log(f.p_new_counterparty) * conf
+        out["new_counterparty"] = -math.log(f.p_new_counterparty)
     if f.new_device or f.fresh_device:
         # A device first seen minutes ago is as telling as a new one: takeovers come in sessions.
-        out["new_device"] = -math.log(f.p_new_device) * conf
+        out["new_device"] = -math.log(f.p_new_device)
     if f.debits_10m > max(1, f.burst_max):
         # Only bursts beyond the account's own largest so far: people shop in bursts too.
         v = _poisson_tail_surprise(f.debits_10m - f.burst_max, f.expected_10m) - 1.0

@@ -274,9 +274,9 @@ class TransactionScorer:
                 v = z - 3.0
                 raw += (CAP if v > CAP else v) * conf * 0.5 * w.get("amount", 0.0)
             if new_cp:
-                raw += -log(p_new_payee(state)) * conf * w.get("new_counterparty", 0.0)
+                raw += -log(p_new_payee(state)) * w.get("new_counterparty", 0.0)
             if new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR):
-                raw += -log((state.new_dev + 1.0) / (n + 2.0)) * conf * w.get("new_device", 0.0)
+                raw += -log((state.new_dev + 1.0) / (n + 2.0)) * w.get("new_device", 0.0)
             if d10 > 1 and d10 > burst_max:
                 v = _poisson_tail_surprise(d10 - burst_max, expected) - 1.0
                 if v > 0:
