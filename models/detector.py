@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Mapping
 from typing import Any
 
 from river import base
@@ -220,11 +221,13 @@ class SurpriseDetector(base.AnomalyDetector):
     """
 
     # Budget controller state; class defaults so detectors pickled before it existed still load.
-    log_share = 0.0  # log(exceedance share / budget): 0 = warn at exactly the budgeted share of events
     _anchor = 0.0  # calibration total at the last refresh
     _refresh_at = 0.0
-    _window = (0.0, 0.0)  # (calibration total where the current spend window began, warnings counted in it)
-    share = 0.0  # exceedance share in force: budget * exp(log_share); scores >= 1 - share may warn
+    # category -> [log(share / budget), calibration total where its spend window began, warnings counted
+    # in that window, share in force]: one operating point per category of model warning (plain lists,
+    # so the restricted unpickler needs no new class).
+    points: dict[str, list[float]] | None = None
+    share = 0.0  # the largest share in force over the categories: no score below 1 - share can warn
     # (txn_type, debit) -> [shift, count]: how much larger this type of transaction usually is than the
     # account's typical debit, in log units. Mixing card payments with withdrawals and investments
     # otherwise widens every account's spread so much that a 20x spike is a 3-sigma move. None until
@@ -291,43 +294,63 @@ class SurpriseDetector(base.AnomalyDetector):
             v = entry[0] - step
             entry[0] = v if v > -SHIFT_LIMIT else -SHIFT_LIMIT
 
-    def refresh(self, budget: float, warmup: float = 0.0) -> float:
-        """Let the share drift up for the events seen since the last refresh; return the share in force.
+    def refresh(self, budgets: Mapping[str, float], warmup: float = 0.0) -> float:
+        """Let each category's share drift up for the events seen since the last refresh; return the largest.
 
-        `budget` is new warnings per event. Called every BUDGET_REFRESH events and before `spend`.
-        Events before `warmup` (the calibration's own warm-up, when no warning can be raised) do not
-        count: the share would otherwise start 20x too high and spend a burst of warnings coming down.
+        `budgets` maps each category of model warning to its budget in new warnings per event. Called
+        every BUDGET_REFRESH events and before `spend`. Events before `warmup` (the calibration's own
+        warm-up, when no warning can be raised) do not count: the share would otherwise start 20x too
+        high and spend a burst of warnings coming down.
         """
         if self.weights is None and len(self._w) != len(WEIGHTS):
             # Pickled by a release with fewer features: their weights are the defaults of now.
             self._w = dict(WEIGHTS)
+        points = self.points
+        if points is None:
+            points = self.points = {}
         total = self.calibrator.total
         seen = total - max(self._anchor, warmup)
         # A halving of the calibration (seen < 0) loses at most BUDGET_REFRESH events of drift.
-        if seen > 0:
-            self.log_share = min(self.log_share + BUDGET_GAIN * budget * seen, BUDGET_LOG_RANGE)
+        top = 0.0
+        for category, budget in budgets.items():
+            point = points.get(category)
+            if point is None:
+                point = points[category] = [0.0, 0.0, 0.0, budget]
+            if seen > 0:
+                point[0] = min(point[0] + BUDGET_GAIN * budget * seen, BUDGET_LOG_RANGE)
+            point[3] = budget * math.exp(point[0])
+            if point[3] > top:
+                top = point[3]
         self._anchor = total
         self._refresh_at = total + BUDGET_REFRESH
-        self.share = budget * math.exp(self.log_share)
-        return self.share
+        self.share = top
+        return top
 
-    def spend(self, budget: float, warmup: float = 0.0) -> float:
-        """Count one new model warning against the budget; return the (lower) share now in force.
+    def share_of(self, category: str) -> float:
+        """The share of events a model warning of `category` may be opened at (0 before any refresh)."""
+        point = None if self.points is None else self.points.get(category)
+        return 0.0 if point is None else point[3]
+
+    def spend(self, category: str, budgets: Mapping[str, float], warmup: float = 0.0) -> float:
+        """Count one new model warning of `category` against its budget; return its (lower) share now.
 
         Past BUDGET_BURST times the warnings a window of events should bring, further warnings of
         that window are an incident, not noise, and do not move the share.
         """
-        self.refresh(budget, warmup)
-        total = self.calibrator.total
-        began, counted = self._window
-        if not began <= total < began + BUDGET_WINDOW / budget:
-            began, counted = total, 0.0
-        if counted >= BUDGET_BURST * BUDGET_WINDOW:
+        self.refresh(budgets, warmup)
+        budget = budgets.get(category)
+        if budget is None:
             return self.share
-        self._window = (began, counted + 1.0)
-        self.log_share = max(self.log_share - BUDGET_GAIN, -BUDGET_LOG_RANGE)
-        self.share = budget * math.exp(self.log_share)
-        return self.share
+        point = self.points[category]  # type: ignore[index]  # refresh() made it
+        total = self.calibrator.total
+        if not point[1] <= total < point[1] + BUDGET_WINDOW / budget:
+            point[1], point[2] = total, 0.0
+        if point[2] < BUDGET_BURST * BUDGET_WINDOW:
+            point[2] += 1.0
+            point[0] = max(point[0] - BUDGET_GAIN, -BUDGET_LOG_RANGE)
+            point[3] = budget * math.exp(point[0])
+            self.share = max(p[3] for p in self.points.values())  # type: ignore[union-attr]
+        return point[3]
 
 
 def _span(seconds: float) -> str:

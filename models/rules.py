@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas import Level
 from models.aggregates import LiquidityParams, MarketStressParams
+from models.detector import WEIGHTS
 from models.market import MarketParams
 from models.yamlconf import parse_yaml_model, read_text
 
@@ -67,18 +68,41 @@ class AnomalyParams(_Params):
     target_alert_rate: float | None = Field(
         None, gt=0, lt=0.5, description="deprecated (catalogues before version 2 of the budget): the budget as a "
                                         "share of transactions; used when budget_per_1000 is not given")
+    categories: dict[str, str] = Field(
+        default_factory=dict, description="lead reason code -> category of the model warning it leads, e.g. "
+                                          "{tiny_burst: card_testing}; unlisted codes keep the rule's category")
+    budgets: dict[str, float] = Field(
+        default_factory=dict, description="category -> its own budget in new warnings per 1,000 transactions; "
+                                          "a category not listed gets budget_per_1000")
     min_evidence: float = Field(0.0, ge=0, description="nats of surprise a warning needs at least (0: the budget "
                                                        "alone decides; docs/evaluation.md measures why)")
     high_evidence: float = Field(8.0, ge=0, description="nats of surprise that make a model warning 'high'")
     entity_warmup: int = Field(5, ge=0, description="transactions an account needs before model warnings")
     global_warmup: int = Field(1000, ge=0, description="events the model needs before any warning")
 
+    @model_validator(mode="after")
+    def _known_codes(self) -> AnomalyParams:
+        unknown = sorted(set(self.categories) - set(WEIGHTS))
+        if unknown:
+            raise ValueError(f"categories: unknown reason codes {unknown}; known: {', '.join(sorted(WEIGHTS))}")
+        bad = sorted(k for k, v in self.budgets.items() if not 0 < v <= 100)
+        if bad:
+            raise ValueError(f"budgets: {bad} must be above 0 and at most 100 warnings per 1,000 transactions")
+        return self
+
     @property
     def budget(self) -> float:
-        """New model warnings per transaction."""
+        """New model warnings per transaction (of the rule's own category, when budgets do not name it)."""
         if self.target_alert_rate is not None and "budget_per_1000" not in self.model_fields_set:
             return self.target_alert_rate
         return self.budget_per_1000 / 1000.0
+
+    def budgets_for(self, category: str) -> dict[str, float]:
+        """Per-event budget of every category the model warns in, `category` being the rule's own."""
+        out = {category: self.budgets[category] / 1000.0 if category in self.budgets else self.budget}
+        for cat in self.categories.values():
+            out[cat] = self.budgets.get(cat, self.budget_per_1000) / 1000.0
+        return out
 
 
 PARAMS: dict[str, type[BaseModel]] = {
@@ -131,6 +155,18 @@ class Catalogue(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("rules"), dict):
             data = {**data, "rules": {k: {**(v or {}), "id": k} for k, v in data["rules"].items()}}
         return data
+
+    @model_validator(mode="after")
+    def _budgets_name_model_categories(self) -> Catalogue:
+        anomaly = self.rules.get("anomaly")
+        if anomaly is not None:
+            p = anomaly.params
+            known = {anomaly.category, *p.categories.values()}
+            stray = sorted(set(p.budgets) - known)
+            if stray:
+                raise ValueError(f"anomaly.params.budgets names {stray}, which no model warning can have; "
+                                 f"its categories are {sorted(known)}")
+        return self
 
     def rule(self, rule_id: str) -> Rule | None:
         """The rule if present and enabled."""

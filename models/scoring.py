@@ -152,8 +152,12 @@ class TransactionScorer:
         self._vel = c.params("velocity", VelocityParams)
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
-        self._budget = self._anom.budget
-        self._threshold = 1.0 - self._budget
+        anomaly = c.rules.get("anomaly")
+        self._model_category = anomaly.category if anomaly is not None else "anomaly"
+        self._categories = dict(self._anom.categories)
+        self._budgets = self._anom.budgets_for(self._model_category)
+        self._budget = max(self._budgets.values())
+        self._threshold = 1.0 - self._budgets[self._model_category]
         # Per-event constants of the fused path, taken from the catalogue once instead of every event.
         # A cold model's scores stay below the lowest operating point the budget controller can reach.
         self._cold_factor = (1.0 - min(0.5, self._budget * exp(BUDGET_LOG_RANGE))) * (1.0 - 1e-9)
@@ -340,7 +344,7 @@ class TransactionScorer:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._cold_factor
         if total >= det._refresh_at:
-            det.refresh(self._budget, self._global_warmup)
+            det.refresh(self._budgets, self._global_warmup)
 
         limits = self._thresholds.get(txn.currency)
         threshold, near_floor = limits if limits is not None else self._large_thresholds(txn.currency)
@@ -493,7 +497,7 @@ class TransactionScorer:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._cold_factor
         if det.seen >= det._refresh_at:
-            det.refresh(self._budget, self._global_warmup)
+            det.refresh(self._budgets, self._global_warmup)
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
@@ -594,7 +598,8 @@ class TransactionScorer:
         if raw < p.min_evidence:
             return None
         explained = explain(x, f, txn.currency, hour)
-        share = self.detector.share
+        category = self._categories.get(explained[0][0], rule.category) if explained else rule.category
+        share = self.detector.share_of(category)
         if self.feedback is not None:
             share *= self.feedback.factor(MODEL_DETECTOR, [e[0] for e in explained])
         if cal < 1.0 - share:
@@ -603,7 +608,7 @@ class TransactionScorer:
         reasons = [Reason(code=code, message=msg, value=round(val, 4),
                           threshold=None if base is None else round(base, 4))
                    for code, msg, val, base in explained]
-        return Finding(category=rule.category, level=level, score=cal, detector=MODEL_DETECTOR,
+        return Finding(category=category, level=level, score=cal, detector=MODEL_DETECTOR,
                        reasons=reasons, entity_type="account", entity_id=txn.account_id)
 
     def _alerts(self, out: TxnOutcome, state: AccountState, ts: float, event_id: str) -> None:
@@ -625,7 +630,7 @@ class TransactionScorer:
                 out.new_ids.append(alert_id)
                 if fd.detector == MODEL_DETECTOR:
                     # The budget is spent by the warnings a person must open, not by every event scored.
-                    self.detector.spend(self._budget, self._global_warmup)
+                    self.detector.spend(fd.category, self._budgets, self._global_warmup)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from app.errors import ConfigError
 from app.schemas import Transaction
 from models.detector import BUDGET_BURST, BUDGET_GAIN, BUDGET_LOG_RANGE, BUDGET_WINDOW, SurpriseDetector
 from models.features import AccountState
@@ -64,33 +65,48 @@ def test_without_the_controller_a_fixed_cut_misses_the_budget(normal_stream):
     assert 1000.0 * sum(tail) / len(tail) < 2.0
 
 
+B = {"anomaly": 0.002}
+
+
 def test_spend_lowers_and_quiet_raises_the_share_within_bounds():
     det = SurpriseDetector()
     det.calibrator.total = 5000.0
-    assert det.refresh(0.002, warmup=5000.0) == pytest.approx(0.002)
-    det.spend(0.002, warmup=5000.0)
-    assert det.share == pytest.approx(0.002 * math.exp(-BUDGET_GAIN))
-    det.log_share = -BUDGET_LOG_RANGE + 0.01
+    assert det.refresh(B, warmup=5000.0) == pytest.approx(0.002)
+    det.spend("anomaly", B, warmup=5000.0)
+    assert det.share == det.share_of("anomaly") == pytest.approx(0.002 * math.exp(-BUDGET_GAIN))
+    det.points["anomaly"][0] = -BUDGET_LOG_RANGE + 0.01
     det.calibrator.total += BUDGET_WINDOW / 0.002  # a new window, so the burst rule does not apply
-    det.spend(0.002, warmup=det.calibrator.total)
+    det.spend("anomaly", B, warmup=det.calibrator.total)
     assert det.share == pytest.approx(0.002 * math.exp(-BUDGET_LOG_RANGE)), "bounded below"
     det.calibrator.total += 10_000_000.0
-    assert det.refresh(0.002) == pytest.approx(0.002 * math.exp(BUDGET_LOG_RANGE)), "bounded above"
+    assert det.refresh(B) == pytest.approx(0.002 * math.exp(BUDGET_LOG_RANGE)), "bounded above"
 
 
 def test_a_burst_of_warnings_is_an_incident_and_moves_the_share_only_so_far():
     det = SurpriseDetector()
     det.calibrator.total = 5000.0
-    det.refresh(0.002, warmup=5000.0)
+    det.refresh(B, warmup=5000.0)
     for _ in range(600):  # a liquidity run: hundreds of fair warnings within one window
-        det.spend(0.002, warmup=5000.0)
-    assert det.log_share == pytest.approx(-BUDGET_GAIN * BUDGET_BURST * BUDGET_WINDOW)
+        det.spend("anomaly", B, warmup=5000.0)
+    assert det.points["anomaly"][0] == pytest.approx(-BUDGET_GAIN * BUDGET_BURST * BUDGET_WINDOW)
+
+
+def test_each_category_has_its_own_operating_point_and_the_gate_is_the_widest():
+    det = SurpriseDetector()
+    det.calibrator.total = 5000.0
+    budgets = {"anomaly": 0.002, "card_testing": 0.0005}
+    det.refresh(budgets, warmup=5000.0)
+    for _ in range(10):
+        det.spend("anomaly", budgets, warmup=5000.0)
+    assert det.share_of("card_testing") == pytest.approx(0.0005)
+    assert det.share_of("anomaly") == pytest.approx(0.002 * math.exp(-10 * BUDGET_GAIN))
+    assert det.share == max(det.share_of("anomaly"), det.share_of("card_testing"))
 
 
 def test_no_drift_during_the_calibration_warm_up():
     det = SurpriseDetector()
     det.calibrator.total = 900.0
-    assert det.refresh(0.002, warmup=1000.0) == pytest.approx(0.002)
+    assert det.refresh(B, warmup=1000.0) == pytest.approx(0.002)
 
 
 def test_a_detector_pickled_before_the_budget_and_shifts_loads_and_scores():
@@ -102,7 +118,7 @@ def test_a_detector_pickled_before_the_budget_and_shifts_loads_and_scores():
     old.__dict__.update(state)  # no log_share, share or shifts: what an earlier release pickled
     back = pickle.loads(pickle.dumps(old))
     assert back.shift("withdrawal", True) == 0.0
-    assert back.refresh(0.002) == pytest.approx(0.002, rel=0.05)
+    assert back.refresh(B) == pytest.approx(0.002, rel=0.05)
     back.learn_shift("withdrawal", True, 1.0)
     assert back.shift("withdrawal", True) > 0
 
@@ -141,3 +157,26 @@ def test_the_deprecated_target_alert_rate_still_sets_the_budget():
     assert AnomalyParams(target_alert_rate=0.004, budget_per_1000=1.0).budget == 0.001
     assert AnomalyParams().budget == 0.002
     assert isinstance(AccountState(), AccountState)
+
+
+def test_a_category_of_its_own_spends_its_own_budget(normal_stream):
+    # Amount-led model warnings routed to a category of their own with half the budget: each
+    # category's new warnings come at its own rate.
+    cat = _catalogue(budget_per_1000=3.0, categories={"amount": "amount_anomaly"}, budgets={"amount_anomaly": 1.0})
+    pipe = Pipeline(cat, partitions=1)
+    counts: dict[str, list[int]] = {"anomaly": [], "amount_anomaly": []}
+    for e in normal_stream:
+        new = [a.category for a in pipe.process(e).alerts if a.detector == "surprise" and len(a.event_ids) == 1]
+        for name, seen in counts.items():
+            seen.append(new.count(name))
+    for name, budget in (("anomaly", 3.0), ("amount_anomaly", 1.0)):
+        tail = counts[name][len(counts[name]) // 3:]
+        rate = 1000.0 * sum(tail) / len(tail)
+        assert 0.5 * budget <= rate <= 1.5 * budget, (name, rate, budget)
+
+
+def test_budgets_must_name_a_category_the_model_can_warn_in():
+    with pytest.raises(ConfigError, match="no model warning can have"):
+        _catalogue(budgets={"card_testing": 1.0})
+    with pytest.raises(ConfigError, match="unknown reason codes"):
+        _catalogue(categories={"colour": "x"})

@@ -229,7 +229,7 @@ def test_fused_scoring_matches_the_step_by_step_reference_bit_for_bit():
                          for f in o.findings], [a.model_dump_json() for a in o.alerts]))
         det = sc.detector
         cal = det.calibrator
-        return got, [repr((list(cal.counts), cal.total, det.shifts, det.log_share, det.share))] + [
+        return got, [repr((list(cal.counts), cal.total, det.shifts, det.points, det.share))] + [
             repr(pickle.dumps(states[k])) for k in sorted(states)]
 
     fused, fused_state = run(True)
