@@ -42,6 +42,15 @@ FLUSH_SECONDS = 2.0
 FLOWS_TABLE = "disclosure-flows"
 
 
+def check_flow(partition: int, key: bytes, value: bytes) -> None:
+    """Refuse a stored stage-1 record that is not `t<partition>:<hour>` of its own partition with FlowTotals."""
+    head, sep, hour = bytes(key).partition(b":")
+    if not (sep and head[:1] == b"t" and head[1:].isdigit() and int(head[1:]) == partition
+            and hour.removeprefix(b"-").isdigit()):
+        raise ValueError(f"key is not t{partition}:<hour>")
+    FlowTotals.model_validate_json(value)
+
+
 def source_partition(key: bytes) -> int:
     """The partition named in a stage-1 key `t<partition>:<hour>`: its events' and its changelog's."""
     return int(bytes(key).split(b":", 1)[0][1:])
@@ -61,12 +70,14 @@ class Disclosure:
         self.txn_name = rt.topics[TRANSACTIONS].get_topic_name()
         # Stage 1's totals live with the transaction engine's tables (it reads them back on assignment
         # and writes them before it commits); `txn_owned` and `txn_generation` come from the engine.
-        self.store = ChangelogStore(FLOWS_TABLE, s.changelog(FLOWS_TABLE))
+        # Read back by the engine; a record that does not decode is set aside (app/quarantine.py).
+        self.store = ChangelogStore(FLOWS_TABLE, s.changelog(FLOWS_TABLE), check=check_flow)
         self.flows: MutableMapping[bytes, bytes] = PartitionView(self.store, source_partition)
         self.txn_owned: Callable[[], set[int] | None] = lambda: None
         self.txn_generation: Callable[[], int] = lambda: 0
+        # A changelog value that is not a partial is set aside on recovery (StateTable), not fatal.
         self.book_table = rt.app.Table("disclosure-book", default=None, key_type=bytes, value_type=bytes,
-                                       partitions=1)
+                                       partitions=1, options=rt.checked(parse_partial))
         self.cache: dict[bytes, FlowTotals] = {}
         self.dirty: set[bytes] = set()
         self.max_hour: dict[int, int] = {}
@@ -267,4 +278,4 @@ def attach(rt: Runtime, sink: Sink) -> Disclosure:
     return d
 
 
-__all__ = ["FLOWS_TABLE", "Disclosure", "attach", "source_partition"]
+__all__ = ["FLOWS_TABLE", "Disclosure", "attach", "check_flow", "source_partition"]

@@ -69,8 +69,10 @@ class Disposal:
         self.acks_name = rt.topics[ACKS].get_topic_name()
         # Values are JSON we write ourselves; use_partitioner lets the deadline timer write too, and puts
         # each alert's changelog record in the partition of its key, where its warnings and acts are.
+        # A changelog value that is not a Lifecycle is set aside on recovery (StateTable), its alert absent.
         self.table = rt.app.Table("lifecycle", default=None, key_type=bytes, value_type=bytes,
-                                  use_partitioner=True, partitions=s.topic_partitions)
+                                  use_partitioner=True, partitions=s.topic_partitions,
+                                  options=rt.checked(Lifecycle.model_validate_json))
         # The same partition, computed here: Faust's partitioner asks the producer's metadata for the
         # changelog topic, which a just-started worker may not have yet ("'NoneType' object is not
         # iterable" from aiokafka, the alert dead-lettered instead of getting its plan).
@@ -105,7 +107,12 @@ class Disposal:
         hit = self._parsed.get(key)
         if hit is not None and hit[0] is blob:
             return hit[1]
-        state = Lifecycle.model_validate_json(blob)
+        try:
+            state = Lifecycle.model_validate_json(blob)
+        except ValidationError as exc:  # checked on recovery already: only a value that got past it
+            topic = self.table.changelog_topic.get_topic_name()
+            self.rt.quarantine.set_aside(self.table.name, topic, self.partition(key), key, blob, exc)
+            return None
         self._parsed[key] = (blob, state)
         return state
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from agents.sink import Sink
 from app.errors import EventError
-from app.faust_app import MARKET, Runtime, dumps, restricted_loads
+from app.faust_app import MARKET, Runtime, dumps, load_instrument
 from app.schemas import MarketTick, decode_event
 from app.security import Ingest
 from models.aggregates import MarketAccumulator
@@ -42,7 +42,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
             key = tick.instrument.encode()
             try:
                 blob = rt.instruments.get(key)
-                state = restricted_loads(blob) if blob else InstrumentState()
+                state = _restore(rt, msg.partition, key, blob) if blob else InstrumentState()
                 out, raised = scorer.process(tick, state)
                 rt.instruments[key] = dumps(state)
             except Exception as exc:
@@ -51,6 +51,8 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset,
                                        f"scoring failed: {type(exc).__name__}: {exc}", None, tick.event_id)
                 continue
+            if rt.quarantine.outbox:
+                await rt.quarantine.flush()
             m.processing.labels("score_market").observe(time.perf_counter() - t0)
             m.events_scored.labels(name).inc()
             m.scores.labels("market").observe(out.score)
@@ -79,6 +81,15 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
         m.entities.labels("instruments").set(len(rt.instruments))
 
     return scorer
+
+
+def _restore(rt: Runtime, partition: int, key: bytes, blob: bytes) -> InstrumentState:
+    # Checked on recovery already (StateTable); a value that got past it is set aside here: a fresh state.
+    try:
+        return load_instrument(blob)
+    except Exception as exc:  # noqa: BLE001 - whatever the blob is, the instrument's ticks are scored
+        rt.quarantine.set_aside("instruments", rt.instruments.changelog_topic_name, partition, key, blob, exc)
+        return InstrumentState()
 
 
 __all__ = ["MarketScorer", "attach"]

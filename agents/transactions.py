@@ -11,7 +11,6 @@ import asyncio
 import gc
 import logging
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import Any
@@ -26,8 +25,18 @@ from agents.sink import BufferedSink, Sink
 from app.admin import aiokafka_config, ensure_changelogs
 from app.changelog import ChangelogStore, gather_all, read_back
 from app.errors import EventError
-from app.faust_app import TRANSACTIONS, Runtime, dump_account, dumps, has_lz4, load_account, restricted_loads
+from app.faust_app import (
+    DEADLETTER,
+    TRANSACTIONS,
+    Runtime,
+    dump_account,
+    dump_detector,
+    has_lz4,
+    load_account,
+    load_detector,
+)
 from app.metrics import observe_many
+from app.quarantine import Quarantine
 from app.schemas import TransactionFields
 from app.security import Ingest
 from app.settings import Settings
@@ -43,10 +52,12 @@ log = logging.getLogger("riskwatch.agents.transactions")
 class PartitionModels:
     """One detector per input partition, checkpointed to the models table so it moves with the partition."""
 
-    def __init__(self, store: ChangelogStore, every: int, prefix: str = "txn") -> None:
+    def __init__(self, store: ChangelogStore, every: int, prefix: str = "txn",
+                 quarantine: Quarantine | None = None) -> None:
         self.store = store
         self.every = every
         self.prefix = prefix
+        self.quarantine = quarantine
         self.detectors: dict[int, SurpriseDetector] = {}
         self.pending: dict[int, int] = {}
 
@@ -54,11 +65,24 @@ class PartitionModels:
         return f"{self.prefix}:p{partition}".encode()
 
     def get(self, partition: int) -> SurpriseDetector:
-        """The partition's detector, restored from its last checkpoint the first time it is needed."""
+        """The partition's detector, restored from its last checkpoint the first time it is needed.
+
+        A checkpoint that does not decode (or is of a format this release cannot read) is set
+        aside and deleted from the table: the partition starts a fresh detector, with its warm-up.
+        """
         det = self.detectors.get(partition)
         if det is None:
-            blob = self.store.get(partition, self._key(partition))
-            det = restricted_loads(zlib.decompress(blob)) if blob else SurpriseDetector()
+            key = self._key(partition)
+            blob = self.store.get(partition, key)
+            det = SurpriseDetector()
+            if blob:
+                try:
+                    det = load_detector(blob)
+                except Exception as exc:  # whatever the snapshot is, scoring goes on
+                    if self.quarantine is None:
+                        raise
+                    self.quarantine.set_aside(self.store.name, self.store.topic, partition, key, blob, exc)
+                    self.store.delete(partition, key)
             self.detectors[partition] = det
         return det
 
@@ -66,7 +90,7 @@ class PartitionModels:
         """Count learned events; checkpoint every `every` events (written with the batch's state)."""
         n += self.pending.get(partition, 0)
         if n >= self.every:
-            self.store.put(partition, self._key(partition), zlib.compress(dumps(self.detectors[partition]), 1))
+            self.store.put(partition, self._key(partition), dump_detector(self.detectors[partition]))
             n = 0
         self.pending[partition] = n
 
@@ -137,10 +161,14 @@ class TransactionProcessor:
         self.topic_name = s.topic(TRANSACTIONS)
         self.accounts = ChangelogStore(ACCOUNTS_TABLE, s.changelog(ACCOUNTS_TABLE))
         self.models_store = ChangelogStore(MODELS_TABLE, s.changelog(MODELS_TABLE))
-        self.models = PartitionModels(self.models_store, s.model_checkpoint_every)
+        # Stored values that do not decode are set aside (dead-lettered with this engine's outputs).
+        self.quarantine = Quarantine(rt.metrics, self._dead_letter)
+        self.models = PartitionModels(self.models_store, s.model_checkpoint_every, quarantine=self.quarantine)
         self.stores = [self.accounts, self.models_store]
         if disclosure is not None:
             self.stores.append(disclosure.store)
+        for store in self.stores:
+            store.quarantine = self.quarantine
         self.eviction = IdleEviction(s.state_ttl_seconds)
         self.ingest = Ingest(s)
         self.flows: dict[int, FlowAccumulator] = {}
@@ -213,7 +241,7 @@ class TransactionProcessor:
                     state = warm_pop(sk, None)
                     if state is None:
                         blob = accounts_get(partition, key)
-                        state = load_account(blob) if blob else AccountState()
+                        state = self._restore_account(partition, key, blob) if blob else AccountState()
                     live[sk] = state
                 if offset <= state.offset:
                     # Redelivered after a crash or a move: this state already applied it, however
@@ -266,6 +294,18 @@ class TransactionProcessor:
             await self._send_partials(partials)
         if counted and self.disclosure is not None:
             self.disclosure.add_batch(counted)
+
+    def _restore_account(self, partition: int, key: bytes, blob: bytes) -> AccountState:
+        """Decode a stored account state; one that does not decode is set aside and the account starts again."""
+        try:
+            return load_account(blob)
+        except Exception as exc:  # noqa: BLE001 - whatever the blob is, the account's events are scored
+            self.quarantine.set_aside(ACCOUNTS_TABLE, self.accounts.topic, partition, key, blob, exc)
+            return AccountState()
+
+    async def _dead_letter(self, key: bytes, value: bytes) -> None:
+        # Through the sink, so the engine delivers it with the batch, before the state that replaces the value.
+        await self.sink._send(DEADLETTER, key, value)
 
     async def _send_partials(self, partials: dict[tuple[int, int], FlowTotals]) -> None:
         sink = self.sink
@@ -633,6 +673,8 @@ class TransactionEngine:
         # next flush, before the state that remembers them.
         producer = self.producer
         assert producer is not None
+        if self.processor.quarantine.outbox or self.processor.quarantine.news:
+            await self.processor.quarantine.flush()  # stored values set aside while reading back or scoring
         messages = self.sink.take()
         if not messages:
             return

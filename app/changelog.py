@@ -17,15 +17,24 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from app.quarantine import Quarantine
+
 log = logging.getLogger("riskwatch.changelog")
 
 
 class ChangelogStore:
-    """Bytes keyed by bytes, per partition; changes wait in `pending` until the engine writes them."""
+    """Bytes keyed by bytes, per partition; changes wait in `pending` until the engine writes them.
 
-    def __init__(self, name: str, topic: str) -> None:
+    With `check` (raises on a record it refuses: `check(partition, key, value)`) and `quarantine`,
+    each record read back is checked and a refused one set aside, its key left absent. Stores whose
+    values are costly to decode (account states, detector snapshots) check them when first used instead.
+    """
+
+    def __init__(self, name: str, topic: str, check: Callable[[int, bytes, bytes], object] | None = None) -> None:
         self.name = name
         self.topic = topic
+        self.check = check
+        self.quarantine: Quarantine | None = None
         self.parts: dict[int, dict[bytes, bytes]] = {}
         self.pending: dict[tuple[int, bytes], bytes | None] = {}
 
@@ -71,8 +80,14 @@ class ChangelogStore:
         if self.pending and gone:
             self.pending = {k: v for k, v in self.pending.items() if k[0] not in gone}
 
-    def restore(self, partition: int, key: bytes, value: bytes | None) -> None:
+    def restore(self, partition: int, key: bytes, value: bytes | None, offset: int | None = None) -> None:
         """Apply one changelog record while reading a partition back (no new record)."""
+        if value is not None and self.check is not None and self.quarantine is not None:
+            try:
+                self.check(partition, key, value)
+            except Exception as exc:  # noqa: BLE001 - whatever the check raises, the record is set aside
+                self.quarantine.set_aside(self.name, self.topic, partition, key, value, exc, offset)
+                value = None
         part = self.parts.get(partition)
         if part is None:
             part = self.parts[partition] = {}
@@ -142,7 +157,7 @@ async def read_back(consumer: AIOKafkaConsumer, stores: list[ChangelogStore], pa
                 store = owner[tp]
                 for r in records:
                     if r.key is not None and r.offset < end[tp]:
-                        store.restore(tp.partition, r.key, r.value)
+                        store.restore(tp.partition, r.key, r.value, r.offset)
                         n += 1
             for tp in list(todo):
                 if await consumer.position(tp) >= end[tp]:

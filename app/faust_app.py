@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import io
+import logging
+import math
 import pickle
 import ssl
 import sys
+import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 from faust.serializers.codecs import RestrictedUnpickler
-from faust.types import TopicT
+from faust.types import EventT, TopicT
 
 from app import faust_fixes
 from app.metrics import Metrics
+from app.quarantine import Quarantine
 from app.settings import Settings, get_settings
+from models.detector import Calibrator, SurpriseDetector
 from models.features import STATE_MAGIC, AccountState, StateCodecError
+from models.market import InstrumentState
+
+log = logging.getLogger("riskwatch.app")
 
 # Logical topic names; the configured prefix is prepended to each.
 TRANSACTIONS = "risk.transactions"
@@ -90,6 +100,118 @@ def load_account(blob: bytes) -> AccountState:
     raise StateCodecError(f"not an AccountState blob (starts with {bytes(head)!r})")
 
 
+# Detector snapshots (the models table): DETECTOR_MAGIC, a format byte, then a zlib-compressed pickle.
+# Format 0 is the bare zlib stream written before formats existed (it starts with 0x78, never "RWD").
+# A release that changes the snapshot reads the formats it knows and refuses others per value
+# (app/quarantine.py: that partition's detector starts afresh), never per partition.
+DETECTOR_MAGIC = b"RWD"
+DETECTOR_FORMAT = 1
+
+
+def dump_detector(det: SurpriseDetector) -> bytes:
+    """A detector snapshot for the models table, in the current format."""
+    return DETECTOR_MAGIC + bytes([DETECTOR_FORMAT]) + zlib.compress(dumps(det), 1)
+
+
+def load_detector(blob: bytes) -> SurpriseDetector:
+    """Read a detector snapshot of format 0 or 1; StateCodecError saying why if it is not one this release can use."""
+    body = blob
+    if blob[:3] == DETECTOR_MAGIC:
+        fmt = blob[3] if len(blob) > 3 else None
+        if fmt != DETECTOR_FORMAT:
+            raise StateCodecError(f"detector snapshot of format {fmt}; this release reads formats 0 and "
+                                  f"{DETECTOR_FORMAT}")
+        body = blob[4:]
+    try:
+        det = restricted_loads(zlib.decompress(body))
+    except Exception as exc:  # noqa: BLE001 - zlib and the unpickler raise many types on garbage: report one
+        raise StateCodecError(f"not a detector snapshot: {type(exc).__name__}: {exc}") from None
+    check_detector(det)
+    return det
+
+
+def check_detector(det: Any) -> None:
+    """Refuse an unpickled object the scorer cannot use as its detector (wrong class, attributes or sizes).
+
+    A snapshot of an incompatible release unpickles without error and then fails every event it
+    scores; checked here, it is refused once and the partition's detector starts afresh.
+    """
+    if type(det) is not SurpriseDetector:
+        raise StateCodecError(f"detector snapshot holds a {type(det).__name__}, not a SurpriseDetector")
+    state = vars(det)
+    missing = sorted({"weights", "horizon", "_w", "calibrator"} - set(state))
+    if missing:
+        raise StateCodecError(f"detector snapshot lacks {', '.join(missing)}: written by an incompatible release")
+    cal = det.calibrator
+    ok = (type(cal) is Calibrator and isinstance(cal.bins, int) and cal.bins > 0 and len(cal.counts) == cal.bins
+          and _finite(cal.total) and cal.total >= 0 and _finite(cal.max_raw) and cal.max_raw > 0
+          and _finite(det.horizon) and det.horizon > 0
+          and isinstance(det._w, dict) and all(isinstance(k, str) and _finite(v) for k, v in det._w.items())
+          and isinstance(det.points, dict | None) and isinstance(det.shifts, dict | None) and _finite(det.share))
+    if not ok:
+        raise StateCodecError("detector snapshot has attributes of the wrong type or size")
+    try:
+        det.score_raw(1.0)
+    except Exception as exc:  # noqa: BLE001 - whatever the scorer would have met on every event
+        raise StateCodecError(f"detector snapshot cannot score: {type(exc).__name__}: {exc}") from None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_instrument(blob: bytes) -> InstrumentState:
+    """Read an instrument's table value (restricted pickle); StateCodecError if it is not an InstrumentState."""
+    try:
+        state = restricted_loads(blob)
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types on garbage: report one
+        raise StateCodecError(f"unreadable instrument state: {type(exc).__name__}: {exc}") from None
+    if type(state) is not InstrumentState:
+        raise StateCodecError(f"instrument state is a {type(state).__name__}, not an InstrumentState")
+    return state
+
+
+class StateTable(faust.Table):  # type: ignore[misc]
+    """A Faust table that checks each changelog value as it reads it back (the app's `Table=` class).
+
+    Table values are bytes we decode ourselves, so Faust recovers anything; a value that does not
+    decode then failed the first timer that read it and the worker exited ("Crashed reason=1
+    validation error for Lifecycle", issue 17). With `options={"check": ..., "quarantine": ...}`
+    (`Runtime.checked`) a value `check` refuses is set aside (app/quarantine.py) and its key left
+    absent, as if deleted; other tables recover unchanged.
+    """
+
+    def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
+        opts = self.options or {}
+        check: Callable[[bytes], Any] | None = opts.get("check")
+        quarantine: Quarantine | None = opts.get("quarantine")
+        if check is None or quarantine is None:
+            super().apply_changelog_batch(batch)
+            return
+        events = []
+        for event in batch:
+            msg = event.message
+            if msg.value is not None:
+                try:
+                    check(msg.value)
+                except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the value is set aside
+                    quarantine.set_aside(self.name, msg.topic, msg.partition, event.key or b"", msg.value, exc,
+                                         msg.offset)
+                    event = _tombstone(event)
+            events.append(event)
+        super().apply_changelog_batch(events)
+
+
+def _tombstone(event: EventT) -> EventT:
+    """A copy of a changelog event with no value: the store deletes its key."""
+    out = copy.copy(event)
+    msg = copy.copy(event.message)
+    msg.value = None
+    out.message = msg
+    out.value = None
+    return out
+
+
 def credentials(s: Settings) -> Any:
     """Faust broker credentials from settings (None for PLAINTEXT)."""
     proto = s.kafka_security_protocol.upper()
@@ -117,7 +239,12 @@ class Runtime:
     metrics: Metrics
     topics: dict[str, TopicT]
     instruments: Any
+    quarantine: Quarantine
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def checked(self, check: Callable[[bytes], Any]) -> dict[str, Any]:
+        """`options` for a Faust table whose changelog values `check` must accept (StateTable)."""
+        return {"check": check, "quarantine": self.quarantine}
 
 
 # Large blocks (dict tables of the per-account maps, fetched record batches) from 128 KiB up get
@@ -146,6 +273,7 @@ def tune_malloc() -> bool:
 def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> Runtime:
     """Build the Faust app with riskwatch's topics and tables (agents are attached by agents.attach)."""
     s = settings or get_settings()
+    metrics = metrics or Metrics()
     tune_malloc()
     faust_fixes.install()  # without it a restart or failover can skip records (app/faust_fixes.py)
     app = faust.App(
@@ -175,6 +303,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         # replays the changelog. (Takeovers that "never committed again" were Faust's seek race,
         # app/faust_fixes.py, not the standbys.)
         table_standby_replicas=0,
+        Table=StateTable,  # changelog values that do not decode are set aside, not fatal (issue 17)
     )
 
     def topic(name: str, **kw: Any) -> TopicT:
@@ -182,13 +311,30 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
                          key_serializer="raw", **kw)
 
     topics = {name: topic(name) for name in ALL_TOPICS}
+    deadletters = topics[DEADLETTER]
+    deadletters_name = deadletters.get_topic_name()
+
+    async def send_deadletter(key: bytes, value: bytes) -> None:
+        await deadletters.send(key=key, value=value)
+        metrics.events_published.labels(deadletters_name).inc()
+
+    quarantine = Quarantine(metrics, send_deadletter)
+
+    @app.timer(interval=1.0)
+    async def send_quarantined() -> None:
+        # Values the Faust tables set aside while recovering (StateTable), sent from here.
+        try:
+            await quarantine.flush()
+        except Exception as exc:  # noqa: BLE001 - kept queued for the next tick
+            log.warning("sending set-aside state values to the dead-letter topic failed: %s", exc)
+
     # Tables: per-entity state survives restarts through their changelog topics (pickled values).
     # Values are bytes we pickle ourselves (restricted on load): Faust's table codecs are JSON or raw.
     # use_partitioner: writes (and idle-eviction deletes from a timer) go to the key's own partition.
     # The transaction engine's tables (accounts, models, disclosure totals) are its own: app/changelog.py.
     instruments = app.Table("instruments", default=None, key_type=bytes, value_type=bytes, use_partitioner=True,
-                            partitions=s.topic_partitions)
-    return Runtime(s, app, metrics or Metrics(), topics, instruments)
+                            partitions=s.topic_partitions, options={"check": load_instrument, "quarantine": quarantine})
+    return Runtime(s, app, metrics, topics, instruments, quarantine)
 
 
 def has_lz4() -> bool:
@@ -203,5 +349,5 @@ def has_lz4() -> bool:
     return bool(aiokafka_has_lz4() and kafka_python_has_lz4())
 
 
-__all__ = ["ALL_TOPICS", "Runtime", "create_app", "credentials", "dump_account", "dumps", "has_lz4", "load_account",
-           "restricted_loads"]
+__all__ = ["ALL_TOPICS", "Runtime", "StateTable", "check_detector", "create_app", "credentials", "dump_account",
+           "dump_detector", "dumps", "has_lz4", "load_account", "load_detector", "load_instrument", "restricted_loads"]

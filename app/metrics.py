@@ -116,6 +116,10 @@ class Metrics:
         self.top_entities = Gauge(
             "riskwatch_top_entity_warnings", "Warnings raised in the last hour, for this worker's 10 entities "
             "with the most", ["entity_type", "entity_id"], registry=r)
+        self.state_quarantined = Counter(
+            "riskwatch_state_quarantined_total", "Stored values (changelog or table) that did not decode and were "
+            "set aside (dead-lettered; the worker went on with fresh state or without the key), by table",
+            ["table"], registry=r)
         self._newest: dict[str, float] = {}
 
     def saw_event_time(self, topic: str, ts: float) -> None:
@@ -162,6 +166,7 @@ class Metrics:
         for table in tables:
             self.entities.labels(table)
             self.evictions.labels(table)
+            self.state_quarantined.labels(table)
 
 
 def observe_many(child: Any, values: Sequence[float]) -> None:

@@ -1,0 +1,209 @@
+"""One bad stored value must not stop the platform (issue 17): it is set aside, the worker goes on.
+
+Without a broker: the quarantine helper, the detector snapshot codec, the Faust table class that
+checks changelog values on recovery, and the transaction engine's fallbacks. With a broker: garbage
+written under one key of every changelog topic, then a restart; every other key scores normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from app.changelog import ChangelogStore
+from app.metrics import Metrics
+from app.quarantine import Quarantine
+from app.settings import Settings
+
+GARBAGE = b"\x00not a snapshot\xff"
+
+
+def _quarantined(m: Metrics, table: str) -> float:
+    return m.registry.get_sample_value("riskwatch_state_quarantined_total", {"table": table}) or 0.0
+
+
+# --------------------------------------------------------------------------- the helper
+def test_a_value_set_aside_is_counted_once_dead_lettered_each_time_and_logged_once_per_partition(
+        caplog: pytest.LogCaptureFixture) -> None:
+    m = Metrics(CollectorRegistry())
+    sent: list[tuple[bytes, bytes]] = []
+
+    async def send(key: bytes, value: bytes) -> None:
+        sent.append((key, value))
+
+    q = Quarantine(m, send)
+    q.set_aside("models", "rw-models-changelog", 3, b"txn:p3", GARBAGE, ValueError("bad header"), offset=17)
+    q.set_aside("models", "rw-models-changelog", 3, b"txn:p3", GARBAGE, ValueError("bad header"))  # read again
+    q.set_aside("accounts", "rw-accounts-changelog", 3, b"acct-\xff", b"x", "not an AccountState blob")
+    q.set_aside("accounts", "rw-accounts-changelog", 3, b"acct-2", b"y", "not an AccountState blob")
+    assert _quarantined(m, "models") == 1, "the same value read again is not counted again"
+    assert _quarantined(m, "accounts") == 2
+    with caplog.at_level(logging.WARNING, logger="riskwatch.quarantine"):
+        assert asyncio.run(q.flush()) == 4, "every reading is dead-lettered: the first may not have been delivered"
+    lines = [r.getMessage() for r in caplog.records if r.name == "riskwatch.quarantine"]
+    assert len(lines) == 2, lines
+    assert "table accounts partition 3: 2 stored value(s)" in lines[0]
+    assert "table models partition 3: 1 stored value(s)" in lines[1]
+    keys = [k for k, _ in sent]
+    assert keys[0] == b"models:3:txn:p3" and keys[2] == b"accounts:3:acct-\\xff"
+    letter = json.loads(sent[0][1])
+    assert letter["source_topic"] == "rw-models-changelog" and letter["partition"] == 3 and letter["offset"] == 17
+    assert letter["reason"] == ("stored value of table models, partition 3, key 'txn:p3' set aside: "
+                                "ValueError: bad header")
+    assert letter["payload"].startswith("base64:") and letter["payload_size"] == len(GARBAGE)
+    caplog.clear()
+    asyncio.run(q.flush())
+    assert not caplog.records and not q.outbox, "nothing new: no line"
+
+
+def test_a_failed_send_keeps_the_dead_letters_for_the_next_flush() -> None:
+    calls = 0
+
+    async def send(key: bytes, value: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("broker gone")
+
+    q = Quarantine(Metrics(CollectorRegistry()), send)
+    for k in (b"a", b"b", b"c"):
+        q.set_aside("lifecycle", "t", 0, k, b"{", "invalid JSON")
+    with pytest.raises(ConnectionError):
+        asyncio.run(q.flush())
+    assert [k for k, _ in q.outbox] == [b"lifecycle:0:b", b"lifecycle:0:c"]
+    assert asyncio.run(q.flush()) == 2 and not q.outbox
+
+
+# --------------------------------------------------------------------------- detector snapshots
+def test_detector_snapshots_carry_a_format_and_are_refused_per_value() -> None:
+    from app.faust_app import DETECTOR_MAGIC, dump_detector, dumps, load_detector
+    from models.detector import SurpriseDetector
+    from models.features import StateCodecError
+
+    det = SurpriseDetector()
+    for i in range(300):
+        det.learn_one({"amount": (i % 10) / 10})
+    blob = dump_detector(det)
+    assert blob[:4] == DETECTOR_MAGIC + b"\x01"
+    assert load_detector(blob).score_one({"amount": 0.3}) == det.score_one({"amount": 0.3})
+    legacy = zlib.compress(dumps(det), 1)  # format 0, written before formats existed
+    assert load_detector(legacy).score_one({"amount": 0.9}) == det.score_one({"amount": 0.9})
+    broken = SurpriseDetector()
+    del broken.__dict__["calibrator"]
+    wrong_size = SurpriseDetector()
+    wrong_size.calibrator.counts = wrong_size.calibrator.counts[:10]
+    refused = {
+        "format 2": (DETECTOR_MAGIC + b"\x02" + zlib.compress(dumps(det)), "format 2; this release reads"),
+        "garbage": (GARBAGE, "not a detector snapshot"),
+        "truncated": (blob[:40], "not a detector snapshot"),
+        "an int": (zlib.compress(pickle.dumps(1)), "holds a int, not a SurpriseDetector"),
+        "a foreign class": (zlib.compress(pickle.dumps(ValueError("x"))), "not a detector snapshot"),
+        "older layout": (dump_detector(broken), "lacks calibrator"),
+        "wrong sizes": (dump_detector(wrong_size), "wrong type or size"),
+    }
+    for name, (bad, why) in refused.items():
+        with pytest.raises(StateCodecError, match=why):
+            load_detector(bad)
+        assert name
+
+
+# --------------------------------------------------------------------------- the engine's stores
+def _processor(tmp_path: Path) -> Any:
+    from app.worker import build
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        rt = build(Settings(topic_prefix="u.", app_id="u", data_dir=tmp_path), Metrics(CollectorRegistry()))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    return rt.extras["transactions"].processor
+
+
+def _txn(k: int, account: str) -> bytes:
+    return (f'{{"event_id":"q-{k}","ts":"2026-11-02T09:00:{k % 60:02d}+08:00","account_id":"{account}",'
+            f'"counterparty_id":"cp","amount":12.5,"currency":"CNY","direction":"debit","txn_type":"payment",'
+            f'"channel":"app"}}').encode()
+
+
+def test_a_bad_account_state_or_detector_snapshot_starts_afresh_and_the_partition_scores_on(
+        tmp_path: Path) -> None:
+    from models.detector import SurpriseDetector
+
+    proc = _processor(tmp_path)
+    proc.accounts.put(0, b"acct-bad", GARBAGE)
+    proc.models_store.put(0, b"txn:p0", GARBAGE)
+    proc.accounts.take_pending()
+    proc.models_store.take_pending()
+    recs = [SimpleNamespace(topic="t", partition=0, offset=o, value=_txn(o, a))
+            for o, a in enumerate(["acct-bad", "acct-good", "acct-bad"])]
+    asyncio.run(proc.process(recs))
+    m = proc.m
+    topic = proc.topic_name
+    assert m.registry.get_sample_value("riskwatch_events_scored_total", {"topic": topic}) == 3
+    assert m.registry.get_sample_value("riskwatch_deadletters_total", {"topic": topic, "reason": "invalid_event"}) \
+        is None, "no input is dead-lettered for a bad stored value"
+    assert _quarantined(m, "accounts") == 1 and _quarantined(m, "models") == 1
+    assert proc.live[(0, b"acct-bad")].n == 2, "the account started again and learned both its events"
+    assert type(proc.models.detectors[0]) is SurpriseDetector
+    assert proc.models_store.take_pending() == {(0, b"txn:p0"): None}, "the bad snapshot is deleted"
+    asyncio.run(proc.quarantine.flush())
+    letters = {k: json.loads(v) for t, k, v, _ in proc.sink.take() if t == "u.risk.deadletter"}
+    assert set(letters) == {b"accounts:0:acct-bad", b"models:0:txn:p0"}
+    assert "table accounts, partition 0, key 'acct-bad'" in letters[b"accounts:0:acct-bad"]["reason"]
+    assert letters[b"models:0:txn:p0"]["source_topic"] == "u-models-changelog"
+
+
+def test_disclosure_totals_that_do_not_decode_are_set_aside_when_read_back() -> None:
+    from agents.disclosure import check_flow
+
+    q = Quarantine(Metrics(CollectorRegistry()))
+    st = ChangelogStore("disclosure-flows", "u-disclosure-flows-changelog", check=check_flow)
+    st.quarantine = q
+    good = b'{"source":"t2","hour":1793581200}'
+    st.restore(2, b"t2:1793581200", good, 5)
+    st.restore(2, b"t2:1793584800", b"{garbage", 6)
+    st.restore(2, b"t3:1793581200", good, 7)  # names another partition: PartitionView could never find it
+    st.restore(2, b"nonsense", good, 8)
+    assert st.keys(2) == [b"t2:1793581200"]
+    assert [k for k, _ in q.outbox] == [b"disclosure-flows:2:t2:1793584800", b"disclosure-flows:2:t3:1793581200",
+                                        b"disclosure-flows:2:nonsense"]
+
+
+# --------------------------------------------------------------------------- Faust tables
+def test_faust_tables_set_aside_changelog_values_that_do_not_decode_on_recovery(tmp_path: Path) -> None:
+    from app.faust_app import StateTable, create_app, dumps
+    from models.market import InstrumentState
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        rt = create_app(Settings(topic_prefix="u.", app_id="u", data_dir=tmp_path), Metrics(CollectorRegistry()))
+        table = rt.instruments
+        assert isinstance(table, StateTable)
+
+        def event(key: bytes, value: bytes | None, offset: int) -> Any:
+            msg = SimpleNamespace(topic="u-instruments-changelog", partition=1, offset=offset, value=value)
+            return SimpleNamespace(key=key, value=value, message=msg)
+
+        good = dumps(InstrumentState())
+        table.apply_changelog_batch([event(b"A", good, 0), event(b"B", GARBAGE, 1), event(b"C", good, 2),
+                                     event(b"C", dumps(7), 3), event(b"D", good, 4)])
+        assert set(table.data.keys()) == {b"A", b"D"}, "a bad value leaves its key absent, even over a good one"
+        assert _quarantined(rt.metrics, "instruments") == 2
+        assert [k for k, _ in rt.quarantine.outbox] == [b"instruments:1:B", b"instruments:1:C"]
+        assert "not an InstrumentState" in json.loads(rt.quarantine.outbox[1][1])["reason"]
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
