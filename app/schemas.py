@@ -179,6 +179,10 @@ E = TypeVar("E", "Transaction", "MarketTick")
 Event = Annotated[Transaction | MarketTick, Field(discriminator="event_type")]
 _ANY_EVENT: TypeAdapter[Transaction | MarketTick] = TypeAdapter(Event)
 MAX_PAYLOAD_BYTES = 1_048_576
+# JSON nested deeper than this (the outer object counts as one level) is refused: pydantic-core's
+# parser (jiter) stops there, wherever the nesting is, also in a field the contract ignores.
+# app.wire holds the worker's fast decoder (msgspec, whose own limit is about 1,000) to the same.
+MAX_JSON_DEPTH = 200
 DEADLETTER_PAYLOAD_BYTES = 65_536
 
 
@@ -244,6 +248,7 @@ def is_finite(x: float) -> bool:
 
 __all__ = [
     "LEVELS",
+    "MAX_JSON_DEPTH",
     "MAX_TS",
     "MIN_TS",
     "Alert",

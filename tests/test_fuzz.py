@@ -327,8 +327,9 @@ class Mutator:
             else:
                 e[name] = self.rng.choice(self.VALUES)
         raw = json.dumps(e, allow_nan=True)
-        if self.rng.random() < 0.05:  # deep nesting in an extra field
-            d = self.rng.choice([100, 5_000, 60_000])
+        if self.rng.random() < 0.05:  # deep nesting in an extra field, at any depth up to 2,000 or far beyond
+            # 201 to 997 levels: the worker's fast decoder accepted what the contract refuses (issue 17).
+            d = self.rng.choice([100, 5_000, 60_000, self.rng.randint(1, 2_000), self.rng.randint(190, 1_000)])
             raw = raw[:-1] + ', "deep": ' + "[" * d + "]" * d + "}"
         return raw.encode()
 

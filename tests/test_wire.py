@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from app.errors import EventError
-from app.schemas import Transaction, decode_event
+from app.schemas import MAX_JSON_DEPTH, Transaction, decode_event
 from app.wire import TransactionRecord, decode_transaction, replace
 
 BASE: dict[str, Any] = {
@@ -158,3 +158,81 @@ def test_fast_decoder_agrees_with_pydantic_on_generated_inputs(changes: dict[str
     for name in drop:
         d.pop(name, None)
     assert_agrees(json.dumps(d).encode())
+
+
+# --- one decision per input (issue 17 item 3): depth, string sizes and numbers swept across their ranges
+def _nested(levels: int, shape: str) -> str:
+    """A JSON value `levels` deep: arrays, objects, or the two alternating."""
+    value = "1"
+    for i in range(levels):
+        if shape == "[" or (shape == "mixed" and i % 2):
+            value = f"[{value}]"
+        else:
+            value = f'{{"k":{value}}}'
+    return value
+
+
+def _with(field: str, literal: str, at_end: bool = False) -> bytes:
+    """BASE with `field` set to a raw JSON literal (replacing it, or as an unknown field first or last)."""
+    d = {k: json.dumps(v) for k, v in BASE.items() if k != field}
+    items = [f"{json.dumps(k)}:{v}" for k, v in d.items()]
+    items.insert(len(items) if at_end else 0, f"{json.dumps(field)}:{literal}")
+    return ("{" + ",".join(items) + "}").encode()
+
+
+def test_both_decoders_stop_at_the_contracts_nesting_depth_exactly() -> None:
+    """Every depth from 1 to 2,000 levels, in an unknown field, as arrays and as objects (the outer object is one)."""
+    for shape in ("[", "{"):
+        for levels in range(1, 2001):
+            raw = _with("x", _nested(levels - 1, shape))
+            assert_agrees(raw)
+            try:
+                decode_transaction(raw)
+                accepted = True
+            except EventError:
+                accepted = False
+            assert accepted == (levels <= MAX_JSON_DEPTH), (shape, levels)
+
+
+_STRING_LIMITS = {"event_id": 128, "account_id": 128, "counterparty_id": 128, "channel": 32, "device_id": 128,
+                  "ip": 64, "country": 8, "merchant_category": 16, "currency": 3, "note": 256}
+# Each one code point in the decoded string: plain, escaped, astral (a surrogate pair), a lone surrogate, raw UTF-8.
+_CHARS = st.sampled_from(["a", "Z", r"\u00e9", r"\ud83d\ude00", r"\"", r"\\", r"\u0000", r"\n", r"\ud800", "餐", "😀"])
+_NUMBERS = st.one_of(
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e15", "999999999999999.9", "1e-400", "5e-324", "-0", "-0.0",
+                     "0", "0e0", "1e400", "-1e400", "1.7976931348623157e308", "9223372036854775807",
+                     "9223372036854775808", "18446744073709551615", "18446744073709551616", "-9223372036854775809",
+                     "1" + "0" * 40, "1" + "0" * 400, "0." + "0" * 400 + "1", "1.0", "1E14", "01", "1.", ".5", "+1",
+                     "true", "null", '"12.5"', '"1e400"', '"NaN"']),
+    st.integers(-(2**80), 2**80).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.floats(min_value=1e14, max_value=1e16).map(repr),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(levels=st.integers(1, 2000), shape=st.sampled_from(["[", "{", "mixed"]),
+       field=st.sampled_from(["x", "amount", "label", "event_id", "ts"]), at_end=st.booleans())
+@example(levels=MAX_JSON_DEPTH, shape="[", field="x", at_end=False)
+@example(levels=MAX_JSON_DEPTH + 1, shape="[", field="x", at_end=True)
+@example(levels=997, shape="{", field="x", at_end=False)
+@example(levels=998, shape="mixed", field="x", at_end=False)
+def test_decoders_agree_on_any_nesting_depth(levels: int, shape: str, field: str, at_end: bool) -> None:
+    assert_agrees(_with(field, _nested(levels - 1, shape), at_end))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(field=st.sampled_from(sorted(_STRING_LIMITS)), delta=st.integers(-3, 3), chars=st.lists(_CHARS, max_size=3),
+       short=st.integers(0, 3), use_short=st.booleans())
+def test_decoders_agree_on_strings_around_the_contracts_limits(field: str, delta: int, chars: list[str], short: int,
+                                                               use_short: bool) -> None:
+    n = short if use_short else _STRING_LIMITS[field] + delta  # code points
+    body = "".join(chars[:n]) + "A" * max(n - len(chars), 0)
+    assert_agrees(_with(field, f'"{body}"'))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(field=st.sampled_from(["amount", "label", "x", "event_id", "ts", "channel"]), literal=_NUMBERS,
+       at_end=st.booleans())
+def test_decoders_agree_on_numeric_edge_cases(field: str, literal: str, at_end: bool) -> None:
+    assert_agrees(_with(field, literal, at_end))
