@@ -8,6 +8,7 @@ written under one key of every changelog topic, then a restart; every other key 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import pickle
@@ -207,3 +208,89 @@ def test_faust_tables_set_aside_changelog_values_that_do_not_decode_on_recovery(
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+# --------------------------------------------------------------------------- end to end
+def _hour(s: Settings, ts: str) -> int:
+    from datetime import datetime
+
+    off = s.disclosure_utc_offset_minutes * 60
+    return int((datetime.fromisoformat(ts).timestamp() + off) // 3600) * 3600 - off
+
+
+@pytest.mark.kafka
+def test_garbage_under_one_key_of_every_changelog_is_set_aside_and_every_other_key_goes_on(
+        settings: Settings, start_worker: Any, make_txn: Any, make_tick: Any) -> None:
+    """Garbage under one key of each of the six changelogs, then a restart: the worker runs, the rest scores.
+
+    The accounts, models and disclosure-flows changelogs are the transaction engine's; lifecycle,
+    disclosure-book and instruments are Faust tables. On today's code the first three stopped
+    transaction scoring in a read-back loop and the last three made the worker exit at start.
+    """
+    from agents.disposal import partition_of
+    from app.admin import producer
+    from app.faust_app import ACKS, DEADLETTER, MARKET, SCORES, TRANSACTIONS
+    from tests.conftest import consume, produce
+
+    s = settings.model_copy(update={"publish_scores": True, "model_checkpoint_every": 1})
+    n = s.topic_partitions
+    good = "acct-good"
+    p = partition_of(good.encode(), n)
+    bad = next(f"acct-bad-{i}" for i in range(1000) if partition_of(f"acct-bad-{i}".encode(), n) == p)
+    first = start_worker(s)
+    before = [make_txn(account_id=good, minutes=i) for i in range(5)]
+    produce(s, TRANSACTIONS, [(good.encode(), json.dumps(e).encode()) for e in before])
+    produce(s, MARKET, [(b"FUND-A", json.dumps(make_tick()).encode())])
+    consume(s, SCORES, lambda got: len(got) >= 6, timeout=90)
+    time.sleep(1.5)  # the last changelog writes
+    first.stop()
+
+    after = [make_txn(account_id=a, minutes=10 + i) for i, a in enumerate([good, bad, good, bad, good])]
+    alert_id = "ab" * 12
+    planted = {  # table -> (changelog topic, partition, key)
+        "accounts": (s.changelog("accounts"), p, bad.encode()),
+        "models": (s.changelog("models"), p, f"txn:p{p}".encode()),
+        "disclosure-flows": (s.changelog("disclosure-flows"), p, f"t{p}:{_hour(s, after[0]['ts'])}".encode()),
+        "instruments": (s.changelog("instruments"), partition_of(b"FUND-BAD", n), b"FUND-BAD"),
+        "lifecycle": (s.changelog("lifecycle"), partition_of(alert_id.encode(), n), alert_id.encode()),
+        "disclosure-book": (s.changelog("disclosure-book"), 0, b"f:t0:1793581200"),
+    }
+    prod = producer(s)
+    try:
+        for topic, partition, key in planted.values():
+            prod.send(topic, key=key, value=GARBAGE, partition=partition)
+        prod.flush(30)
+    finally:
+        prod.close()
+
+    t0 = time.monotonic()
+    second = start_worker(s)
+    ticks = [make_tick(minutes=20, instrument="FUND-A"), make_tick(minutes=20, instrument="FUND-BAD")]
+    produce(s, TRANSACTIONS, [(e["account_id"].encode(), json.dumps(e).encode()) for e in after])
+    produce(s, MARKET, [(t["instrument"].encode(), json.dumps(t).encode()) for t in ticks])
+    act = {"alert_id": "cd" * 12, "action": "ack", "by": "desk", "ts": "2026-11-02T09:30:00+00:00"}
+    produce(s, ACKS, [(act["alert_id"].encode(), json.dumps(act).encode())])
+    wanted = {e["event_id"] for e in [*after, *ticks]}
+    scores = consume(s, SCORES, lambda got: wanted <= {x["event_id"] for x in got}, timeout=90)
+    print(f"every new event scored {time.monotonic() - t0:.1f} s after the restart began")
+    assert len({x["event_id"] for x in scores} & wanted) == len(wanted)
+
+    letters = consume(s, DEADLETTER, lambda got: len({x["source_topic"] for x in got}) >= len(planted), timeout=60)
+    by_topic = {x["source_topic"]: x for x in letters}
+    assert len(letters) == len(planted), [x["reason"] for x in letters]
+    for table, (topic, partition, key) in planted.items():
+        letter = by_topic[topic]
+        assert letter["partition"] == partition
+        assert f"table {table}, partition {partition}, key {key.decode()!r}" in letter["reason"], letter["reason"]
+        assert letter["payload"] == "base64:" + base64.b64encode(GARBAGE).decode()
+        assert second.metric("riskwatch_state_quarantined_total", table=table) == 1, table
+    assert second.metric("riskwatch_events_scored_total", topic=s.topic(TRANSACTIONS)) == len(after)
+    assert second.metric("riskwatch_deadletters_total") == 0, "no input was dead-lettered for a bad stored value"
+    deadline = time.monotonic() + 30
+    while second.metric("riskwatch_acks_total", action="ack", outcome="held") < 1:
+        assert time.monotonic() < deadline, "the disposal agent never took an act after the restart"
+        time.sleep(0.5)
+    log = second.log_path.read_text(errors="replace")
+    assert second.proc.poll() is None and "Crashed" not in log and "We experienced a crash" not in log, second.tail()
+    lines = [line for line in log.splitlines() if "did not decode and were set aside" in line]
+    assert len(lines) == len(planted), lines
