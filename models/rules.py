@@ -77,8 +77,8 @@ class AnomalyParams(_Params):
     min_evidence: float = Field(0.0, ge=0, description="nats of surprise a warning needs at least (0: the budget "
                                                        "alone decides; docs/evaluation.md measures why)")
     high_evidence: float = Field(8.0, ge=0, description="nats of surprise that make a model warning 'high'")
-    entity_warmup: int = Field(5, ge=0, description="transactions an account needs before model warnings")
-    global_warmup: int = Field(1000, ge=0, description="events the model needs before any warning")
+    entity_warmup: int = Field(3, ge=0, description="transactions an account needs before model warnings")
+    global_warmup: int = Field(250, ge=0, description="events a partition's model needs before any warning")
 
     @model_validator(mode="after")
     def _known_codes(self) -> AnomalyParams:
