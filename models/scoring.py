@@ -246,16 +246,18 @@ class TransactionScorer:
             elapsed = ts - state.in_ts
             if elapsed > 0.0:
                 inflow = inflow * exp(-elapsed / INFLOW_SECONDS)
+        # A payee's novelty for debits; for credits, whether money comes from a counterparty the
+        # account never paid (what pass-through counts).
+        b = txn.counterparty_id.encode()
+        cp = (crc32(b) << 31) ^ adler32(b)
+        key = _PACK_Q(cp)
+        buf = state.counterparties.tobytes()
+        i = buf.find(key)
+        while i > 0 and i & 7:
+            i = buf.find(key, i + 1)
+        new_cp = i < 0
+        cp_at = i >> 3
         if debit:
-            b = txn.counterparty_id.encode()
-            cp = (crc32(b) << 31) ^ adler32(b)
-            key = _PACK_Q(cp)
-            buf = state.counterparties.tobytes()
-            i = buf.find(key)
-            while i > 0 and i & 7:
-                i = buf.find(key, i + 1)
-            new_cp = i < 0
-            cp_at = i >> 3
             dts = state.debit_ts
             k = len(dts)
             since = ts - VELOCITY_WINDOW
@@ -315,15 +317,6 @@ class TransactionScorer:
             if z > 3.0:
                 raw += (z - 3.0) * conf * 0.5 * w.get("amount", 0.0)
             own = raw
-            # Credits count towards pass-through only from counterparties the account never paid.
-            b = txn.counterparty_id.encode()
-            cp = (crc32(b) << 31) ^ adler32(b)
-            key = _PACK_Q(cp)
-            buf = state.counterparties.tobytes()
-            i = buf.find(key)
-            while i > 0 and i & 7:
-                i = buf.find(key, i + 1)
-            new_cp = i < 0
 
         # Calibrator.cdf, inlined; a raw score of 0 or less always falls at the bottom of bin 0.
         total = cal_.total
