@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.errors import ConfigError
 from app.schemas import Reason
-from models.findings import AlertMemory, Finding, Raised, track
+from models.findings import AlertMemory, Finding, Raised, span_text, track
 
 # Flows are classified by type from the platform's side, whatever `direction` says: a deposit or
 # an investment brings money onto the platform, a withdrawal or a redemption takes it off. Only
@@ -727,8 +727,8 @@ class MarketStressMonitor(_Monitor):
 
     def _within(self, window: int, floor: int, bars: int) -> str:
         if window <= floor:
-            return _span_text(window)
-        return f"{'one bar' if bars == 1 else f'{bars} bars'} ({_span_text(self.spacing)} apart)"
+            return span_text(window)
+        return f"{'one bar' if bars == 1 else f'{bars} bars'} ({span_text(self.spacing)} apart)"
 
     def _evaluate(self, b: int) -> list[Raised]:
         p, bs, parts = self.params, self.params.bucket_seconds, self.parts
@@ -784,14 +784,6 @@ class MarketStressMonitor(_Monitor):
 
 def _names(instruments: set[str]) -> str:
     return ", ".join(sorted(instruments)[:5]) + (", ..." if len(instruments) > 5 else "")
-
-
-def _span_text(seconds: float) -> str:
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} minutes"
-    if seconds < 0.9 * 86_400:
-        return f"{seconds / 3600:.0f} hours"
-    return f"{seconds / 86_400:.1f} days"
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from models.features import (
     VELOCITY_WINDOW,
     TxnFeatures,
 )
+from models.findings import span_text
 
 # How much each surprise counts: nats of evidence, scaled down for features that legitimately vary.
 WEIGHTS: dict[str, float] = {
@@ -353,14 +354,6 @@ class SurpriseDetector(base.AnomalyDetector):
         return point[3]
 
 
-def _span(seconds: float) -> str:
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} minutes"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f} hours"
-    return f"{seconds / 86400:.0f} days"
-
-
 def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int, top: int = 3,
             min_nats: float = 1.0) -> list[tuple[str, str, float, float | None]]:
     """Readable reasons for the largest surprises: (code, message, value, baseline)."""
@@ -391,7 +384,7 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
                  "counterparties in the last hours, a money-mule pattern", sent, f.inflow_new)
         elif k == "dormant":
             r = (k, f"first transaction in {f.idle / 86400:.1f} days; this account usually transacts every "
-                 f"{_span(f.typical_gap)}", f.idle / 86400, f.typical_gap / 86400)
+                 f"{span_text(f.typical_gap)}", f.idle / 86400, f.typical_gap / 86400)
         elif k == "session":
             r = (k, f"follows other unusual activity on this account in the last {SESSION_SECONDS / 60:.0f} "
                  "minutes", f.session, 1.0)

@@ -132,6 +132,15 @@ def to_alert(finding: Finding, alert_id: str, event_ids: list[str], created_at: 
     )
 
 
+def span_text(seconds: float) -> str:
+    """A duration as a reason reads it: '40 minutes', '6 hours', '3.0 days'."""
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 0.9 * 86_400:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds / 86_400:.1f} days"
+
+
 __all__ = [
     "AlertMemory",
     "Finding",
@@ -139,6 +148,7 @@ __all__ = [
     "alert_id_for",
     "level_max",
     "open_or_update",
+    "span_text",
     "to_alert",
     "track",
     "utc",
