@@ -210,6 +210,16 @@ def test_faust_tables_set_aside_changelog_values_that_do_not_decode_on_recovery(
         loop.close()
 
 
+def test_a_lifecycle_value_that_got_past_recovery_is_set_aside_when_read(tmp_path: Path) -> None:
+    """The deadline timer reads every owned state: one bad value used to fail it and the worker exited."""
+    rt = _processor(tmp_path).rt
+    disposal = rt.extras["disposal"]
+    disposal.table.data.data[b"ab" * 12] = GARBAGE  # as if recovered before its check existed
+    assert disposal.get(b"ab" * 12) is None
+    assert _quarantined(rt.metrics, "lifecycle") == 1
+    assert "table lifecycle" in json.loads(rt.quarantine.outbox[0][1])["reason"]
+
+
 # --------------------------------------------------------------------------- end to end
 def _hour(s: Settings, ts: str) -> int:
     from datetime import datetime
