@@ -233,7 +233,8 @@ class SurpriseDetector(base.AnomalyDetector):
     # account's typical debit, in log units. Mixing card payments with withdrawals and investments
     # otherwise widens every account's spread so much that a 20x spike is a 3-sigma move. None until
     # first used, so detectors pickled before it existed still load.
-    shifts: dict[tuple[str, bool], list[float]] | None = None
+    # Indexed by `debit` (credits at 0, debits at 1), then by transaction type.
+    shifts: tuple[dict[str, list[float]], dict[str, list[float]]] | None = None
 
     def __init__(self, weights: dict[str, float] | None = None, horizon: float = 200_000.0) -> None:
         self.weights = weights
@@ -272,20 +273,20 @@ class SurpriseDetector(base.AnomalyDetector):
         shifts = self.shifts
         if shifts is None:
             return 0.0
-        entry = shifts.get((txn_type, debit))
+        entry = shifts[debit].get(txn_type)
         return 0.0 if entry is None else entry[0]
 
     def learn_shift(self, txn_type: str, debit: bool, residual: float) -> None:
         """Move the type's shift one step towards `residual`'s side (log amount - shift - account median)."""
         shifts = self.shifts
         if shifts is None:
-            shifts = self.shifts = {}
-        entry = shifts.get((txn_type, debit))
+            shifts = self.shifts = ({}, {})
+        entry = shifts[debit].get(txn_type)
         if entry is None:
-            entry = shifts[(txn_type, debit)] = [0.0, 0.0]
+            entry = shifts[debit][txn_type] = [0.0, 0.0]
         n = entry[1] + 1.0
         entry[1] = n
-        step = 0.1 / n if n < 50.0 else SHIFT_STEP
+        step = 0.1 / n
         if step < SHIFT_STEP:
             step = SHIFT_STEP
         if residual > 0.0:

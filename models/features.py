@@ -391,6 +391,9 @@ def _push(buf: array[Any], value: Any, cap: int) -> None:
 
 
 EXTERNAL_TYPES = frozenset({"payment", "transfer", "withdrawal"})
+# Credits that are money from another party (what a mule passes on); deposits from the account's own
+# bank, redemptions and loan disbursements are not.
+INBOUND_TYPES = frozenset({"transfer"})
 
 
 def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
@@ -484,9 +487,9 @@ def faded(value: float, elapsed: float, scale: float) -> float:
     return value * math.exp(-elapsed / scale) if elapsed > 0.0 else value
 
 
-def carry(state: AccountState, f: TxnFeatures, own: float) -> None:
+def carry(state: AccountState, f: TxnFeatures, own: float, txn_type: str) -> None:
     """Fold one scored transaction's evidence (`own`: its raw score without the session's) and money flow
-    into the account's session and inflow memory (credits count when they come from a new counterparty)."""
+    into the account's session and inflow memory (transfers in count when they come from a new counterparty)."""
     ts = f.ts
     session = f.session
     if own > SESSION_FLOOR:
@@ -500,7 +503,7 @@ def carry(state: AccountState, f: TxnFeatures, own: float) -> None:
             inflow -= f.amount
             state.in_new = inflow if inflow > 0.0 else 0.0
             state.in_ts = ts
-    elif f.new_counterparty:
+    elif f.new_counterparty and txn_type in INBOUND_TYPES:
         state.in_new = inflow + f.amount
         state.in_ts = ts
 
@@ -562,5 +565,15 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
         state.last_ts = ts
 
 
-__all__ = ["STATE_MAGIC", "AccountState", "StateCodecError", "TxnFeatures", "carry", "faded", "learn", "observe",
-           "stable_hash"]
+__all__ = [
+    "INBOUND_TYPES",
+    "STATE_MAGIC",
+    "AccountState",
+    "StateCodecError",
+    "TxnFeatures",
+    "carry",
+    "faded",
+    "learn",
+    "observe",
+    "stable_hash",
+]

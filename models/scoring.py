@@ -15,6 +15,8 @@ from app.schemas import Alert, Reason, TransactionFields
 from models.detector import (
     BUDGET_LOG_RANGE,
     CAP,
+    SHIFT_LIMIT,
+    SHIFT_STEP,
     Calibrator,
     SurpriseDetector,
     _pass_through,
@@ -27,8 +29,10 @@ from models.features import (
     AMOUNT_HISTORY,
     DAY,
     DEBIT_HISTORY,
+    DORMANT_MIN_SECONDS,
     EXTERNAL_TYPES,
     HOUR,
+    INBOUND_TYPES,
     INFLOW_SECONDS,
     KNOWN_COUNTERPARTIES,
     KNOWN_DEVICES,
@@ -224,7 +228,7 @@ class TransactionScorer:
         txn_type = txn.txn_type
         # SurpriseDetector.shift, inlined.
         shifts = det.shifts
-        entry = shifts.get((txn_type, debit)) if shifts is not None else None
+        entry = shifts[debit].get(txn_type) if shifts is not None else None
         shift = entry[0] if entry is not None else 0.0
         lg_amount = log(amount) - shift
         z = (lg_amount - state.log_med) / state.log_spread if n_hist >= 3 else 0.0
@@ -246,17 +250,20 @@ class TransactionScorer:
             elapsed = ts - state.in_ts
             if elapsed > 0.0:
                 inflow = inflow * exp(-elapsed / INFLOW_SECONDS)
-        # A payee's novelty for debits; for credits, whether money comes from a counterparty the
-        # account never paid (what pass-through counts).
-        b = txn.counterparty_id.encode()
-        cp = (crc32(b) << 31) ^ adler32(b)
-        key = _PACK_Q(cp)
-        buf = state.counterparties.tobytes()
-        i = buf.find(key)
-        while i > 0 and i & 7:
-            i = buf.find(key, i + 1)
-        new_cp = i < 0
-        cp_at = i >> 3
+        # A payee's novelty for debits; for transfers in, whether the money comes from a counterparty
+        # the account never paid (what pass-through counts).
+        if debit or txn_type in INBOUND_TYPES:
+            b = txn.counterparty_id.encode()
+            cp = (crc32(b) << 31) ^ adler32(b)
+            key = _PACK_Q(cp)
+            buf = state.counterparties.tobytes()
+            i = buf.find(key)
+            while i > 0 and i & 7:
+                i = buf.find(key, i + 1)
+            new_cp = i < 0
+            cp_at = i >> 3
+        else:
+            new_cp = False
         if debit:
             dts = state.debit_ts
             k = len(dts)
@@ -306,7 +313,8 @@ class TransactionScorer:
                 v = _pass_through(amount, inflow, exp(state.log_med + shift) if n_hist >= 3 else amount)
                 if v > 0.0:
                     raw += v * w.get("pass_through", 0.0)
-            if n:
+            # Dormancy needs a day's silence at least: most events stop at the first comparison.
+            if n and ts - state.last_ts > DORMANT_MIN_SECONDS:
                 v = dormancy(ts - state.last_ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
                 if v > 0.0:
                     raw += v * w.get("dormant", 0.0)
@@ -364,7 +372,22 @@ class TransactionScorer:
             if total >= cal_.horizon:
                 cal_.halve()
             if n_hist >= 3:
-                det.learn_shift(txn_type, debit, lg_amount - state.log_med)
+                # SurpriseDetector.learn_shift, inlined.
+                if entry is None:
+                    det.learn_shift(txn_type, debit, lg_amount - state.log_med)
+                else:
+                    c = entry[1] + 1.0
+                    entry[1] = c
+                    step = 0.1 / c
+                    if step < SHIFT_STEP:
+                        step = SHIFT_STEP
+                    residual = lg_amount - state.log_med
+                    if residual > 0.0:
+                        v = entry[0] + step
+                        entry[0] = v if v < SHIFT_LIMIT else SHIFT_LIMIT
+                    elif residual < 0.0:
+                        v = entry[0] - step
+                        entry[0] = v if v > -SHIFT_LIMIT else -SHIFT_LIMIT
             # models.features.learn, fused with the values computed above.
             if n == 0:
                 state.first_ts = ts
@@ -506,7 +529,7 @@ class TransactionScorer:
             if f.history >= 3:
                 det.learn_shift(txn.txn_type, debit, (log(txn.amount) - shift) - state.log_med)
             learn(state, f)
-            carry(state, f, own)
+            carry(state, f, own, txn.txn_type)
             if near:
                 state.near_ts.append(ts)
                 while state.near_ts and (ts - state.near_ts[0] > self._struct.window_seconds
