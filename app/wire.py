@@ -64,8 +64,8 @@ _decode = msgspec.json.Decoder(TransactionRecord).decode
 # Nesting deeper than MAX_JSON_DEPTH needs more than this many bytes (an opening and a closing
 # bracket per level). msgspec skips an unknown field nested 201 to 997 levels deep, pydantic refuses
 # it: input that long with more brackets than the limit (also counting those in strings, which only
-# sends more to the slow path) is left to pydantic. Shorter input, nearly every transaction, skips
-# the count (about 1 us on a 250-byte transaction here, a fifth of the decode).
+# sends more to the slow path) is left to pydantic. Shorter input, nearly every transaction (about
+# 250 bytes), skips the count: it costs about 1 us on 560 bytes here, where the decode takes ~6 us.
 _MAY_NEST_TOO_DEEP = 2 * MAX_JSON_DEPTH + 2
 
 
