@@ -91,7 +91,7 @@ class Quarantine:
         news, self.news = self.news, {}
         for (table, partition), (count, first) in sorted(news.items()):
             log.warning("table %s partition %d: %d stored value(s) did not decode and were set aside (first: %s); "
-                        "the worker goes on with fresh state for them; see risk.deadletter",
+                        "the worker goes on without them (fresh state, or the key absent); see risk.deadletter",
                         table, partition, count, first,
                         extra={"table": table, "partition": partition, "count": count})
         if self.send is None or not self.outbox:
