@@ -341,7 +341,8 @@ class TransactionScorer:
         else:
             bin_ = 0
             cal = 0.5 if total <= 0 else 0.0
-        if n_hist < self._entity_warmup or total < self._global_warmup:
+        cold = n_hist < self._entity_warmup or total < self._global_warmup
+        if cold:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._cold_factor
         if total >= det._refresh_at:
@@ -356,7 +357,7 @@ class TransactionScorer:
                 or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
             # Some rule may fire: _rules decides (most events skip it).
             findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
-        if cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
+        if not cold and cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
             f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
             model = self._model(txn, f, surprises(f), raw, cal, hour)
@@ -509,7 +510,8 @@ class TransactionScorer:
         # The raw score without the session's share: what this event adds to the session.
         own = det.raw({k: v for k, v in x.items() if k != "session"}) if "session" in x else raw
         cal = det.score_raw(raw)
-        if f.history < self._anom.entity_warmup or det.seen < self._anom.global_warmup:
+        cold = f.history < self._anom.entity_warmup or det.seen < self._anom.global_warmup
+        if cold:
             # A cold model may rank but not alarm: its scores stay below the alert threshold.
             cal *= self._cold_factor
         if det.seen >= det._refresh_at:
@@ -517,7 +519,7 @@ class TransactionScorer:
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
-        if cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
+        if not cold and cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
                 findings.append(model)
