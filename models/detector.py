@@ -192,10 +192,10 @@ BUDGET_LOG_RANGE = 3.0
 # GAIN * budget * 256 = 2.6% at the default budget in between).
 BUDGET_REFRESH = 256.0
 # An incident is not noise: within a window of events that should bring BUDGET_WINDOW warnings, at
-# most BUDGET_BURST times that many count against the budget. Without it one liquidity run (600
-# accounts withdrawing at once, each a fair model warning) pushed the share to its floor, and at
-# GAIN * budget per event it took ~30,000 events of a partition to recover: takeovers afterwards
-# went unwarned (4 of 20 episodes on a 5-day stream with one run a day; 15 of 20 without runs).
+# most BUDGET_BURST times that many count against the budget. Uncapped, a burst of N warnings lowers
+# the share e^(GAIN * N) (to its floor at N = 120), and climbing back takes 1 / (GAIN * budget) =
+# 10,000 events of a partition per factor e. The generated liquidity runs (1-2 hours) spread thinly
+# enough that the cap changed nothing measurable on them; it guards against sharper incidents.
 BUDGET_WINDOW = 5.0
 BUDGET_BURST = 3.0
 
