@@ -147,13 +147,28 @@ def check_detector(det: Any) -> None:
           and _finite(cal.total) and cal.total >= 0 and _finite(cal.max_raw) and cal.max_raw > 0
           and _finite(det.horizon) and det.horizon > 0
           and isinstance(det._w, dict) and all(isinstance(k, str) and _finite(v) for k, v in det._w.items())
-          and isinstance(det.points, dict | None) and isinstance(det.shifts, dict | None) and _finite(det.share))
+          and _points_ok(det.points) and _shifts_ok(det.shifts) and _finite(det.share))
     if not ok:
         raise StateCodecError("detector snapshot has attributes of the wrong type or size")
     try:
         det.score_raw(1.0)
     except Exception as exc:  # noqa: BLE001 - whatever the scorer would have met on every event
         raise StateCodecError(f"detector snapshot cannot score: {type(exc).__name__}: {exc}") from None
+
+
+def _points_ok(points: Any) -> bool:
+    """Operating points: None, or category -> [log share, window start, counted, share], all finite."""
+    return points is None or (isinstance(points, dict) and all(
+        isinstance(k, str) and type(v) is list and len(v) == 4 and all(_finite(x) for x in v)
+        for k, v in points.items()))
+
+
+def _shifts_ok(shifts: Any) -> bool:
+    """Type shifts: None, or (credits, debits), each type -> [shift, count], all finite."""
+    return shifts is None or (type(shifts) is tuple and len(shifts) == 2 and all(
+        isinstance(side, dict) and all(isinstance(k, str) and type(v) is list and len(v) == 2
+                                       and all(_finite(x) for x in v) for k, v in side.items())
+        for side in shifts))
 
 
 def _finite(x: Any) -> bool:

@@ -94,7 +94,11 @@ def test_detector_snapshots_carry_a_format_and_are_refused_per_value() -> None:
     det = SurpriseDetector()
     for i in range(300):
         det.learn_one({"amount": (i % 10) / 10})
+        det.learn_shift("card", True, (i % 3) - 1.0)  # a detector in use has type shifts and operating points
+        det.learn_shift("deposit", False, 0.5)
+    det.refresh({"default": 0.002, "card_testing": 0.001}, warmup=0.0)
     blob = dump_detector(det)
+    assert load_detector(blob).shifts == det.shifts and load_detector(blob).points == det.points
     assert blob[:4] == DETECTOR_MAGIC + b"\x01"
     assert load_detector(blob).score_one({"amount": 0.3}) == det.score_one({"amount": 0.3})
     legacy = zlib.compress(dumps(det), 1)  # format 0, written before formats existed
@@ -112,6 +116,11 @@ def test_detector_snapshots_carry_a_format_and_are_refused_per_value() -> None:
         "older layout": (dump_detector(broken), "lacks calibrator"),
         "wrong sizes": (dump_detector(wrong_size), "wrong type or size"),
     }
+    layouts = {"shifts": {("card", True): [0.1, 3.0]}, "points": {"default": [0.0, float("nan"), 0.0, 0.1]}}
+    for attr, bad_value in layouts.items():
+        odd = SurpriseDetector()
+        setattr(odd, attr, bad_value)
+        refused[f"{attr} of another layout"] = (dump_detector(odd), "wrong type or size")
     for name, (bad, why) in refused.items():
         with pytest.raises(StateCodecError, match=why):
             load_detector(bad)
