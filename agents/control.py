@@ -15,6 +15,7 @@ from app.faust_app import RULES, Runtime
 from models.rules import Catalogue, parse_catalogue
 
 log = logging.getLogger("riskwatch.agents.control")
+CLOSE_SECONDS = 2.0  # longest the follower's consumer may take to close when the worker stops
 
 
 client_kwargs = aiokafka_config  # aiokafka connection arguments (bootstrap and security) from settings
@@ -67,7 +68,12 @@ class RuleControl:
         except asyncio.CancelledError:
             raise
         finally:
-            await consumer.stop()
+            # Bounded: with the broker gone the close waits for it, and the worker must exit (issue 17).
+            try:
+                await asyncio.wait_for(consumer.stop(), CLOSE_SECONDS)
+            except TimeoutError:
+                log.warning("the rules follower's consumer did not close within %.0f s; left to the process exit",
+                            CLOSE_SECONDS)
 
 
 def attach(rt: Runtime, control: RuleControl) -> None:

@@ -28,6 +28,7 @@ from models.feedback import Adaptation, FeedbackBook, VerdictNote
 from models.scoring import TransactionScorer
 
 log = logging.getLogger("riskwatch.agents.feedback")
+CLOSE_SECONDS = 2.0  # longest the follower's consumer may take to close when the worker stops
 
 READY_TIMEOUT = 30.0  # seconds the disposal agent waits for the history before judging adaptations anyway
 
@@ -109,7 +110,12 @@ class FeedbackFollower:
         except asyncio.CancelledError:
             raise
         finally:
-            await consumer.stop()
+            # Bounded: with the broker gone the close waits for it, and the worker must exit (issue 17).
+            try:
+                await asyncio.wait_for(consumer.stop(), CLOSE_SECONDS)
+            except TimeoutError:
+                log.warning("the feedback follower's consumer did not close within %.0f s; left to the process exit",
+                            CLOSE_SECONDS)
 
 
 def attach(rt: Runtime, follower: FeedbackFollower) -> None:

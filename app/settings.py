@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str = Field("", description="CA bundle used to verify the brokers")
     kafka_session_timeout: float = Field(
         30.0, ge=6.0, le=300.0, description="Seconds without a heartbeat before a worker's partitions move on")
+    shutdown_timeout: float = Field(
+        10.0, gt=0, le=120.0, description="Seconds from SIGTERM to exit, whatever the broker's state: the final "
+        "flush and commit get part of it; offsets not committed by then are redelivered to the next owner")
     max_future_seconds: float = Field(
         86400.0, gt=0, description="Reject events whose time is this far ahead of the worker's clock")
     pseudonymise_key: SecretStr = Field(

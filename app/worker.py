@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import faust
 from prometheus_client import start_http_server
 
 from agents import control, disclosure, feedback, health, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics
 from app.faust_app import Runtime, create_app
+from app.logs import flush_logging
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
 from models.rules import Catalogue, load_catalogue
@@ -59,10 +67,78 @@ def _attach_disposal(rt: Runtime, sink: Sink, s: Settings, disclosed: disclosure
     pager.attach(rt, disposer)
 
 
+EXIT_FORCED = 1  # the exit status when the shutdown watchdog ended the process
+
+
+class ShutdownWatchdog:
+    """Ends the process `seconds` after a stop signal if the orderly stop has not ended it by then.
+
+    A thread, not a task: what hangs may be the event loop itself (a close that never returns, a
+    blocking call). Before exiting it says what was not committed (`last_words`) and that it gave up.
+    """
+
+    def __init__(self, seconds: float, last_words: Callable[[], None] | None = None,
+                 exit: Callable[[int], Any] = os._exit) -> None:
+        self.seconds = seconds
+        self.last_words = last_words
+        self._exit = exit
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        """Start counting."""
+        self._timer.start()
+
+    def _fire(self) -> None:
+        try:
+            if self.last_words is not None:
+                self.last_words()
+        except Exception:  # nothing may keep the process from exiting now
+            log.exception("reporting the uncommitted offsets failed")
+        log.error("shutdown did not finish within %.0f s (RISKWATCH_SHUTDOWN_TIMEOUT); exiting now with status %d",
+                  self.seconds, EXIT_FORCED)
+        flush_logging()
+        self._exit(EXIT_FORCED)
+
+
+class Worker(faust.Worker):  # type: ignore[misc]
+    """Faust's worker with a bounded stop: on SIGTERM or SIGINT, exit within RISKWATCH_SHUTDOWN_TIMEOUT.
+
+    With the broker gone, Faust's stop and the clients' closes each waited for it: 92 s and 11,000
+    log lines (issue 17). On the first signal a watchdog starts (ShutdownWatchdog), then
+    `stop_first` (the transaction engine: stop consuming, flush, commit, report what was not
+    committed) runs before Faust's own stop. Hooks mode's `_schedule_shutdown` and `_stop_on_signal`
+    (mode-streaming 0.7, under faust-streaming 0.15); tests/faults/test_shutdown.py checks both.
+    """
+
+    def __init__(self, app: faust.App, *, shutdown_timeout: float,
+                 stop_first: Callable[[], Awaitable[None]] | None = None,
+                 last_words: Callable[[], None] | None = None, **kw: Any) -> None:
+        super().__init__(app, **kw)
+        self.shutdown_timeout = shutdown_timeout
+        self.stop_first = stop_first
+        self.watchdog = ShutdownWatchdog(shutdown_timeout, last_words)
+
+    def _schedule_shutdown(self, sig: signal.Signals) -> None:
+        if not self._signal_stop_time:  # the first signal only, as mode's own
+            log.info("%s: stopping; exiting within %.0f s whatever the broker's state", sig.name,
+                     self.shutdown_timeout)
+            self.watchdog.start()
+        super()._schedule_shutdown(sig)
+
+    async def _stop_on_signal(self, sig: signal.Signals) -> None:
+        if self.stop_first is not None:
+            try:
+                await self.stop_first()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Faust's stop must still run
+                log.exception("stopping the transaction engine failed")
+        await super()._stop_on_signal(sig)
+
+
 def run(settings: Settings | None = None) -> None:
     """Create topics, serve /metrics and run the worker until it is stopped."""
-    import faust
-
     s = settings or get_settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     created = ensure_topics(s)
@@ -72,10 +148,16 @@ def run(settings: Settings | None = None) -> None:
     start_http_server(s.metrics_port, addr=s.web_host, registry=rt.metrics.registry)
     log.info("metrics on http://%s:%s/metrics, warnings page on http://%s:%s/", s.web_host, s.metrics_port,
              s.web_host, s.web_port)
+    engine: transactions.TransactionEngine = rt.extras["transactions"]
     # override_logging=False keeps app.logs' handler (JSON lines when asked) for Faust's own records too.
-    worker = faust.Worker(rt.app, loglevel=s.log_level.lower(), quiet=True, override_logging=False)
+    worker = Worker(rt.app, shutdown_timeout=s.shutdown_timeout, stop_first=engine.stop,
+                    last_words=engine.report_uncommitted, loglevel=s.log_level.lower(), quiet=True,
+                    override_logging=False)
     worker.spinner = None  # a terminal spinner on stdout would corrupt JSON log lines
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        flush_logging()  # the last window's repeat counts
 
 
-__all__ = ["build", "run"]
+__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "run"]

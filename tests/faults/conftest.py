@@ -90,6 +90,26 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         kafka_local.wipe(broker.port, broker.data_dir)
 
 
+def broker_of_its_own(why: str) -> tuple[Any, Any]:
+    """Module-scoped `fault_broker` and `kafka_bootstrap` fixtures for a module whose tests crash the broker.
+
+    Use as `fault_broker, kafka_bootstrap = broker_of_its_own("...")`: the package's broker stays up.
+    """
+
+    @pytest.fixture(scope="module", name="fault_broker")
+    def _broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+        with own_broker(tmp_path_factory) as broker:
+            yield broker
+
+    @pytest.fixture(scope="module", name="kafka_bootstrap")
+    def _bootstrap(fault_broker: Broker) -> str:
+        return fault_broker.bootstrap
+
+    _broker.__doc__ = f"A broker of this module's own: {why}."
+    _bootstrap.__doc__ = "This module's tests talk to its own broker."
+    return _broker, _bootstrap
+
+
 @pytest.fixture(scope="package")
 def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A broker for the fault suite: the faults here must not disturb other tests' broker.

@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from app.faust_app import TRANSACTIONS
 from tests.faults.conftest import (
-    Broker,
     Feed,
     assert_counter_identity,
+    broker_of_its_own,
     check_accounting,
     counters,
-    own_broker,
     wait_drained,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def fault_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A broker of this module's own: the restart must not disturb the other fault tests."""
-    with own_broker(tmp_path_factory) as broker:
-        yield broker
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap(fault_broker: Broker) -> str:
-    """This module's tests talk to its own broker."""
-    return fault_broker.bootstrap
+fault_broker, kafka_bootstrap = broker_of_its_own("the restart must not disturb the other fault tests")
 
 
 def test_broker_crash_and_restart_under_load(fault_broker, fault_settings, start_worker, feed_producer):
