@@ -8,6 +8,7 @@ totals) are app.changelog stores with Faust-compatible changelog topics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -357,6 +358,15 @@ class TransactionProcessor:
                 await self.sink.partial("flow", partial.model_dump_json().encode())
         self.evict()
         self.m.entities.labels(ACCOUNTS_TABLE).set(len(self.accounts))
+        self.budget_gauges()
+
+    def budget_gauges(self) -> None:
+        """Publish each category's budget and every owned partition's operating point (per 1,000 events)."""
+        for category, budget in self.scorer.budgets.items():
+            self.m.model_budget.labels(category).set(budget * 1000.0)
+        for partition, det in self.models.detectors.items():
+            for category, point in (det.points or {}).items():
+                self.m.model_operating.labels(category, str(partition)).set(point[3] * 1000.0)
 
     def evict(self) -> int:
         """Delete the accounts idle past the TTL (at most 10,000 a call); the engine calls it after every batch.
@@ -376,7 +386,12 @@ class TransactionProcessor:
 
     def assigned(self, partitions: set[int]) -> None:
         """Forget the in-memory helpers of partitions no longer owned (the engine drops their tables)."""
-        self.models.forget(set(self.models.detectors) - partitions)
+        gone = set(self.models.detectors) - partitions
+        for p in gone:  # a partition that moved on reports from its new owner, not from here
+            for category in self.models.detectors[p].points or {}:
+                with contextlib.suppress(KeyError):
+                    self.m.model_operating.remove(category, str(p))
+        self.models.forget(gone)
         self.eviction.keep_only(partitions)
         self.live = {k: v for k, v in self.live.items() if k[0] in partitions}
         self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}

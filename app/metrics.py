@@ -98,6 +98,14 @@ class Metrics:
             "riskwatch_feedback_factor", "Verdict feedback: multiplier of the share of events a finding of this "
             "detector and lead reason code may warn at (1 neutral, below 1 more evidence needed), as this worker "
             "scores with it", ["detector", "code"], registry=r)
+        self.model_budget = Gauge(
+            "riskwatch_model_budget_per_1000", "Alert budget in force: new model warnings per 1,000 events, by "
+            "category (anomaly.params.budget_per_1000 and budgets)", ["category"], registry=r)
+        self.model_operating = Gauge(
+            "riskwatch_model_operating_per_1000", "Alert budget: the share of events, per 1,000, a model finding "
+            "of this category may warn at now in this partition's detector. Starts at the budget, rises while "
+            "warnings come slower than the budget (up to 20x), falls as they are spent", ["category", "partition"],
+            registry=r)
         self.feedback_adaptations = Counter(
             "riskwatch_feedback_adaptations_total", "Verdicts that moved a key's feedback factor a band (audited on "
             "risk.audit), by detector, code and direction (down, up)", ["detector", "code", "direction"],

@@ -493,6 +493,11 @@ class TransactionScorer:
             self._alerts(out, state, ts, event_id)
         return out
 
+    @property
+    def budgets(self) -> dict[str, float]:
+        """The model-warning budget of each category in force, in new warnings per event."""
+        return dict(self._budgets)
+
     def process_reference(self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """process() step by step through observe, surprises and learn: the specification the fused path must match."""
         if ts is None:

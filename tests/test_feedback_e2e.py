@@ -15,6 +15,7 @@ risk.audit must carry the adaptation records naming the key.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -149,7 +150,14 @@ def _run(s: Settings, days: list[list[dict[str, Any]]], verdict: str, start_work
     day5 = [a for a in after.values() if _lead(a) == code and _in(a, days[4])]
     audit = consume(s, AUDIT, lambda got: any(r.get("kind") == "feedback" for r in got))
     feedback = consume(s, FEEDBACK, lambda got: len(got) >= len(judged))
-    return {"code": code, "day4": len(judged), "day5": len(day5), "rate4": 1000 * len(judged) / len(days[3]),
+    parts = [str(p) for p in range(s.topic_partitions)]
+    _wait("every partition's operating point published",
+          lambda: all(worker.metric("riskwatch_model_operating_per_1000", category="anomaly", partition=p) > 0
+                      for p in parts), worker)
+    operating = {p: worker.metric("riskwatch_model_operating_per_1000", category="anomaly", partition=p)
+                 for p in parts}
+    return {"budget": worker.metric("riskwatch_model_budget_per_1000", category="anomaly"), "operating": operating,
+            "code": code, "day4": len(judged), "day5": len(day5), "rate4": 1000 * len(judged) / len(days[3]),
             "rate5": 1000 * len(day5) / len(days[4]), "factor": factor, "audit": audit, "feedback": feedback,
             "adapted": worker.metric("riskwatch_feedback_adaptations_total", detector=MODEL_DETECTOR, code=code),
             "judged": {a["alert_id"] for a in judged}}
@@ -178,6 +186,10 @@ def test_false_positive_verdicts_lower_that_kinds_warning_rate_and_confirmed_one
     assert fp["rate5"] < fp["rate4"] / 3, "false-positive verdicts must lower the rate of that kind of warning"
     assert ok["rate5"] >= 0.8 * ok["rate4"], "confirmed verdicts must not lower it"
     assert fp["day5"] < ok["day5"] / 3
+    # The budget's operating point is visible per partition, within its bounds (e^-3 to e^3 times the budget).
+    for run in (fp, ok):
+        assert run["budget"] == 20.0
+        assert all(20.0 * math.exp(-3) <= v <= 20.0 * math.exp(3) for v in run["operating"].values()), run["operating"]
 
     for run, direction in ((fp, "down"), (ok, "up")):
         records = [r for r in run["audit"] if r.get("kind") == "feedback"]
