@@ -86,9 +86,9 @@ class LagProbe:
         self.earliest: dict[Any, int] = {}
 
     def _assigned(self, consumer: Any) -> list[Any]:
-        # Faust's own topics (table changelogs, the assignor's leader topic) carry the app id as prefix and
-        # are not read by the agents; repartition topics are, so they stay.
-        own = f"{self.rt.settings.app_id}-"
+        # Faust's own topics (table changelogs, the assignor's leader topic) start with its app id
+        # (Settings.deployment_id) and are not read by the agents; repartition topics are, so they stay.
+        own = f"{self.rt.settings.deployment_id}-"
         return sorted((tp for tp in consumer.assignment()
                        if not tp.topic.startswith(own) or tp.topic.endswith("-repartition")),
                       key=lambda tp: (tp.topic, tp.partition))

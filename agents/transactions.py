@@ -912,7 +912,7 @@ STOP_SHARE = 0.6
 
 
 def _legacy_offsets(s: Settings) -> dict[int, int]:
-    """Committed offsets of risk.transactions in Faust's group, from before the engine had its own."""
+    """Committed offsets of risk.transactions in Faust's group (`deployment_id`), from before the engine had its own."""
     from app.admin import admin
 
     try:
@@ -921,7 +921,7 @@ def _legacy_offsets(s: Settings) -> dict[int, int]:
         log.warning("could not read Faust's old offsets: %s", exc)
         return {}
     try:
-        got = client.list_group_offsets(s.app_id).get(s.app_id, {})
+        got = client.list_group_offsets(s.deployment_id).get(s.deployment_id, {})
     except Exception as exc:  # noqa: BLE001
         log.warning("could not read Faust's old offsets: %s", exc)
         return {}

@@ -38,10 +38,33 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 @command("worker", "Run the stream-processing worker (consumes risk.transactions and risk.market).")(_no_args)
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run the Faust worker until interrupted."""
+    """Run the Faust worker until interrupted; refuse while this deployment's state is under pre-prefix names."""
+    from app.migration import refuse_if_unmigrated
+    from app.settings import get_settings
     from app.worker import run
 
+    # Before anything joins a group: a worker that started empty would commit under the new names
+    # and leave the old state behind for good (app/migration.py).
+    refuse_if_unmigrated(get_settings())
     run()
+    return 0
+
+
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fresh", action="store_true",
+                   help="copy only the committed offsets: every account and model starts afresh")
+
+
+@command("migrate-state", "Copy this deployment's changelogs and offsets to their prefixed names (once, workers "
+                          "stopped).")(_migrate_args)
+def cmd_migrate_state(args: argparse.Namespace) -> int:
+    """Move state from the names of versions before changelogs and groups took RISKWATCH_TOPIC_PREFIX."""
+    from app.migration import migrate
+    from app.settings import get_settings
+
+    n = migrate(get_settings(), fresh=args.fresh, say=print)
+    print(f"migrated ({n} changelog records copied); the old topics and groups are left as they were: delete them "
+          "once the workers run well under the new names")
     return 0
 
 

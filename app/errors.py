@@ -24,4 +24,8 @@ class KafkaLocalError(RiskwatchError):
     """The local Kafka broker could not be fetched, started or stopped."""
 
 
-__all__ = ["ConfigError", "EventError", "KafkaLocalError", "RiskwatchError"]
+class StateMigrationError(RiskwatchError):
+    """State under the names of an earlier version that must be migrated first (app/migration.py), or cannot be."""
+
+
+__all__ = ["ConfigError", "EventError", "KafkaLocalError", "RiskwatchError", "StateMigrationError"]

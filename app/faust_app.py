@@ -292,7 +292,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     tune_malloc()
     faust_fixes.install()  # without it a restart or failover can skip records (app/faust_fixes.py)
     app = faust.App(
-        s.app_id,
+        s.deployment_id,  # <prefix><app id>: the group and internal topics of deployments never meet
         broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
         broker_credentials=credentials(s),
         store="memory://",

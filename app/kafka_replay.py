@@ -43,8 +43,8 @@ def replay_namespace(s: Settings, run_id: str) -> str:
 
 
 def group_id(s: Settings, run_id: str) -> str:
-    """The consumer group of a replay (riskwatch-replay-<run-id>): its own, so live offsets are never touched."""
-    return f"{s.app_id}-replay-{check_run_id(run_id)}"
+    """A replay's consumer group (`<prefix><app id>-replay-<run-id>`): its own, so live offsets are never touched."""
+    return f"{s.deployment_id}-replay-{check_run_id(run_id)}"
 
 
 def _ms(when: datetime) -> int:

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     topic_prefix: str = Field("", description="Prepended verbatim to every topic name, e.g. 'staging.'")
-    app_id: str = Field("riskwatch", description="Faust app id: consumer group and changelog topic prefix")
+    app_id: str = Field("riskwatch", description="Names the consumer groups and changelog topics (after the topic "
+                                                 "prefix: see deployment_id)")
     topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
     topic_replication: int = Field(1, ge=1, description="Replication factor for topics the worker creates")
     metrics_port: int = Field(9108, description="Port of the Prometheus /metrics endpoint")
@@ -74,14 +75,23 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
     @property
+    def deployment_id(self) -> str:
+        """`<prefix><app id>`: Faust's app id, so its group and every internal name (changelogs, leader topic) start so.
+
+        Two deployments sharing a cluster and an app id but not a prefix (staging and production)
+        then share no changelog and no group. With an empty prefix it is the app id: the names of
+        earlier versions, so an unprefixed deployment keeps its state (app/migration.py moves the rest).
+        """
+        return f"{self.topic_prefix}{self.app_id}"
+
+    @property
     def transactions_group(self) -> str:
         """Consumer group of the transaction engine (risk.transactions is read outside Faust's group)."""
-        return f"{self.app_id}-transactions"
+        return f"{self.deployment_id}-transactions"
 
     def changelog(self, table: str) -> str:
-        """Changelog topic of one of the transaction engine's tables (Faust's naming, so old changelogs still load)."""
-        return f"{self.app_id}-{table}-changelog"
-
+        """Changelog topic of a table: Faust's naming (`<Faust app id>-<table>-changelog`) for the engine's too."""
+        return f"{self.deployment_id}-{table}-changelog"
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -77,14 +77,17 @@ class Namespace:
         except RiskwatchError:
             return
         try:
-            mine = [t for t in client.list_topics() if t.startswith((self.prefix, self.app_id))]
+            # Changelogs and groups start with the prefix too (Settings.deployment_id).
+            mine = [t for t in client.list_topics() if t.startswith(self.prefix)]
             if mine:
                 client.delete_topics(mine, timeout_ms=30_000)
             # kafka-python 3 lists groups as dicts, 2.x as tuples.
-            if any((g["group_id"] if isinstance(g, dict) else g[0]) == self.app_id for g in client.list_groups()):
-                client.delete_groups([self.app_id])
+            groups = [gid for g in client.list_groups()
+                      if (gid := g["group_id"] if isinstance(g, dict) else g[0]).startswith(self.prefix)]
+            if groups:
+                client.delete_groups(groups)
         except Exception as exc:  # noqa: BLE001 - cleanup is best effort; the run's figures are already taken
-            log.warning("could not delete benchmark topics %s* or group %s: %s", self.prefix, self.app_id, exc)
+            log.warning("could not delete benchmark topics and groups %s*: %s", self.prefix, exc)
         finally:
             client.close()
 

@@ -126,7 +126,7 @@ def test_kafka_replay_equals_file_replay_and_leaves_live_topics_alone(
     assert end_offsets(settings, live_alerts) == 0
     group = admin(settings)
     try:
-        gid = f"{settings.app_id}-replay-t1"
+        gid = f"{settings.deployment_id}-replay-t1"
         committed = group.list_group_offsets(gid)[gid]
     finally:
         group.close()

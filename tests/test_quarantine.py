@@ -172,7 +172,7 @@ def test_a_bad_account_state_or_detector_snapshot_starts_afresh_and_the_partitio
     letters = {k: json.loads(v) for t, k, v, _ in proc.sink.take() if t == "u.risk.deadletter"}
     assert set(letters) == {b"accounts:0:acct-bad", b"models:0:txn:p0"}
     assert "table accounts, partition 0, key 'acct-bad'" in letters[b"accounts:0:acct-bad"]["reason"]
-    assert letters[b"models:0:txn:p0"]["source_topic"] == "u-models-changelog"
+    assert letters[b"models:0:txn:p0"]["source_topic"] == "u.u-models-changelog"
 
 
 def test_disclosure_totals_that_do_not_decode_are_set_aside_when_read_back() -> None:

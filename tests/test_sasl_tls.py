@@ -107,7 +107,7 @@ def test_worker_runs_over_sasl_scram_tls_and_keeps_secrets(secure_bootstrap, tls
 
     from app.admin import consumer
 
-    changelog = consumer(s, f"{s.app_id}-accounts-changelog", consumer_timeout_ms=5000)
+    changelog = consumer(s, s.changelog("accounts"), consumer_timeout_ms=5000)
     try:
         keys = {r.key for r in changelog}
     finally:

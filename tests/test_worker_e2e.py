@@ -53,13 +53,17 @@ def test_large_transaction_warns_and_bad_input_is_dead_lettered(settings, start_
 
 @pytest.mark.kafka
 def test_an_upgraded_worker_starts_where_fausts_group_stopped(settings, start_worker, make_txn):
-    """Before the transaction engine, Faust's group (the app id) read risk.transactions: its commits are kept."""
+    """Before the transaction engine, Faust's group (the app id) read risk.transactions: its commits are kept.
+
+    With a prefix, as here, that group became `<prefix><app id>` and `riskwatch migrate-state` moves its offsets.
+    """
     import time
 
     from kafka import KafkaConsumer, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
     from app.admin import client_config, ensure_topics
+    from app.migration import migrate
 
     s = settings
     ensure_topics(s)
@@ -74,6 +78,7 @@ def test_an_upgraded_worker_starts_where_fausts_group_stopped(settings, start_wo
         old.commit({tp: OffsetAndMetadata(6, "", -1)})  # the old group had done 6 of the 10
     finally:
         old.close()
+    migrate(s)
     worker = start_worker(s)
     deadline = time.monotonic() + 60
     while worker.metric("riskwatch_events_consumed_total", topic=topic) < 4:

@@ -364,7 +364,7 @@ def wait_drained(s: Settings, timeout: float = 180.0, alive: Callable[[], None] 
 def account_states(s: Settings) -> dict[str, AccountState]:
     """The latest state of every account, as the accounts table's changelog holds it."""
     latest: dict[bytes, bytes | None] = {}
-    for r in read_topic(s, f"{s.app_id}-accounts-changelog"):
+    for r in read_topic(s, s.changelog("accounts")):
         latest[r.key] = r.value
     return {k.decode(): load_account(v) for k, v in latest.items() if v is not None}
 
