@@ -186,6 +186,7 @@ class TransactionProcessor:
         self._consumed = m.events_consumed.labels(self.topic_name)
         self._scored = m.events_scored.labels(self.topic_name)
         self._duplicates = m.duplicates.labels(self.topic_name)
+        self._redelivered = m.redelivered.labels(self.topic_name)
         self._late = m.late_events.labels(self.topic_name)
         self._score_hist = m.scores.labels("surprise")
 
@@ -248,6 +249,7 @@ class TransactionProcessor:
                     # Redelivered after a crash or a move: this state already applied it, however
                     # many events the account saw since (the event-id memory keeps only 16).
                     self._duplicates.inc()
+                    self._redelivered.inc()
                     continue
                 out = scorer.process(txn, state, ts)
                 state.offset = offset

@@ -35,6 +35,10 @@ class Metrics:
             ["topic", "reason"], registry=r)
         self.duplicates = Counter(
             "riskwatch_duplicates_total", "Events with an event_id already scored, by topic", ["topic"], registry=r)
+        self.redelivered = Counter(
+            "riskwatch_redelivered_total", "Of riskwatch_duplicates_total: records read again after a crash or a "
+            "partition move that the entity's state had already applied (recognised by offset, not scored again)",
+            ["topic"], registry=r)
         self.late_events = Counter(
             "riskwatch_late_events_total", "Events older than the allowed lateness for their entity", ["topic"],
             registry=r)
@@ -159,6 +163,7 @@ class Metrics:
             self.events_consumed.labels(topic)
             self.events_scored.labels(topic)
             self.duplicates.labels(topic)
+            self.redelivered.labels(topic)
             self.late_events.labels(topic)
         for topic in outputs:
             self.events_published.labels(topic)

@@ -448,6 +448,7 @@ def test_every_metric_has_a_test_here() -> None:
               "riskwatch_batch_records", "riskwatch_feedback_factor", "riskwatch_feedback_adaptations",
               "riskwatch_feedback_verdicts",
               "riskwatch_state_quarantined",  # moved on a real worker in tests/test_quarantine.py
+              "riskwatch_redelivered",  # moved on a real worker in tests/faults/test_kill9.py
               # moved on a real worker in tests/test_feedback_e2e.py (needs a few thousand events)
               "riskwatch_model_budget_per_1000", "riskwatch_model_operating_per_1000"}
     families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}

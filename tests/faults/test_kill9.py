@@ -53,5 +53,52 @@ def test_kill9_mid_stream_then_restart(fault_settings, start_worker, feed_produc
     # At least from the committed offsets on; more when its own start-up rebalances (the dead member
     # leaves the group only after the session timeout) hand it a few events twice.
     assert c["events_consumed"] >= len(items) - committed, "the restarted worker starts at the committed offsets"
+    # Measured, not derived: records the restarted worker recognised by offset as applied by the killed one.
+    redelivered = second.metric("riskwatch_redelivered_total", topic=topic)
+    assert c["duplicates"] == fresh_dups + redelivered, "every duplicate is a sent one or a redelivery"
     check_accounting(s, feed.sent, "kill -9", consumed_before_kill=int(consumed), committed_at_kill=committed,
-                     redelivered_suppressed=int(c["duplicates"]) - fresh_dups)
+                     redelivered_suppressed=int(redelivered))
+
+
+def test_a_lost_commit_redelivers_everything_and_nothing_is_learned_twice(fault_settings, start_worker,
+                                                                            feed_producer):
+    """The group's offsets rewound to 0 after a worker applied everything: every record comes again, none counts twice.
+
+    What a crash between writing state and committing does to a few records, done to all of them so
+    the redelivery is certain and its size known: each decodable record must be recognised by the
+    offset its account's state holds (riskwatch_redelivered_total), each invalid one dead-lettered
+    under the same key as before, and every account's state must hold each event exactly once.
+    """
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from app.admin import admin
+
+    s = fault_settings
+    topic = s.topic(TRANSACTIONS)
+    items = Feed(accounts=200, seed=3).make(6_000)
+    first = start_worker(s)
+    feed = feed_producer()
+    feed.start(items, rate=6000)
+    feed.join()
+    wait_drained(s, alive=lambda: first.proc.poll() is None or pytest.fail(first.tail()))
+    first.stop()  # leaves the group: its offsets can be rewound now
+    ends = committed_offsets(s)
+    assert sum(ends.values()) == len(items)
+    client = admin(s)
+    try:
+        errors = client.alter_group_offsets(s.transactions_group,
+                                            {TopicPartition(topic, p): OffsetAndMetadata(0, "", -1) for p in ends})
+    finally:
+        client.close()
+    assert all(e.__name__ == "NoError" for e in errors.values()), errors
+
+    second = start_worker(s)
+    wait_drained(s, alive=lambda: second.proc.poll() is None or pytest.fail(second.tail()))
+    c = counters(second, topic)
+    assert_counter_identity(c)
+    decodable = sum(1 for x in feed.sent if x.kind != "invalid")
+    redelivered = second.metric("riskwatch_redelivered_total", topic=topic)
+    assert c["events_consumed"] == len(items) and c["events_scored"] == 0, c
+    assert redelivered == decodable == c["duplicates"], (redelivered, decodable, c)
+    check_accounting(s, feed.sent, "lost commit", rewound=len(items), redelivered_suppressed=int(redelivered))
