@@ -175,3 +175,44 @@ def test_state_under_the_old_names_is_refused_at_start_then_migrated(settings: S
     assert after == pytest.approx(expected, abs=1e-9), "the accounts and the detector came over"
     # The offsets came over too: the history was not read again.
     assert second.metric("riskwatch_events_consumed_total", topic=s.topic(TRANSACTIONS)) == 1
+
+
+def test_the_migration_waits_for_every_worker_to_stop_and_fresh_moves_only_offsets(
+        settings: Settings, start_worker: Any, make_txn: Any) -> None:
+    from kafka import KafkaConsumer
+
+    from app.admin import admin, client_config
+    from app.errors import StateMigrationError
+    from app.migration import group_offsets, own_topics
+
+    s = settings
+    first = start_worker(s)
+    _send(s, [make_txn(account_id=f"acct-{i}", minutes=i) for i in range(20)])
+    _drained(s)
+    first.stop()
+    _as_an_earlier_version_left_it(s)
+    old = legacy_names(s)
+
+    # A worker of the previous version still in its group: nothing is copied.
+    running = KafkaConsumer(s.topic(TRANSACTIONS), **client_config(s), group_id=old.groups[1],
+                            enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not running.assignment():
+            assert time.monotonic() < deadline, "the stand-in for an old worker did not join its group"
+            running.poll(timeout_ms=500)
+        with pytest.raises(StateMigrationError, match="member"):
+            migrate(s)
+    finally:
+        running.close()
+
+    said: list[str] = []
+    migrate(s, fresh=True, say=said.append)
+    client = admin(s)
+    try:
+        assert s.changelog("accounts") not in client.list_topics(), said
+        mine = own_topics(s)
+        assert group_offsets(client, s.transactions_group, mine) == group_offsets(client, old.groups[1], mine) != {}
+    finally:
+        client.close()
+    start_worker(s)  # not refused: the deployment now runs under its own names, its accounts afresh
