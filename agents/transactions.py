@@ -484,7 +484,9 @@ class TransactionEngine:
         self.consumer = AIOKafkaConsumer(
             **cfg, group_id=s.transactions_group, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_ms, heartbeat_interval_ms=min(3000, session_ms // 3),
-            max_poll_records=s.batch_size)
+            max_poll_records=s.batch_size,
+            # Static membership: a worker restarted in place gets its partitions back at once (issue 17).
+            group_instance_id=s.instance_id or None)
         await self.producer.start()
         await self.state_producer.start()
         await self.restorer.start()

@@ -310,6 +310,8 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         # How long a crashed worker's partitions wait before another worker takes them over.
         broker_session_timeout=s.kafka_session_timeout,
         broker_heartbeat_interval=min(3.0, s.kafka_session_timeout / 3),
+        # Unless the same worker comes back first: then, under static membership, at once.
+        consumer_group_instance_id=s.instance_id or None,
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
         producer_compression_type="lz4" if has_lz4() else None,

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str = Field("", description="CA bundle used to verify the brokers")
     kafka_session_timeout: float = Field(
         30.0, ge=6.0, le=300.0, description="Seconds without a heartbeat before a worker's partitions move on")
+    instance_id: str = Field(
+        "", max_length=200, pattern=r"^[A-Za-z0-9._-]*$",
+        description="Stable name of this worker for static group membership (e.g. the StatefulSet pod name): "
+        "restarted under the same name it takes its partitions back at once instead of after the session "
+        "timeout. Unique per live worker; empty: dynamic membership")
     shutdown_timeout: float = Field(
         10.0, gt=0, le=120.0, description="Seconds from SIGTERM to exit, whatever the broker's state: the final "
         "flush and commit get part of it; offsets not committed by then are redelivered to the next owner")

@@ -93,7 +93,10 @@ def test_statefulset_mounts_what_the_settings_point_at() -> None:
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"metrics": int(env["RISKWATCH_METRICS_PORT"]), "web": int(env["RISKWATCH_WEB_PORT"])}
     assert c["readinessProbe"]["httpGet"]["port"] == "metrics"
-    assert pod["terminationGracePeriodSeconds"] >= 30, "Faust needs time to commit on SIGTERM"
+    bound = Settings.model_fields["shutdown_timeout"].default
+    assert pod["terminationGracePeriodSeconds"] > bound, "the worker's own shutdown bound comes first"
+    static = {e["name"]: e for e in c.get("env", [])}["RISKWATCH_INSTANCE_ID"]
+    assert static["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "a stable, unique id per pod"
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
 
 
