@@ -312,6 +312,10 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         broker_heartbeat_interval=min(3.0, s.kafka_session_timeout / 3),
         # Unless the same worker comes back first: then, under static membership, at once.
         consumer_group_instance_id=s.instance_id or None,
+        # A returning static member is handed its previous assignment, whose metadata carries the URL
+        # it had; Faust's assignor asserts it is the same and otherwise stops consuming (measured: a
+        # restart on another web port never warned again). Nothing routes to it (no table views).
+        **({"canonical_url": f"http://{s.instance_id}"} if s.instance_id else {}),
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
         producer_compression_type="lz4" if has_lz4() else None,
