@@ -315,7 +315,7 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         # A returning static member is handed its previous assignment, whose metadata carries the URL
         # it had; Faust's assignor asserts it is the same and otherwise stops consuming (measured: a
         # restart on another web port never warned again). Nothing routes to it (no table views).
-        **({"canonical_url": f"http://{s.instance_id}"} if s.instance_id else {}),
+        canonical_url=f"http://{s.instance_id}" if s.instance_id else None,
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
         producer_compression_type="lz4" if has_lz4() else None,
