@@ -47,18 +47,74 @@ def aiokafka_config(s: Settings) -> dict[str, Any]:
     return cfg
 
 
+class _Cause(logging.Handler):
+    """Keeps the first connection failure kafka-python logs: its exceptions say only "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.kind: str | None = None
+        self.detail = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.kind in ("credentials", "certificate"):
+            return  # the decisive cause is known; later lines are its consequences
+        msg = record.getMessage()
+        for kind, marks in _CAUSES:
+            if any(m in msg for m in marks):
+                self.kind, self.detail = kind, msg.rsplit(": ", 1)[-1] if kind != "certificate" else msg
+                return
+
+
+# What kafka-python logs for each cause, checked in order. A refused password or certificate will not
+# change by retrying: those fail at once; an unreachable or not-yet-started broker is retried.
+_CAUSES = (
+    ("credentials", ("SaslAuthenticationFailed", "Authentication failed")),
+    ("certificate", ("CERTIFICATE_VERIFY_FAILED",)),
+    ("refused", ("ECONNREFUSED", "Connect call failed", "Name or service not known", "nodename nor servname")),
+    ("closed", ("socket disconnected",)),
+)
+
+
+def _explain(s: Settings, cause: _Cause, exc: Exception) -> str:
+    where = f"Kafka at {s.kafka_bootstrap}"
+    if cause.kind == "credentials":
+        return (f"{where} refused the credentials (SASL {s.kafka_sasl_mechanism or 'PLAIN'} as user "
+                f"{s.kafka_sasl_username!r}): check RISKWATCH_KAFKA_SASL_USERNAME, RISKWATCH_KAFKA_SASL_PASSWORD "
+                "and RISKWATCH_KAFKA_SASL_MECHANISM")
+    if cause.kind == "certificate":
+        detail = cause.detail.split("certificate verify failed: ", 1)[-1].split(" (_ssl.c", 1)[0]
+        return (f"the TLS certificate of {where} was refused ({detail}): the bootstrap host must be a name in "
+                "the broker's certificate, and RISKWATCH_KAFKA_SSL_CAFILE the CA that signed it")
+    if cause.kind == "closed" and s.kafka_security_protocol.upper() != "SASL_SSL":
+        return (f"{where} closed every connection: does its listener expect TLS or SASL? "
+                f"RISKWATCH_KAFKA_SECURITY_PROTOCOL is {s.kafka_security_protocol}")
+    return (f"cannot reach Kafka at {s.kafka_bootstrap} ({cause.detail or exc}); start one with "
+            "'riskwatch kafka start' or set RISKWATCH_KAFKA_BOOTSTRAP")
+
+
 def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
-    """An admin client, retried until the broker answers or `timeout` passes."""
+    """An admin client, retried until the broker answers or `timeout` passes; the error says why it could not."""
     deadline = time.monotonic() + timeout
+    kafka_log = logging.getLogger("kafka")
     while True:
+        cause = _Cause()
+        # Heard here only: app.logs keeps kafka-python's per-retry lines out of the log (CRITICAL).
+        level, propagate = kafka_log.level, kafka_log.propagate
+        kafka_log.setLevel(logging.WARNING)
+        kafka_log.propagate = False
+        kafka_log.addHandler(cause)
         try:
-            return KafkaAdminClient(**client_config(s), request_timeout_ms=10_000)
+            # Short bootstraps (5 s, not kafka-python's 30): a refused password is reported in seconds.
+            return KafkaAdminClient(**client_config(s), request_timeout_ms=10_000,
+                                    bootstrap_timeout_ms=int(1000 * min(5.0, max(timeout, 1.0))))
         except KafkaError as exc:
-            if time.monotonic() > deadline:
-                raise RiskwatchError(
-                    f"cannot reach Kafka at {s.kafka_bootstrap} ({exc}); start one with "
-                    "'riskwatch kafka start' or set RISKWATCH_KAFKA_BOOTSTRAP") from None
+            if cause.kind in ("credentials", "certificate") or time.monotonic() > deadline:
+                raise RiskwatchError(_explain(s, cause, exc)) from None
             time.sleep(0.5)
+        finally:
+            kafka_log.removeHandler(cause)
+            kafka_log.setLevel(level)
+            kafka_log.propagate = propagate
 
 
 def ensure_topics(s: Settings, extra: tuple[str, ...] = ()) -> list[str]:

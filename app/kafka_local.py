@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.errors import KafkaLocalError
 
@@ -192,10 +193,11 @@ def _storage_tool(classpath: str, *args: str) -> str:
     return proc.stdout
 
 
-def _wait_ready(info: BrokerInfo, port: int, deadline: float) -> None:
+def _wait_ready(info: BrokerInfo, port: int, deadline: float, client: dict[str, Any] | None = None) -> None:
     from kafka import KafkaAdminClient  # Imported late: only needed once a broker is launched.
 
     probe = {"bootstrap_servers": info.bootstrap, "request_timeout_ms": 2000, "client_id": "riskwatch-kafka-local"}
+    probe.update(client or {})  # a broker with no PLAINTEXT listener is probed as its clients connect
     # Short bootstrap waits; the option is named differently in kafka-python 2.x and 3.x.
     for option in ("bootstrap_timeout_ms", "api_version_auto_timeout_ms"):
         if option in KafkaAdminClient.DEFAULT_CONFIG:
@@ -232,12 +234,15 @@ def start(
     timeout: float = 60.0,
     fresh: bool = False,
     extra_properties: dict[str, str] | None = None,
+    client: dict[str, Any] | None = None,
 ) -> BrokerInfo:
     """Start a KRaft broker+controller on 127.0.0.1:`port` and wait until it serves metadata.
 
     Idempotent: returns the running broker's info if this module already started one on `port`.
     `fresh` stops it and wipes the data dir first. `extra_properties` override or add
-    server.properties entries (e.g. more listeners). Raises KafkaLocalError when it cannot start.
+    server.properties entries (e.g. more listeners); `client` is the kafka-python connection settings
+    (bootstrap, security) the readiness probe uses when `port`'s listener is not PLAINTEXT. Raises
+    KafkaLocalError when it cannot start.
     """
     data_dir = Path(data_dir or _default_data_dir(port)).expanduser().resolve()
     if fresh:
@@ -271,7 +276,7 @@ def start(
     info = BrokerInfo(f"127.0.0.1:{port}", proc.pid, data_dir, log_file)
     _pid_file(port).parent.mkdir(parents=True, exist_ok=True)
     _pid_file(port).write_text(json.dumps({"pid": proc.pid, "data_dir": str(data_dir), "log_file": str(log_file)}))
-    _wait_ready(info, port, started + timeout)
+    _wait_ready(info, port, started + timeout, client)
     elapsed = time.monotonic() - started
     log.info("Kafka %s ready on %s (pid %d) in %.1fs", KAFKA_VERSION, info.bootstrap, proc.pid, elapsed)
     return info

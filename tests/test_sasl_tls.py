@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,16 @@ from app.faust_app import ALERTS, DEADLETTER, TRANSACTIONS
 from app.schemas import Alert, DeadLetter
 from app.security import Pseudonymiser
 from app.settings import Settings
-from tests.conftest import consume, free_port, produce
+from tests.conftest import ROOT, consume, free_port, produce, settings_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 USER = "riskwatch"
 PASSWORD = f"scram-{secrets.token_hex(12)}"
+USER_256 = "riskwatch-cli"  # a second user on SCRAM-SHA-256
+PASSWORD_256 = f"scram256-{secrets.token_hex(12)}"
+ADMIN = "broker-admin"  # the broker's own user on its inter-broker listener
+ADMIN_PASSWORD = f"admin-{secrets.token_hex(12)}"
 PSEUDONYM_KEY = f"hmac-{secrets.token_hex(16)}"
 
 
@@ -33,13 +38,16 @@ def _openssl(cwd: Path, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a broker certificate for localhost and 127.0.0.1 (PEM, as Kafka reads them)."""
+    """A throwaway CA and a broker certificate for the host name localhost only (PEM, as Kafka reads them).
+
+    No IP address in the certificate: a client that reaches the broker as 127.0.0.1 must refuse it.
+    """
     d = tmp_path_factory.mktemp("tls")
     _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
              "-days", "2", "-subj", "/CN=riskwatch test CA")
     _openssl(d, "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "broker.key")
     _openssl(d, "req", "-new", "-key", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
     _openssl(d, "x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "broker.pem", "-days", "2", "-extfile", "san.ext")
     # Kafka's PEM keystore: the unencrypted PKCS#8 key, then the certificate chain.
@@ -50,31 +58,46 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def secure_bootstrap(tmp_path_factory: pytest.TempPathFactory, tls: dict[str, Path]) -> Iterator[str]:
-    """A local broker whose client listener is SASL_SSL with SCRAM-SHA-512; returns its bootstrap address."""
-    port, cport, sport = free_port(), free_port(), free_port()
+    """A local broker whose only client listener is SASL_SSL (SCRAM-SHA-512 and -256); returns its bootstrap.
+
+    No PLAINTEXT listener at all: the broker talks to itself over SASL_SSL too, as the admin user,
+    and only the KRaft controller listener (not reachable by clients' protocol) stays plain.
+    """
+    port, cport = free_port(), free_port()
     data = tmp_path_factory.mktemp("kafka-sasl")
+    jaas = ('org.apache.kafka.common.security.scram.ScramLoginModule required '
+            f'username="{ADMIN}" password="{ADMIN_PASSWORD}";')
     extra = {
-        # PLAINTEXT stays for the controller, the broker itself and kafka_local's readiness probe.
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport},SASL_SSL://127.0.0.1:{sport}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://localhost:{sport}",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
-        "sasl.enabled.mechanisms": "SCRAM-SHA-512",
-        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
-            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listeners": f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+        "advertised.listeners": f"SASL_SSL://localhost:{port}",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+        "inter.broker.listener.name": "SASL_SSL",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512,SCRAM-SHA-256",
+        "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": jaas,
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": jaas,
         "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
         "listener.name.sasl_ssl.ssl.keystore.location": str(tls["keystore"]),
+        "listener.name.sasl_ssl.ssl.truststore.type": "PEM",
+        "listener.name.sasl_ssl.ssl.truststore.location": str(tls["ca"]),
+        "super.users": f"User:{ADMIN}",
     }
-    # The SCRAM user is written into the cluster metadata when the storage is formatted, before the
+    # The SCRAM users are written into the cluster metadata when the storage is formatted, before the
     # first start (kafka_local.start formats only an unformatted data dir, so it keeps this one).
     classpath = f"{kafka_local.ensure_jars()}/*"
     config = data / "server.properties"
     config.write_text(kafka_local._server_properties(port, cport, data, extra))
     cluster = kafka_local._storage_tool(classpath, "random-uuid").strip()
     kafka_local._storage_tool(classpath, "format", "-t", cluster, "-c", str(config),
-                              "--add-scram", f"SCRAM-SHA-512=[name={USER},password={PASSWORD}]")
-    kafka_local.start(port, controller_port=cport, data_dir=data, extra_properties=extra, timeout=120)
+                              "--add-scram", f"SCRAM-SHA-512=[name={ADMIN},password={ADMIN_PASSWORD}]",
+                              "--add-scram", f"SCRAM-SHA-512=[name={USER},password={PASSWORD}]",
+                              "--add-scram", f"SCRAM-SHA-256=[name={USER_256},password={PASSWORD_256}]")
+    probe = {"bootstrap_servers": f"localhost:{port}", "security_protocol": "SASL_SSL",
+             "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": ADMIN,
+             "sasl_plain_password": ADMIN_PASSWORD, "ssl_cafile": str(tls["ca"])}
+    kafka_local.start(port, controller_port=cport, data_dir=data, extra_properties=extra, timeout=120, client=probe)
     try:
-        yield f"localhost:{sport}"
+        yield f"localhost:{port}"
     finally:
         kafka_local.stop(port)
         kafka_local.wipe(port, data)
@@ -121,14 +144,47 @@ def test_worker_runs_over_sasl_scram_tls_and_keeps_secrets(secure_bootstrap, tls
         assert secret not in page, "a secret reached the metrics page"
     assert "acct-secret-7" not in log, "a raw account id reached the worker's log"
 
+    # The CLI as a second user on SCRAM-SHA-256 publishes a rule catalogue; the worker's rules
+    # follower, on SCRAM-SHA-512, reads it over SASL_SSL and puts it in force.
+    cli = _settings(secure_bootstrap, tls["ca"], tmp_path, topic_prefix=s.topic_prefix, app_id=s.app_id,
+                    kafka_sasl_mechanism="SCRAM-SHA-256", kafka_sasl_username=USER_256,
+                    kafka_sasl_password=PASSWORD_256)
+    rules = tmp_path / "rules-v7.yaml"
+    rules.write_text((ROOT / "deploy" / "rules.yaml").read_text().replace("version: 1\n", "version: 7\n", 1))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "rules", "publish", str(rules)], cwd=ROOT,
+                          env=settings_env(cli), capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 30
+    while worker.metric("riskwatch_rules_version") != 7:
+        assert time.monotonic() < deadline, "the rules follower did not take version 7 over SASL"
+        time.sleep(0.5)
 
-def test_wrong_password_and_plaintext_are_refused(secure_bootstrap, tls, tmp_path):
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
 
-    from app.admin import client_config
+def test_each_refusal_says_why_and_a_wrong_password_or_host_fails_at_once(secure_bootstrap, tls, tmp_path):
+    """Every way in but the right one is refused, and the error tells the four causes apart."""
+    from app.admin import admin
+    from app.errors import RiskwatchError
 
-    for s in (_settings(secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_password="not-the-password"),
-              _settings(secure_bootstrap, tls["ca"], tmp_path, kafka_security_protocol="PLAINTEXT")):
-        with pytest.raises((KafkaError, OSError)):
-            KafkaAdminClient(**client_config(s), request_timeout_ms=5000, bootstrap_timeout_ms=5000).close()
+    port = secure_bootstrap.rsplit(":", 1)[1]
+    cases = [
+        ("a wrong password", _settings(secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_password="not-it"),
+         r"refused the credentials \(SASL SCRAM-SHA-512 as user 'riskwatch'\)", True),
+        ("a SCRAM-SHA-256 user asking for SCRAM-SHA-512", _settings(
+            secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_username=USER_256, kafka_sasl_password=PASSWORD_256),
+         "refused the credentials", True),
+        ("the broker's IP address, not a name in its certificate", _settings(f"127.0.0.1:{port}", tls["ca"], tmp_path),
+         r"TLS certificate .* was refused \(IP address mismatch", True),
+        ("PLAINTEXT to a SASL_SSL listener", _settings(secure_bootstrap, tls["ca"], tmp_path,
+                                                       kafka_security_protocol="PLAINTEXT"),
+         "closed every connection: does its listener expect TLS or SASL", False),
+        ("nothing listening", _settings(f"localhost:{free_port()}", tls["ca"], tmp_path),
+         "cannot reach Kafka at localhost:.*ECONNREFUSED", False),
+    ]
+    for what, s, why, at_once in cases:
+        t0 = time.monotonic()
+        with pytest.raises(RiskwatchError, match=why):
+            admin(s, timeout=8.0)
+        took = time.monotonic() - t0
+        print(f"{what}: refused in {took:.1f} s")
+        if at_once:
+            assert took < 7.0, f"{what}: retried {took:.1f} s although retrying cannot help"
