@@ -1,4 +1,11 @@
-"""Stage two of the cross-partition aggregates: platform liquidity runs and market-wide stress."""
+"""Stage two of the cross-partition aggregates: platform liquidity runs and market-wide stress.
+
+The monitors' state lives in the `platform` table (models.platform_state): each stored partial
+under its own key, written when stored and deleted when its bucket leaves the window, and one meta
+value with the last input offset applied, written per input message after the warnings it raised
+were delivered. So after a crash the monitors come back as they were, a redelivered partial is
+recognised by its offset, and a warning is never remembered without having been sent.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ from pydantic import ValidationError
 from agents.sink import Sink
 from app.faust_app import AGGREGATES, Runtime
 from models.pipeline import PARTIAL, PlatformMonitors
+from models.platform_state import META_KEY, check_value, dump_meta, load_meta, load_part, restore, take_changes
 from models.rules import Catalogue
+
+TABLE = "platform"
 
 log = logging.getLogger("riskwatch.agents.platform")
 
@@ -25,24 +35,67 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
     # (added to a topic later) take part from their first partial on.
     sources = [f"p{i}" for i in range(rt.settings.topic_partitions)]
     monitors.expect(sources, sources)
+    by_name = {"liquidity": monitors.liquidity, "market_stress": monitors.stress}
+    # A value that is not ours is set aside on recovery (StateTable), its key left absent.
+    table = rt.app.Table(TABLE, default=None, key_type=bytes, value_type=bytes, partitions=1,
+                         options=rt.checked(check_value))
+    applied: list[int | None] = [None]  # offset of the last message applied in memory
+
+    def reload() -> int | None:
+        """The monitors as the table holds them (after a start, a crash or a move); its last offset."""
+        topic_name = table.changelog_topic.get_topic_name()
+        meta = None
+        parts = []
+        for key, blob in list(table.items()):
+            try:
+                if bytes(key) == META_KEY:
+                    meta = load_meta(blob)
+                else:
+                    parts.append(load_part(key, blob))
+            except Exception as exc:  # noqa: BLE001 - whatever the value is, the monitors go on without it
+                rt.quarantine.set_aside(TABLE, topic_name, 0, bytes(key), blob, exc)
+                table.pop(key, None)
+        if meta is None:
+            take_changes(by_name)  # starts recording
+            return None
+        offset = restore(by_name, meta, parts)
+        monitors.expect(sources, sources)
+        take_changes(by_name)
+        log.info("platform monitors restored: %d stored partials, last offset %d", len(parts), offset)
+        return offset
 
     @rt.app.agent(topic, name="platform-aggregates", concurrency=1)
     async def aggregate(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
+            if applied[0] is None or msg.offset != applied[0] + 1:
+                applied[0] = reload()
+            if applied[0] is not None and msg.offset <= applied[0]:
+                continue  # redelivered: the table's state already holds it (and its warnings were sent)
             try:
                 partial = PARTIAL.validate_json(event.value)
             except ValidationError as exc:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset,
                                        f"invalid partial: {exc.errors(include_url=False)[0]['msg']}", "partial")
-                continue
-            for r in monitors.update(partial):
+                partial = None
+            raised = monitors.update(partial) if partial is not None else []
+            for r in raised:
                 m.rule_hits.labels(r.finding.detector).inc()
                 if r.is_new:
                     m.warnings.labels(r.finding.category, r.finding.level).inc()
                 else:
                     m.warning_updates.labels(r.finding.category).inc()
                 await sink.alert(r.to_alert())
+            if raised:
+                # Delivered before the state that remembers them: a crash in between raises them again.
+                await rt.app.producer.flush()
+            for key, value in take_changes(by_name):
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+            table[META_KEY] = dump_meta(by_name, msg.offset)
+            applied[0] = msg.offset
 
     return monitors
 

@@ -44,7 +44,8 @@ from app.settings import Settings
 from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
-from models.features import AccountState
+from models.features import AccountState, StateCodecError
+from models.platform_state import dump_accumulator, load_accumulator
 from models.scoring import TransactionScorer
 
 log = logging.getLogger("riskwatch.agents.transactions")
@@ -173,6 +174,11 @@ class TransactionProcessor:
         self.eviction = IdleEviction(s.state_ttl_seconds)
         self.ingest = Ingest(s)
         self.flows: dict[int, FlowAccumulator] = {}
+        self.flows_written: dict[int, int] = {}  # partition -> last offset of its flows in the models table
+        # The storm cap's admissions per partition, stored beside its detector and counted again on restore.
+        if scorer.storm.by_source is None:
+            scorer.storm.by_source = {}
+        self.storm_loaded: set[int] = set()
         # Decoded account states changed since the last write (at most about MAX_LIVE of them).
         self.live: dict[tuple[int, bytes], AccountState] = {}
         # Decoded states already written, kept for their next event, least recently used first: an
@@ -222,6 +228,9 @@ class TransactionProcessor:
                     models.learned(current, learned)
                     learned = 0
                 scorer.detector = models.get(partition)
+                scorer.storm.source = partition
+                if partition not in self.storm_loaded:
+                    self._load_storm(partition)
                 current = partition
             t0 = perf()
             try:
@@ -250,6 +259,11 @@ class TransactionProcessor:
                     # many events the account saw since (the event-id memory keeps only 16).
                     self._duplicates.inc()
                     self._redelivered.inc()
+                    # The flow buckets judge by their own offset: a crash in the middle of a state
+                    # write may have stored the account but not them.
+                    for totals in self._flows_of(partition).add_counted(ts, txn.txn_type, txn.amount,
+                                                                        txn.event_id, txn.account_kind, offset):
+                        partials[(partition, totals[0])] = totals
                     continue
                 out = scorer.process(txn, state, ts)
                 state.offset = offset
@@ -280,7 +294,7 @@ class TransactionProcessor:
                 await self._outcome(out)
             acc = self.flows.get(partition)
             if acc is None:
-                acc = self.flows[partition] = FlowAccumulator(f"p{partition}")
+                acc = self._flows_of(partition)
             for totals in acc.add_counted(ts, txn.txn_type, txn.amount, txn.event_id, txn.account_kind, offset):
                 partials[(partition, totals[0])] = totals
             t_publish.append(perf() - t2)
@@ -297,6 +311,41 @@ class TransactionProcessor:
             await self._send_partials(partials)
         if counted and self.disclosure is not None:
             self.disclosure.add_batch(counted)
+
+    def _load_storm(self, partition: int) -> None:
+        """Count the partition's stored storm-cap admissions again (set aside if they do not decode)."""
+        self.storm_loaded.add(partition)
+        key = _storm_key(partition)
+        blob = self.models_store.get(partition, key)
+        if blob:
+            try:
+                self.scorer.storm.load(partition, blob)
+            except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition is scored
+                self.quarantine.set_aside(MODELS_TABLE, self.models_store.topic, partition, key, blob, exc)
+                self.models_store.delete(partition, key)
+
+    def _flows_of(self, partition: int) -> FlowAccumulator:
+        """The partition's flow buckets, read from the models table at first use (fresh if none or unreadable)."""
+        acc = self.flows.get(partition)
+        if acc is not None:
+            return acc
+        key = _flows_key(partition)
+        blob = self.models_store.get(partition, key)
+        acc = None
+        if blob:
+            try:
+                got = load_accumulator(blob)
+                if not isinstance(got, FlowAccumulator):
+                    raise StateCodecError(f"a {type(got).__name__} under a flows key")
+                acc = got
+            except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition's flows go on
+                self.quarantine.set_aside(MODELS_TABLE, self.models_store.topic, partition, key, blob, exc)
+                self.models_store.delete(partition, key)
+        if acc is None:
+            acc = FlowAccumulator(f"p{partition}")
+        self.flows[partition] = acc
+        self.flows_written[partition] = acc.last_offset
+        return acc
 
     def _restore_account(self, partition: int, key: bytes, blob: bytes) -> AccountState:
         """Decode a stored account state; one that does not decode is set aside and the account starts again."""
@@ -325,7 +374,15 @@ class TransactionProcessor:
                 await sink.partial("flow", payload)
 
     def write_state(self) -> None:
-        """Encode the account states changed since the last call into the accounts table (and its pending writes)."""
+        """Encode the account states and flow buckets changed since the last call into their tables (pending writes)."""
+        for partition, acc in self.flows.items():
+            # Once per write and partition, when its flows moved: a few hundred bytes a second.
+            if self.flows_written.get(partition) != acc.last_offset:
+                self.models_store.put(partition, _flows_key(partition), dump_accumulator(acc))
+                self.flows_written[partition] = acc.last_offset
+        storm = self.scorer.storm
+        for partition in list(storm.changed):  # only after a new warning: rare
+            self.models_store.put(partition, _storm_key(partition), storm.dump(partition))
         put = self.accounts.put
         live, warm = self.live, self.warm
         for sk, state in live.items():
@@ -399,6 +456,9 @@ class TransactionProcessor:
         self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}
         for p in set(self.flows) - partitions:
             del self.flows[p]
+        for p in self.storm_loaded - partitions:
+            self.scorer.storm.drop(p)
+        self.storm_loaded &= partitions
 
     def reset(self, partitions: set[int]) -> None:
         """Forget what is cached of partitions whose tables are being read back from their changelogs."""
@@ -407,6 +467,9 @@ class TransactionProcessor:
         self.warm = {k: v for k, v in self.warm.items() if k[0] not in partitions}
         for p in partitions:
             self.eviction.seen.pop(p, None)
+            self.flows.pop(p, None)  # read back with the tables, so they match the accounts again
+            self.scorer.storm.drop(p)
+            self.storm_loaded.discard(p)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -966,6 +1029,17 @@ def attach(rt: Runtime, sink: Sink, scorer: TransactionScorer,
 
 ACCOUNTS_TABLE = "accounts"
 MODELS_TABLE = "models"
+
+
+def _storm_key(partition: int) -> bytes:
+    """A partition's storm-cap admissions in the models table."""
+    return f"storm:p{partition}".encode()
+
+
+def _flows_key(partition: int) -> bytes:
+    """A partition's flow buckets in the models table, beside its detector (`txn:p<n>`)."""
+    return f"flows:p{partition}".encode()
+
 
 __all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "IdleEviction", "PartitionModels", "TransactionEngine",
            "TransactionProcessor", "attach"]

@@ -144,8 +144,8 @@ FlowTotals = tuple[int, float, float, int, tuple[str, ...]]
 class _Accumulator:
     """Open buckets of one source; a bucket is re-emitted whenever it changed since its last emission."""
 
-    __slots__ = ("bucket_seconds", "buckets", "dirty", "keep_buckets", "last_offset", "late_dropped", "max_bucket",
-                 "source")
+    __slots__ = ("bucket_seconds", "buckets", "changes", "dirty", "keep_buckets", "last_offset", "late_dropped",
+                 "max_bucket", "source")
 
     def __init__(self, source: str, bucket_seconds: int = 60, keep_buckets: int = 5) -> None:
         # Closed buckets are kept `keep_buckets` long so a late event still yields a correct
@@ -155,6 +155,7 @@ class _Accumulator:
         self.dirty: set[int] = set()
         self.max_bucket = self.last_offset = -1
         self.late_dropped = 0
+        self.changes = 0  # MarketAccumulator: adds that changed a bucket (when its stored copy is stale)
 
     def _bucket(self, ts: float, offset: int | None) -> int | None:
         if offset is not None:
@@ -309,6 +310,7 @@ class MarketAccumulator(_Accumulator):
         if changed:
             # Ticks that add nothing new leave the bucket clean: no chatter on the partials topic.
             self.dirty.add(b)
+            self.changes += 1
         return self._emit(closed_only=True)
 
     def _partial(self, b: int) -> MarketPartial:
@@ -378,7 +380,8 @@ class MarketStressParams(_WindowParams):
 class _Monitor:
     """Stage 2 skeleton: latest partial per (source, bucket), evaluation behind a watermark."""
 
-    __slots__ = ("alerts", "heard", "late_dropped", "max_bucket", "min_bucket", "next_eval", "params", "parts")
+    __slots__ = ("alerts", "heard", "journal", "late_dropped", "max_bucket", "min_bucket", "next_eval", "params",
+                 "parts")
     detector = ""
 
     def __init__(self, params: _WindowParams) -> None:
@@ -391,6 +394,9 @@ class _Monitor:
         self.late_dropped = 0
         # source -> (newest bucket it sent, wall-clock time of its last partial): the watermark.
         self.heard: dict[str, tuple[int, float]] = {}
+        # (bucket, source) of stored partials changed or forgotten since the caller last took them,
+        # when the caller keeps them in a table (models.platform_state); None: not recorded.
+        self.journal: set[tuple[int, str]] | None = None
 
     def _store(self, source: str, bucket: int, payload: Any, size: int) -> list[Raised]:
         p = self.params
@@ -416,6 +422,8 @@ class _Monitor:
                 # partials arrived in, and need no sorting at every evaluation.
                 self.parts[bucket] = dict(sorted(by_source.items()))
             self._stored(bucket, None if old is None else old[1], payload)
+            if self.journal is not None:
+                self.journal.add((bucket, source))
         if self.max_bucket is None or bucket > self.max_bucket:
             self.max_bucket = bucket
         if self.min_bucket is None or bucket < self.min_bucket:
@@ -480,6 +488,8 @@ class _Monitor:
                 break
             stale.append(b)
         for b in stale:
+            if self.journal is not None:
+                self.journal.update((b, source) for source in parts[b])
             del parts[b]
         return out
 

@@ -83,7 +83,7 @@ class InstrumentState:
     # New slots go at the end, with a default in _DEFAULTS: a state pickled by an older version (a
     # shorter tuple) then still loads. So the order is the pickle format, not alphabetical.
     __slots__ = ("alerts", "hist_px", "hist_ts", "last_price", "last_ts", "n", "pending",  # noqa: RUF023
-                 "var_long", "var_short", "spacing", "drift")
+                 "var_long", "var_short", "spacing", "drift", "offset")
 
     def __init__(self) -> None:
         self.last_price = 0.0
@@ -97,6 +97,9 @@ class InstrumentState:
         self.alerts: AlertMemory = {}
         self.spacing = 0.0  # running median of the gaps between ticks, seconds (0: not known yet)
         self.drift = 0.0  # EW sum of returns over the breadth horizon
+        # Input offset of the last tick applied (-1: none, or not known to a replay): a tick at or
+        # below it is a redelivery, skipped; scoring it again would learn a zero return.
+        self.offset = -1
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -111,7 +114,7 @@ class InstrumentState:
 
 
 # Defaults of the slots added after the first release, for states pickled before them.
-_DEFAULTS: dict[str, Any] = {"spacing": 0.0, "drift": 0.0}
+_DEFAULTS: dict[str, Any] = {"spacing": 0.0, "drift": 0.0, "offset": -1}
 
 
 @dataclass(slots=True)

@@ -11,6 +11,8 @@ from math import exp, log, log1p
 from typing import Protocol
 from zlib import adler32, crc32
 
+import msgspec
+
 from app.schemas import Alert, Reason, TransactionFields
 from models.detector import (
     BUDGET_LOG_RANGE,
@@ -42,6 +44,7 @@ from models.features import (
     TINY_AMOUNT,
     VELOCITY_WINDOW,
     AccountState,
+    StateCodecError,
     TxnFeatures,
     carry,
     learn,
@@ -103,13 +106,21 @@ class TxnOutcome:
 
 
 class StormCap:
-    """Caps new warnings per category per event-time minute, so one incident cannot bury on-call."""
+    """Caps new warnings per category per event-time minute, so one incident cannot bury on-call.
 
-    __slots__ = ("cap", "counts")
+    With `by_source` kept (the worker: one source per input partition, set in `source` before
+    scoring its events), each partition's admissions can be stored with its state (`dump`) and
+    counted again after a restart (`load`), so a crash does not reopen a minute's cap.
+    """
 
-    def __init__(self, cap: int) -> None:
+    __slots__ = ("by_source", "cap", "changed", "counts", "source")
+
+    def __init__(self, cap: int, *, by_source: bool = False) -> None:
         self.cap = cap
         self.counts: dict[tuple[str, int], int] = {}
+        self.by_source: dict[int, dict[tuple[str, int], int]] | None = {} if by_source else None
+        self.source = 0
+        self.changed: set[int] = set()  # sources whose admissions changed since their last dump()
 
     def admit(self, category: str, ts: float) -> bool:
         """Count a new warning; False once the category's cap for that minute is used up."""
@@ -119,10 +130,57 @@ class StormCap:
         if n >= self.cap:
             return False
         self.counts[key] = n + 1
+        if self.by_source is not None:  # a new warning is rare: this costs nothing per event
+            mine = self.by_source.setdefault(self.source, {})
+            mine[key] = mine.get(key, 0) + 1
+            self.changed.add(self.source)
         if len(self.counts) > 4096:
             for k in [k for k in self.counts if k[1] < minute - 5]:
                 del self.counts[k]
         return True
+
+    def dump(self, source: int) -> bytes:
+        """A source's admissions of its last minutes, as versioned JSON (older minutes can no longer matter)."""
+        self.changed.discard(source)
+        mine = (self.by_source or {}).get(source, {})
+        newest = max((m for _, m in mine), default=0)
+        for k in [k for k in mine if k[1] < newest - 5]:
+            del mine[k]
+        return msgspec.json.encode({"v": 1, "counts": [(c, m, n) for (c, m), n in mine.items()]})
+
+    def load(self, source: int, blob: bytes) -> None:
+        """Count a source's stored admissions again (replacing any counted); StateCodecError if `blob` is not them."""
+        try:
+            snap = _STORM.decode(blob)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateCodecError(f"not storm-cap counts: {exc}") from None
+        if snap.v != 1 or any(n < 0 for _, _, n in snap.counts):
+            raise StateCodecError(f"storm-cap counts of format {snap.v} or with negative counts")
+        self.drop(source)
+        mine = {(c, m): n for c, m, n in snap.counts}
+        if self.by_source is not None:
+            self.by_source[source] = mine
+        for k, n in mine.items():
+            self.counts[k] = self.counts.get(k, 0) + n
+
+    def drop(self, source: int) -> None:
+        """Stop counting a source's admissions (its partition moved on, or is being read back)."""
+        mine = (self.by_source or {}).pop(source, {})
+        self.changed.discard(source)
+        for k, n in mine.items():
+            left = self.counts.get(k, 0) - n
+            if left > 0:
+                self.counts[k] = left
+            else:
+                self.counts.pop(k, None)
+
+
+class _StormSnapshot(msgspec.Struct, forbid_unknown_fields=True):
+    v: int
+    counts: list[tuple[str, int, int]]
+
+
+_STORM = msgspec.json.Decoder(_StormSnapshot)
 
 
 class TransactionScorer:

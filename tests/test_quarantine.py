@@ -240,11 +240,12 @@ def _hour(s: Settings, ts: str) -> int:
 @pytest.mark.kafka
 def test_garbage_under_one_key_of_every_changelog_is_set_aside_and_every_other_key_goes_on(
         settings: Settings, start_worker: Any, make_txn: Any, make_tick: Any) -> None:
-    """Garbage under one key of each of the six changelogs, then a restart: the worker runs, the rest scores.
+    """Garbage under one key of each of the eight changelogs, then a restart: the worker runs, the rest scores.
 
     The accounts, models and disclosure-flows changelogs are the transaction engine's; lifecycle,
-    disclosure-book and instruments are Faust tables. On today's code the first three stopped
-    transaction scoring in a read-back loop and the last three made the worker exit at start.
+    disclosure-book, instruments, market-stress and platform are Faust tables. Before values were
+    checked, the engine's three stopped transaction scoring in a read-back loop and lifecycle,
+    disclosure-book and instruments made the worker exit at start.
     """
     from agents.disposal import partition_of
     from app.admin import producer
@@ -273,6 +274,10 @@ def test_garbage_under_one_key_of_every_changelog_is_set_aside_and_every_other_k
         "instruments": (s.changelog("instruments"), partition_of(b"FUND-BAD", n), b"FUND-BAD"),
         "lifecycle": (s.changelog("lifecycle"), partition_of(alert_id.encode(), n), alert_id.encode()),
         "disclosure-book": (s.changelog("disclosure-book"), 0, b"f:t0:1793581200"),
+        # The market path's stage-one buckets and the platform monitors' state (tests/faults/test_platform_kill9.py).
+        "market-stress": (s.changelog("market-stress"), partition_of(b"FUND-A", n),
+                          f"p{partition_of(b'FUND-A', n)}".encode()),
+        "platform": (s.changelog("platform"), 0, b"meta"),
     }
     prod = producer(s)
     try:
