@@ -203,7 +203,7 @@ def _load_optional_commands() -> None:
     # Commands defined in their own modules register themselves on import.
     import importlib
 
-    for mod in ("app.cli_analysis", "app.cli_disposal"):
+    for mod in ("app.cli_analysis", "app.cli_disposal", "app.cli_users"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
