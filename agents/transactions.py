@@ -230,7 +230,7 @@ class TransactionProcessor:
                 scorer.detector = models.get(partition)
                 scorer.storm.source = partition
                 if partition not in self.storm_loaded:
-                    self._load_storm(partition)
+                    self._load_storm({partition} | self.models_store.partitions())
                 current = partition
             t0 = perf()
             try:
@@ -312,17 +312,22 @@ class TransactionProcessor:
         if counted and self.disclosure is not None:
             self.disclosure.add_batch(counted)
 
-    def _load_storm(self, partition: int) -> None:
-        """Count the partition's stored storm-cap admissions again (set aside if they do not decode)."""
-        self.storm_loaded.add(partition)
-        key = _storm_key(partition)
-        blob = self.models_store.get(partition, key)
-        if blob:
-            try:
-                self.scorer.storm.load(partition, blob)
-            except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition is scored
-                self.quarantine.set_aside(MODELS_TABLE, self.models_store.topic, partition, key, blob, exc)
-                self.models_store.delete(partition, key)
+    def _load_storm(self, partitions: set[int]) -> None:
+        """Count the stored storm-cap admissions of every partition read back here (set aside if they do not decode).
+
+        All at once, before the first new warning: loaded one partition at a time as each one's
+        events came, the first partitions admitted against a count that lacked the others' shares.
+        """
+        for partition in sorted(partitions - self.storm_loaded):
+            self.storm_loaded.add(partition)
+            key = _storm_key(partition)
+            blob = self.models_store.get(partition, key)
+            if blob:
+                try:
+                    self.scorer.storm.load(partition, blob)
+                except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition is scored
+                    self.quarantine.set_aside(MODELS_TABLE, self.models_store.topic, partition, key, blob, exc)
+                    self.models_store.delete(partition, key)
 
     def _flows_of(self, partition: int) -> FlowAccumulator:
         """The partition's flow buckets, read from the models table at first use (fresh if none or unreadable)."""

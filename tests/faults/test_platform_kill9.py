@@ -1,10 +1,11 @@
 """kill -9 a worker inside a market crash and a liquidity run: the market and platform paths come back as they were.
 
 The market agent's instrument states, its stage-one stress buckets, the transaction engine's flow
-buckets and both stage-two monitors (the liquidity run's window and hourly baseline, market stress's
-window) must survive the kill: the warnings on risk.alerts after the restart, market_stress and
-liquidity_run included, are those of an uninterrupted in-process run of the same input
-(models.pipeline.Pipeline), and every tick is learned exactly once, read back from the changelog.
+buckets, both stage-two monitors (the liquidity run's window and hourly baseline, market stress's
+window) and the rule catalogue published at run time must survive the kill: the warnings on
+risk.alerts after the restart, market_stress and liquidity_run included, are those of an
+uninterrupted in-process run of the same input under the same rules (models.pipeline.Pipeline), and
+every tick is learned exactly once, read back from the changelog.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import yaml
 
-from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, TRANSACTIONS, load_instrument
+from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, RULES, TRANSACTIONS, load_instrument
 from app.schemas import Alert, DeadLetter, MarketTick, Transaction
 from app.settings import Settings
 from models.pipeline import Pipeline
-from models.rules import load_catalogue
+from models.rules import parse_catalogue
 from models.synth import generate
+from tests.conftest import produce
 from tests.faults.conftest import Accounting, read_topic, report, wait_drained
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -54,9 +57,21 @@ def _send(s: Settings, events: list[dict[str, Any]], rate: float) -> None:
         p.close(10)
 
 
-def _uninterrupted(s: Settings, events: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+def _published_rules(s: Settings) -> bytes:
+    """The shipped catalogue as version 2 with a liquidity run critical from 4x the usual (6x shipped).
+
+    Published before the feed: the worker restarted after the kill must take it again from
+    risk.rules, or the liquidity run spanning the kill stays at "high" (a version is missing).
+    """
+    doc = yaml.safe_load(s.rules_file.read_text())
+    doc["version"] = 2
+    doc["rules"]["liquidity_run"]["params"] = {"critical_ratio": 4.0}
+    return yaml.safe_dump(doc).encode()
+
+
+def _uninterrupted(s: Settings, events: list[dict[str, Any]], rules: bytes) -> set[tuple[str, str, str]]:
     """(category, alert_id, level) of every market and platform warning version an uninterrupted run raises."""
-    pipe = Pipeline(load_catalogue(s.rules_file), partitions=s.topic_partitions, storm_cap=s.storm_cap_per_minute)
+    pipe = Pipeline(parse_catalogue(rules), partitions=s.topic_partitions, storm_cap=s.storm_cap_per_minute)
     out: set[tuple[str, str, str]] = set()
     for e in events:
         model = Transaction if e["event_type"] == "transaction" else MarketTick
@@ -120,10 +135,16 @@ def test_kill9_mid_crash_and_run_then_restart(fault_settings, start_worker):
     market_topic = s.topic(MARKET)
     kill_ticks = sum(1 for e, t in zip(before, ts, strict=False)
                      if e["event_type"] == "market" and t < KILL_AFTER_TICKS_UP_TO)
-    want = _uninterrupted(s, events)
+    rules = _published_rules(s)
+    want = _uninterrupted(s, events, rules)
     assert {c for c, _, _ in want} == {"market_crash", "market_stress", "liquidity_run"}, "the input raises all three"
 
     first = start_worker(s)
+    produce(s, RULES, [(b"catalogue", rules)])
+    deadline = time.monotonic() + 60
+    while first.metric("riskwatch_rules_version") != 2:
+        assert time.monotonic() < deadline, f"the published rules were not applied:\n{first.tail()}"
+        time.sleep(0.2)
     feed = threading.Thread(target=_send, args=(s, before, 1500.0), daemon=True)
     feed.start()
     deadline = time.monotonic() + 120
@@ -142,6 +163,7 @@ def test_kill9_mid_crash_and_run_then_restart(fault_settings, start_worker):
     raised_before = _versions(_warnings(s), PLATFORM_CATEGORIES)
 
     second = start_worker(s)
+    rules_after_restart = second.metric("riskwatch_rules_version")
     _send(s, after, 5000.0)
     wait_drained(s, alive=lambda: second.proc.poll() is None or pytest.fail(second.tail()))
     # Every tick learned (the changelog), then whatever stage two still had to judge.
@@ -176,12 +198,14 @@ def test_kill9_mid_crash_and_run_then_restart(fault_settings, start_worker):
     report("kill -9 platform path", Accounting(
         events_in=partials, scored=partials - partial_letters, dead_lettered=partial_letters, duplicates=0,
         warnings=len({a.alert_id for a in platform}), warning_messages=len(platform),
-        notes={"raised_before_kill": len(raised_before),
+        notes={"raised_before_kill": len(raised_before), "rules_version_after_restart": int(rules_after_restart),
                "versions": f"{len(_versions(platform))} of {sum(1 for x in want if x[0] in PLATFORM_CATEGORIES)}",
                "versions_lost": sum(1 for x in lost if x[0] in PLATFORM_CATEGORIES),
                "versions_extra": sum(1 for x in extra if x[0] in PLATFORM_CATEGORIES)}))
 
     problems = []
+    if second.metric("riskwatch_rules_version") != 2:
+        problems.append("the restarted worker does not run the rules published before the kill")
     if market_letters or partial_letters:
         problems.append(f"dead letters: {market_letters} ticks, {partial_letters} partials")
     if learned != dict(ticks):
@@ -190,3 +214,81 @@ def test_kill9_mid_crash_and_run_then_restart(fault_settings, start_worker):
     if lost or extra:
         problems.append(f"warnings vs an uninterrupted run: lost {lost[:8]}, extra {extra[:8]}")
     assert not problems, "\n".join(problems)
+
+
+def test_kill9_mid_minute_does_not_reopen_the_storm_cap(fault_settings, start_worker, feed_producer):
+    """A warning storm across a kill: the restarted worker admits no more than the cap left of each minute.
+
+    Every event is a large transaction of an account not seen before (a new large_transaction
+    warning), 240 to an event-time minute against a cap of 100: each minute's cap is used up. Which
+    warnings fill a minute depends on how partitions interleave, so the restarted worker may pick
+    others than the killed one did; what it may not do is forget the minute's admissions it stored.
+    The only excess allowed over the cap is the killed worker's warnings from events it had not
+    committed (sent, then not raised again after the restart). Without stored admissions the restart
+    admits a fresh 100 in the minute it resumes in.
+    """
+    from kafka import TopicPartition
+
+    from app.admin import consumer
+    from tests.faults.conftest import Sent, committed_offsets
+
+    cap = 100
+    s = fault_settings.model_copy(update={"storm_cap_per_minute": cap})
+    start = datetime(2026, 11, 2, 1, 0, tzinfo=UTC).timestamp()
+    items = []
+    for k in range(3_000):
+        e = {"event_type": "transaction", "event_id": f"st-{k:06d}",
+             "ts": datetime.fromtimestamp(start + k * 0.25, UTC).isoformat(), "account_id": f"storm-{k:05d}",
+             "counterparty_id": "cp-1", "currency": "CNY", "amount": 60000.0, "direction": "debit",
+             "txn_type": "payment", "channel": "app"}
+        items.append(Sent("valid", e["account_id"], e["event_id"], json.dumps(e).encode()))
+    first = start_worker(s)
+    feed = feed_producer(s)
+    # Slow enough that the engine commits every few events: little is left uncommitted at the kill.
+    feed.start(items, rate=200)
+    deadline = time.monotonic() + 120
+    while not 800 < sum(committed_offsets(s).values()) < 2_200:
+        assert time.monotonic() < deadline, f"no commit mid-stream:\n{first.tail()}"
+        time.sleep(0.1)
+    first.kill()
+    at_kill = committed_offsets(s)
+    c = consumer(s)
+    try:
+        tps = [TopicPartition(s.topic(ALERTS), p) for p in sorted(c.partitions_for_topic(s.topic(ALERTS)) or ())]
+        alerts_at_kill = {tp.partition: off for tp, off in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+    second = start_worker(s)
+    feed.join()
+    wait_drained(s, alive=lambda: second.proc.poll() is None or pytest.fail(second.tail()))
+    time.sleep(1.0)
+
+    where = {x.event_id: (x.partition, x.offset) for x in feed.sent}
+    killed: dict[int, set[str]] = {}  # minute -> the killed worker's warnings
+    uncommitted: dict[int, set[str]] = {}  # ... of those, from events it had not committed
+    restarted: dict[int, set[str]] = {}
+    records = read_topic(s, s.topic(ALERTS))
+    for r in records:
+        a = Alert.model_validate_json(r.value)
+        if a.category != "large_transaction":
+            continue
+        minute = int(a.created_at.timestamp() // 60)
+        if r.offset < alerts_at_kill.get(r.partition, 0):
+            killed.setdefault(minute, set()).add(a.alert_id)
+            p, off = where[a.event_ids[0]]
+            if off >= at_kill.get(p, 0):
+                uncommitted.setdefault(minute, set()).add(a.alert_id)
+        else:
+            restarted.setdefault(minute, set()).add(a.alert_id)
+    minutes = sorted(set(killed) | set(restarted))
+    admitted = {m: killed.get(m, set()) | restarted.get(m, set()) for m in minutes}
+    allowed = {m: cap + len(uncommitted.get(m, set()) - restarted.get(m, set())) for m in minutes}
+    report("kill -9 storm cap", Accounting(
+        events_in=len(items), scored=len(items), dead_lettered=0, duplicates=0,
+        warnings=sum(map(len, admitted.values())), warning_messages=len(records),
+        notes={"minutes": len(minutes), "cap": cap, "most_in_a_minute": max(map(len, admitted.values())),
+               "sent_uncommitted_not_raised_again": sum(allowed.values()) - cap * len(minutes)}))
+    over = {m: (len(admitted[m]), allowed[m]) for m in minutes if len(admitted[m]) > allowed[m]}
+    assert not over, f"minutes admitting more than their cap (admitted, allowed): {over}"
+    # Every minute but the last (cut short by the end of the feed) had more candidates than the cap.
+    assert all(len(admitted[m]) >= cap for m in minutes[:-1]), {m: len(v) for m, v in admitted.items()}
