@@ -13,6 +13,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from app.schemas import LEVELS
 
 log = logging.getLogger("riskwatch.agents.web")
 
-PAGE = Path(__file__).resolve().parent.parent / "app" / "static" / "warnings.html"
+PAGE = files("app").joinpath("static/warnings.html")  # package data of app, in a checkout and a wheel alike
 BACKLOG = 500  # messages read back per partition when the follower starts
 KEEP = 500  # distinct warnings (latest version each) held in memory and served
 ACTIVE = ("open", "acknowledged", "escalated")  # statuses that count as open on the page

@@ -123,14 +123,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _rules_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["check", "publish"])
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, nargs="?", help="the catalogue (check: RISKWATCH_RULES_FILE by default)")
 
 
 @command("rules", "Validate a rule catalogue, or publish it to running workers via risk.rules.")(_rules_args)
 def cmd_rules(args: argparse.Namespace) -> int:
     """Check or publish a rule catalogue file."""
+    from app.settings import get_settings
     from models.rules import load_catalogue
 
+    if args.file is None:
+        if args.action == "publish":
+            raise SystemExit("riskwatch rules publish: give the catalogue file to publish")
+        args.file = get_settings().rules_file  # the shipped default unless the setting names another
     cat = load_catalogue(args.file)
     if args.action == "check":
         enabled = sum(1 for r in cat.rules.values() if r.enabled)
@@ -138,7 +143,6 @@ def cmd_rules(args: argparse.Namespace) -> int:
         return 0
     from app.admin import ensure_topics, producer
     from app.faust_app import RULES
-    from app.settings import get_settings
 
     s = get_settings()
     ensure_topics(s)

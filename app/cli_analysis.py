@@ -181,6 +181,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"  published {publisher.sent:,} warning versions to {publisher.topic} (live topics untouched)")
     if wrote:
         print("  wrote " + ", ".join(str(p) for p in wrote))
+    if args.report and not rp.plots_available():
+        print("  " + rp.PLOTS_HINT)
     return 0
 
 

@@ -68,8 +68,13 @@ def _csv(path: Path) -> Iterator[Record]:
 
 
 def _parquet(path: Path) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:  # pyarrow is in the `report` extra: the worker image reads no files
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputFileError(
+            f"reading {path} as Parquet needs pyarrow: pip install 'riskwatch[report]', or give JSONL or CSV"
+        ) from None
 
     n = 0
     try:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import KafkaLocalError
+from deploy import resource
 
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
-_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "kafka"
-_POM = _DEPLOY_DIR / "pom.xml"
-_LOG4J_CONFIG = _DEPLOY_DIR / "log4j2.properties"
+_POM = resource("kafka/pom.xml")
+_LOG4J_CONFIG = resource("kafka/log4j2.properties")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ EVALUATION_NOTE = (
     "not in the event-level metrics. A detection is the first published warning naming any event of the "
     "instance; the delay runs from the instance's first labelled event to that warning's event time."
 )
+PLOTS_HINT = "report.html has no figures: pip install 'riskwatch[report]' (matplotlib, scikit-learn) for them"
 BUDGET_NOTE = (
     "Recall of account-level episodes if the model warned on every transaction scoring at or above the "
     "threshold that lets through the budget's share of normal transactions. An event's score is the model's, "
@@ -269,15 +271,32 @@ def _rank(a: Alert) -> tuple[int, float, str]:
     return (-LEVELS.index(a.level), -a.score, a.alert_id)
 
 
+def plots_available() -> bool:
+    """Whether the `report` extra (matplotlib, scikit-learn) is installed, so report.html gets its figures."""
+    return all(importlib.util.find_spec(name) is not None for name in ("matplotlib", "sklearn"))
+
+
 def write(outdir: Path, res: Result, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Write report.json and report.html into outdir; return both paths."""
+    """Write report.json and report.html (with figures when `plots_available()`) into outdir; return both paths."""
     outdir.mkdir(parents=True, exist_ok=True)
     js, page = outdir / "report.json", outdir / "report.html"
     js.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     from app.report_html import plots, render  # matplotlib costs a second to import: only when asked
 
-    page.write_text(render(report, plots(res, report)), encoding="utf-8")
+    # Without the extra (the worker image) the page keeps every table and leaves the figures out.
+    page.write_text(render(report, plots(res, report) if plots_available() else {}), encoding="utf-8")
     return js, page
 
 
-__all__ = ["BUDGET_NOTE", "EVALUATION_NOTE", "arrays", "build", "comparison", "evaluation", "traffic", "write"]
+__all__ = [
+    "BUDGET_NOTE",
+    "EVALUATION_NOTE",
+    "PLOTS_HINT",
+    "arrays",
+    "build",
+    "comparison",
+    "evaluation",
+    "plots_available",
+    "traffic",
+    "write",
+]

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+from deploy import resource
 
 
 class Settings(BaseSettings):
@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's web server")
     web_port: int = Field(6066, description="Port of the worker's web server (warnings page)")
     data_dir: Path = Field(Path(".riskwatch-data"), description="Worker state directory (Faust tables)")
-    rules_file: Path = Field(_DEPLOY / "rules.yaml", description="Rule catalogue loaded at start")
-    plans_file: Path = Field(_DEPLOY / "plans.yaml", description="Contingency-plan catalogue")
+    # The shipped defaults are looked up only when no file is set: found in a checkout or the installed wheel.
+    rules_file: Path = Field(default_factory=lambda: resource("rules.yaml"),
+                             description="Rule catalogue loaded at start")
+    plans_file: Path = Field(default_factory=lambda: resource("plans.yaml"), description="Contingency-plan catalogue")
     state_ttl_seconds: float = Field(30 * 86400, gt=0, description="Evict an entity idle this long")
     model_checkpoint_every: int = Field(500, ge=1, description="Events between model snapshots per partition")
     storm_cap_per_minute: int = Field(200, ge=1, description="Warnings per category per minute before dropping")

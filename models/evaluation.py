@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from scipy.stats import rankdata
 
 MAX_CURVE_POINTS = 200
 # Warnings per 1,000 normal transactions: from one in 4,000 (a small team) to one in 62 (a noisy rule set).
@@ -53,6 +53,36 @@ def _arrays(labels: Sequence[int], scores: Sequence[float]) -> tuple[npt.NDArray
     return y, s
 
 
+def roc_auc(y: npt.NDArray[np.int_], s: npt.NDArray[np.float64]) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half): sklearn's roc_auc_score without sklearn.
+
+    Computed here so that replay's report.json needs no analysis extra; tests hold it to sklearn's.
+
+    >>> roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    0.75
+    """
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    ranks = rankdata(s)  # average ranks: a tie between a positive and a negative counts one half
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y: npt.NDArray[np.int_], s: npt.NDArray[np.float64]) -> float:
+    """Average precision, sum of (R_k - R_k-1) * P_k over distinct score thresholds: sklearn's, without sklearn.
+
+    >>> average_precision(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    0.8333333333333333
+    """
+    order = np.argsort(-s, kind="mergesort")
+    s_desc, y_desc = s[order], y[order]
+    # One point per distinct score: the last index of each run of equal scores, as sklearn does.
+    last = np.r_[np.flatnonzero(np.diff(s_desc)), y.size - 1]
+    tp = np.cumsum(y_desc)[last]
+    precision = tp / (last + 1)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def evaluate_scores(labels: Sequence[int], scores: Sequence[float], threshold: float) -> EvalResult:
     """Ranking metrics (ROC AUC, average precision) and the alert picture at one score threshold.
 
@@ -67,9 +97,9 @@ def evaluate_scores(labels: Sequence[int], scores: Sequence[float], threshold: f
     n_alerted = int(alerted.sum())
     both = n_pos > 0 and n_neg > 0  # ranking metrics need both classes to compare
     return EvalResult(
-        roc_auc=float(roc_auc_score(y, s)) if both else None,
+        roc_auc=roc_auc(y, s) if both else None,
         # With no negatives every ranking is perfect; AP is still defined, unlike ROC AUC.
-        average_precision=float(average_precision_score(y, s)) if n_pos > 0 else None,
+        average_precision=average_precision(y, s) if n_pos > 0 else None,
         recall_at_threshold=int((alerted & (y == 1)).sum()) / n_pos if n_pos else None,
         precision_at_threshold=int((alerted & (y == 1)).sum()) / n_alerted if n_alerted else None,
         alert_rate_normal=int((alerted & (y == 0)).sum()) / n_neg if n_neg else None,
@@ -103,6 +133,9 @@ def curves(labels: Sequence[int], scores: Sequence[float], *, max_points: int = 
     """
     if max_points < 2:
         raise ValueError(f"max_points must be at least 2, got {max_points}")
+    # Only report.html draws these: scikit-learn is in the `report` extra, which the worker image leaves out.
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
     y, s = _arrays(labels, scores)
     n_pos = int(y.sum())
     out: dict[str, Any] = {"roc": None, "pr": None, "n": int(y.size), "n_positive": n_pos}
@@ -478,6 +511,7 @@ __all__ = [
     "MAX_CURVE_POINTS",
     "EvalResult",
     "active_account_days",
+    "average_precision",
     "budget_curve",
     "budget_threshold",
     "curves",
@@ -487,6 +521,7 @@ __all__ = [
     "evaluate_scores",
     "instance_key",
     "median_detection_delay",
+    "roc_auc",
     "warning_load",
     "warning_precision",
 ]

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.schemas import LEVELS, Level
+from deploy import resource
 from models.yamlconf import parse_yaml_model, read_text
 
 # What a plan may ask people (or systems) to do; a typo in the catalogue must fail at load, not
@@ -63,7 +64,7 @@ WILDCARD = "*"
 _RANK = {name: i for i, name in enumerate(LEVELS)}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-DEFAULT_PLANS = Path(__file__).resolve().parent.parent / "deploy" / "plans.yaml"
+DEFAULT_PLANS = resource("plans.yaml")
 TriggerKind = Literal["plan", "escalation"]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas import Level
+from deploy import resource
 from models.aggregates import LiquidityParams, MarketStressParams
 from models.detector import WEIGHTS
 from models.market import MarketParams
@@ -179,7 +180,7 @@ class Catalogue(BaseModel):
         return r.params if r is not None else kind()
 
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "rules.yaml"
+DEFAULT_RULES = resource("rules.yaml")
 
 
 def parse_catalogue(text: str | bytes, source: str = "rules") -> Catalogue:

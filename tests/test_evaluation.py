@@ -15,6 +15,7 @@ from app.schemas import Alert
 from models.evaluation import (
     EvalResult,
     active_account_days,
+    average_precision,
     budget_curve,
     budget_threshold,
     curves,
@@ -23,6 +24,7 @@ from models.evaluation import (
     evaluate_scores,
     instance_key,
     median_detection_delay,
+    roc_auc,
     warning_load,
     warning_precision,
 )
@@ -30,6 +32,21 @@ from models.evaluation import (
 # Ranked by score: 0.8(+) 0.7(-) 0.4(+) 0.35(-) 0.3(-) 0.2(+) 0.1(-) 0.05(-)
 LABELS = [0, 0, 0, 1, 0, 1, 1, 0]
 SCORES = [0.1, 0.3, 0.35, 0.4, 0.7, 0.8, 0.2, 0.05]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])), min_size=1, max_size=60),
+       st.integers(0, 2**32 - 1))
+def test_ranking_metrics_equal_sklearns(pairs: list[tuple[int, float]], seed: int) -> None:
+    # Ours keep report.json free of the `report` extra; they must give sklearn's numbers, ties included.
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.array([p[0] for p in pairs])
+    s = np.array([p[1] for p in pairs]) + np.random.default_rng(seed).choice([0.0, 0.001], size=len(pairs))
+    if y.any():
+        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    if 0 < y.sum() < y.size:
+        assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
 def test_metrics_match_hand_computation() -> None:
