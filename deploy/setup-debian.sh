@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The Debian packages `make test` and `make demo` need: installed when missing (as root, or through
+# `sudo -n`), else one line naming the command to run, and a non-zero exit before anything else runs.
+#   deploy/setup-debian.sh demo   Java 17+ and Maven (the local Kafka broker), python3-venv
+#   deploy/setup-debian.sh test   the same, plus Prometheus (promtool), Alertmanager (amtool), Chromium
+# Called by the Makefile and, through it, by .ci/run: the one place that knows these packages.
+set -euo pipefail
+
+mode=${1:-test}
+python=${PYTHON:-python3}
+missing=()
+
+java_major() {
+  # `java -version` prints e.g. `openjdk version "17.0.15" 2025-04-15` (or "1.8.0_402": major 1).
+  local out
+  out=$(java -version 2>&1) || return 1
+  [[ $out =~ version\ \"([0-9]+) ]] && echo "${BASH_REMATCH[1]}"
+}
+
+major=$(command -v java >/dev/null && java_major || echo 0)
+((major >= 17)) || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+# Debian's python3 lacks ensurepip until python3-venv is in, and `python3 -m venv` then fails.
+"$python" -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+case $mode in
+  demo) ;;
+  test)
+    command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+    command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+    command -v chromium >/dev/null || missing+=(chromium)
+    ;;
+  *) echo "usage: $0 test|demo" >&2; exit 2 ;;
+esac
+((${#missing[@]} == 0)) && exit 0
+
+install="apt-get install -y ${missing[*]}"
+if ! command -v apt-get >/dev/null; then
+  echo "make $mode needs ${missing[*]} (Debian package names); install them with your package manager" >&2
+  exit 1
+fi
+if [ "$(id -u)" = 0 ]; then
+  as_root=()
+elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+  as_root=(sudo -n)
+else
+  echo "make $mode needs Debian packages it cannot install without a password: run  sudo $install" >&2
+  exit 1
+fi
+echo "== installing Debian packages: ${missing[*]}" >&2
+# Through env: sudo resets the environment, and apt must not stop to ask questions.
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
