@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,15 @@ class Installed:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     base = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(base / "dist")],
+    # Built from a copy of what goes into the wheel: setuptools' build/ folder in the checkout would keep
+    # files since deleted from the source and ship them, and a concurrent build would share it.
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("app", "agents", "models", "deploy"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(base / "dist")],
                    check=True, timeout=300, capture_output=True)
     wheel = next((base / "dist").glob("riskwatch-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=120)
