@@ -3,7 +3,7 @@
 Crash safety: an instrument's state remembers the input offset of its last tick, so a tick
 redelivered after a crash is recognised and skipped; its warnings are delivered before the state
 that remembers them is written. Each partition's stage-one stress accumulator is kept in the
-`market-stress` table (written when it changes, a few times per instrument and bucket) and read
+`market-stress` table (written when it changes, as the changed instrument's entry of its bucket) and read
 back when the partition's next tick is not the one after the last seen (a start, a crash, a move).
 """
 
@@ -18,10 +18,10 @@ from app.errors import EventError
 from app.faust_app import MARKET, Runtime, dumps, load_instrument
 from app.schemas import MarketTick, decode_event
 from app.security import Ingest
-from models.aggregates import MarketAccumulator
+from models.aggregates import MarketAccumulator, bucket_of
 from models.market import InstrumentState
 from models.pipeline import MarketScorer
-from models.platform_state import dump_accumulator, load_accumulator
+from models.platform_state import check_stress_value, dump_stress_entry, dump_stress_head, load_stress
 from models.rules import Catalogue
 
 STRESS_TABLE = "market-stress"
@@ -36,11 +36,13 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     name = topic.get_topic_name()
     scorer = MarketScorer(catalogue)
     stress: dict[int, MarketAccumulator] = {}
+    # partition -> bucket -> instrument -> its event ids in the bucket's sample (what its entry stores)
+    sampled: dict[int, dict[int, dict[str, list[str]]]] = {}
     seen: dict[int, int] = {}  # partition -> offset of the last tick handled here
     ingest = Ingest(rt.settings)
     # Written from the agent only, so each value goes to its own partition's changelog (key p<n>).
     table = rt.app.Table(STRESS_TABLE, default=None, key_type=bytes, value_type=bytes,
-                         partitions=rt.settings.topic_partitions, options=rt.checked(load_accumulator))
+                         partitions=rt.settings.topic_partitions, options=rt.checked(check_stress_value))
 
     @rt.app.agent(topic, name="score-market", concurrency=1)
     async def score_market(stream: Any) -> None:
@@ -93,14 +95,18 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
                 await rt.app.producer.flush()
             acc = stress.get(msg.partition)
             if acc is None:
-                acc = stress[msg.partition] = _stress_of(rt, table, msg.partition)
+                acc, sampled[msg.partition] = _stress_of(rt, table, msg.partition)
+                stress[msg.partition] = acc
             before = acc.changes
-            for partial in acc.add(tick.ts.timestamp(), tick.instrument, out.stressed, tick.event_id, move=out.move,
+            ts = tick.ts.timestamp()
+            for partial in acc.add(ts, tick.instrument, out.stressed, tick.event_id, move=out.move,
                                    spacing=out.spacing, offset=msg.offset):
                 await sink.partial("market", partial.model_dump_json().encode())
             if acc.changes != before:
-                # Written when a bucket changed (a tick that adds nothing leaves them as they were).
-                table[_stress_key(msg.partition)] = dump_accumulator(acc)
+                # Written when a bucket changed (a tick that adds nothing leaves them as they were), as
+                # this instrument's entry of the bucket: a few dozen bytes, whatever the instruments.
+                _write_stress(table, msg.partition, acc, sampled[msg.partition], bucket_of(ts, acc.bucket_seconds),
+                              tick.instrument, tick.event_id)
             # Last: a stored state marks the tick applied, so what it caused is written before it.
             rt.instruments[key] = dumps(state)
 
@@ -114,23 +120,56 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     return scorer
 
 
-def _stress_key(partition: int) -> bytes:
-    return f"p{partition}".encode()
+def _stress_key(partition: int, bucket: int | None = None, instrument: str = "") -> bytes:
+    """`p<n>`: the head of partition n's stress buckets; `p<n>:<bucket>:<instrument>`: one instrument's entry."""
+    return (f"p{partition}" if bucket is None else f"p{partition}:{bucket}:{instrument}").encode()
 
 
-def _stress_of(rt: Runtime, table: Any, partition: int) -> MarketAccumulator:
+def _write_stress(table: Any, partition: int, acc: MarketAccumulator, sampled: dict[int, dict[str, list[str]]],
+                  bucket: int, instrument: str, event_id: str) -> None:
+    """Store what one tick changed: its instrument's entry of its bucket, the head when a bucket opened or closed.
+
+    The head's last offset is then older than the entries: ticks after it are added again on a
+    restore, which changes nothing (a bucket's sets and its sample take each tick once).
+    """
+    gone = [b for b in sampled if b not in acc.buckets]
+    for b in gone:
+        for name in sampled.pop(b):
+            table.pop(_stress_key(partition, b, name), None)
+    opened = bucket in acc.buckets and bucket not in sampled
+    if bucket in acc.buckets:
+        ids = sampled.setdefault(bucket, {}).setdefault(instrument, [])
+        if event_id in acc.buckets[bucket][2] and event_id not in ids:
+            ids.append(event_id)
+        table[_stress_key(partition, bucket, instrument)] = dump_stress_entry(acc, bucket, instrument, ids)
+    if gone or opened:
+        table[_stress_key(partition)] = dump_stress_head(acc)
+
+
+def _stress_of(rt: Runtime, table: Any, partition: int
+               ) -> tuple[MarketAccumulator, dict[int, dict[str, list[str]]]]:
     """The partition's stress accumulator as its table holds it; a fresh one if none, or if it does not decode."""
-    key = _stress_key(partition)
-    blob = table.get(key)
-    if blob:
+    head_key = _stress_key(partition)
+    prefix = head_key + b":"
+    topic = table.changelog_topic.get_topic_name()
+    head = table.get(head_key)
+    if head:
+        entries = []
+        for key, blob in list(table.items()):
+            if not bytes(key).startswith(prefix):
+                continue
+            try:  # each entry on its own: a bad one is set aside, the others still count
+                b, _, name = bytes(key)[len(prefix):].decode().partition(":")
+                load_stress(head, [(int(b), name, blob)])
+                entries.append((int(b), name, blob))
+            except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition's ticks go on
+                rt.quarantine.set_aside(STRESS_TABLE, topic, partition, bytes(key), blob, exc)
+                table.pop(key, None)
         try:
-            acc = load_accumulator(blob)
-            if isinstance(acc, MarketAccumulator):
-                return acc
-            raise ValueError(f"a {type(acc).__name__} under a market key")
-        except Exception as exc:  # noqa: BLE001 - whatever the value is, the partition's ticks go on
-            rt.quarantine.set_aside(STRESS_TABLE, table.changelog_topic.get_topic_name(), partition, key, blob, exc)
-    return MarketAccumulator(f"p{partition}")
+            return load_stress(head, entries)
+        except Exception as exc:  # noqa: BLE001 - whatever the head is, the partition's ticks go on
+            rt.quarantine.set_aside(STRESS_TABLE, topic, partition, head_key, head, exc)
+    return MarketAccumulator(f"p{partition}"), {}
 
 
 def _restore(rt: Runtime, partition: int, key: bytes, blob: bytes) -> InstrumentState:

@@ -1,6 +1,7 @@
 """Snapshots of the platform aggregates' state, so stage one and stage two come back after a crash.
 
-Stage one (a FlowAccumulator or MarketAccumulator per partition) is one small value per source.
+Stage one: a FlowAccumulator per partition is one small value; a MarketAccumulator is kept per
+instrument and bucket (its buckets hold every instrument that ticked: one value would be O(instruments)).
 Stage two (the two monitors) is written incrementally: one value per stored (bucket, source) partial,
 written when it is stored and deleted when its bucket leaves the window, and one small value of
 everything else (watermark, judged buckets, open alerts, baseline, last input offset), written per
@@ -19,13 +20,15 @@ from typing import Any
 
 import msgspec
 
-from models.aggregates import FlowAccumulator, MarketAccumulator, _bounds, _Monitor
+from models.aggregates import MAX_SAMPLE_IDS, FlowAccumulator, MarketAccumulator, _bounds, _Monitor
 from models.features import StateCodecError
 
 FORMAT = 1
 
 
-class _Snapshot(msgspec.Struct, forbid_unknown_fields=True, tag_field="kind"):
+class _Head(msgspec.Struct, forbid_unknown_fields=True):
+    """What a stage-one accumulator keeps besides its buckets."""
+
     v: int
     source: str
     bucket_seconds: int
@@ -35,12 +38,19 @@ class _Snapshot(msgspec.Struct, forbid_unknown_fields=True, tag_field="kind"):
     late_dropped: int
 
 
-class _FlowSnapshot(_Snapshot, tag="flow"):
+class _FlowSnapshot(_Head, tag_field="kind", tag="flow"):
     buckets: list[tuple[int, float, float, int, list[str]]]
 
 
-class _MarketSnapshot(_Snapshot, tag="market"):
-    buckets: list[tuple[int, list[str], list[str], list[str], list[str], list[str], dict[str, float]]]
+def _head(acc: FlowAccumulator | MarketAccumulator) -> dict[str, Any]:
+    return {"v": FORMAT, "source": acc.source, "bucket_seconds": acc.bucket_seconds, "keep_buckets": acc.keep_buckets,
+            "max_bucket": acc.max_bucket, "last_offset": acc.last_offset, "late_dropped": acc.late_dropped}
+
+
+def _checked_head(h: _Head, what: str) -> None:
+    _check_version(h.v, what)
+    if h.bucket_seconds <= 0 or h.keep_buckets < 0:
+        raise StateCodecError(f"{what} with bucket_seconds {h.bucket_seconds}, keep {h.keep_buckets}")
 
 
 class _MonitorMeta(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,7 +72,7 @@ class _PlatformMeta(msgspec.Struct, forbid_unknown_fields=True):
 
 _FLOW_PART = tuple[int, float, float, list[str]]  # (size, outflow, inflow, event ids)
 _MARKET_PART = tuple[int, list[str], list[str], list[str], list[str], list[str], float]
-_ACC = msgspec.json.Decoder(_FlowSnapshot | _MarketSnapshot)
+_ACC = msgspec.json.Decoder(_FlowSnapshot)
 _META = msgspec.json.Decoder(_PlatformMeta)
 _PARTS: dict[str, msgspec.json.Decoder[Any]] = {"liquidity": msgspec.json.Decoder(_FLOW_PART),
                                                  "market_stress": msgspec.json.Decoder(_MARKET_PART)}
@@ -73,20 +83,13 @@ def _check_version(v: int, what: str) -> None:
         raise StateCodecError(f"{what} of format {v}; this release reads format {FORMAT}")
 
 
-def dump_accumulator(acc: FlowAccumulator | MarketAccumulator) -> bytes:
-    """A stage-one accumulator as a versioned JSON value (its buckets, watermark and last offset)."""
-    head = {"v": FORMAT, "source": acc.source, "bucket_seconds": acc.bucket_seconds,
-            "keep_buckets": acc.keep_buckets, "max_bucket": acc.max_bucket, "last_offset": acc.last_offset,
-            "late_dropped": acc.late_dropped}
-    if isinstance(acc, FlowAccumulator):
-        buckets: list[Any] = [(b, out, inn, n, ids) for b, (out, inn, n, ids) in acc.buckets.items()]
-        return msgspec.json.encode({**head, "kind": "flow", "buckets": buckets})
-    buckets = [(b, sorted(act), sorted(bad), ids, sorted(dn), sorted(up), spacings)
-               for b, (act, bad, ids, dn, up, spacings) in acc.buckets.items()]
-    return msgspec.json.encode({**head, "kind": "market", "buckets": buckets})
+def dump_accumulator(acc: FlowAccumulator) -> bytes:
+    """A flow accumulator as a versioned JSON value (its buckets, watermark and last offset)."""
+    buckets = [(b, out, inn, n, ids) for b, (out, inn, n, ids) in acc.buckets.items()]
+    return msgspec.json.encode({"kind": "flow", **_head(acc), "buckets": buckets})
 
 
-def load_accumulator(blob: bytes) -> FlowAccumulator | MarketAccumulator:
+def load_accumulator(blob: bytes) -> FlowAccumulator:
     """Read dump_accumulator()'s value; every bucket is marked changed, so the next emission sends it again.
 
     Partials are cumulative and stage two keeps the larger of two versions, so sending a bucket
@@ -95,21 +98,85 @@ def load_accumulator(blob: bytes) -> FlowAccumulator | MarketAccumulator:
     try:
         snap = _ACC.decode(blob)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise StateCodecError(f"not an aggregates accumulator: {exc}") from None
-    _check_version(snap.v, "accumulator")
-    if snap.bucket_seconds <= 0 or snap.keep_buckets < 0:
-        raise StateCodecError(f"accumulator with bucket_seconds {snap.bucket_seconds}, keep {snap.keep_buckets}")
-    acc: FlowAccumulator | MarketAccumulator
-    if isinstance(snap, _FlowSnapshot):
-        acc = FlowAccumulator(snap.source, snap.bucket_seconds, snap.keep_buckets)
-        acc.buckets = {b: [out, inn, n, list(ids)] for b, out, inn, n, ids in snap.buckets}
-    else:
-        acc = MarketAccumulator(snap.source, snap.bucket_seconds, snap.keep_buckets)
-        acc.buckets = {b: (set(act), set(bad), list(ids), set(dn), set(up), dict(sp))
-                       for b, act, bad, ids, dn, up, sp in snap.buckets}
+        raise StateCodecError(f"not a flow accumulator: {exc}") from None
+    _checked_head(snap, "flow accumulator")
+    acc = FlowAccumulator(snap.source, snap.bucket_seconds, snap.keep_buckets)
+    acc.buckets = {b: [out, inn, n, list(ids)] for b, out, inn, n, ids in snap.buckets}
     acc.max_bucket, acc.last_offset, acc.late_dropped = snap.max_bucket, snap.last_offset, snap.late_dropped
     acc.dirty = set(acc.buckets)
     return acc
+
+
+# One instrument in one stress bucket: (abnormal, moved down, moved up, spacing, its sampled event ids).
+_STRESS_ENTRY = tuple[bool, bool, bool, float, list[str]]
+_HEAD = msgspec.json.Decoder(_Head)
+_ENTRY: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_STRESS_ENTRY)
+
+
+def dump_stress_head(acc: MarketAccumulator) -> bytes:
+    """A stress accumulator's watermark and last offset; its buckets are kept per instrument (dump_stress_entry)."""
+    return msgspec.json.encode(_head(acc))
+
+
+def dump_stress_entry(acc: MarketAccumulator, bucket: int, instrument: str, ids: list[str]) -> bytes:
+    """One instrument of one bucket: a few dozen bytes, where the whole accumulator is O(instruments).
+
+    A whole snapshot per changing tick measured 347 kB and 1.7 ms with 2,000 instruments a partition.
+    `ids` are the instrument's event ids the bucket's sample took: the sample keeps the smallest
+    ids offered, so the smallest of all entries' ids are the bucket's sample again.
+    """
+    _, bad, _, down, up, spacings = acc.buckets[bucket]
+    return msgspec.json.encode((instrument in bad, instrument in down, instrument in up,
+                                spacings.get(instrument, 0.0), ids))
+
+
+def load_stress(head: bytes, entries: Iterable[tuple[int, str, bytes]]
+                ) -> tuple[MarketAccumulator, dict[int, dict[str, list[str]]]]:
+    """A stress accumulator from its head and (bucket, instrument, entry) values, with the entries' ids by bucket.
+
+    Every bucket is marked changed, so the next emission sends it again (see load_accumulator).
+    """
+    try:
+        h = _HEAD.decode(head)
+        decoded = [(b, name, _ENTRY.decode(blob)) for b, name, blob in entries]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise StateCodecError(f"not a market-stress value: {exc}") from None
+    _checked_head(h, "market-stress head")
+    acc = MarketAccumulator(h.source, h.bucket_seconds, h.keep_buckets)
+    acc.max_bucket, acc.last_offset, acc.late_dropped = h.max_bucket, h.last_offset, h.late_dropped
+    sampled: dict[int, dict[str, list[str]]] = {}
+    for b, name, (abnormal, down, up, spacing, ids) in sorted(decoded):
+        active, bad, sample, dn, upw, spacings = acc.buckets.setdefault(b, (set(), set(), [], set(), set(), {}))
+        active.add(name)
+        spacings[name] = spacing
+        if abnormal:
+            bad.add(name)
+        if down:
+            dn.add(name)
+        if up:
+            upw.add(name)
+        sample.extend(ids)
+        sampled.setdefault(b, {})[name] = list(ids)
+    for _, _, sample, _, _, _ in acc.buckets.values():
+        sample[:] = sorted(set(sample))[:MAX_SAMPLE_IDS]
+    acc.dirty = set(acc.buckets)
+    return acc, sampled
+
+
+def _decodes(blob: bytes, decoders: list[msgspec.json.Decoder[Any]], what: str) -> None:
+    """Raise StateCodecError unless one of `decoders` accepts `blob`."""
+    for decoder in decoders:
+        try:
+            decoder.decode(blob)
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+    raise StateCodecError(f"not a {what}")
+
+
+def check_stress_value(blob: bytes) -> None:
+    """Raise StateCodecError unless `blob` is a market-stress head or entry (the table's check on recovery)."""
+    _decodes(blob, [_HEAD, _ENTRY], "market-stress value (head or instrument entry)")
 
 
 def part_key(monitor: str, bucket: int, source: str) -> bytes:
@@ -176,14 +243,7 @@ def dump_meta(monitors: dict[str, _Monitor], offset: int) -> bytes:
 
 def check_value(blob: bytes) -> None:
     """Raise StateCodecError unless `blob` is some stage-two value (checked on recovery; keys are checked on use)."""
-    decoders: list[msgspec.json.Decoder[Any]] = [_META, *_PARTS.values()]
-    for decoder in decoders:
-        try:
-            decoder.decode(blob)
-            return
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            continue
-    raise StateCodecError("not a stage-two value (meta or stored partial)")
+    _decodes(blob, [_META, *_PARTS.values()], "stage-two value (meta or stored partial)")
 
 
 def load_meta(blob: bytes) -> _PlatformMeta:
@@ -228,5 +288,6 @@ def restore(monitors: dict[str, _Monitor], meta: _PlatformMeta,
     return meta.offset
 
 
-__all__ = ["FORMAT", "META_KEY", "check_value", "dump_accumulator", "dump_meta", "dump_part", "load_accumulator",
-           "load_meta", "load_part", "part_key", "restore", "take_changes"]
+__all__ = ["FORMAT", "META_KEY", "check_stress_value", "check_value", "dump_accumulator", "dump_meta", "dump_part",
+           "dump_stress_entry", "dump_stress_head", "load_accumulator", "load_meta", "load_part", "load_stress",
+           "part_key", "restore", "take_changes"]

@@ -13,9 +13,11 @@ from models.platform_state import (
     check_value,
     dump_accumulator,
     dump_meta,
+    dump_stress_head,
     load_accumulator,
     load_meta,
     load_part,
+    load_stress,
     restore,
     take_changes,
 )
@@ -27,6 +29,21 @@ CATEGORIES = ("liquidity_run", "market_stress")
 
 def _monitors(pipe: Pipeline) -> dict:
     return {"liquidity": pipe.monitors.liquidity, "market_stress": pipe.monitors.stress}
+
+
+def _stress_round_trip(acc: MarketAccumulator) -> MarketAccumulator:
+    """A stress accumulator written per instrument entry, as the market agent does, and read back."""
+    from agents.market import _write_stress
+
+    table: dict[bytes, bytes] = {}
+    sampled: dict = {b: {name: [e for e in ids] if name == min(active) else [] for name in active}
+                     for b, (active, _, ids, _, _, _) in acc.buckets.items()}
+    for b, (active, _, _, _, _, _) in acc.buckets.items():
+        for name in sorted(active):
+            _write_stress(table, 0, acc, sampled, b, name, "")
+    entries = [(int(k.split(b":")[1]), k.split(b":", 2)[2].decode(), v) for k, v in table.items() if b":" in k]
+    back, _ = load_stress(dump_stress_head(acc), entries)
+    return back
 
 
 def _run(events, restart_at: int | None) -> list[tuple[str, str, str]]:
@@ -47,9 +64,9 @@ def _run(events, restart_at: int | None) -> list[tuple[str, str, str]]:
                 table[key] = value
         table[META_KEY] = dump_meta(_monitors(pipe), i)
         if i == restart_at:
-            flows, stress = dump_accumulator(pipe.flows), dump_accumulator(pipe.stress)
             fresh = Pipeline(load_catalogue("deploy/rules.yaml"))
-            fresh.flows, fresh.stress = load_accumulator(flows), load_accumulator(stress)  # type: ignore[assignment]
+            fresh.flows = load_accumulator(dump_accumulator(pipe.flows))
+            fresh.stress = _stress_round_trip(pipe.stress)
             parts = [load_part(k, v) for k, v in table.items() if k != META_KEY]
             assert restore(_monitors(fresh), load_meta(table[META_KEY]), parts) == i
             fresh.instruments, fresh.accounts, fresh.detectors = pipe.instruments, pipe.accounts, pipe.detectors
@@ -77,10 +94,6 @@ def test_accumulators_round_trip_and_resend_their_buckets():
     assert (back.buckets, back.last_offset, back.max_bucket) == (flows.buckets, 4, flows.max_bucket)
     assert back.add(1.0, "withdrawal", "debit", 1.0, "e0", offset=0) == []  # redelivered: recognised by offset
     assert [p.bucket for p in back.flush()] == sorted(flows.buckets)  # every kept bucket sent again
-    stress = MarketAccumulator("p2")
-    stress.add(5.0, "A", True, "t1", move=-1, spacing=60.0, offset=7)
-    again = load_accumulator(dump_accumulator(stress))
-    assert isinstance(again, MarketAccumulator) and again.buckets == stress.buckets and again.last_offset == 7
 
 
 @pytest.mark.parametrize("blob", [b"", b"garbage", b'{"v": 2, "kind": "flow"}', b"[1, 2]"])
@@ -114,3 +127,31 @@ def test_storm_cap_admissions_come_back_per_partition():
     assert after.admit("velocity", 63.0) and not after.admit("velocity", 64.0)
     with pytest.raises(StateCodecError):
         after.load(1, b'{"v": 1, "counts": [["velocity", 1, -4]]}')
+
+
+def test_stress_buckets_stored_per_instrument_come_back_whole():
+    """The market agent's per-instrument entries (agents.market._write_stress) rebuild the accumulator exactly."""
+    import random
+
+    from agents.market import _write_stress
+    from models.aggregates import bucket_of
+    from models.platform_state import load_stress
+
+    rng = random.Random(5)
+    acc = MarketAccumulator("p0")
+    table: dict[bytes, bytes] = {}
+    sampled: dict = {}
+    for k in range(2000):  # 40 instruments, a tick every 20 s: buckets fill, close and are forgotten
+        ts, name, event_id = 20.0 * k + rng.random(), f"I{rng.randrange(40):02d}", f"e{rng.randrange(10**6):07d}"
+        before = acc.changes
+        acc.add(ts, name, rng.random() < 0.2, event_id, move=rng.choice([-1, 0, 0, 1]), spacing=60.0, offset=k)
+        if acc.changes != before:  # as the agent does
+            _write_stress(table, 0, acc, sampled, bucket_of(ts, acc.bucket_seconds), name, event_id)
+    entries = [(int(k.split(b":")[1]), k.split(b":", 2)[2].decode(), v) for k, v in table.items() if b":" in k]
+    assert {b for b, _, _ in entries} == set(acc.buckets), "entries of forgotten buckets are deleted"
+    back, _ = load_stress(table[b"p0"], entries)
+    assert back.buckets == acc.buckets
+    # The head is written when a bucket opens or closes: ticks after its offset are added again, harmlessly.
+    assert back.max_bucket == acc.max_bucket and back.last_offset <= acc.last_offset
+    with pytest.raises(StateCodecError):
+        load_stress(b"garbage", [])

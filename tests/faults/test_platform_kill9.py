@@ -193,12 +193,15 @@ def test_kill9_mid_crash_and_run_then_restart(fault_settings, start_worker):
         duplicates=ticks.total() - sum(learned.values()) - market_letters,
         warnings=len({a.alert_id for a in market}), warning_messages=len(market),
         notes={"consumed_before_kill": int(consumed), "redelivered_suppressed": int(redelivered),
+               # The state's cost: records written to the stress buckets' changelog, against ticks.
+               "stress_state_writes": len(read_topic(s, s.changelog("market-stress"))),
                "versions_lost": sum(1 for x in lost if x[0] in MARKET_CATEGORIES),
                "versions_extra": sum(1 for x in extra if x[0] in MARKET_CATEGORIES)}))
     report("kill -9 platform path", Accounting(
         events_in=partials, scored=partials - partial_letters, dead_lettered=partial_letters, duplicates=0,
         warnings=len({a.alert_id for a in platform}), warning_messages=len(platform),
         notes={"raised_before_kill": len(raised_before), "rules_version_after_restart": int(rules_after_restart),
+               "monitor_state_writes": len(read_topic(s, s.changelog("platform"))),
                "versions": f"{len(_versions(platform))} of {sum(1 for x in want if x[0] in PLATFORM_CATEGORIES)}",
                "versions_lost": sum(1 for x in lost if x[0] in PLATFORM_CATEGORIES),
                "versions_extra": sum(1 for x in extra if x[0] in PLATFORM_CATEGORIES)}))
