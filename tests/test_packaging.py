@@ -106,6 +106,10 @@ def test_replay_without_the_report_extra_writes_its_files_and_names_the_extra(in
     assert report["warnings"]["total"] > 0 and report["evaluation"]["transactions"]["roc_auc"] > 0.5
     assert (installed.cwd / "alerts.jsonl").stat().st_size > 0 and (installed.cwd / "scores.jsonl").stat().st_size > 0
     assert "<img" not in (installed.cwd / "report" / "report.html").read_text()
+    (installed.cwd / "events.parquet").write_bytes(b"PAR1")
+    parquet = subprocess.run([str(installed.bin / "riskwatch"), "replay", "events.parquet"], cwd=installed.cwd,
+                             env=installed.env, text=True, capture_output=True, timeout=60, check=False)
+    assert parquet.returncode != 0 and "needs pyarrow: pip install 'riskwatch[report]'" in parquet.stderr
 
 
 def _get(url: str) -> str | None:
