@@ -13,6 +13,7 @@ the file only maps the proxy's user names to roles.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -35,9 +36,17 @@ Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each may do what the ones before it may
 SESSION_SECONDS = 12 * 3600  # a shift; then sign in again
 TOKEN_PREFIX = "rwt_"  # API tokens are recognisable in logs and secret scanners
-_HASHER = PasswordHasher()  # argon2-cffi's defaults: Argon2id, RFC 9106 low-memory profile
-# Verified against when a user name is unknown, so a wrong name costs what a wrong password does.
-_DUMMY_HASH = _HASHER.hash(secrets.token_hex(16))
+_HASHER = PasswordHasher()  # argon2-cffi's defaults: Argon2id, RFC 9106 low-memory profile (64 MiB a hash)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when a user name is unknown, so a wrong name costs what a wrong password does.
+
+    Made on first use, not at import: a hash takes 64 MiB, and every `riskwatch` command imports this
+    module (a worker's peak RSS rose by 25 MiB before it had seen an event).
+    """
+    return _HASHER.hash(secrets.token_hex(16))
 
 
 class AuthError(RiskwatchError):
@@ -126,7 +135,7 @@ class Users:
         entry = self.users.get(name)
         stored = entry.get("hash") if entry else None
         try:
-            _HASHER.verify(stored or _DUMMY_HASH, password)
+            _HASHER.verify(stored or _dummy_hash(), password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
         if stored is None or entry is None:

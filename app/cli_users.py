@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from app.auth import ROLES, AuthError, Users
 from app.cli import command
+
+# The role names, spelled here so that listing commands does not import app.auth (argon2) at all.
+ROLES = ("viewer", "operator", "admin")
 
 
 def users_file(given: Path | None) -> Path:
@@ -24,6 +26,8 @@ def users_file(given: Path | None) -> Path:
 
 
 def _password(args: argparse.Namespace) -> str | None:
+    from app.auth import AuthError
+
     if args.proxy_only:
         return None
     if args.password_stdin:
@@ -57,6 +61,8 @@ def _users_args(p: argparse.ArgumentParser) -> None:
 @command("users", "Manage the console's users (viewer, operator, admin) and read-only API tokens.")(_users_args)
 def cmd_users(args: argparse.Namespace) -> int:
     """Add, remove or list console users, or issue and revoke read-only API tokens."""
+    from app.auth import Users
+
     users = Users(users_file(args.file))
     if args.action == "list":
         for name in sorted(users.users):

@@ -123,3 +123,16 @@ def test_the_users_command(tmp_path) -> None:
     short = run("add", "eve", "--password-stdin", stdin="short\n")
     assert short.returncode != 0 and "at least 12 characters" in short.stderr and "Traceback" not in short.stderr
     assert json.loads(f.read_text())["users"].keys() == {"otto", "pam"}
+
+
+def test_the_command_line_does_not_load_argon2_until_a_users_command_runs() -> None:
+    # A hash takes 64 MiB: loaded by every command (the worker too) it raised a worker's peak RSS by 25 MiB.
+    from app.auth import ROLES
+    from app.cli_users import ROLES as CLI_ROLES
+
+    assert CLI_ROLES == ROLES
+    code = ("import sys; from app.cli import _load_optional_commands; _load_optional_commands(); "
+            "assert 'argon2' not in sys.modules and 'app.auth' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
