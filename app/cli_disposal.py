@@ -30,22 +30,18 @@ def _act_args(p: argparse.ArgumentParser, resolve: bool = False) -> None:
                        help="was the warning a real risk (confirmed) or not (false_positive)")
 
 
-def publish_act(alert_id: str, action: str, by: str, note: str | None = None, verdict: str | None = None) -> str:
-    """Validate an act and publish it to risk.acks keyed by alert_id; return the full topic name."""
+def publish_act(alert_id: str, action: str, by: str, note: str | None = None, verdict: str | None = None,
+                assignee: str | None = None) -> str:
+    """Validate an act (models.lifecycle.make_act, as the console does) and publish it to risk.acks; return the topic.
+
+    The name comes from --by, which nobody checked: the act is marked `via: cli` in the audit trail.
+    """
     from app.admin import ensure_topics, producer
     from app.faust_app import ACKS
     from app.settings import get_settings
-    from models.lifecycle import AckEvent
+    from models.lifecycle import make_act
 
-    try:
-        act = AckEvent(alert_id=alert_id.strip().lower(), action=action, by=by.strip(), note=note,  # type: ignore[arg-type]
-                       verdict=verdict, ts=datetime.now(UTC))  # type: ignore[arg-type]
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"]) or "input"
-        hint = " (alert ids are 16-64 lowercase hexadecimal characters, as printed by `riskwatch tail`)" \
-            if field == "alert_id" else ""
-        raise RiskwatchError(f"{field}: {str(err['msg']).removeprefix('Value error, ')}{hint}") from None
+    act = make_act(alert_id, action, by, note=note, verdict=verdict, assignee=assignee, via="cli")
     s = get_settings()
     ensure_topics(s)
     prod = producer(s)
@@ -70,6 +66,33 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     """Publish a resolution with its verdict."""
     topic = publish_act(args.alert_id, "resolve", args.by, args.note, args.verdict)
     print(f"resolution of {args.alert_id} ({args.verdict}) by {args.by} sent to {topic}")
+    return 0
+
+
+def _assign_args(p: argparse.ArgumentParser) -> None:
+    _act_args(p)
+    p.add_argument("--to", required=True, dest="assignee", help="the person or team who takes the case")
+
+
+@command("assign", "Assign an alert to a person or team (publishes to risk.acks).")(_assign_args)
+def cmd_assign(args: argparse.Namespace) -> int:
+    """Publish an assignment."""
+    topic = publish_act(args.alert_id, "assign", args.by, args.note, assignee=args.assignee)
+    print(f"assignment of {args.alert_id} to {args.assignee} by {args.by} sent to {topic}")
+    return 0
+
+
+def _note_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("alert_id", help="the alert_id of the warning (24 hexadecimal characters)")
+    p.add_argument("--by", required=True, help="who is writing (name or user id), recorded in the audit trail")
+    p.add_argument("--note", required=True, help="the note's text")
+
+
+@command("note", "Add a note to an alert's audit trail (publishes to risk.acks).")(_note_args)
+def cmd_note(args: argparse.Namespace) -> int:
+    """Publish a note."""
+    topic = publish_act(args.alert_id, "note", args.by, args.note)
+    print(f"note on {args.alert_id} by {args.by} sent to {topic}")
     return 0
 
 

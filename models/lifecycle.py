@@ -26,17 +26,20 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.errors import EventError
+from app.errors import EventError, RiskwatchError
 from app.schemas import Level
 from models.feedback import VerdictNote, note_for
 from models.pages import Page, pending_pages
 from models.plans import Plan, PlanCatalogue, Trigger, make_trigger, next_level
 
 Status = Literal["open", "acknowledged", "resolved", "escalated", "expired"]
+Action = Literal["ack", "assign", "note", "resolve", "reopen"]
+Via = Literal["cli", "console"]
 ACTIVE: frozenset[str] = frozenset({"open", "acknowledged", "escalated"})
 Verdict = Literal["confirmed", "false_positive"]
 SYSTEM = "riskwatch"
 MAX_EARLY_ACTS = 20
+MAX_NOTE_KEYS = 64  # notes remembered per alert to recognise a redelivered one
 ORPHAN_TTL = 86_400.0  # an act for an alert that never arrives is given up after a day
 _RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
@@ -46,15 +49,22 @@ def _utc(ts: float) -> datetime:
 
 
 class AckEvent(BaseModel):
-    """A person's act on an alert (topic risk.acks, key alert_id): acknowledge, resolve or reopen it."""
+    """A person's act on an alert (topic risk.acks, key alert_id): acknowledge, assign, note, resolve or reopen it.
+
+    `via` says how `by` is known: "console" for the signed-in user of the web console, "cli" for a
+    name a script or the CLI's --by supplied (not authenticated; acts written before `via` existed
+    read as "cli").
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True, str_max_length=2000)
 
     alert_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
-    action: Literal["ack", "resolve", "reopen"]
+    action: Action
     by: str = Field(min_length=1, max_length=128)
     note: str | None = Field(None, max_length=1000)
     verdict: Verdict | None = None
+    assignee: str | None = Field(None, min_length=1, max_length=128, description="person or team (assign only)")
+    via: Via = "cli"
     ts: AwareDatetime
 
     @field_validator("ts")
@@ -65,10 +75,30 @@ class AckEvent(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _verdict_only_on_resolve(self) -> AckEvent:
+    def _fields_fit_the_action(self) -> AckEvent:
         if self.verdict is not None and self.action != "resolve":
             raise ValueError(f"verdict is only given with action 'resolve', not {self.action!r}")
+        if (self.assignee is not None) != (self.action == "assign"):
+            raise ValueError("assign needs an assignee (a person or team), and only assign takes one")
+        if self.action == "note" and not (self.note or "").strip():
+            raise ValueError("a note needs its text")
         return self
+
+
+def make_act(alert_id: str, action: str, by: str, *, note: str | None = None, verdict: str | None = None,
+             assignee: str | None = None, via: str = "cli", ts: datetime | None = None) -> AckEvent:
+    """A validated act for risk.acks, as the CLI and the console both publish it; RiskwatchError says what is wrong."""
+    try:
+        return AckEvent(alert_id=alert_id.strip().lower(), action=action, by=by.strip(),  # type: ignore[arg-type]
+                        note=note.strip() if note and note.strip() else None, verdict=verdict,  # type: ignore[arg-type]
+                        assignee=assignee.strip() if assignee is not None else None, via=via,  # type: ignore[arg-type]
+                        ts=ts or datetime.now(UTC))
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"]) or "input"
+        hint = " (alert ids are 16-64 lowercase hexadecimal characters, as printed by `riskwatch tail`)" \
+            if field == "alert_id" else ""
+        raise RiskwatchError(f"{field}: {str(err['msg']).removeprefix('Value error, ')}{hint}") from None
 
 
 def decode_act(raw: bytes | str) -> AckEvent:
@@ -119,6 +149,8 @@ class Lifecycle(BaseModel):
     triggered: list[str] = Field(default_factory=list, description="plan ids triggered for this alert")
     acked_by: str | None = None
     acked_at: float | None = None
+    assignee: str | None = None
+    note_keys: list[str] = Field(default_factory=list, description="digests of the latest notes applied")
     resolved_by: str | None = None
     resolved_at: float | None = None
     verdict: Verdict | None = None
@@ -139,13 +171,15 @@ class AuditRecord(BaseModel):
     audit_id: str
     alert_id: str
     seq: int
-    action: Literal["raise", "plan", "ack", "resolve", "reopen", "escalate", "overdue", "expire"]
+    action: Literal["raise", "plan", "ack", "assign", "note", "resolve", "reopen", "escalate", "overdue", "expire"]
     outcome: Literal["applied", "rejected"] = "applied"
     from_status: Status | None
     to_status: Status | None
     by: str
     note: str | None = None
     verdict: Verdict | None = None
+    assignee: str | None = None
+    via: str | None = Field(None, description="how `by` is known for a person's act: console (signed in) or cli")
     reason: str | None = None
     ts: AwareDatetime
     recorded_at: AwareDatetime
@@ -190,7 +224,7 @@ class Outcome:
 
 def _record(s: Lifecycle, out: Outcome, action: str, before: Status | None, *, by: str, ts: float, now: float,
             note: str | None = None, verdict: str | None = None, outcome: str = "applied",
-            reason: str | None = None) -> None:
+            reason: str | None = None, assignee: str | None = None, via: str | None = None) -> None:
     if outcome == "applied":
         s.seq += 1
         salt = f"{s.seq}"
@@ -201,7 +235,8 @@ def _record(s: Lifecycle, out: Outcome, action: str, before: Status | None, *, b
         audit_id=hashlib.sha256(f"{s.alert_id}|{action}|{salt}".encode()).hexdigest()[:24],
         alert_id=s.alert_id, seq=s.seq, action=action, outcome=outcome,  # type: ignore[arg-type]
         from_status=before, to_status=s.status if outcome == "applied" else before, by=by, note=note,
-        verdict=verdict, reason=reason, ts=_utc(ts), recorded_at=_utc(now),  # type: ignore[arg-type]
+        verdict=verdict, assignee=assignee, via=via, reason=reason, ts=_utc(ts),  # type: ignore[arg-type]
+        recorded_at=_utc(now),
         plan_id=s.plan.plan_id if s.plan else None, trigger_id=s.trigger_id, level=s.level,
         category=s.category, entity_type=s.entity_type, entity_id=s.entity_id))
     out.changed = True
@@ -270,7 +305,7 @@ def on_alert(state: Lifecycle | None, alert: Any, plans: PlanCatalogue, now: flo
 
 
 def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
-    """Apply an acknowledgement, resolution or reopening; refused acts are audited, not applied."""
+    """Apply an act (acknowledge, assign, note, resolve, reopen); refused acts are audited, not applied."""
     ts = act.ts.timestamp()
     if state is None or not state.known:
         # The warning may still be on its way (after an outage both topics are read at once): hold the act.
@@ -282,7 +317,7 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
     s = state.model_copy(deep=True)
     out = Outcome(s)
     before = s.status
-    kw: dict[str, Any] = {"by": act.by, "ts": ts, "now": now, "note": act.note}
+    kw: dict[str, Any] = {"by": act.by, "ts": ts, "now": now, "note": act.note, "via": act.via}
 
     def refuse(reason: str) -> Outcome:
         _record(s, out, act.action, before, outcome="rejected", reason=reason, verdict=act.verdict, **kw)
@@ -297,6 +332,20 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
         s.status, s.acked_by, s.acked_at = "acknowledged", act.by, ts
         out.ack_seconds.append(max(ts - s.opened_at, 0.0))
         _record(s, out, "ack", before, **kw)
+    elif act.action == "assign":
+        if s.assignee == act.assignee:
+            return out  # a repeat (or a redelivery)
+        if before not in ACTIVE:
+            return refuse(f"alert is {before}; reopen it before assigning it")
+        s.assignee = act.assignee
+        _record(s, out, "assign", before, assignee=act.assignee, **kw)
+    elif act.action == "note":
+        # A note changes no status, so a redelivered one is recognised by its content, author and time.
+        digest = hashlib.sha256(f"{act.by}|{ts}|{act.note}".encode()).hexdigest()[:16]
+        if digest in s.note_keys:
+            return out
+        s.note_keys = [*s.note_keys, digest][-MAX_NOTE_KEYS:]
+        _record(s, out, "note", before, **kw)
     elif act.action == "resolve":
         if before == "resolved":
             if s.resolved_by == act.by and s.verdict == act.verdict:
@@ -390,6 +439,7 @@ __all__ = [
     "Lifecycle",
     "Outcome",
     "decode_act",
+    "make_act",
     "next_due",
     "on_act",
     "on_alert",

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.errors import EventError
+from app.errors import EventError, RiskwatchError
 from models.lifecycle import (
     AckEvent,
     Lifecycle,
     decode_act,
+    make_act,
     next_due,
     on_act,
     on_alert,
@@ -196,6 +197,50 @@ def test_a_level_rise_replaces_the_page_labels() -> None:
         ("high", "fraud-ops", False), ("critical", "compliance", True)]
 
 
+def test_assign_and_note_keep_the_status_are_audited_and_recognised_when_redelivered() -> None:
+    s = opened()
+    out = on_act(s, act("assign", T0 + 10, assignee="fraud-ops", via="console"), T0 + 10)
+    assert out.state.assignee == "fraud-ops" and out.state.status == "open"
+    [rec] = out.audit
+    assert (rec.action, rec.assignee, rec.by, rec.via, rec.to_status) == ("assign", "fraud-ops", "alice", "console",
+                                                                         "open")
+    again = on_act(out.state, act("assign", T0 + 10, assignee="fraud-ops", via="console"), T0 + 11)
+    assert not again.audit and not again.changed
+    noted = on_act(out.state, act("note", T0 + 20, note="called the customer"), T0 + 20)
+    [rec] = noted.audit
+    assert (rec.action, rec.note, rec.via, rec.to_status) == ("note", "called the customer", "cli", "open")
+    repeat = on_act(noted.state, act("note", T0 + 20, note="called the customer"), T0 + 21)
+    assert not repeat.audit and not repeat.changed, "a redelivered note is not written twice"
+    other = on_act(noted.state, act("note", T0 + 30, note="called the customer"), T0 + 30)
+    assert [r.action for r in other.audit] == ["note"], "the same words later are a new note"
+    # A closed case is reopened before it is assigned again; notes may still be added.
+    closed = on_act(other.state, act("resolve", T0 + 40, verdict="confirmed"), T0 + 40).state
+    refused = on_act(closed, act("assign", T0 + 50, assignee="bob"), T0 + 50)
+    assert refused.audit[0].outcome == "rejected" and refused.state.assignee == "fraud-ops"
+    assert on_act(closed, act("note", T0 + 50, note="post mortem"), T0 + 50).audit[0].outcome == "applied"
+
+
+def test_reopen_after_resolution_opens_the_case_again_and_audits_who_did_it() -> None:
+    closed = on_act(opened(), act("resolve", T0 + 5, verdict="false_positive"), T0 + 5).state
+    out = on_act(closed, act("reopen", T0 + 9, by="bob", via="console"), T0 + 9)
+    assert out.state.status == "open" and out.state.verdict is None
+    assert [(r.action, r.from_status, r.to_status, r.by, r.via) for r in out.audit] == [
+        ("reopen", "resolved", "open", "bob", "console")]
+    assert on_act(out.state, act("reopen", T0 + 10), T0 + 10).audit[0].outcome == "rejected"
+
+
+def test_make_act_is_the_one_validation_of_cli_and_console_acts() -> None:
+    a = make_act(AID.upper(), "assign", " lin ", assignee=" fraud-ops ", via="console")
+    assert (a.alert_id, a.by, a.assignee, a.via) == (AID, "lin", "fraud-ops", "console")
+    assert make_act(AID, "ack", "lin").via == "cli"
+    with pytest.raises(RiskwatchError, match="assign needs an assignee"):
+        make_act(AID, "assign", "lin")
+    with pytest.raises(RiskwatchError, match="a note needs its text"):
+        make_act(AID, "note", "lin", note="  ")
+    with pytest.raises(RiskwatchError, match="alert ids are 16-64"):
+        make_act("nope", "ack", "lin")
+
+
 @pytest.mark.parametrize(("raw", "field", "message"), [
     (b'{"alert_id": ', None, "not valid JSON"),
     (b'{"alert_id": "a1b2c3d4e5f60718293a4b5c", "action": "ack", "ts": "2026-11-02T09:00:00+08:00"}', "by",
@@ -203,7 +248,7 @@ def test_a_level_rise_replaces_the_page_labels() -> None:
     (b'{"alert_id": "XYZ", "action": "ack", "by": "a", "ts": "2026-11-02T09:00:00+08:00"}', "alert_id",
      "alert_id: String should match pattern"),
     (b'{"alert_id": "a1b2c3d4e5f60718293a4b5c", "action": "close", "by": "a", "ts": "2026-11-02T09:00:00Z"}',
-     "action", "action: Input should be 'ack', 'resolve' or 'reopen'"),
+     "action", "action: Input should be 'ack', 'assign', 'note', 'resolve' or 'reopen'"),
     (b'{"alert_id": "a1b2c3d4e5f60718293a4b5c", "action": "ack", "by": "a", "ts": "2026-11-02T09:00:00"}', "ts",
      "ts: Input should have timezone info"),
     (b'{"alert_id": "a1b2c3d4e5f60718293a4b5c", "action": "ack", "by": "a", "verdict": "confirmed",'
@@ -218,7 +263,7 @@ def test_invalid_acts_name_the_field_and_problem(raw: bytes, field: str | None, 
 
 _steps = st.lists(st.one_of(
     st.tuples(st.just("alert"), st.sampled_from(["medium", "high", "critical"])),
-    st.tuples(st.just("act"), st.sampled_from(["ack", "resolve", "reopen"])),
+    st.tuples(st.just("act"), st.sampled_from(["ack", "assign", "note", "resolve", "reopen"])),
     st.tuples(st.just("tick"), st.floats(0, 700)),
 ), max_size=25)
 
@@ -235,8 +280,9 @@ def test_any_history_keeps_ids_unique_and_escalates_at_most_once_per_round(steps
         if kind == "alert":
             out = on_alert(state, alert(arg), PLANS, now)
         elif kind == "act":
-            verdict = "confirmed" if arg == "resolve" else None
-            out = on_act(state, act(arg, now, verdict=verdict), now)
+            extra = {"resolve": {"verdict": "confirmed"}, "assign": {"assignee": "fraud-ops"},
+                     "note": {"note": "seen"}}.get(arg, {})
+            out = on_act(state, act(arg, now, **extra), now)
         else:
             if state is None:
                 continue
@@ -245,7 +291,7 @@ def test_any_history_keeps_ids_unique_and_escalates_at_most_once_per_round(steps
         # Applying the very same input twice (a redelivery) adds nothing.
         if kind != "tick" and out.state is not None and out.state.known:
             again = (on_alert(out.state, alert(arg), PLANS, now) if kind == "alert"
-                     else on_act(out.state, act(arg, now, verdict=verdict), now))
+                     else on_act(out.state, act(arg, now, **extra), now))
             assert not again.triggers and not [r for r in again.audit if r.outcome == "applied"]
         triggers += [t.trigger_id for t in out.triggers]
         seqs += [r.seq for r in out.audit if r.outcome == "applied"]
