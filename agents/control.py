@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -52,43 +53,64 @@ class RuleControl:
 
     async def run(self) -> None:
         """Follow the control topic for the life of the worker (no consumer group: every worker reads all)."""
-        topic = self.rt.settings.topic(RULES)
-        consumer = AIOKafkaConsumer(**client_kwargs(self.rt.settings), enable_auto_commit=False,
-                                    group_id=None)
-        await consumer.start()
+        await follow(self.rt, RULES, lambda msg: self.handle(msg.value, msg.partition, msg.offset), "rules")
+
+
+async def follow(rt: Runtime, name: str, handle: Callable[[Any], Awaitable[None]], what: str,
+                 caught_up: Callable[[], None] | None = None) -> None:
+    """Read a single-partition control topic from its beginning and hand every record to `handle`, for ever.
+
+    No consumer group: every worker must read every record. `caught_up` is called once, when the
+    records that were there at the start have all been handled.
+    """
+    topic = rt.settings.topic(name)
+    consumer = AIOKafkaConsumer(**client_kwargs(rt.settings), enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp] if caught_up is not None else 0
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for msgs in batch.values():
+                for msg in msgs:
+                    await handle(msg)
+            # By position, not by the last record's offset: compaction may have removed the records before the end.
+            if caught_up is not None and await consumer.position(tp) >= end:
+                caught_up()
+                caught_up = None
+    except asyncio.CancelledError:
+        raise
+    finally:
+        # Bounded: with the broker gone the close waits for it, and the worker must exit (issue 17).
         try:
-            tp = TopicPartition(topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            while True:
-                batch = await consumer.getmany(timeout_ms=500)
-                for msgs in batch.values():
-                    for msg in msgs:
-                        await self.handle(msg.value, msg.partition, msg.offset)
-        except asyncio.CancelledError:
-            raise
-        finally:
-            # Bounded: with the broker gone the close waits for it, and the worker must exit (issue 17).
+            await asyncio.wait_for(consumer.stop(), CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning("the %s follower's consumer did not close within %.0f s; left to the process exit",
+                        what, CLOSE_SECONDS)
+
+
+def keep_running(rt: Runtime, name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run a follower as a task of the app for the life of the worker, restarting it 2 s after a failure."""
+
+    async def follower() -> None:
+        while True:
             try:
-                await asyncio.wait_for(consumer.stop(), CLOSE_SECONDS)
-            except TimeoutError:
-                log.warning("the rules follower's consumer did not close within %.0f s; left to the process exit",
-                            CLOSE_SECONDS)
+                await run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s follower failed; retrying in 2 s", name)
+                await asyncio.sleep(2.0)
+
+    follower.__name__ = follower.__qualname__ = f"follow_{name}"  # Faust names the task after the function
+    rt.app.task(follower)
 
 
 def attach(rt: Runtime, control: RuleControl) -> None:
     """Run the control-topic follower as a task of the app."""
-
-    @rt.app.task
-    async def follow_rules() -> None:
-        while True:
-            try:
-                await control.run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("rules follower failed; retrying in 2 s")
-                await asyncio.sleep(2.0)
+    keep_running(rt, "rules", control.run)
 
 
-__all__ = ["RuleControl", "attach", "client_kwargs"]
+__all__ = ["RuleControl", "attach", "client_kwargs", "follow", "keep_running"]

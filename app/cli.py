@@ -207,7 +207,7 @@ def _load_optional_commands() -> None:
     # Commands defined in their own modules register themselves on import.
     import importlib
 
-    for mod in ("app.cli_analysis", "app.cli_disposal", "app.cli_users"):
+    for mod in ("app.cli_analysis", "app.cli_disposal", "app.cli_lists", "app.cli_users"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -42,14 +42,15 @@ AUDIT = "risk.audit"
 DISCLOSURE = "risk.disclosure"
 SCORES = "risk.scores"
 FEEDBACK = "risk.feedback"  # analysts' verdicts that move operating points, one per alert (models.feedback)
+LISTS = "risk.lists"  # run-time block, watch and allow list entries, one record per entry (models.lists)
 # Disposal internals: warnings re-keyed by alert_id (co-partitioned with risk.acks), disclosure partials.
 ALERTS_BY_ID = "risk.alerts.by-id"
 DISCLOSURE_PARTIALS = "risk.disclosure.partials"
 ALL_TOPICS = (TRANSACTIONS, MARKET, ALERTS, DEADLETTER, RULES, AGGREGATES, CONTINGENCY, ACKS, AUDIT, DISCLOSURE,
-              SCORES, ALERTS_BY_ID, DISCLOSURE_PARTIALS, FEEDBACK)
+              SCORES, ALERTS_BY_ID, DISCLOSURE_PARTIALS, FEEDBACK, LISTS)
 # Control and second-stage topics have one partition: every reader must see every message in order.
-SINGLE_PARTITION = (RULES, AGGREGATES, DISCLOSURE_PARTIALS, FEEDBACK)
-COMPACTED = (RULES, FEEDBACK)
+SINGLE_PARTITION = (RULES, AGGREGATES, DISCLOSURE_PARTIALS, FEEDBACK, LISTS)
+COMPACTED = (RULES, FEEDBACK, LISTS)
 
 
 # Table values are our own state classes; the restricted codec refuses anything else a hostile

@@ -84,6 +84,21 @@ class Metrics:
             "riskwatch_rules_version", "Version of the rule catalogue in force", registry=r)
         self.rules_rejected = Counter(
             "riskwatch_rules_rejected_total", "Rule catalogue versions rejected as invalid", registry=r)
+        self.list_entries = Gauge(
+            "riskwatch_list_entries", "Entries in each run-time list (risk.lists) held by this worker", ["list"],
+            registry=r)
+        self.list_hits = Counter(
+            "riskwatch_list_hits_total", "Transactions that touched an entry of a block or watch list, by list",
+            ["list"], registry=r)
+        self.list_changes = Counter(
+            "riskwatch_list_changes_total", "List entries added or removed (risk.lists records applied)", ["op"],
+            registry=r)
+        self.list_rejected = Counter(
+            "riskwatch_list_rejected_total", "risk.lists records set aside (dead-lettered), by reason", ["reason"],
+            registry=r)
+        self.list_suppressed = Counter(
+            "riskwatch_list_suppressed_total", "Model warnings an allow list kept quiet (rules never ask)",
+            registry=r)
         self.open_alerts = Gauge(
             "riskwatch_open_alerts", "Alerts not yet resolved, by level", ["level"], registry=r)
         self.time_to_ack = Histogram(

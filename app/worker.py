@@ -13,13 +13,14 @@ from typing import Any
 import faust
 from prometheus_client import start_http_server
 
-from agents import control, disclosure, feedback, health, market, platform, transactions, web
+from agents import control, disclosure, feedback, health, lists, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics
 from app.faust_app import Runtime, create_app
 from app.logs import flush_logging
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
+from models.lists import ListIndex
 from models.rules import Catalogue, load_catalogue
 from models.scoring import TransactionScorer
 
@@ -45,6 +46,12 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
         monitors.set_catalogue(cat)
 
     control.attach(rt, control.RuleControl(rt, sink, catalogue, apply))
+    # Block, watch and allow lists analysts change at run time (risk.lists), consulted by the scorer.
+    index = ListIndex()
+    scorer.set_lists(index)
+    list_follower = lists.ListFollower(rt, sink, index)
+    lists.attach(rt, list_follower)
+    rt.extras["lists"] = list_follower
     # Analysts' verdicts (risk.feedback, written by the disposal agent) move the scorer's operating points.
     follower = feedback.FeedbackFollower(rt, scorer)
     feedback.attach(rt, follower)

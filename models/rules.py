@@ -11,6 +11,7 @@ from app.schemas import Level
 from deploy import resource
 from models.aggregates import LiquidityParams, MarketStressParams
 from models.detector import WEIGHTS
+from models.lists import ListsParams
 from models.market import MarketParams
 from models.yamlconf import parse_yaml_model, read_text
 
@@ -116,6 +117,7 @@ PARAMS: dict[str, type[BaseModel]] = {
     "market_anomaly": MarketParams,
     "market_crash": MarketParams,
     "market_stress": MarketStressParams,
+    "lists": ListsParams,
 }
 
 

@@ -54,6 +54,7 @@ from models.features import (
     stable_hash,
 )
 from models.findings import Finding, open_or_update, to_alert
+from models.lists import Hit, ListIndex, ListsParams, hit_message
 from models.rules import (
     AnomalyParams,
     Catalogue,
@@ -196,7 +197,14 @@ class TransactionScorer:
         self.on_finding = on_finding
         self.feedback: Feedback | None = None
         self._fb_max = 1.0
+        self.lists: ListIndex | None = None
         self.set_catalogue(catalogue)
+
+    def set_lists(self, lists: ListIndex | None) -> None:
+        """Consult these run-time block, watch and allow lists (models.lists); the catalogue defines them."""
+        self.lists = lists
+        if lists is not None:
+            lists.configure(self._list_params)
 
     def set_feedback(self, feedback: Feedback | None) -> None:
         """Let analysts' verdicts move the operating point of the model and of non-required rules."""
@@ -235,6 +243,9 @@ class TransactionScorer:
         self._thresholds: dict[str, tuple[float, float]] = {}
         # Structuring is a day-long pattern: its debits hours apart are one case, not several.
         self._cooldowns = {"structuring": self._struct.window_seconds}
+        self._list_params: ListsParams | None = c.params("lists", ListsParams) if "lists" in self._on else None
+        if self.lists is not None:
+            self.lists.configure(self._list_params)
 
     @property
     def threshold(self) -> float:
@@ -415,6 +426,11 @@ class TransactionScorer:
                 or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
             # Some rule may fire: _rules decides (most events skip it).
             findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
+        lists = self.lists
+        if lists is not None and lists.active:
+            hits = lists.match(txn.account_id, txn.counterparty_id, device, txn.ip)
+            if hits:
+                findings = findings + self._list_findings(hits, txn.account_id)
         if not cold and cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
             f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
@@ -582,6 +598,9 @@ class TransactionScorer:
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
+        if self.lists is not None and self.lists.active:
+            findings += self._list_findings(
+                self.lists.match(txn.account_id, txn.counterparty_id, txn.device_id, txn.ip), txn.account_id)
         if not cold and cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:
@@ -670,6 +689,17 @@ class TransactionScorer:
                     value=float(debits_10m), threshold=float(v.min_debits))])
         return out
 
+    def _list_findings(self, hits: list[Hit], account: str) -> list[Finding]:
+        out = []
+        for hit in hits:
+            d = hit.definition
+            level = d.warn_level
+            score = 1.0 if level == "critical" else LEVEL_SCORE.get(level, 1.0 - (1.0 - self._threshold) / 2)
+            out.append(Finding(category=d.warn_category, level=level, score=score, detector=f"list:{hit.list}",
+                               reasons=[Reason(code=f"{d.type}_list", message=hit_message(hit))],
+                               entity_type="account", entity_id=account))
+        return out
+
     def _model(self, txn: TransactionFields, f: TxnFeatures, x: dict[str, float], raw: float, cal: float,
                hour: int) -> Finding | None:
         rule = self.catalogue.rule("anomaly")
@@ -677,6 +707,11 @@ class TransactionScorer:
         if rule is None or f.history < p.entity_warmup or self.detector.seen < p.global_warmup:
             return None
         if raw < p.min_evidence:
+            return None
+        lists = self.lists
+        if lists is not None and lists.allowing and lists.allowed(txn.account_id, txn.counterparty_id):
+            # Known-good on an allow list: the model stays quiet; the rules (regulators' among them) do not ask.
+            lists.suppressed += 1
             return None
         explained = explain(x, f, txn.currency, hour)
         category = self._categories.get(explained[0][0], rule.category) if explained else rule.category

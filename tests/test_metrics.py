@@ -450,7 +450,10 @@ def test_every_metric_has_a_test_here() -> None:
               "riskwatch_state_quarantined",  # moved on a real worker in tests/test_quarantine.py
               "riskwatch_redelivered",  # moved on a real worker in tests/faults/test_kill9.py
               # moved on a real worker in tests/test_feedback_e2e.py (needs a few thousand events)
-              "riskwatch_model_budget_per_1000", "riskwatch_model_operating_per_1000"}
+              "riskwatch_model_budget_per_1000", "riskwatch_model_operating_per_1000",
+              # moved in tests/test_lists.py (the follower) and on a real worker in tests/test_lists_e2e.py
+              "riskwatch_list_entries", "riskwatch_list_hits", "riskwatch_list_changes", "riskwatch_list_rejected",
+              "riskwatch_list_suppressed"}
     families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}
     assert families - tested == set(), "a new metric needs a test here that makes it move"
     assert tested <= families

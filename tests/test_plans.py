@@ -33,6 +33,8 @@ RAISED = {
     "market_anomaly": ["medium", "high"],
     "market_crash": ["high", "critical"],
     "market_stress": ["high", "critical"],
+    "block_list": ["high"],
+    "watch_list": ["medium"],
 }
 
 
@@ -53,8 +55,11 @@ def test_every_category_and_level_raised_has_a_dedicated_plan(shipped) -> None:
         for level in levels:
             plan = shipped.select(category, level)
             assert plan is not None and plan.category == category, (category, level)
-    rules = yaml.safe_load((ROOT / "deploy" / "rules.yaml").read_text())
-    assert {r["category"] for r in rules["rules"].values()} <= set(RAISED), "a new category needs a plan here"
+    rules = yaml.safe_load((ROOT / "deploy" / "rules.yaml").read_text())["rules"]
+    # The lists rule raises in its lists' categories, not its own.
+    lists = rules.pop("lists")["params"]["lists"].values()
+    raised = {r["category"] for r in rules.values()} | {f"{d['type']}_list" for d in lists if d["type"] != "allow"}
+    assert raised <= set(RAISED), "a new category needs a plan here"
 
 
 def test_the_plans_the_issue_asks_for(shipped) -> None:
@@ -168,7 +173,7 @@ def test_plans_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rows = [line.split() for line in out.splitlines()]
     assert ["fund_isolation", "critical", "fund-isolation-breach", "compliance"] in rows
     assert ["liquidity_run", "critical", "liquidity-run-critical", "treasury"] in rows
-    assert out.rstrip().endswith("14 plans: OK")
+    assert out.rstrip().endswith("16 plans: OK")
     no_fallback = tmp_path / "plans.yaml"
     no_fallback.write_text(plan_yaml())
     assert main(["plans", "check", str(no_fallback)]) == 2
@@ -176,12 +181,14 @@ def test_plans_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_every_runbook_link_points_at_a_section_of_the_docs(shipped) -> None:
-    docs = (ROOT / "docs" / "disposal.md").read_text()
-    # GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens.
-    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", docs, re.M)}
+    def anchors(path: str) -> set[str]:
+        # GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens.
+        docs = (ROOT / path).read_text()
+        return {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", docs, re.M)}
+
     for plan in shipped.plans.values():
         path, _, anchor = plan.runbook.partition("#")
-        assert path == "docs/disposal.md" and anchor in anchors, (plan.plan_id, plan.runbook)
+        assert path in ("docs/disposal.md", "docs/lists.md") and anchor in anchors(path), (plan.plan_id, plan.runbook)
 
 
 def test_alert_states_are_written_to_their_key_partition_without_asking_the_producer(tmp_path: Path) -> None:
