@@ -2,7 +2,8 @@
 # The Debian packages `make test` and `make demo` need: installed when missing (as root, or through
 # `sudo -n`), else one line naming the command to run, and a non-zero exit before anything else runs.
 #   deploy/setup-debian.sh demo   Java 17+ and Maven (the local Kafka broker), python3-venv
-#   deploy/setup-debian.sh test   the same, plus Prometheus (promtool), Alertmanager (amtool), Chromium
+#   deploy/setup-debian.sh test   the same, plus Prometheus (promtool), Alertmanager (amtool), Chromium,
+#                                 and a kubectl of 1.24 or newer (checked, not installed: see below)
 # Called by the Makefile and, through it, by .ci/run: the one place that knows these packages.
 set -euo pipefail
 
@@ -17,6 +18,13 @@ java_major() {
   [[ $out =~ version\ \"([0-9]+) ]] && echo "${BASH_REMATCH[1]}"
 }
 
+kubectl_minor() {
+  # `kubectl version --client -o json` says e.g. "minor": "32+" (vendor builds add the +).
+  local out
+  out=$(kubectl version --client -o json 2>/dev/null) || return 1
+  [[ $out =~ \"minor\":\ *\"([0-9]+) ]] && echo "${BASH_REMATCH[1]}"
+}
+
 major=$(command -v java >/dev/null && java_major || echo 0)
 ((major >= 17)) || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
@@ -28,6 +36,15 @@ case $mode in
     command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
     command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
     command -v chromium >/dev/null || missing+=(chromium)
+    # `kubectl kustomize` renders deploy/kubernetes for the schema checks (tests/test_deploy_tools.py).
+    # No Debian package will do: Debian 12's kubernetes-client is 1.20, whose kustomize rejects the
+    # kustomization's `envs` and `labels`; so a missing or older kubectl stops here, with no install.
+    minor=$(command -v kubectl >/dev/null && kubectl_minor || echo 0)
+    if ((minor < 24)); then
+      found=$( ((minor > 0)) && echo "1.$minor" || echo none)
+      echo "make $mode needs kubectl 1.24 or newer (found: $found; Debian 12's kubernetes-client is 1.20): install kubectl from the Kubernetes project's packages" >&2
+      exit 1
+    fi
     ;;
   *) echo "usage: $0 test|demo" >&2; exit 2 ;;
 esac

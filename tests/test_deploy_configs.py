@@ -472,8 +472,10 @@ def test_docker_compose_wires_the_stack() -> None:
 
 def test_dockerfile_installs_the_package_and_runs_the_worker() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
-    assert "pip install ." in dockerfile
+    # The base is an argument (a local one where python:3.11-slim cannot be pulled), the package in a venv.
+    assert re.search(r"^ARG BASE=python:3\.11-slim\nFROM \$\{BASE\}$", dockerfile, re.M)
+    assert "/opt/venv/bin/pip install ." in dockerfile
+    assert re.search(r"^ENV PATH=/opt/venv/bin:\$PATH", dockerfile, re.M)
     assert 'CMD ["riskwatch", "worker"]' in dockerfile
     assert re.search(r"^EXPOSE 9108 6066$", dockerfile, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()

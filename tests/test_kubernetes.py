@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from app.settings import Settings
@@ -116,13 +113,3 @@ def test_the_catalogues_in_the_configmaps_load() -> None:
     plans = K8S / generated["riskwatch-plans"]["files"][0].split("=", 1)[1]
     assert load_catalogue(rules).rules
     assert load_plans(plans)
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_renders() -> None:
-    # The catalogues live in deploy/, outside the kustomization root: hence the load restrictor.
-    proc = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(K8S)],
-                          capture_output=True, text=True, check=False, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(proc.stdout) if d]
-    assert kinds.count("ConfigMap") == 3 and "StatefulSet" in kinds

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "deploy" / "setup-debian.sh"
-TOOLS = ("java", "mvn", "promtool", "prometheus", "amtool", "prometheus-alertmanager", "chromium")
+TOOLS = ("java", "mvn", "promtool", "prometheus", "amtool", "prometheus-alertmanager", "chromium", "kubectl")
 
 
 def _stub(folder: Path, name: str, body: str) -> None:
@@ -26,11 +26,13 @@ def _stub(folder: Path, name: str, body: str) -> None:
 
 
 def _run(tmp_path: Path, mode: str, *, have: tuple[str, ...] = TOOLS, uid: int = 0, sudo: bool | None = None,
-         java: str = "17.0.15") -> tuple[subprocess.CompletedProcess[str], list[str]]:
+         java: str = "17.0.15", kubectl: str = "32+") -> tuple[subprocess.CompletedProcess[str], list[str]]:
     stubs = tmp_path / "bin"
     stubs.mkdir()
+    says = {"java": f'echo \'openjdk version "{java}" 2025-04-15\' >&2',
+            "kubectl": f"echo '{{\"clientVersion\": {{\"major\": \"1\", \"minor\": \"{kubectl}\"}}}}'"}
     for tool in have:
-        _stub(stubs, tool, f'echo \'openjdk version "{java}" 2025-04-15\' >&2' if tool == "java" else "exit 0")
+        _stub(stubs, tool, says.get(tool, "exit 0"))
     _stub(stubs, "id", f"echo {uid}")
     log = tmp_path / "apt.log"
     _stub(stubs, "apt-get", f'echo "$DEBIAN_FRONTEND $*" >> {log}')
@@ -62,8 +64,8 @@ def test_sudo_without_a_password_installs_too(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sudo", [None, False], ids=["no sudo", "sudo wants a password"])
 def test_otherwise_one_line_names_the_command_and_nothing_runs(tmp_path: Path, sudo: bool | None) -> None:
-    done, apt = _run(tmp_path, "test", have=("java", "promtool", "prometheus", "amtool", "prometheus-alertmanager"),
-                     uid=1000, sudo=sudo)
+    done, apt = _run(tmp_path, "test", have=("java", "promtool", "prometheus", "amtool", "prometheus-alertmanager",
+                                             "kubectl"), uid=1000, sudo=sudo)
     assert done.returncode == 1 and apt == []
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.rstrip().endswith("run  sudo apt-get install -y maven chromium")
@@ -73,6 +75,18 @@ def test_demo_needs_only_java_and_maven_and_java_must_be_17(tmp_path: Path) -> N
     done, apt = _run(tmp_path, "demo", have=("java", "mvn"), java="11.0.2")
     assert done.returncode == 0, done.stderr
     assert apt[-1] == "noninteractive install -y -qq openjdk-17-jre-headless"
+
+
+@pytest.mark.parametrize(("have", "kubectl", "found"), [
+    (tuple(t for t in TOOLS if t != "kubectl"), "", "none"),
+    (TOOLS, "20", "1.20"),
+], ids=["no kubectl", "Debian's 1.20"])
+def test_test_needs_a_kubectl_no_debian_package_provides(tmp_path: Path, have: tuple[str, ...], kubectl: str,
+                                                        found: str) -> None:
+    done, apt = _run(tmp_path, "test", have=have, kubectl=kubectl)
+    assert done.returncode == 1 and apt == [], "nothing to install would help: stop before apt-get"
+    assert len(done.stderr.splitlines()) == 1
+    assert f"needs kubectl 1.24 or newer (found: {found};" in done.stderr
 
 
 def test_make_and_ci_go_through_the_script() -> None:
