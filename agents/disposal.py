@@ -40,7 +40,7 @@ from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, FEEDBA
 from app.schemas import LEVELS, Alert
 from models.disclosure import AlertSnapshot
 from models.feedback import FeedbackAudit, VerdictNote, key_name
-from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, tick
+from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, team_of, tick
 from models.pages import sync_pages
 from models.plans import PlanCatalogue
 
@@ -82,6 +82,7 @@ class Disposal:
         self.pages_waiting = asyncio.Event()
         self._parsed: dict[bytes, tuple[bytes, Lifecycle]] = {}
         self._partition: dict[bytes, int] = {}
+        self._case_labels: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------- state access
     def owned(self) -> set[int] | None:
@@ -156,7 +157,7 @@ class Disposal:
         for rec in out.audit:
             await self.rt.topics[AUDIT].send(key=rec.alert_id.encode(), value=rec.model_dump_json().encode())
             self._published(AUDIT)
-            if rec.action in ("ack", "resolve", "reopen"):
+            if rec.action in ("ack", "assign", "note", "resolve", "reopen"):
                 m.acks.labels(rec.action, rec.outcome).inc()
         for detector, verdict in out.verdicts:
             m.verdicts.labels(detector, verdict).inc()
@@ -164,6 +165,8 @@ class Disposal:
             await self.feed_back(note, now)
         for seconds in out.ack_seconds:
             m.time_to_ack.observe(seconds)
+        for kind, team, seconds in out.case_times:
+            (m.case_time_to_ack if kind == "ack" else m.case_time_to_resolve).labels(team).observe(seconds)
         for act in out.given_up:
             m.acks.labels(act.action, "rejected").inc()
             await self.sink.dead_letter(act.model_dump_json().encode(), self.acks_name, None, None,
@@ -260,6 +263,7 @@ class Disposal:
         if owned is None:
             return
         open_by_level: Counter[str] = Counter()
+        cases: Counter[tuple[str, str]] = Counter()
         overdue = 0
         for key, state in list(self.owned_states(owned)):
             due = next_due(state, self.retention)
@@ -277,6 +281,8 @@ class Disposal:
                     state = out.state  # type: ignore[assignment]
                 if state is None:
                     continue
+            if state.known:
+                cases[(state.status, team_of(state))] += 1
             if state.active:
                 open_by_level[state.level] += 1
                 overdue += int(state.overdue)
@@ -289,6 +295,12 @@ class Disposal:
         for level in LEVELS:
             self.m.open_alerts.labels(level).set(open_by_level[level])
         self.m.overdue_plans.set(overdue)
+        # A (status, team) pair seen before and now empty reads 0, not its last count.
+        for pair in self._case_labels - cases.keys():
+            self.m.cases.labels(*pair).set(0)
+        for pair, n in cases.items():
+            self.m.cases.labels(*pair).set(n)
+        self._case_labels |= cases.keys()
 
 
 def attach(rt: Runtime, sink: Sink, plans: PlanCatalogue, disclosure: Any = None,

@@ -1,9 +1,12 @@
-"""The live warnings page on the worker's web server, fed by its own follower of what workers publish.
+"""The risk-ops console on the worker's web server: live warnings, case views and case acts.
 
 Every worker follows the whole of risk.alerts (and, for plans and their progress, risk.contingency
 and risk.audit) with a group-less consumer starting a few hundred messages back, so any worker's
 page shows every warning, not only those of the partitions it happens to own, and no extra
-service is needed.
+service is needed. Sign-in, roles and CSRF are agents/console.py's; the events behind a case are
+read back on demand (agents/case.py). An act from the console is built by the same function as
+the CLI's (models.lifecycle.make_act) and goes the same way: risk.acks, the disposal agent's
+lifecycle, risk.audit, and back into this feed for every open console.
 """
 
 from __future__ import annotations
@@ -11,19 +14,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web as aioweb
 from aiokafka import AIOKafkaConsumer
-from faust import web
+from aiokafka.errors import KafkaError
 
+from agents.case import EventLookup
+from agents.console import PRINCIPAL, Console, page_csp
 from agents.control import client_kwargs
 from app.errors import RiskwatchError
-from app.faust_app import ALERTS, AUDIT, CONTINGENCY, Runtime
+from app.faust_app import ACKS, ALERTS, AUDIT, CONTINGENCY, Runtime
 from app.schemas import LEVELS
+from models.lifecycle import AckEvent, make_act
 
 log = logging.getLogger("riskwatch.agents.web")
 
@@ -31,7 +40,12 @@ PAGE = files("app").joinpath("static/warnings.html")  # package data of app, in 
 BACKLOG = 500  # messages read back per partition when the follower starts
 KEEP = 500  # distinct warnings (latest version each) held in memory and served
 ACTIVE = ("open", "acknowledged", "escalated")  # statuses that count as open on the page
+TRAIL = 50  # audit records kept per warning for its case view
+HISTORY_SECONDS = 30 * 86400  # the entity's other warnings shown in a case view
+STATUS_ACTIONS = frozenset({"raise", "plan", "ack", "resolve", "reopen", "escalate", "expire"})
 PlanLookup = Callable[[dict[str, Any]], tuple[str | None, str | None]]
+# What the feed knows about a warning beyond its message, kept across its updates.
+CARRIED = ("plan", "owner", "plan_source", "escalated_to", "status", "status_by", "assignee", "notes", "last_note")
 
 
 class AlertFeed:
@@ -45,6 +59,9 @@ class AlertFeed:
         self.early: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.seq = 0
         self.disposal_seen = False
+        # Per warning, for its case view only (not in every poll): audit trail and plan triggers.
+        self.trails: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.triggers: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
     def add(self, alert: dict[str, Any], published_at: float) -> None:
         """Take one warning message (new or an update of an earlier alert_id)."""
@@ -56,9 +73,9 @@ class AlertFeed:
         entry = {**alert, "seq": self.seq, "published_at": published_at,
                  "versions": previous["versions"] + 1 if previous else 1,
                  "plan": None, "owner": None, "plan_source": None, "escalated_to": None,
-                 "status": "open", "status_by": None}
+                 "status": "open", "status_by": None, "assignee": None, "notes": 0, "last_note": None}
         if previous is not None:
-            for key in ("plan", "owner", "plan_source", "escalated_to", "status", "status_by"):
+            for key in CARRIED:
                 entry[key] = previous[key]
         entry.update(self.early.pop(alert_id, {}))
         if entry["plan_source"] != "triggered" and self.plan_of is not None:
@@ -69,7 +86,9 @@ class AlertFeed:
                 log.exception("plan lookup failed for %s", alert_id)
         self.items[alert_id] = entry
         while len(self.items) > self.keep:
-            self.items.popitem(last=False)
+            gone, _ = self.items.popitem(last=False)
+            self.trails.pop(gone, None)
+            self.triggers.pop(gone, None)
 
     def _change(self, alert_id: str, fields: dict[str, Any]) -> None:
         entry = self.items.get(alert_id)
@@ -82,12 +101,28 @@ class AlertFeed:
         self.seq += 1
         entry.update(fields, seq=self.seq)
 
+    def _keep(self, book: OrderedDict[str, list[dict[str, Any]]], alert_id: str, record: dict[str, Any],
+              limit: int) -> bool:
+        """Keep a record for a case view; False when it is already kept (the follower read it again)."""
+        kept = book.setdefault(alert_id, [])
+        book.move_to_end(alert_id)
+        while len(book) > 4 * self.keep:
+            book.popitem(last=False)
+        if record in kept:
+            return False
+        kept.append(record)
+        del kept[:-limit]
+        return True
+
     def on_trigger(self, trigger: dict[str, Any]) -> None:
         """Take a contingency trigger: the plan set in motion for a warning, or its escalation."""
         alert_id, team = trigger.get("alert_id"), trigger.get("owner_team")
         if not isinstance(alert_id, str):
             return
         self.disposal_seen = True
+        self._keep(self.triggers, alert_id, {k: trigger.get(k) for k in (
+            "kind", "plan_id", "title", "actions", "owner_team", "level", "opened_at", "ack_deadline",
+            "resolve_deadline", "runbook")}, 8)
         if trigger.get("kind", "plan") == "escalation":
             self._change(alert_id, {"escalated_to": team})
         else:
@@ -95,12 +130,45 @@ class AlertFeed:
                                     "plan_source": "triggered"})
 
     def on_audit(self, record: dict[str, Any]) -> None:
-        """Take an audit record: a warning acknowledged, escalated, resolved, reopened or expired."""
-        alert_id, status = record.get("alert_id"), record.get("to_status")
-        if not isinstance(alert_id, str) or not isinstance(status, str) or record.get("outcome") == "rejected":
+        """Take an audit record: a warning acknowledged, assigned, noted, escalated, resolved, reopened or expired."""
+        alert_id, status, action = record.get("alert_id"), record.get("to_status"), record.get("action")
+        if not isinstance(alert_id, str):
+            return
+        kept = {k: record.get(k) for k in ("seq", "action", "outcome", "from_status", "to_status", "by", "via",
+                                           "note", "verdict", "assignee", "reason", "ts", "recorded_at")}
+        if record.get("kind") == "feedback":  # a verdict that moved a detector's operating point
+            kept["reason"] = (f"verdict moved the factor of {record.get('key')} from {record.get('old_factor')} "
+                              f"to {record.get('new_factor')}")
+        if not self._keep(self.trails, alert_id, kept, TRAIL):
+            return
+        if not isinstance(status, str) or record.get("outcome") == "rejected":
+            if alert_id in self.items:  # a refused act still shows in an open case view
+                self._change(alert_id, {})
             return
         self.disposal_seen = True
-        self._change(alert_id, {"status": status, "status_by": record.get("by")})
+        fields: dict[str, Any] = {}
+        if action is None or action in STATUS_ACTIONS:
+            fields.update(status=status, status_by=record.get("by"))
+        if action == "assign":
+            fields["assignee"] = record.get("assignee")
+        if record.get("note"):
+            fields["last_note"] = {"by": record.get("by"), "note": record.get("note"), "ts": record.get("ts")}
+            fields["notes"] = sum(1 for r in self.trails.get(alert_id, ()) if r["note"] and r["outcome"] != "rejected")
+        self._change(alert_id, fields)
+
+    def case(self, alert_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """One warning's case: the warning, its plan triggers, audit trail and the entity's other recent warnings."""
+        a = self.items.get(alert_id)
+        if a is None:
+            return None
+        # Thirty days back from this warning (event time), so an old case shows what was known around it.
+        since = (_epoch(a.get("created_at")) or (now if now is not None else time.time())) - HISTORY_SECONDS
+        others = [{k: o.get(k) for k in ("alert_id", "created_at", "level", "category", "status", "score")}
+                  for o in reversed(self.items.values())
+                  if o["entity_id"] == a["entity_id"] and o["entity_type"] == a["entity_type"]
+                  and o["alert_id"] != alert_id and _epoch(o.get("created_at")) >= since]
+        return {"alert": a, "triggers": self.triggers.get(alert_id, []), "trail": self.trails.get(alert_id, []),
+                "others": others}
 
     def since(self, seq: int = 0, level: str | None = None, category: str | None = None) -> list[dict[str, Any]]:
         """Warnings changed after `seq`, newest first, optionally only one level and category."""
@@ -186,14 +254,128 @@ def _one_of(value: str | None, allowed: Any) -> str | None:
     return value if value and value in allowed else None
 
 
+def _epoch(value: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class ConsoleRoutes:
+    """The console's HTTP handlers (plain aiohttp) over a feed, a Console for sign-in and a way to publish acts."""
+
+    def __init__(self, feed: AlertFeed, console: Console, send_act: Callable[[AckEvent], Awaitable[None]],
+                 lookup: EventLookup | None = None, html: str | None = None) -> None:
+        self.feed, self.console, self.send_act, self.lookup = feed, console, send_act, lookup
+        self.html = html if html is not None else PAGE.read_text(encoding="utf-8")
+        console.csp = page_csp(self.html)
+
+    def install(self, app: aioweb.Application) -> None:
+        """Add the middleware and routes to an aiohttp application (Faust's, or a test's)."""
+        app.middlewares.append(self.console.middleware)
+        r = app.router
+        r.add_get("/", self.page)
+        r.add_get("/api/me", self.me)
+        r.add_post("/api/login", self.console.login)
+        r.add_post("/api/logout", self.logout)
+        r.add_get("/api/alerts", self.alerts)
+        r.add_get("/api/case/{alert_id}", self.case)
+        r.add_post("/api/act", self.act)
+
+    async def page(self, request: aioweb.Request) -> aioweb.Response:
+        """The page shell: sign-in form and console, no data (that comes from /api/*)."""
+        return aioweb.Response(text=self.html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def me(self, request: aioweb.Request) -> aioweb.Response:
+        """Who is signed in (and the session's CSRF token), or 401 with the sign-in form's token."""
+        return self.console.me(request)
+
+    async def logout(self, request: aioweb.Request) -> aioweb.Response:
+        """Sign out of this browser."""
+        return self.console.logout(request)
+
+    async def alerts(self, request: aioweb.Request) -> aioweb.Response:
+        """Warnings changed since ?since=SEQ (newest first), with counts per level; ?level= and ?category= filter."""
+        q = request.query
+        try:
+            since = max(int(q.get("since", "0")), 0)
+        except ValueError:
+            return _json({"error": "since must be a whole number (the seq of the last poll)"}, 400)
+        return _json(self.feed.snapshot(since, _one_of(q.get("level"), LEVELS), q.get("category") or None))
+
+    async def case(self, request: aioweb.Request) -> aioweb.Response:
+        """One warning's case view: the warning, its events, plan, audit trail and the entity's other warnings."""
+        case = self.feed.case(request.match_info["alert_id"])
+        if case is None:
+            return _json({"error": "no such warning among the newest this console holds"}, 404)
+        events: dict[str, Any] = {"events": [], "note": "events are not looked up on this console"}
+        if self.lookup is not None:
+            try:
+                events = await asyncio.wait_for(self.lookup.events(case["alert"]), timeout=10.0)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning("case view of %s: events not read: %r", case["alert"]["alert_id"], exc)
+                events = {"events": [], "note": f"events could not be read from Kafka just now ({type(exc).__name__})"}
+        return _json({**case, "events": events})
+
+    async def act(self, request: aioweb.Request) -> aioweb.Response:
+        """Publish the signed-in operator's act on a case to risk.acks, as `riskwatch ack|resolve|...` does."""
+        who: Any = request[PRINCIPAL]
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return _json({"error": "send a JSON object: alert_id, action and its fields"}, 400)
+        action = body.get("action")
+        if action == "resolve" and body.get("verdict") not in ("confirmed", "false_positive"):
+            return _json({"error": "a resolution needs a verdict: confirmed or false_positive"}, 400)
+        try:
+            act = make_act(str(body.get("alert_id", "")), str(action), who.name, note=_text(body.get("note")),
+                           verdict=_text(body.get("verdict")), assignee=_text(body.get("assignee")), via="console")
+        except RiskwatchError as exc:
+            return _json({"error": str(exc)}, 400)
+        await self.send_act(act)
+        log.info("console: %s (%s) %s %s", who.name, who.role, act.action, act.alert_id)
+        return _json({"sent": act.model_dump(mode="json")}, 202)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> aioweb.Response:
+    return aioweb.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+
+
+def _text(value: Any) -> str | None:
+    return str(value) if value is not None and value != "" else None
+
+
 def attach(rt: Runtime) -> AlertFeed:
-    """Serve the warnings page at / and its feed at /api/alerts, and follow the topics that feed them."""
-    feed = AlertFeed(plan_of=plan_lookup(rt.settings.plans_file))
+    """Serve the console (page, feed, case views, acts, sign-in) and follow the topics that feed it."""
+    s = rt.settings
+    feed = AlertFeed(plan_of=plan_lookup(s.plans_file))
     follower = AlertFollower(rt, feed)
-    html = PAGE.read_text(encoding="utf-8")
+    console = Console(s, rt.metrics.console_signins)
+    acks = rt.topics[ACKS]
+    acks_name = acks.get_topic_name()
+
+    async def send_act(act: AckEvent) -> None:
+        await acks.send(key=act.alert_id.encode(), value=act.model_dump_json().encode())
+        rt.metrics.events_published.labels(acks_name).inc()
+
+    routes = ConsoleRoutes(feed, console, send_act, EventLookup(s))
+    # Faust's aiohttp driver exposes its Application; the routes and middleware are plain aiohttp so
+    # that tests drive the same handlers with aiohttp's test client, without a worker.
+    routes.install(rt.app.web.web_app)  # type: ignore[attr-defined]
 
     @rt.app.task
     async def follow_alerts() -> None:
+        if console.users() is None:
+            if s.console_open_read_only:
+                log.warning("console: open read-only to anyone who reaches %s:%s (RISKWATCH_CONSOLE_OPEN_READ_ONLY); "
+                            "nobody can act on cases without an account", s.web_host, s.web_port)
+            else:
+                log.warning("console: %s; the page shows only a sign-in notice until then", console.no_users_message())
+        if console.ephemeral_secret:
+            log.info("console: sessions signed with a per-process secret (set RISKWATCH_SESSION_SECRET to keep "
+                     "them across restarts and share them between workers)")
         while True:
             try:
                 await follower.run()
@@ -203,31 +385,9 @@ def attach(rt: Runtime) -> AlertFeed:
                 log.exception("the warnings page's follower failed; retrying in 2 s")
                 await asyncio.sleep(2.0)
 
-    @rt.app.page("/")
-    class WarningsPage(web.View):
-        """The live warnings page (one self-contained HTML document)."""
-
-        async def get(self, request: web.Request) -> web.Response:
-            """Serve the page."""
-            return self.html(html, headers={"Cache-Control": "no-store"})
-
-    @rt.app.page("/api/alerts")
-    class AlertsApi(web.View):
-        """Warnings changed since ?since=SEQ (newest first), with counts per level; ?level= and ?category= filter."""
-
-        async def get(self, request: web.Request) -> web.Response:
-            """Answer one poll."""
-            q = request.query
-            try:
-                since = max(int(q.get("since", "0")), 0)
-            except ValueError:
-                return self.json({"error": "since must be a whole number (the seq of the last poll)"}, status=400)
-            level = _one_of(q.get("level"), LEVELS)
-            category = q.get("category") or None
-            return self.json(feed.snapshot(since, level, category), headers={"Cache-Control": "no-store"})
-
     rt.extras["alert_feed"] = feed
+    rt.extras["console"] = console
     return feed
 
 
-__all__ = ["AlertFeed", "AlertFollower", "attach", "plan_lookup"]
+__all__ = ["AlertFeed", "AlertFollower", "ConsoleRoutes", "attach", "plan_lookup"]

@@ -60,11 +60,14 @@ def allows(role: str, needed: Role) -> bool:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as: the signed-in (or proxy-named, or token) user and their role."""
+    """Who a request acts as: the signed-in (or proxy-named, or token) user and their role.
+
+    `via` "open" is the anonymous reader of a console opened read-only for a local demo.
+    """
 
     name: str
     role: Role
-    via: Literal["session", "proxy", "token"]
+    via: Literal["session", "proxy", "token", "open"]
 
 
 def _token_digest(token: str) -> str:

@@ -82,6 +82,23 @@ def feed(s: Settings, events: list[dict[str, Any]], rate: float, stop: threading
         prod.close()
 
 
+def demo_operator(users_file: Path) -> str:
+    """Create the demo's operator `demo` with a random password in `users_file`; return the password (shown once).
+
+    Random per run, not a documented fixed one: the worker's port is reachable by whoever shares
+    the machine, and a well-known password would let them act on cases.
+    """
+    import secrets
+
+    from app.auth import Users  # argon2: only the demo and `riskwatch users` hash passwords
+
+    password = secrets.token_urlsafe(12)
+    users = Users(users_file)
+    users.add("demo", "operator", password)
+    users.save()
+    return password
+
+
 def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 300) -> int:
     """Run the demo until the stream ends or Ctrl-C; stop everything it started."""
     from app import kafka_local
@@ -106,6 +123,11 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         env.setdefault("RISKWATCH_DATA_DIR", f".riskwatch-data/demo-{run_id}")
     os.environ.update({k: env[k] for k in ("RISKWATCH_KAFKA_BOOTSTRAP", "RISKWATCH_TOPIC_PREFIX",
                                             "RISKWATCH_APP_ID", "RISKWATCH_DATA_DIR") if k in env})
+    sign_in = ""
+    if not produce_only and not env.get("RISKWATCH_USERS_FILE"):
+        users_file = Path(env["RISKWATCH_DATA_DIR"]) / "users.json"
+        env["RISKWATCH_USERS_FILE"] = str(users_file)
+        sign_in = f"sign in as demo / {demo_operator(users_file)} (an operator, this demo run only; {users_file})"
     get_settings.cache_clear()
     s = get_settings()
     try:
@@ -123,7 +145,9 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         feeder = threading.Thread(target=feed, args=(s, events, rate, stop, progress), daemon=True)
         feeder.start()
         print(f"Feeding {len(events):,} events at ~{rate:.0f}/s to {s.topic(TRANSACTIONS)} and {s.topic(MARKET)}.")
-        print(f"Metrics: http://{s.web_host}:{s.metrics_port}/metrics   Warnings page: http://{s.web_host}:{s.web_port}/")
+        print(f"Metrics: http://{s.web_host}:{s.metrics_port}/metrics   Console: http://{s.web_host}:{s.web_port}/")
+        if sign_in:
+            print(f"Console: {sign_in}")
         print("Warnings as they arrive (Ctrl-C to stop everything):\n")
         if produce_only:
             feeder.join()
@@ -168,4 +192,4 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         print("Everything the demo started has stopped.")
 
 
-__all__ = ["feed", "rebase", "run_demo"]
+__all__ = ["demo_operator", "feed", "rebase", "run_demo"]

@@ -305,7 +305,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         web_host=s.web_host,
         web_port=s.web_port,
         web_bind=s.web_host,
+        # Faust's own routes expose internals (table contents, cluster topology, sensor counters, the
+        # service graph) and nothing here routes through them: all off. agents/web.py refuses any
+        # other path but to admins, should a later Faust add one.
         web_tables_enabled=False,
+        web_router_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         stream_recovery_delay=0.0,
         broker_commit_interval=1.0,
         # How long a crashed worker's partitions wait before another worker takes them over.

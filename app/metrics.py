@@ -147,6 +147,20 @@ class Metrics:
             "riskwatch_state_quarantined_total", "Stored values (changelog or table) that did not decode and were "
             "set aside (dead-lettered; the worker went on with fresh state or without the key), by table",
             ["table"], registry=r)
+        self.console_signins = Counter(
+            "riskwatch_console_signins_total", "Console sign-ins with a password, by result (ok, refused)",
+            ["result"], registry=r)
+        for result in ("ok", "refused"):
+            self.console_signins.labels(result)
+        self.cases = Gauge(
+            "riskwatch_cases", "Alerts this worker owns, by status and owner team (the plan's, or the escalation "
+            "team's once escalated; 'none' without a plan)", ["status", "team"], registry=r)
+        self.case_time_to_ack = Histogram(
+            "riskwatch_case_time_to_ack_seconds", "From a plan's trigger to the first acknowledgement (or resolution), "
+            "by owner team", ["team"], buckets=_ACK_BUCKETS, registry=r)
+        self.case_time_to_resolve = Histogram(
+            "riskwatch_case_time_to_resolve_seconds", "From a plan's trigger to its resolution, by owner team",
+            ["team"], buckets=_ACK_BUCKETS, registry=r)
         self._newest: dict[str, float] = {}
 
     def saw_event_time(self, topic: str, ts: float) -> None:

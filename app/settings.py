@@ -27,6 +27,19 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's web server")
     web_port: int = Field(6066, description="Port of the worker's web server (warnings page)")
     data_dir: Path = Field(Path(".riskwatch-data"), description="Worker state directory (Faust tables)")
+    users_file: Path | None = Field(
+        None, description="The console's accounts (riskwatch users); empty: users.json in the data directory")
+    session_secret: SecretStr = Field(
+        SecretStr(""), description="Signs console sessions (32+ characters, the same on every worker behind one "
+        "address); empty: a random one per process, so a restart signs everyone out")
+    console_hosts: str = Field(
+        "", description="Host names the console answers to besides localhost, 127.0.0.1, ::1 and the bind address "
+        "(comma-separated; DNS-rebinding defence)")
+    trusted_proxies: str = Field(
+        "", description="Addresses or CIDR ranges of authenticating reverse proxies whose user header is believed")
+    proxy_user_header: str = Field("X-Forwarded-User", description="The trusted proxy's header naming the user")
+    console_open_read_only: bool = Field(
+        False, description="For local demos only: without a sign-in anyone who reaches the port may read (never act)")
     # The shipped defaults are looked up only when no file is set: found in a checkout or the installed wheel.
     rules_file: Path = Field(default_factory=lambda: resource("rules.yaml"),
                              description="Rule catalogue loaded at start")
@@ -76,6 +89,11 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="Reject events whose time is this far ahead of the worker's clock")
     pseudonymise_key: SecretStr = Field(
         SecretStr(""), description="HMAC key; when set, identifiers are hashed at ingest")
+
+    @property
+    def users_path(self) -> Path:
+        """The console's users file: RISKWATCH_USERS_FILE, else users.json in the data directory."""
+        return self.users_file or self.data_dir / "users.json"
 
     def topic(self, name: str) -> str:
         """Return the full topic name for a logical name such as 'risk.alerts'."""

@@ -197,7 +197,8 @@ class Outcome:
 
     `verdicts` is (detector, verdict) of every verdict given, for the metrics; `feedback` the verdicts
     that move an operating point (models.feedback: not the required rules, not old records without
-    reason codes).
+    reason codes); `case_times` is ("ack" or "resolve", team, seconds since the plan's trigger), the
+    team being the one answerable then (the escalation team once escalated).
     """
 
     state: Lifecycle | None
@@ -206,6 +207,7 @@ class Outcome:
     verdicts: list[tuple[str, str]] = field(default_factory=list)
     feedback: list[VerdictNote] = field(default_factory=list)
     ack_seconds: list[float] = field(default_factory=list)
+    case_times: list[tuple[str, str, float]] = field(default_factory=list)
     changed: bool = False
     given_up: list[AckEvent] = field(default_factory=list)
 
@@ -217,6 +219,7 @@ class Outcome:
         self.verdicts += other.verdicts
         self.feedback += other.feedback
         self.ack_seconds += other.ack_seconds
+        self.case_times += other.case_times
         self.given_up += other.given_up
         self.changed = self.changed or other.changed
         return self
@@ -304,6 +307,13 @@ def on_alert(state: Lifecycle | None, alert: Any, plans: PlanCatalogue, now: flo
     return out
 
 
+def team_of(s: Lifecycle) -> str:
+    """The team answerable for an alert now: the plan's owner, its escalation team once escalated, else 'none'."""
+    if s.plan is None:
+        return "none"
+    return s.plan.escalation_team if s.escalated else s.plan.owner_team
+
+
 def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
     """Apply an act (acknowledge, assign, note, resolve, reopen); refused acts are audited, not applied."""
     ts = act.ts.timestamp()
@@ -331,6 +341,7 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
             return refuse(f"alert is {before}; reopen it before acknowledging")
         s.status, s.acked_by, s.acked_at = "acknowledged", act.by, ts
         out.ack_seconds.append(max(ts - s.opened_at, 0.0))
+        out.case_times.append(("ack", team_of(s), max(ts - s.opened_at, 0.0)))
         _record(s, out, "ack", before, **kw)
     elif act.action == "assign":
         if s.assignee == act.assignee:
@@ -355,7 +366,9 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
         if s.acked_at is None:
             # Resolving is also the first acknowledgement: time to act is what supervision measures.
             out.ack_seconds.append(max(ts - s.opened_at, 0.0))
+            out.case_times.append(("ack", team_of(s), max(ts - s.opened_at, 0.0)))
             s.acked_by, s.acked_at = act.by, ts
+        out.case_times.append(("resolve", team_of(s), max(ts - s.opened_at, 0.0)))
         if act.verdict is not None:
             out.verdicts.append((s.detector or "unknown", act.verdict))
             note = note_for(s.alert_id, s.detector, s.codes, act.verdict, ts, by=act.by)
@@ -443,5 +456,6 @@ __all__ = [
     "next_due",
     "on_act",
     "on_alert",
+    "team_of",
     "tick",
 ]

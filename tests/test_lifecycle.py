@@ -229,6 +229,16 @@ def test_reopen_after_resolution_opens_the_case_again_and_audits_who_did_it() ->
     assert on_act(out.state, act("reopen", T0 + 10), T0 + 10).audit[0].outcome == "rejected"
 
 
+def test_times_to_acknowledge_and_resolve_are_measured_for_the_team_answerable_then() -> None:
+    acked = on_act(opened(), act("ack", T0 + 30), T0 + 30)
+    assert acked.case_times == [("ack", "fraud-ops", 30.0)]
+    assert on_act(acked.state, act("resolve", T0 + 90, verdict="confirmed"), T0 + 90).case_times == [
+        ("resolve", "fraud-ops", 90.0)]
+    escalated = tick(opened(), T0 + 61).state  # missed the 60 s deadline: risk-duty answers for it now
+    assert on_act(escalated, act("resolve", T0 + 100, verdict="confirmed"), T0 + 100).case_times == [
+        ("ack", "risk-duty", 100.0), ("resolve", "risk-duty", 100.0)]
+
+
 def test_make_act_is_the_one_validation_of_cli_and_console_acts() -> None:
     a = make_act(AID.upper(), "assign", " lin ", assignee=" fraud-ops ", via="console")
     assert (a.alert_id, a.by, a.assignee, a.via) == (AID, "lin", "fraud-ops", "console")

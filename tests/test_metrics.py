@@ -224,6 +224,7 @@ def _supervise(r: Run) -> None:
         and _value(s, "riskwatch_escalations_total", plan="fund-fast") == 1
         # The open-alert gauges are refreshed by the deadline timer, a moment after the acts land.
         and _value(s, "riskwatch_open_alerts", level="medium") == 0
+        and _value(s, "riskwatch_cases", status="resolved") == 1
         and _value(s, "riskwatch_pages_total", result="retry") > 0))
 
 
@@ -397,6 +398,12 @@ def test_acknowledgements_and_time_to_ack(run: Run) -> None:
     assert _value(run.supervised, "riskwatch_acks_total", action="ack", outcome="applied") == 1
     assert _value(run.supervised, "riskwatch_acks_total", action="resolve", outcome="applied") == 1
     assert _value(run.supervised, "riskwatch_time_to_ack_seconds_count") == 1
+    # By the team answerable: the large-transaction plan's owner.
+    [team] = {lab["team"] for n, lab, v in run.supervised if n == "riskwatch_case_time_to_ack_seconds_count" and v}
+    assert _value(run.supervised, "riskwatch_case_time_to_ack_seconds_count", team=team) == 1
+    assert _value(run.supervised, "riskwatch_case_time_to_resolve_seconds_count", team=team) == 1
+    assert _value(run.supervised, "riskwatch_cases", status="resolved", team=team) == 1
+    assert _value(run.supervised, "riskwatch_cases", status="escalated") == 1  # fund isolation, left alone
 
 
 @pytest.mark.kafka
@@ -453,7 +460,9 @@ def test_every_metric_has_a_test_here() -> None:
               "riskwatch_model_budget_per_1000", "riskwatch_model_operating_per_1000",
               # moved in tests/test_lists.py (the follower) and on a real worker in tests/test_lists_e2e.py
               "riskwatch_list_entries", "riskwatch_list_hits", "riskwatch_list_changes", "riskwatch_list_rejected",
-              "riskwatch_list_suppressed"}
+              "riskwatch_list_suppressed",
+              "riskwatch_cases", "riskwatch_case_time_to_ack_seconds", "riskwatch_case_time_to_resolve_seconds",
+              "riskwatch_console_signins"}  # the last moved in tests/test_console.py and test_console_browser.py
     families = {fam.name for fam in Metrics(CollectorRegistry()).registry.collect()}
     assert families - tested == set(), "a new metric needs a test here that makes it move"
     assert tested <= families

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from app.faust_app import ALERTS, CONTINGENCY, DEADLETTER, SCORES, TRANSACTIONS
 from app.security import Pseudonymiser
 from tests.conftest import consume, produce
+from tests.test_warnings_page import add_users
 
 pytestmark = pytest.mark.kafka
 
@@ -72,6 +73,7 @@ def _everything_written(s: Any) -> dict[str, list[tuple[bytes, bytes]]]:
 
 def test_no_raw_identifier_reaches_any_topic_log_or_page(settings, start_worker, make_txn):
     s = settings.model_copy(update={"pseudonymise_key": SecretStr(KEY), "publish_scores": True})
+    token = add_users(s, {"vera": ("viewer", "viewer-password-1")})  # the page's API needs a sign-in or token
     worker = start_worker(s, RISKWATCH_LOG_LEVEL="DEBUG")
     events = _stream(make_txn)
     broken = {**events[0], "event_id": "broken-1", "amount": -1}  # dead-lettered, verbatim
@@ -97,7 +99,9 @@ def test_no_raw_identifier_reaches_any_topic_log_or_page(settings, start_worker,
     assert not leaks, f"raw identifiers in topics: {leaks}"
 
     page = worker.metrics()
-    with urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/api/alerts", timeout=5) as r:
+    page_api = urllib.request.Request(f"http://127.0.0.1:{s.web_port}/api/alerts",
+                                      headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(page_api, timeout=5) as r:
         warnings_page = r.read().decode()
     assert p.pseudonym(RAW["account"]) in warnings_page, warnings_page[:500]
     log = worker.log_path.read_text(errors="replace")

@@ -1,7 +1,7 @@
 """The worker's live warnings page: its feed without a broker, then the real page in headless Chromium.
 
 The browser test runs a worker on the real broker, opens its page in Debian's Chromium (driven
-by Playwright, which uses the system browser and downloads nothing), produces risky transactions
+by Playwright, which uses the system browser and downloads nothing), signs in as a viewer, produces risky transactions
 and checks that each warning appears on the open page within two seconds of its publication on
 risk.alerts, with level colour, reason, plan and owner, open counts and working filters. It
 saves a screenshot (warnings-page.png in the test's tmp dir) for a person to look at.
@@ -104,6 +104,32 @@ def _chromium() -> str:
     return CHROMIUM
 
 
+def add_users(s: Settings, users: dict[str, tuple[str, str]]) -> str:
+    """Write the users file the worker reads (name -> (role, password)); return a read-only token of the first."""
+    from app.auth import Users
+
+    u = Users(s.users_path)
+    for name, (role, password) in users.items():
+        u.add(name, role, password)
+    token = u.issue_token(next(iter(users)), "test")
+    u.save()
+    return token
+
+
+def sign_in(page: Any, base: str, name: str, password: str) -> None:
+    """Sign in through the page's form and wait for the live feed."""
+    page.goto(base + "/")
+    page.fill("#signin-name", name)
+    page.fill("#signin-password", password)
+    page.click("#signin button[type=submit]")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('live')",
+                           timeout=30_000)
+
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
 def _published_at(s: Settings, entity_ids: set[str], timeout: float = 60.0) -> dict[str, tuple[float, dict[str, Any]]]:
     """Publication time (the record's timestamp, seconds) and content of the first warning per entity."""
     c = consumer(s, s.topic(ALERTS))
@@ -141,6 +167,7 @@ def test_page_shows_a_pipeline_warning_within_two_seconds_with_colour_reason_pla
     from playwright.sync_api import sync_playwright
 
     browser_path = _chromium()
+    token = add_users(settings, {"vera": ("viewer", "viewer-password-1")})
     worker = start_worker(settings)
     base = f"http://127.0.0.1:{settings.web_port}"
     # The entity id is input data: markup in it must show as text, never run.
@@ -148,14 +175,10 @@ def test_page_shows_a_pipeline_warning_within_two_seconds_with_colour_reason_pla
     custody = f"custody-{uuid.uuid4().hex[:6]}"
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=browser_path, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(executable_path=browser_path, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 800})
-            page.goto(base + "/")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('live')",
-                                   timeout=30_000)
+            sign_in(page, base, "vera", "viewer-password-1")
             page.evaluate(_WATCH_ROWS)
 
             now = datetime.now(UTC).isoformat()
@@ -167,8 +190,8 @@ def test_page_shows_a_pipeline_warning_within_two_seconds_with_colour_reason_pla
             ])
             published = _published_at(settings, {large, custody})
             page.wait_for_function(
-                f"window.__seen[{json.dumps(large)}] && window.__seen[{json.dumps(custody)}]", timeout=30_000)
-            seen = page.evaluate("window.__seen")
+                f"() => window.__seen[{json.dumps(large)}] && window.__seen[{json.dumps(custody)}]", timeout=30_000)
+            seen = page.evaluate("() => window.__seen")
             delays = {e: seen[e] / 1000.0 - published[e][0] for e in (large, custody)}
             page.wait_for_timeout(300)
             page.screenshot(path=str(tmp_path / "warnings-page.png"), full_page=True)
@@ -203,7 +226,8 @@ def test_page_shows_a_pipeline_warning_within_two_seconds_with_colour_reason_pla
             act = {"alert_id": published[large][1]["alert_id"], "action": "resolve", "by": "lin",
                    "ts": datetime.now(UTC).isoformat()}
             produce(settings, ACKS, [(act["alert_id"].encode(), json.dumps(act).encode())])
-            page.wait_for_function("document.getElementById('count-medium').textContent === '0'", timeout=30_000)
+            page.wait_for_function("() => document.getElementById('count-medium').textContent === '0'",
+                                   timeout=30_000)
             assert "by lin" in page.locator("#rows tr").first.inner_text()
             assert page.locator("#count-critical").inner_text() == "1"
             page.select_option("#category", "")
@@ -212,8 +236,10 @@ def test_page_shows_a_pipeline_warning_within_two_seconds_with_colour_reason_pla
         finally:
             browser.close()
 
-    with pytest.raises(urllib.error.HTTPError) as bad:
-        urllib.request.urlopen(f"{base}/api/alerts?since=yesterday", timeout=5)
-    assert bad.value.code == 400
+    for headers, status in (({}, 401), ({"Authorization": f"Bearer {token}"}, 400)):
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/api/alerts?since=yesterday", headers=headers),
+                                   timeout=5)
+        assert bad.value.code == status, headers
     assert worker.proc.poll() is None
     print(f"\nscreenshot: {tmp_path / 'warnings-page.png'}; seconds from publication to page: {delays}")
