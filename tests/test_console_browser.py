@@ -5,7 +5,8 @@ raises a warning; the viewer opens its case and cannot act (no controls; a write
 CSRF token is refused). The operator opens the case (the event behind it is read back from
 Kafka), then acknowledges, notes, assigns and resolves it with a verdict; each change reaches
 the viewer's open console, and risk.audit names the operator, via the console. A write without
-the CSRF token is refused, and the API answers 401 to a request without a session. Screenshots
+the CSRF token is refused, and the API answers 401 to a request without a session; Faust's own
+routes answer 404. The operator finally reopens the case. Screenshots
 (case-operator.png, case-viewer.png) are saved in the test's tmp dir for a person to look at.
 """
 
@@ -67,6 +68,12 @@ def test_viewer_reads_operator_handles_a_case_and_the_audit_names_them(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5)
         assert refused.value.code == 401, request.full_url
+
+    # Faust's own routes (router, tables, statistics, graph, performance) are not served.
+    for path in ("/router/", "/table/", "/assignment/", "/graph/", "/performance/"):
+        with pytest.raises(urllib.error.HTTPError) as hidden:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert hidden.value.code == 404, path
 
     delays: dict[str, float] = {}
     with sync_playwright() as pw:
@@ -139,6 +146,12 @@ def test_viewer_reads_operator_handles_a_case_and_the_audit_names_them(
             viewer.wait_for_function("() => document.getElementById('case-head').innerText.includes('resolved')",
                                      timeout=15_000)
             operator.screenshot(path=str(tmp_path / "case-operator.png"), full_page=True)
+            clicked = time.monotonic()
+            operator.click("#act-reopen")
+            viewer.wait_for_function(
+                "(sel) => (document.querySelector(sel + ' .status-badge') || {}).textContent === 'open'",
+                arg=_row(alert_id), timeout=15_000, polling=50)
+            delays["reopen"] = time.monotonic() - clicked
             viewer.screenshot(path=str(tmp_path / "case-viewer.png"), full_page=True)
         finally:
             browser.close()
@@ -146,7 +159,7 @@ def test_viewer_reads_operator_handles_a_case_and_the_audit_names_them(
     # Changes reach every open console within a second or two.
     assert all(d <= 2.0 for d in delays.values()), f"seconds from the operator's act to the viewer's page: {delays}"
 
-    wanted = {"ack", "note", "assign", "resolve"}
+    wanted = {"ack", "note", "assign", "resolve", "reopen"}
     audit = consume(settings, AUDIT, lambda got: wanted <= {r.get("action") for r in got
                                                             if r.get("alert_id") == alert_id and r.get("by") == "otto"})
     acts = {r["action"]: r for r in audit if r.get("alert_id") == alert_id and r.get("by") == "otto"}
