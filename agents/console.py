@@ -10,7 +10,7 @@ Every request to the worker's web server passes `Console.middleware` (aiohttp), 
 
 The security primitives are app/auth.py's (Argon2id, itsdangerous, constant-time compares).
 Password hashing (64 MiB, ~50 ms) runs in a thread, at most two at once: the event loop also
-runs the stream agents.
+runs the stream agents. Repeated wrong passwords pause sign-in for that name or address (429).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ PUBLIC = frozenset({"/", "/api/me", "/api/login"})  # the page shell and what it
 ADMIN_PREFIX = "/api/admin/"
 WRITE_ROLES: dict[str, Role] = {"/api/logout": "viewer"}  # writes any signed-in user may make; others: operator
 LOGIN_TTL = 3600
+# Wrong passwords allowed per name and per address within the window before sign-in pauses for
+# them (429): Argon2 makes each guess cost ~50 ms, this caps guesses at a few per minute.
+FAILURE_WINDOW = 300.0
+FAILURE_LIMITS = {"name": 10, "address": 30}
 RELOAD_SECONDS = 1.0  # how often the users file's mtime is checked: `riskwatch users add` takes effect in ~1 s
 Handler = Callable[[aioweb.Request], Awaitable[aioweb.StreamResponse]]
 PRINCIPAL = aioweb.RequestKey("principal", object)  # the app.auth.Principal a request acts as
@@ -89,6 +94,8 @@ class Console:
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._hashing = asyncio.Semaphore(2)
+        self._failures: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self.clock = time.monotonic
         self.csp = ""
 
     # ------------------------------------------------------------------ users file
@@ -221,20 +228,46 @@ class Console:
         users = self.users()
         if users is None:
             return _error(503, self.no_users_message())
+        keys = [("name", name[:128].lower()), ("address", str(request.remote))]
+        wait = max(self._paused(k) for k in keys)
+        if wait > 0:
+            self._count("refused")
+            log.warning("console: sign-in for %r from %s paused after repeated wrong passwords", name[:128],
+                        request.remote)
+            return aioweb.json_response({"error": f"too many wrong passwords; try again in {wait:.0f} s"},
+                                        status=429, headers={"Retry-After": str(int(wait) + 1)})
         async with self._hashing:
             who: Principal | None = await asyncio.get_running_loop().run_in_executor(
                 None, users.verify, name[:128], password[:1024])
         if who is None:
             self._count("refused")
+            for k in keys:
+                self._failures.setdefault(k, []).append(self.clock())
+                self._failures.move_to_end(k)
+            while len(self._failures) > 10_000:  # bounded whatever names an attacker tries
+                self._failures.popitem(last=False)
             log.warning("console: sign-in refused for %r from %s", name[:128], request.remote)
             return _error(401, "wrong name or password")
         self._count("ok")
+        self._failures.pop(keys[0], None)
         log.info("console: %s (%s) signed in from %s", who.name, who.role, request.remote)
         cookie, csrf = self.sessions.issue(who)
         response = aioweb.json_response({"name": who.name, "role": who.role, "via": who.via, "csrf": csrf})
         self._cookie(response, request, SESSION_COOKIE, cookie, self.sessions.max_age)
         response.del_cookie(LOGIN_COOKIE, path="/")
         return response
+
+    def _paused(self, key: tuple[str, str]) -> float:
+        """Seconds until sign-in resumes for this name or address (0: it may try now)."""
+        now = self.clock()
+        recent = [t for t in self._failures.get(key, ()) if now - t < FAILURE_WINDOW]
+        if recent:
+            self._failures[key] = recent
+        else:
+            self._failures.pop(key, None)
+        if len(recent) < FAILURE_LIMITS[key[0]]:
+            return 0.0
+        return FAILURE_WINDOW - (now - recent[-FAILURE_LIMITS[key[0]]])
 
     def logout(self, request: aioweb.Request) -> aioweb.Response:
         """End the session in this browser (the middleware checked its CSRF token)."""

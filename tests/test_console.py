@@ -143,6 +143,26 @@ def test_sign_in_sets_a_strict_http_only_session_and_wrong_passwords_are_refused
     _serve(_settings(tmp_path, users_file=users_file), run)
 
 
+def test_repeated_wrong_passwords_pause_sign_in_for_that_name(tmp_path: Path, users_file: Path) -> None:
+    async def run(client: TestClient, sent: list[AckEvent], metrics: Metrics) -> None:
+        for _ in range(10):
+            assert (await _sign_in(client, "otto", "guess-guess-guess"))[0] == 401
+        status, body = await _sign_in(client, "otto")
+        assert status == 429 and "too many wrong passwords" in body["error"], "even the right one, for a while"
+        assert (await _sign_in(client, "vera"))[0] == 200, "other names are not held back"
+        refused = metrics.registry.get_sample_value("riskwatch_console_signins_total", {"result": "refused"})
+        assert refused == 11
+
+    _serve(_settings(tmp_path, users_file=users_file), run)
+    console = Console(_settings(tmp_path, users_file=users_file))
+    now = [1000.0]
+    console.clock = lambda: now[0]
+    console._failures[("name", "otto")] = [1000.0 - 290 + i for i in range(10)]
+    assert 9 < console._paused(("name", "otto")) <= 10
+    now[0] += 11
+    assert console._paused(("name", "otto")) == 0.0, "the oldest failure left the window"
+
+
 def test_writes_need_the_csrf_token_and_an_operator(tmp_path: Path, users_file: Path) -> None:
     async def run(client: TestClient, sent: list[AckEvent], metrics: Metrics) -> None:
         status, viewer = await _sign_in(client, "vera")
