@@ -4,6 +4,7 @@
 #   deploy/setup-debian.sh demo   Java 17+ and Maven (the local Kafka broker), python3-venv
 #   deploy/setup-debian.sh test   the same, plus Prometheus (promtool), Alertmanager (amtool), Chromium,
 #                                 and a kubectl of 1.24 or newer (checked, not installed: see below)
+#   deploy/setup-debian.sh podman the demo's, plus what deploy/podman/run-stack.sh runs
 # Called by the Makefile and, through it, by .ci/run: the one place that knows these packages.
 set -euo pipefail
 
@@ -46,7 +47,14 @@ case $mode in
       exit 1
     fi
     ;;
-  *) echo "usage: $0 test|demo" >&2; exit 2 ;;
+  podman)
+    # runc, not podman's default crun, which refuses the hybrid cgroup mounts of sandboxes like this
+    # project's machines; catatonit is the init behind compose's `init: true`.
+    for tool in podman podman-compose debootstrap runc catatonit; do
+      command -v $tool >/dev/null || missing+=("$tool")
+    done
+    ;;
+  *) echo "usage: $0 test|demo|podman" >&2; exit 2 ;;
 esac
 ((${#missing[@]} == 0)) && exit 0
 

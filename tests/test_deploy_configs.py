@@ -448,6 +448,7 @@ def test_docker_compose_wires_the_stack() -> None:
     assert worker["environment"]["RISKWATCH_WEB_HOST"] == "0.0.0.0"
     assert {"9108:9108", "6066:6066"} <= set(worker["ports"])
     assert services["demo-producer"]["command"] == ["riskwatch", "demo", "--produce-only"]
+    assert services["demo-producer"]["init"] is True, "without an init it ignores SIGTERM as PID 1"
     assert services["demo-producer"]["environment"]["RISKWATCH_KAFKA_BOOTSTRAP"] == "kafka:9092"
 
     # What Prometheus scrapes and alerts to are services of this stack.

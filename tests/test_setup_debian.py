@@ -89,6 +89,12 @@ def test_test_needs_a_kubectl_no_debian_package_provides(tmp_path: Path, have: t
     assert f"needs kubectl 1.24 or newer (found: {found};" in done.stderr
 
 
+def test_podman_mode_installs_what_run_stack_needs(tmp_path: Path) -> None:
+    done, apt = _run(tmp_path, "podman", have=("java", "mvn", "podman", "catatonit"))
+    assert done.returncode == 0, done.stderr
+    assert apt[-1] == "noninteractive install -y -qq podman-compose debootstrap runc"
+
+
 def test_make_and_ci_go_through_the_script() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test: debian-test \$\(STAMP\)$", makefile, re.M)
