@@ -228,12 +228,12 @@ class Console:
         users = self.users()
         if users is None:
             return _error(503, self.no_users_message())
-        keys = [("name", name[:128].lower()), ("address", str(request.remote))]
+        client = self.client_address(request)
+        keys = [("name", name[:128].lower()), ("address", client)]
         wait = max(self._paused(k) for k in keys)
         if wait > 0:
             self._count("refused")
-            log.warning("console: sign-in for %r from %s paused after repeated wrong passwords", name[:128],
-                        request.remote)
+            log.warning("console: sign-in for %r from %s paused after repeated wrong passwords", name[:128], client)
             return aioweb.json_response({"error": f"too many wrong passwords; try again in {wait:.0f} s"},
                                         status=429, headers={"Retry-After": str(int(wait) + 1)})
         async with self._hashing:
@@ -246,16 +246,23 @@ class Console:
                 self._failures.move_to_end(k)
             while len(self._failures) > 10_000:  # bounded whatever names an attacker tries
                 self._failures.popitem(last=False)
-            log.warning("console: sign-in refused for %r from %s", name[:128], request.remote)
+            log.warning("console: sign-in refused for %r from %s", name[:128], client)
             return _error(401, "wrong name or password")
         self._count("ok")
         self._failures.pop(keys[0], None)
-        log.info("console: %s (%s) signed in from %s", who.name, who.role, request.remote)
+        log.info("console: %s (%s) signed in from %s", who.name, who.role, client)
         cookie, csrf = self.sessions.issue(who)
         response = aioweb.json_response({"name": who.name, "role": who.role, "via": who.via, "csrf": csrf})
         self._cookie(response, request, SESSION_COOKIE, cookie, self.sessions.max_age)
         response.del_cookie(LOGIN_COOKIE, path="/")
         return response
+
+    def client_address(self, request: aioweb.Request) -> str:
+        """The browser's address: the peer, or behind a trusted proxy the address the proxy appended last."""
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded and self.proxies.trusts(request.remote):
+            return forwarded.rsplit(",", 1)[-1].strip()
+        return str(request.remote)
 
     def _paused(self, key: tuple[str, str]) -> float:
         """Seconds until sign-in resumes for this name or address (0: it may try now)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -150,6 +151,7 @@ def test_repeated_wrong_passwords_pause_sign_in_for_that_name(tmp_path: Path, us
         status, body = await _sign_in(client, "otto")
         assert status == 429 and "too many wrong passwords" in body["error"], "even the right one, for a while"
         assert (await _sign_in(client, "vera"))[0] == 200, "other names are not held back"
+
         refused = metrics.registry.get_sample_value("riskwatch_console_signins_total", {"result": "refused"})
         assert refused == 11
 
@@ -161,6 +163,11 @@ def test_repeated_wrong_passwords_pause_sign_in_for_that_name(tmp_path: Path, us
     assert 9 < console._paused(("name", "otto")) <= 10
     now[0] += 11
     assert console._paused(("name", "otto")) == 0.0, "the oldest failure left the window"
+    # Behind a trusted proxy, the address counted is the one the proxy appended, not the proxy's own.
+    behind = Console(_settings(tmp_path, users_file=users_file, trusted_proxies="10.0.0.2"))
+    forwarded = {"X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
+    assert behind.client_address(SimpleNamespace(remote="10.0.0.2", headers=forwarded)) == "203.0.113.9"
+    assert behind.client_address(SimpleNamespace(remote="10.9.9.9", headers=forwarded)) == "10.9.9.9"
 
 
 def test_writes_need_the_csrf_token_and_an_operator(tmp_path: Path, users_file: Path) -> None:
