@@ -55,6 +55,7 @@ class ConsoleRoutes:
         r.add_get("/api/alerts", self.alerts)
         r.add_get("/api/case/{alert_id}", self.case)
         r.add_post("/api/act", self.act)
+        r.add_get("/api/admin/users", self.users)
 
     async def page(self, request: aioweb.Request) -> aioweb.Response:
         """The page shell: sign-in form and console, no data (that comes from /api/*)."""
@@ -111,6 +112,23 @@ class ConsoleRoutes:
         await self.send_act(act)
         log.info("console: %s (%s) %s %s", who.name, who.role, act.action, act.alert_id)
         return _json({"sent": act.model_dump(mode="json")}, 202)
+
+
+    async def users(self, request: aioweb.Request) -> aioweb.Response:
+        """Admins only (the middleware checks): who may sign in, with which role, and the API tokens (never hashes).
+
+        Read-only here: accounts change with `riskwatch users` on the users file every worker reads,
+        so no worker holds a copy another would not see.
+        """
+        users = self.console.users()
+        if users is None:
+            return _json({"users": [], "tokens": []})
+        return _json({
+            "file": str(self.console.users_path),
+            "users": [{"name": n, "role": users.role_of(n), "sign_in": "password" if "hash" in e else "proxy only"}
+                      for n, e in sorted(users.users.items())],
+            "tokens": [{"id": t, "user": e.get("user"), "label": e.get("label", "")}
+                       for t, e in sorted(users.tokens.items())]})
 
 
 def _json(body: dict[str, Any], status: int = 200) -> aioweb.Response:

@@ -8,6 +8,7 @@ of sent to risk.acks. The browser and the real worker are tests/test_console_bro
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -219,8 +220,15 @@ def test_host_header_tokens_and_faust_internal_routes(tmp_path: Path, users_file
         assert (await client.get("/table/")).status == 404
         await _sign_in(client, "otto")
         assert (await client.get("/table/")).status == 404, "Faust's internals are for admins only"
+        assert (await client.get("/api/admin/users")).status == 403, "an operator does not see the accounts"
         await _sign_in(client, "ada")
         assert (await client.get("/table/")).status == 200
+        listed = await (await client.get("/api/admin/users")).json()
+        assert [(u["name"], u["role"], u["sign_in"]) for u in listed["users"]] == [
+            ("ada", "admin", "password"), ("otto", "operator", "password"), ("pam", "operator", "proxy only"),
+            ("vera", "viewer", "password")]
+        assert [(t["user"], t["label"]) for t in listed["tokens"]] == [("vera", "grafana")]
+        assert "argon2" not in json.dumps(listed) and token not in json.dumps(listed)
 
     _serve(_settings(tmp_path, users_file=users_file, console_hosts="risk.example.com"), run)
 
