@@ -16,7 +16,7 @@ from pathlib import Path
 from app.errors import RiskwatchError
 from bench.common import RESULTS, Report, transactions
 
-GROUPS = ("ceilings", "baselines", "riskwatch", "worker", "latency", "memory")
+GROUPS = ("ceilings", "baselines", "riskwatch", "lists", "worker", "latency", "memory")
 PROFILE = Path(tempfile.gettempdir()) / "riskwatch-profile-worker-1p.txt"
 log = logging.getLogger("riskwatch.bench")
 
@@ -61,6 +61,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                          "stacks (flamegraph input) to riskwatch-profile-worker-1p.txt in the temp folder")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--list-entries", type=int, help="entries in the run-time lists for the lists group "
+                    "(default 1,000,000; quick 2,000)")
     args = ap.parse_args(argv)
     q = args.quick
     args.events = args.events or (2_000 if q else 100_000)
@@ -71,6 +73,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.accounts = _ints(args.accounts or ("2000,8000" if q else "2000,10000,25000"))
     args.workers = _ints(args.workers or ("1" if q else "1,2"))
     args.budget = args.budget or 60.0
+    args.list_entries = args.list_entries or (2_000 if q else 1_000_000)
     groups = args.only.split(",") if args.only else list(GROUPS)
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
@@ -133,6 +136,13 @@ def run(args: argparse.Namespace, report: Report, work: Path) -> None:
             scoring.decode_and_score(report, data)
             step("riskwatch: file replay")
             scoring.file_replay(report, data, work)
+        if "lists" in groups:
+            step(f"riskwatch: scoring with and without {args.list_entries:,} list entries")
+            from bench import lists
+
+            lists.million_entry_list(report, data, args.list_entries)
+            step(f"worker end to end with and without {args.list_entries:,} list entries")
+            lists.worker_with_lists(report, data, bootstrap, work, args.list_entries, rounds=1 if args.quick else 2)
         if "worker" in groups:
             wdata = data if args.worker_events == len(data) else transactions(args.worker_events, args.seed)
             for n in args.workers:

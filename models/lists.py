@@ -23,7 +23,7 @@ True
 >>> [(h.list, h.kind, h.note) for h in idx.match("acct-1", "cp-9", None, None)]
 [('mules', 'counterparty', 'case 41')]
 >>> idx.remove("mules", "counterparty", "cp-9"), idx.match("acct-1", "cp-9", None, None)
-(True, [])
+(True, None)
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ class Hit:
     definition: ListDef
 
 
+_Probe = list[tuple[str, "ListDef", set[int]]]
+
+
 def _h(kind: str, value: str, counterparty: str | None = None) -> int:
     return hash((value, counterparty)) if kind == "pair" else hash(value)
 
@@ -163,7 +166,11 @@ class ListIndex:
         self._notes: dict[tuple[str, str, int], str] = {}
         self.hits: dict[str, int] = {}
         self.definitions: dict[str, ListDef] = {}
-        self._probe: dict[str, list[tuple[str, ListDef, set[int]]]] = {}
+        # Block and watch lists per kind, as _rebuild sets them (None: no list of that kind has entries).
+        self._acct: _Probe | None = None
+        self._cp: _Probe | None = None
+        self._dev: _Probe | None = None
+        self._ip: _Probe | None = None
         self._allow: list[tuple[str, set[int]]] = []
         self.active = False  # any block or watch entry a transaction could touch
         self.allowing = False  # any allow entry
@@ -203,7 +210,10 @@ class ListIndex:
                     allow.append((kind, s))
             elif kind != "pair":
                 probe.setdefault(kind, []).append((name, d, s))
-        self._probe = probe
+        self._acct = probe.get("account")
+        self._cp = probe.get("counterparty")
+        self._dev = probe.get("device")
+        self._ip = probe.get("ip")
         self._allow = allow
         self.active = bool(probe)
         self.allowing = bool(allow)
@@ -242,19 +252,44 @@ class ListIndex:
             self._rebuild()
         return True
 
-    def match(self, account: str, counterparty: str, device: str | None, ip: str | None) -> list[Hit]:
-        """The block and watch list entries a transaction touches (usually none)."""
-        out: list[Hit] = []
-        probe = self._probe
-        for kind, value in (("account", account), ("counterparty", counterparty), ("device", device), ("ip", ip)):
-            lists = probe.get(kind) if value else None
-            if lists is None:
-                continue
-            h = hash(value)
+    def match(self, account: str, counterparty: str, device: str | None, ip: str | None) -> list[Hit] | None:
+        """The block and watch list entries a transaction touches; None (the usual case) when there are none.
+
+        Straight-line per kind, not a loop over kinds: this runs for every event while any list has entries.
+        """
+        out: list[Hit] | None = None
+        lists = self._acct
+        if lists:
+            h = hash(account)
             for name, d, s in lists:
                 if h in s:
-                    self.hits[name] = self.hits.get(name, 0) + 1
-                    out.append(Hit(name, kind, value, self._notes.get((name, kind, h)), d))  # type: ignore[arg-type]
+                    out = self._hit(out, name, "account", account, h, d)
+        lists = self._cp
+        if lists:
+            h = hash(counterparty)
+            for name, d, s in lists:
+                if h in s:
+                    out = self._hit(out, name, "counterparty", counterparty, h, d)
+        lists = self._dev
+        if lists and device:
+            h = hash(device)
+            for name, d, s in lists:
+                if h in s:
+                    out = self._hit(out, name, "device", device, h, d)
+        lists = self._ip
+        if lists and ip:
+            h = hash(ip)
+            for name, d, s in lists:
+                if h in s:
+                    out = self._hit(out, name, "ip", ip, h, d)
+        return out
+
+    def _hit(self, out: list[Hit] | None, name: str, kind: str, value: str, h: int, d: ListDef) -> list[Hit]:
+        self.hits[name] = self.hits.get(name, 0) + 1
+        hit = Hit(name, kind, value, self._notes.get((name, kind, h)), d)
+        if out is None:
+            return [hit]
+        out.append(hit)
         return out
 
     def allowed(self, account: str, counterparty: str) -> bool:

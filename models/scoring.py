@@ -599,8 +599,9 @@ class TransactionScorer:
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
                                self._large.threshold(txn.currency))
         if self.lists is not None and self.lists.active:
-            findings += self._list_findings(
-                self.lists.match(txn.account_id, txn.counterparty_id, txn.device_id, txn.ip), txn.account_id)
+            hits = self.lists.match(txn.account_id, txn.counterparty_id, txn.device_id, txn.ip)
+            if hits:
+                findings += self._list_findings(hits, txn.account_id)
         if not cold and cal >= 1.0 - det.share * self._fb_max and not _covered(findings):
             model = self._model(txn, f, x, raw, cal, hour)
             if model is not None:

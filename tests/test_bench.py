@@ -91,4 +91,5 @@ def test_quick_run_prints_the_table_and_writes_every_group(kafka_bootstrap: str,
     memory = {f["name"]: f for f in json.loads((out / "memory.json").read_text())["figures"]}
     assert memory["rss_8000"]["detail"]["accounts_gauge"] == 8000
     assert {"parse_validate", "bare_consume", "bare_produce", "scoring_only", "worker_1p",
-            "latency_200_p99", "rss_per_account"} <= names
+            "latency_200_p99", "rss_per_account", "scoring_with_lists", "list_bytes_per_entry", "list_load",
+            "worker_1p_lists"} <= names

@@ -43,7 +43,7 @@ def _yaml() -> dict[str, Any]:
 # --------------------------------------------------------------------------- the index
 def test_index_matches_every_kind_by_exact_value_and_forgets_removed_entries() -> None:
     idx = ListIndex(DEFS)
-    assert not idx.active and idx.match("a", "b", "d", "1.2.3.4") == []
+    assert not idx.active and idx.match("a", "b", "d", "1.2.3.4") is None
     _add(idx, "blocked", "counterparty", "mule-7", note="case 41: confirmed mule")
     _add(idx, "watch", "device", "dev-x")
     _add(idx, "blocked", "ip", "203.0.113.9")
@@ -52,10 +52,10 @@ def test_index_matches_every_kind_by_exact_value_and_forgets_removed_entries() -
     assert sorted((h.list, h.kind, h.note) for h in hits) == [
         ("blocked", "counterparty", "case 41: confirmed mule"), ("blocked", "ip", None),
         ("watch", "account", None), ("watch", "device", None)]
-    assert idx.match("acct-33", "mule-70", "dev-y", None) == []
+    assert idx.match("acct-33", "mule-70", "dev-y", None) is None
     assert idx.match("acct-1", "mule-7", None, None)[0].kind == "counterparty", "a missing device or IP is fine"
     # A device id equal to a listed counterparty's is not a hit: kinds do not mix.
-    assert idx.match("acct-1", "x", "mule-7", None) == []
+    assert idx.match("acct-1", "x", "mule-7", None) is None
     assert idx.remove("blocked", "counterparty", "mule-7") and not idx.remove("blocked", "counterparty", "mule-7")
     assert [h.kind for h in idx.match("a", "mule-7", None, "203.0.113.9")] == ["ip"]
     assert idx.hits == {"blocked": 4, "watch": 2}
@@ -74,7 +74,7 @@ def test_a_note_can_be_changed_and_re_adding_does_not_count_twice() -> None:
 def test_entries_of_an_undefined_list_are_kept_and_match_once_the_catalogue_defines_it() -> None:
     idx = ListIndex({})
     _add(idx, "sanctions", "counterparty", "ofac-1")
-    assert idx.sizes() == {"sanctions": 1} and idx.match("a", "ofac-1", None, None) == []
+    assert idx.sizes() == {"sanctions": 1} and idx.match("a", "ofac-1", None, None) is None
     idx.set_definitions({"sanctions": ListDef(type="block", level="critical")})
     (hit,) = idx.match("a", "ofac-1", None, None)
     assert hit.definition.warn_level == "critical" and hit.definition.warn_category == "block_list"
