@@ -95,11 +95,8 @@ class ConsoleRoutes:
     async def act(self, request: aioweb.Request) -> aioweb.Response:
         """Publish the signed-in operator's act on a case to risk.acks, as `riskwatch ack|resolve|...` does."""
         who: Any = request[PRINCIPAL]
-        try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        body = await json_object(request)
+        if body is None:
             return _json({"error": "send a JSON object: alert_id, action and its fields"}, 400)
         action = body.get("action")
         if action == "resolve" and body.get("verdict") not in ("confirmed", "false_positive"):
@@ -131,12 +128,26 @@ class ConsoleRoutes:
                        for t, e in sorted(users.tokens.items())]})
 
 
-def _json(body: dict[str, Any], status: int = 200) -> aioweb.Response:
+async def json_object(request: aioweb.Request) -> dict[str, Any] | None:
+    """A request's JSON body if it is an object, else None (the caller answers 400 saying what to send)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def reply(body: dict[str, Any], status: int = 200) -> aioweb.Response:
+    """A JSON answer that no cache keeps."""
     return aioweb.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
 
-def _text(value: Any) -> str | None:
+def text_or_none(value: Any) -> str | None:
+    """A form field as text, None when absent or empty."""
     return str(value) if value is not None and value != "" else None
+
+
+_json, _text = reply, text_or_none
 
 
 def attach(rt: Runtime) -> AlertFeed:

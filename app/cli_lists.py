@@ -7,19 +7,16 @@ import csv
 import hashlib
 import io
 import sys
-import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
 from app.cli import command
 from app.errors import RiskwatchError
-from models.lists import KINDS, ListAudit, ListChange, as_row, parse_key
-
-Via = Literal["cli", "console"]
+from app.list_changes import Action, Via, audit_of, make_change
+from models.lists import KINDS, ListChange, as_row, parse_key
 
 
 def _entry_args(p: argparse.ArgumentParser, value: bool = True) -> None:
@@ -83,23 +80,6 @@ def _read(path: Path) -> str:
         raise RiskwatchError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def make_change(name: str, kind: str, value: str, counterparty: str | None, note: str | None, by: str,
-                via: Via = "cli") -> ListChange:
-    """A validated list entry, its ids pseudonymised when the worker pseudonymises (so they match)."""
-    try:
-        change = ListChange(list=name, kind=kind, value=value, counterparty=counterparty, note=note or None,  # type: ignore[arg-type]
-                            by=by, via=via)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"]) or "entry"
-        raise RiskwatchError(f"{field}: {str(err['msg']).removeprefix('Value error, ')}") from None
-    p = _pseudonymiser()
-    if p is None:
-        return change
-    return change.model_copy(update={"value": p.pseudonym(change.value),
-                                     "counterparty": p.pseudonym(change.counterparty) if change.counterparty else None})
-
-
 def parse_rows(name: str, kind: str, text: str, by: str, via: Via = "cli") -> Iterator[ListChange]:
     """The entries of an import file; a bad line stops the import naming its line number (nothing is sent)."""
     width = 2 if kind == "pair" else 1
@@ -115,7 +95,7 @@ def parse_rows(name: str, kind: str, text: str, by: str, via: Via = "cli") -> It
             raise RiskwatchError(f"line {lineno}: {exc}; nothing was imported") from None
 
 
-def publish(changes: list[ListChange], action: Literal["add", "remove", "import"], by: str,
+def publish(changes: list[ListChange], action: Action, by: str,
             via: Via = "cli", source: str | None = None) -> int:
     """Send entries (tombstones for a removal) to risk.lists, then one audit record to risk.audit; return the count."""
     from app.admin import ensure_topics, producer
@@ -134,13 +114,8 @@ def publish(changes: list[ListChange], action: Literal["add", "remove", "import"
         prod.flush(timeout=120)
         for f in futures[-1:]:
             f.get(timeout=30)  # raises if the batch failed
-        first = changes[0]
-        one = len(changes) == 1 and action != "import"
-        audit = ListAudit(audit_id=uuid.uuid4().hex[:24], action=action, list=first.list, entry_kind=first.kind,
-                          value=first.value if one else None, counterparty=first.counterparty if one else None,
-                          note=first.note if one and action == "add" else None, count=len(changes), source=source,
-                          by=by, via=via, ts=datetime.now(UTC))
-        prod.send(s.topic(AUDIT), key=first.list.encode(), value=audit.model_dump_json().encode()).get(timeout=30)
+        audit = audit_of(changes, action, by, via, source)
+        prod.send(s.topic(AUDIT), key=audit.list.encode(), value=audit.model_dump_json().encode()).get(timeout=30)
     finally:
         prod.close()
     return len(changes)
@@ -226,12 +201,4 @@ def _check_defined(name: str, kind: str) -> None:
                              f"{kind}s (a shared device or IP is never known-good)")
 
 
-def _pseudonymiser() -> Any:
-    from app.security import Pseudonymiser
-    from app.settings import get_settings
-
-    key = get_settings().pseudonymise_key.get_secret_value()
-    return Pseudonymiser(key) if key else None
-
-
-__all__ = ["cmd_lists", "export", "latest", "make_change", "parse_rows", "publish"]
+__all__ = ["cmd_lists", "export", "latest", "parse_rows", "publish"]

@@ -52,6 +52,7 @@ def build(settings: Settings | None = None, metrics: Metrics | None = None) -> R
     list_follower = lists.ListFollower(rt, sink, index)
     lists.attach(rt, list_follower)
     rt.extras["lists"] = list_follower
+    lists.install_admin(rt, index)
     # Analysts' verdicts (risk.feedback, written by the disposal agent) move the scorer's operating points.
     follower = feedback.FeedbackFollower(rt, scorer)
     feedback.attach(rt, follower)

@@ -135,7 +135,7 @@ def test_import_rows_read_csv_with_notes_and_comments_and_stop_at_a_bad_line(mon
 
 
 def test_entries_are_pseudonymised_like_the_events_they_must_match(monkeypatch) -> None:
-    from app.cli_lists import make_change
+    from app.list_changes import make_change
     from app.security import Pseudonymiser
     from app.settings import get_settings
 

@@ -95,3 +95,54 @@ def test_bad_records_are_set_aside_and_import_export_round_trip(settings, start_
     assert out.read_text().splitlines() == ["# watch device", "dev-a,seen in takeover 4411", "dev-b"]
     refused = _lists(settings, "add", "known-good", "ip", "10.0.0.1", "--by", "ana")
     assert refused.returncode == 2 and "never known-good" in refused.stderr
+
+
+def test_an_admin_changes_a_list_in_the_console_and_an_operator_cannot(settings, start_worker, make_txn,
+                                                                      tmp_path) -> None:
+    """Headless Chromium: the admin adds a block-list entry from the Admin panel; the warning names it and the
+    audit names the admin, via the console; an operator's write to the lists is refused."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_warnings_page import BROWSER_ARGS, _chromium, add_users, sign_in
+
+    browser_path = _chromium()
+    add_users(settings, {"ada": ("admin", "admin-password-1"), "otto": ("operator", "operator-password-1")})
+    start_worker(settings)
+    base = f"http://127.0.0.1:{settings.web_port}"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=BROWSER_ARGS)
+        try:
+            admin = browser.new_context(viewport={"width": 1500, "height": 900}).new_page()
+            sign_in(admin, base, "ada", "admin-password-1")
+            admin.click("#users-open")
+            admin.wait_for_function("() => document.getElementById('list-name').options.length > 0")
+            assert "blocked" in admin.inner_text("#admin-lists")
+            admin.select_option("#list-name", "blocked")
+            admin.select_option("#list-kind", "counterparty")
+            admin.fill("#list-value", "ring-42")
+            admin.fill("#list-note", "fraud ring, case 9")
+            admin.click("#list-add")
+            admin.wait_for_function("() => document.getElementById('list-status').textContent.startsWith('added')")
+            # The panel's count follows once the worker has applied the entry.
+            admin.wait_for_function(
+                "() => [...document.querySelectorAll('#admin-lists tr')].some(r => r.innerText.startsWith('blocked')"
+                " && r.children[3].textContent === '1')", timeout=15_000)
+            admin.screenshot(path=str(tmp_path / "lists-admin.png"))
+
+            operator = browser.new_context().new_page()
+            sign_in(operator, base, "otto", "operator-password-1")
+            status = operator.evaluate("""async () => (await fetch('/api/admin/lists', {method: 'POST',
+                headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf},
+                body: JSON.stringify({action: 'remove', list: 'blocked', kind: 'counterparty', value: 'ring-42'})
+              })).status""")
+            assert status == 403
+        finally:
+            browser.close()
+
+    txn = make_txn(account_id="acct-9", counterparty_id="ring-42", amount=50.0)
+    produce(settings, TRANSACTIONS, [(b"acct-9", json.dumps(txn).encode())])
+    alert = _alert_of(settings, txn["event_id"])
+    assert alert["reasons"][0]["message"] == "counterparty ring-42 is on block list 'blocked': fraud ring, case 9"
+    audit = consume(settings, AUDIT, lambda a: any(r.get("kind") == "list" for r in a))
+    rec = next(r for r in audit if r.get("kind") == "list")
+    assert (rec["action"], rec["value"], rec["by"], rec["via"]) == ("add", "ring-42", "ada", "console")
