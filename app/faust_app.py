@@ -53,22 +53,28 @@ SINGLE_PARTITION = (RULES, AGGREGATES, DISCLOSURE_PARTIALS, FEEDBACK, LISTS)
 COMPACTED = (RULES, FEEDBACK, LISTS)
 
 
-# Table values are our own state classes; the restricted codec refuses anything else a hostile
-# writer to a changelog topic might plant (plain pickle would execute it). Account states use the
-# compact codec of models.features (dump_account/load_account); AccountState stays allowed here so
-# that pickled account states written by earlier versions still load from an old changelog.
-RestrictedUnpickler.ALLOWED_CLASSES = {
-    **RestrictedUnpickler.ALLOWED_CLASSES,
-    "array": frozenset({"array", "_array_reconstructor"}),
-    "models.features": frozenset({"AccountState"}),
-    "models.market": frozenset({"InstrumentState"}),
-    "models.detector": frozenset({"SurpriseDetector", "Calibrator"}),
-}
+class StateUnpickler(RestrictedUnpickler):  # type: ignore[misc]
+    """Faust's restricted unpickler that also allows riskwatch's state classes, and nothing else.
+
+    Table values are our own state classes; the allowlist refuses anything else a hostile writer to
+    a changelog topic might plant (plain pickle would execute it). A subclass, not an edit of
+    Faust's `ALLOWED_CLASSES`: that would widen Faust's `restricted_pickle` codec for every app in
+    the process. Account states use the compact codec of models.features (dump_account/load_account);
+    AccountState stays allowed so that pickled account states written by earlier versions still load.
+    """
+
+    ALLOWED_CLASSES = {  # noqa: RUF012 - Faust's base declares this dict
+        **RestrictedUnpickler.ALLOWED_CLASSES,
+        "array": frozenset({"array", "_array_reconstructor"}),
+        "models.features": frozenset({"AccountState"}),
+        "models.market": frozenset({"InstrumentState"}),
+        "models.detector": frozenset({"SurpriseDetector", "Calibrator"}),
+    }
 
 
 def restricted_loads(blob: bytes) -> Any:
-    """Unpickle riskwatch state, refusing any class outside the allowlist above."""
-    return RestrictedUnpickler(io.BytesIO(blob)).load()
+    """Unpickle riskwatch state, refusing any class outside StateUnpickler's allowlist."""
+    return StateUnpickler(io.BytesIO(blob)).load()
 
 
 def dumps(state: Any) -> bytes:
@@ -291,10 +297,12 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     s = settings or get_settings()
     metrics = metrics or Metrics()
     tune_malloc()
-    faust_fixes.install()  # without it a restart or failover can skip records (app/faust_fixes.py)
+    # Faust's consumer and producer with riskwatch's fixes, by the broker URL's scheme: without them
+    # a restart or failover can skip records (app/faust_fixes.py).
+    scheme = faust_fixes.transport_scheme()
     app = faust.App(
         s.deployment_id,  # <prefix><app id>: the group and internal topics of deployments never meet
-        broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
+        broker=[f"{scheme}://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
         broker_credentials=credentials(s),
         store="memory://",
         datadir=str(s.data_dir),
@@ -378,5 +386,6 @@ def has_lz4() -> bool:
     return bool(aiokafka_has_lz4() and kafka_python_has_lz4())
 
 
-__all__ = ["ALL_TOPICS", "Runtime", "StateTable", "check_detector", "create_app", "credentials", "dump_account",
-           "dump_detector", "dumps", "has_lz4", "load_account", "load_detector", "load_instrument", "restricted_loads"]
+__all__ = ["ALL_TOPICS", "Runtime", "StateTable", "StateUnpickler", "check_detector", "create_app", "credentials",
+           "dump_account", "dump_detector", "dumps", "has_lz4", "load_account", "load_detector", "load_instrument",
+           "restricted_loads"]
