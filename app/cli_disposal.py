@@ -120,7 +120,7 @@ def cmd_plans(args: argparse.Namespace) -> int:
     path = args.file or s.plans_file
     plans = load_plans(path)
     rules = load_catalogue(s.rules_file)
-    lowest = {r.category: r.level for r in rules.rules.values()}
+    lowest = rules.raised_categories()
     # Market and platform monitors raise below their rule's level too; check the whole range.
     rows = []
     for category in sorted(lowest):

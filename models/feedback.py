@@ -77,7 +77,7 @@ HALF_LIFE_DAYS = 14.0
 MAX_VERDICTS = 512
 BANDS_PER_OCTAVE = 8
 # Rules whose operating point scoring lets verdicts move (models.scoring asks factor("rule:velocity", ...)).
-ADAPTIVE_RULES = frozenset({"velocity"})
+ADAPTIVE_RULES = frozenset({"velocity", "pass_through", "dormant_reactivation", "amount_spike"})
 
 _HALF_LIFE = HALF_LIFE_DAYS * 86_400.0
 

@@ -53,6 +53,35 @@ class VelocityParams(_Params):
     min_ratio: float = Field(6.0, ge=1)
 
 
+class PassThroughParams(_Params):
+    """Money mule pass-through: an external debit mostly paid from money just received from new counterparties."""
+
+    min_share: float = Field(0.5, gt=0, le=1, description="share of the debit covered by that recent inflow")
+    min_multiple: float = Field(5.0, ge=1, description="the amount passed on, in multiples of the account's usual "
+                                                       "debit of this type")
+
+
+class AmountSpikeParams(_Params):
+    """An external debit far above both the account's usual amount and the largest it made lately."""
+
+    min_multiple: float = Field(10.0, ge=1, description="the amount, in multiples of the account's usual debit "
+                                                        "of this type")
+    min_over_max: float = Field(3.0, ge=1, description="and in multiples of the largest of its last 24 debits "
+                                                       "(each against its own type)")
+
+
+class DormantParams(_Params):
+    """A dormant account wakes, and within hours money leaves to a payee it never paid."""
+
+    factor: float = Field(10.0, ge=1, description="silence without a debit, in multiples of the account's usual "
+                                                  "gap between debits")
+    min_silence_seconds: float = Field(2 * 86_400.0, gt=0, description="and at least this long")
+    session_seconds: float = Field(3 * 3600.0, ge=0, description="debits this long after waking still count")
+    min_multiple: float = Field(2.0, ge=0, description="money sent since waking, in multiples of its usual debit "
+                                                       "of this type")
+    new_payee: bool = Field(True, description="only when the debit goes to a payee it never paid")
+
+
 class AnomalyParams(_Params):
     """The transaction model: how many warnings it may open, and when its score becomes one.
 
@@ -112,6 +141,9 @@ PARAMS: dict[str, type[BaseModel]] = {
     "structuring": StructuringParams,
     "fund_isolation": FundIsolationParams,
     "velocity": VelocityParams,
+    "pass_through": PassThroughParams,
+    "amount_spike": AmountSpikeParams,
+    "dormant_reactivation": DormantParams,
     "anomaly": AnomalyParams,
     "liquidity_run": LiquidityParams,
     "market_anomaly": MarketParams,
@@ -171,6 +203,22 @@ class Catalogue(BaseModel):
                                  f"its categories are {sorted(known)}")
         return self
 
+    def raised_categories(self) -> dict[str, str]:
+        """Every category a warning can carry, with its rule's level: the lists rule raises in its lists'
+        categories, the model also in the categories its reason codes are routed to."""
+        out: dict[str, str] = {}
+        for rid, r in self.rules.items():
+            if rid == "lists":
+                for d in r.params.lists.values():
+                    if d.type != "allow":
+                        out.setdefault(d.warn_category, d.warn_level)
+                continue
+            out.setdefault(r.category, r.level)
+            if rid == "anomaly":
+                for cat in r.params.categories.values():
+                    out.setdefault(cat, r.level)
+        return out
+
     def rule(self, rule_id: str) -> Rule | None:
         """The rule if present and enabled."""
         r = self.rules.get(rule_id)
@@ -198,10 +246,13 @@ def load_catalogue(path: Path | str | None = None) -> Catalogue:
 
 __all__ = [
     "DEFAULT_RULES",
+    "AmountSpikeParams",
     "AnomalyParams",
     "Catalogue",
+    "DormantParams",
     "FundIsolationParams",
     "LargeTransactionParams",
+    "PassThroughParams",
     "Rule",
     "StructuringParams",
     "VelocityParams",

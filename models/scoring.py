@@ -56,10 +56,13 @@ from models.features import (
 from models.findings import Finding, open_or_update, to_alert
 from models.lists import Hit, ListIndex, ListsParams, hit_message
 from models.rules import (
+    AmountSpikeParams,
     AnomalyParams,
     Catalogue,
+    DormantParams,
     FundIsolationParams,
     LargeTransactionParams,
+    PassThroughParams,
     StructuringParams,
     VelocityParams,
 )
@@ -68,6 +71,11 @@ from models.rules import (
 # large transactions) stay below the model threshold; high and critical rule hits sit above it,
 # because deterministic evidence of fraud outranks any model rank.
 LEVEL_SCORE = {"low": 0.9, "medium": 0.95}
+# (silence before waking, usual gap, sent since waking before this debit, seconds since waking)
+Wake = tuple[float, float, float, float]
+# (inflow from new counterparties (0: none), usual debit of this type, the wake if waking, the spike
+# (x usual, x largest recent) if one): what the pass-through, dormancy and amount-spike rules read.
+RuleContext = tuple[float, float, Wake | None, tuple[float, float] | None]
 RECENT_IDS = 16
 MODEL_DETECTOR = "surprise"  # the `detector` of model warnings, as opposed to "rule:<id>"
 _PACK_Q = struct.Struct("=q").pack  # one element of an array("q"), as bytes
@@ -211,6 +219,7 @@ class TransactionScorer:
         self.feedback = feedback
         self._fb_max = 1.0 if feedback is None else max(1.0, feedback.max_factor)
         self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
+        self._spike_lmed = log(self._spike.min_multiple / self._fb_max)
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a (validated) rule catalogue; takes effect with the next event."""
@@ -220,6 +229,9 @@ class TransactionScorer:
         self._struct = c.params("structuring", StructuringParams)
         self._fund = c.params("fund_isolation", FundIsolationParams)
         self._vel = c.params("velocity", VelocityParams)
+        self._pt = c.params("pass_through", PassThroughParams)
+        self._dorm = c.params("dormant_reactivation", DormantParams)
+        self._spike = c.params("amount_spike", AmountSpikeParams)
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
         anomaly = c.rules.get("anomaly")
@@ -239,6 +251,13 @@ class TransactionScorer:
         self._large_on = "large_transaction" in self._on
         self._struct_on = "structuring" in self._on
         self._vel_on = "velocity" in self._on
+        self._pt_on = "pass_through" in self._on
+        self._dorm_on = "dormant_reactivation" in self._on
+        self._dorm_new = self._dorm.new_payee
+        self._spike_on = "amount_spike" in self._on
+        # In the log units the account's amounts are kept in: most debits stop at this comparison.
+        self._spike_lmed = log(self._spike.min_multiple / self._fb_max)
+        self._spike_lmax = log(self._spike.min_over_max)
         self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
         self._thresholds: dict[str, tuple[float, float]] = {}
         # Structuring is a day-long pattern: its debits hours apart are one case, not several.
@@ -308,6 +327,7 @@ class TransactionScorer:
         same_day = ts - day_start < DAY
         d10 = 0
         expected = 0.0
+        ctx: RuleContext | None = None  # what the pass-through and dormancy rules need, when they may fire
         # models.features.faded, inlined for the session's evidence and the inflow from new counterparties.
         sess = state.ev_sum
         if sess:
@@ -379,14 +399,27 @@ class TransactionScorer:
             if ratio > 3.0:
                 raw += log(ratio / 3.0) * w.get("spend", 0.0)
             if inflow > 0.0 and txn_type in EXTERNAL_TYPES:
-                v = _pass_through(amount, inflow, exp(state.log_med + shift) if n_hist >= 3 else amount)
+                usual = exp(state.log_med + shift) if n_hist >= 3 else amount
+                v = _pass_through(amount, inflow, usual)
                 if v > 0.0:
                     raw += v * w.get("pass_through", 0.0)
+                if self._pt_on and n_hist >= 3:
+                    ctx = (inflow, usual, None, None)
             # Dormancy needs a day's silence at least: most events stop at the first comparison.
             if n and ts - state.last_ts > DORMANT_MIN_SECONDS:
                 v = dormancy(ts - state.last_ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
                 if v > 0.0:
                     raw += v * w.get("dormant", 0.0)
+            if self._dorm_on and n_hist >= 3 and (new_cp or not self._dorm_new) and txn_type in EXTERNAL_TYPES:
+                wake = self._woke(state, ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
+                if wake is not None:
+                    ctx = (ctx[0] if ctx is not None else 0.0, exp(state.log_med + shift), wake, None)
+            if self._spike_on and n_hist >= 3 and lg_amount - state.log_med >= self._spike_lmed \
+                    and txn_type in EXTERNAL_TYPES:
+                over = lg_amount - max(la)
+                if over >= self._spike_lmax:
+                    spike = (exp(lg_amount - state.log_med), exp(over))
+                    ctx = (0.0, 0.0, None, spike) if ctx is None else (ctx[0], ctx[1], ctx[2], spike)
             own = raw
             if sess > 0.0:
                 raw += (CAP if sess > CAP else sess) * w.get("session", 0.0)
@@ -423,9 +456,9 @@ class TransactionScorer:
         findings: list[Finding] = []
         if (debit and self._fund_on and txn.account_kind in self._fund_from
                 and txn.counterparty_kind in self._fund_to) or (self._large_on and amount >= threshold) \
-                or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on):
+                or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on) or ctx is not None:
             # Some rule may fire: _rules decides (most events skip it).
-            findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold)
+            findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold, ctx)
         lists = self.lists
         if lists is not None and lists.active:
             hits = lists.match(txn.account_id, txn.counterparty_id, device, txn.ip)
@@ -597,7 +630,7 @@ class TransactionScorer:
             det.refresh(self._budgets, self._global_warmup)
         near = debit and self._is_near(txn)
         findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
-                               self._large.threshold(txn.currency))
+                               self._large.threshold(txn.currency), self._context(f, state))
         if self.lists is not None and self.lists.active:
             hits = self.lists.match(txn.account_id, txn.counterparty_id, txn.device_id, txn.ip)
             if hits:
@@ -646,8 +679,49 @@ class TransactionScorer:
         t = self._large.threshold(txn.currency)
         return self._struct.lower_fraction * t <= txn.amount < t
 
+    def _context(self, f: TxnFeatures, state: AccountState) -> RuleContext | None:
+        """The fused path's `ctx`, from the features: what the pass-through and dormancy rules read."""
+        if not f.external or f.history < 3:
+            return None
+        inflow = f.inflow_new if self._pt_on and f.inflow_new > 0.0 else 0.0
+        wake = None
+        if self._dorm_on and (f.new_counterparty or not self._dorm_new):
+            wake = self._woke(state, f.ts, f.typical_gap)
+        spike = None
+        lg_amount = log(f.amount) - f.shift
+        if self._spike_on and lg_amount - state.log_med >= self._spike_lmed:
+            over = lg_amount - max(state.log_amounts)
+            if over >= self._spike_lmax:
+                spike = (exp(lg_amount - state.log_med), exp(over))
+        if not inflow and wake is None and spike is None:
+            return None
+        return (inflow, f.median_amount if inflow or wake is not None else 0.0, wake, spike)
+
+    def _woke(self, state: AccountState, ts: float, gap: float) -> Wake | None:
+        """(silence, usual gap, sent since, seconds since) when the account woke from a dormancy within the
+        rule's session: the first of its recent debits (or this one) came after a silence without debits of
+        `factor` usual gaps and at least `min_silence_seconds`."""
+        p = self._dorm
+        quiet = p.factor * gap
+        if quiet < p.min_silence_seconds:
+            quiet = p.min_silence_seconds
+        dts = state.debit_ts
+        k = len(dts)
+        if not k:
+            return None
+        first = bisect_left(dts, ts - p.session_seconds)
+        if first == k:
+            idle = ts - dts[-1]
+            return (idle, gap, 0.0, 0.0) if idle >= quiet else None
+        if first == 0:
+            return None  # every remembered debit is in the session: no silence before it to see
+        idle = dts[first] - dts[first - 1]
+        if idle < quiet:
+            return None
+        return idle, gap, float(sum(state.debit_amt[first:])), ts - dts[first]
+
     def _rules(self, txn: TransactionFields, debits_10m: int, expected_10m: float, ts: float, debit: bool, near: bool,
-               state: AccountState, threshold: float) -> list[Finding]:
+               state: AccountState, threshold: float, ctx: RuleContext | None = None) -> list[Finding]:
         on = self._on
         out: list[Finding] = []
         acct = txn.account_id
@@ -688,7 +762,53 @@ class TransactionScorer:
                     code="velocity",
                     message=f"{debits_10m} debits in 10 minutes (usual: at most {usual})",
                     value=float(debits_10m), threshold=float(v.min_debits))])
+        if ctx is not None:
+            out += self._flow_rules(txn, ctx)
         return out
+
+    def _flow_rules(self, txn: TransactionFields, ctx: RuleContext) -> list[Finding]:
+        """Pass-through (money mule) and dormant reactivation, on an external debit of an account with history."""
+        inflow, usual, wake, spike = ctx
+        amount, cur = txn.amount, txn.currency
+        out: list[Finding] = []
+        if inflow > 0.0 and "pass_through" in self._on:
+            p = self._pt
+            sent = amount if amount < inflow else inflow
+            need = p.min_multiple
+            if self.feedback is not None:
+                need /= self.feedback.factor("rule:pass_through", ("pass_through",))
+            if sent >= p.min_share * amount and sent >= need * usual:
+                out.append(self._finding("pass_through", txn.account_id, [Reason(
+                    code="pass_through",
+                    message=f"{cur} {sent:,.2f} of this {txn.txn_type} passes on money received in the last hours "
+                            f"from counterparties this account never dealt with ({sent / usual:.1f}x its usual)",
+                    value=round(sent / usual, 4), threshold=need)]))
+        if wake is not None and "dormant_reactivation" in self._on:
+            idle, gap, before, since = wake
+            total = before + amount
+            need = self._dorm.min_multiple
+            if self.feedback is not None:
+                need /= self.feedback.factor("rule:dormant_reactivation", ("dormant_reactivation",))
+            if total >= need * usual:
+                when = "now" if since == 0.0 else f"{_span(since)} after waking"
+                out.append(self._finding("dormant_reactivation", txn.account_id, [Reason(
+                    code="dormant_reactivation",
+                    message=f"woke after {_span(idle)} without a debit (usually {_span(gap)} between them) and "
+                            f"sent {cur} {total:,.2f} ({total / usual:.1f}x its usual), {when}, to a payee it "
+                            "never paid",
+                    value=round(total / usual, 4), threshold=need)]))
+        need = self._spike.min_multiple
+        if spike is not None and self.feedback is not None:
+            need /= self.feedback.factor("rule:amount_spike", ("amount_spike",))
+        if spike is not None and spike[0] >= need:
+            to_usual, to_max = spike
+            out.append(self._finding("amount_spike", txn.account_id, [Reason(
+                code="amount_spike",
+                message=f"{txn.txn_type} of {cur} {amount:,.2f}: {to_usual:.1f}x this account's usual and "
+                        f"{to_max:.1f}x the largest of its recent debits",
+                value=round(to_usual, 4), threshold=need)]))
+        return out
+
 
     def _list_findings(self, hits: list[Hit], account: str) -> list[Finding]:
         out = []
@@ -749,6 +869,15 @@ class TransactionScorer:
                     # The budget is spent by the warnings a person must open, not by every event scored.
                     self.detector.spend(fd.category, self._budgets, self._global_warmup)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
+
+
+def _span(seconds: float) -> str:
+    """A duration as a person says it: 40 min, 5.5 h, 3.2 days."""
+    if seconds < HOUR:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * DAY:
+        return f"{seconds / HOUR:.1f} h"
+    return f"{seconds / DAY:.1f} days"
 
 
 def _covered(findings: list[Finding]) -> bool:

@@ -33,6 +33,9 @@ RAISED = {
     "market_anomaly": ["medium", "high"],
     "market_crash": ["high", "critical"],
     "market_stress": ["high", "critical"],
+    "amount_spike": ["high"],
+    "money_mule": ["high"],
+    "dormant_account": ["high"],
     "block_list": ["high"],
     "watch_list": ["medium"],
 }
@@ -173,11 +176,13 @@ def test_plans_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rows = [line.split() for line in out.splitlines()]
     assert ["fund_isolation", "critical", "fund-isolation-breach", "compliance"] in rows
     assert ["liquidity_run", "critical", "liquidity-run-critical", "treasury"] in rows
-    assert out.rstrip().endswith("16 plans: OK")
+    assert out.rstrip().endswith("19 plans: OK")
     no_fallback = tmp_path / "plans.yaml"
     no_fallback.write_text(plan_yaml())
     assert main(["plans", "check", str(no_fallback)]) == 2
-    assert "no plan answers anomaly, fund_isolation" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no plan answers amount_spike, anomaly, block_list, dormant_account, fund_isolation" in err
+    assert "list_match" not in err, "the lists rule raises in its lists' categories, not its own"
 
 
 def test_every_runbook_link_points_at_a_section_of_the_docs(shipped) -> None:

@@ -235,7 +235,8 @@ def test_fused_scoring_matches_the_step_by_step_reference_bit_for_bit():
     fused, fused_state = run(True)
     ref, ref_state = run(False)
     kinds = {f[0] for g in ref for f in g[6]}
-    assert {"anomaly", "large_transaction", "structuring", "velocity"} <= kinds, kinds
+    assert {"anomaly", "large_transaction", "structuring", "velocity", "amount_spike", "money_mule",
+            "dormant_account"} <= kinds, kinds
     assert any(g[2] for g in ref) and any(g[3] for g in ref), "the stream must hold duplicates and late events"
     assert fused == ref
     assert fused_state == ref_state
