@@ -12,7 +12,7 @@ from models.plans import load_plans
 from models.rules import load_catalogue
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
-SECRET_SETTINGS = {"RISKWATCH_KAFKA_SASL_PASSWORD", "RISKWATCH_PSEUDONYMISE_KEY"}
+SECRET_SETTINGS = {"RISKWATCH_KAFKA_SASL_PASSWORD", "RISKWATCH_PSEUDONYMISE_KEY", "RISKWATCH_SESSION_SECRET"}
 
 
 def _kustomization() -> dict[str, Any]:
