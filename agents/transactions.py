@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -487,6 +487,54 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.engine.assigned({tp.partition for tp in assigned if tp.topic == self.engine.topic})
 
 
+Changes = list[tuple[str, dict[tuple[int, bytes], bytes | None]]]  # (changelog topic, (partition, key) -> value)
+
+
+class Checkpoint:
+    """One commit of the transaction engine, its order in one place: warnings flushed, state written, offsets committed.
+
+    `take` snapshots, under the engine's lock, what the batches since the last checkpoint left:
+    the delivery futures of their warnings, dead letters and partials (already sent, at once: their
+    latency is the product), every table's changes (account states encoded now) and the offsets
+    read. `commit` then runs behind the loop, after the previous checkpoint's commit:
+
+    1. flush: every output of those batches acknowledged by Kafka;
+    2. write: the tables' changes sent to their changelogs and acknowledged;
+    3. commit: the offsets committed.
+
+    Each step starts only when the one before succeeded; a failure raises and commits nothing. So
+    a crash at any point leaves the committed offsets at or before state that was delivered with
+    every warning it remembers: the redelivered events are re-scored or recognised by offset, never
+    lost, and a warning is never remembered by state without having been sent.
+    """
+
+    def __init__(self, outputs: list[asyncio.Future[Any]], changes: Changes,
+                 offsets: dict[TopicPartition, int]) -> None:
+        self.outputs, self.changes, self.offsets = outputs, changes, offsets
+
+    @classmethod
+    def take(cls, outputs: list[asyncio.Future[Any]], processor: TransactionProcessor,
+             stores: Sequence[ChangelogStore], read: dict[TopicPartition, int]) -> Checkpoint:
+        """Snapshot the outputs in flight, the tables' changes and the offsets read (under the engine's lock)."""
+        processor.write_state()
+        return cls(outputs, [(store.topic, store.take_pending()) for store in stores], dict(read))
+
+    async def commit(self, producer: AIOKafkaProducer,
+                     commit_offsets: Callable[[dict[TopicPartition, int]], Awaitable[None]],
+                     written: Callable[[float], None] | None = None) -> None:
+        """Run the three steps in order; `written` gets the seconds steps 1 and 2 took."""
+        t0 = time.perf_counter()
+        # Step 1: flush. The outputs first: state must never remember a warning Kafka has not got.
+        await gather_all(self.outputs)
+        # Step 2: write the state, in each partition's changelog order (one record batch per partition).
+        await gather_all(await send_batched(producer, ((topic, partition, key, value) for topic, changes in self.changes
+                                                       for (partition, key), value in changes.items())))
+        if written is not None:
+            written(time.perf_counter() - t0)
+        # Step 3: commit the offsets, only now that the state that covers them is stored.
+        await commit_offsets(self.offsets)
+
+
 class TransactionEngine:
     """Reads risk.transactions in batches with aiokafka, scores them, then sends outputs, then state, then commits.
 
@@ -842,22 +890,19 @@ class TransactionEngine:
         self.outstanding.extend(await send_batched(producer, routed))
 
     async def _flush(self, wait: bool = False) -> None:
-        """Snapshot the tables' changes and write them behind the loop: outputs acked, then state, then commit.
+        """Take a Checkpoint and commit it behind the loop, after the one before.
 
-        The snapshot (states encoded, pending changes taken, offsets read so far) is taken here,
-        under the lock; the writing runs as a task chained after the previous one, so the loop goes
-        on scoring while Kafka acknowledges (a flush used to stall every event behind it for a few
-        round trips). Chaining keeps each partition's changelog in write order. A crash at any point
-        leaves the committed offsets at or before state that was delivered with every warning it
-        remembers, so the redelivered events are re-scored or recognised by offset, never lost.
+        The snapshot is taken here, under the lock; the commit runs as a task chained after the
+        previous one, so the loop goes on scoring while Kafka acknowledges (a flush used to stall
+        every event behind it for a few round trips). Chaining keeps each partition's changelog in
+        write order.
         """
         outstanding, self.outstanding = self.outstanding, []
-        self.processor.write_state()
-        pending = [(store.topic, store.take_pending()) for store in self.stores]
-        offsets = dict(self.read)
-        self.snapshotted = offsets
-        self.writing = asyncio.create_task(self._write(self.writing, outstanding, pending, offsets),
-                                           name="transaction-engine-write")
+        checkpoint = Checkpoint.take(outstanding, self.processor, self.stores, self.read)
+        self.snapshotted = checkpoint.offsets
+        self.writing = asyncio.create_task(
+            self._write(self.writing, checkpoint.outputs, checkpoint.changes, checkpoint.offsets),
+            name="transaction-engine-write")
         if wait:
             await self._settle()
 
@@ -868,18 +913,19 @@ class TransactionEngine:
             await task
 
     async def _write(self, previous: asyncio.Task[None] | None, outstanding: list[asyncio.Future[Any]],
-                     pending: list[tuple[str, dict[tuple[int, bytes], bytes | None]]],
-                     offsets: dict[TopicPartition, int]) -> None:
+                     pending: Changes, offsets: dict[TopicPartition, int]) -> None:
+        # The checkpoint's parts, not the object: tests/test_changelog.py stands in for this method with
+        # that signature to watch what each snapshot holds.
         if previous is not None:
             await previous  # a failed earlier write fails this one too: nothing after it may commit
         producer = self.state_producer
         assert producer is not None
-        t0 = time.perf_counter()
-        await gather_all(outstanding)
-        await gather_all(await send_batched(producer, ((topic, partition, key, value) for topic, changes in pending
-                                                       for (partition, key), value in changes.items())))
+        await Checkpoint(outstanding, pending, offsets).commit(
+            producer, self._commit_through, self.rt.metrics.batch_phase.labels("write").observe)
+
+    async def _commit_through(self, offsets: dict[TopicPartition, int]) -> None:
+        # Delivered now: `done` is what a commit may cover (and lag() counts from when nothing is read since).
         self.done.update(offsets)
-        self.rt.metrics.batch_phase.labels("write").observe(time.perf_counter() - t0)
         await self._commit()
 
     async def _chores(self, idle: bool = False) -> None:
@@ -1043,5 +1089,5 @@ def _flows_key(partition: int) -> bytes:
     return f"flows:p{partition}".encode()
 
 
-__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "IdleEviction", "PartitionModels", "TransactionEngine",
+__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "Checkpoint", "IdleEviction", "PartitionModels", "TransactionEngine",
            "TransactionProcessor", "attach"]
