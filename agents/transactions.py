@@ -32,9 +32,11 @@ from app.faust_app import (
     Runtime,
     dump_account,
     dump_detector,
+    dump_shifts,
     has_lz4,
     load_account,
     load_detector,
+    load_shifts,
 )
 from app.metrics import observe_many
 from app.quarantine import Quarantine
@@ -44,7 +46,7 @@ from app.settings import Settings
 from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
-from models.features import AccountState
+from models.features import AccountState, StateCodecError
 from models.platform_state import dump_accumulator, load_accumulator
 from models.scoring import TransactionScorer
 
@@ -66,6 +68,9 @@ class PartitionModels:
     def _key(self, partition: int) -> bytes:
         return f"{self.prefix}:p{partition}".encode()
 
+    def _shifts_key(self, partition: int) -> bytes:
+        return f"{self.prefix}:p{partition}:shifts".encode()
+
     def get(self, partition: int) -> SurpriseDetector:
         """The partition's detector, restored from its last checkpoint the first time it is needed.
 
@@ -85,15 +90,36 @@ class PartitionModels:
                         raise
                     self.quarantine.set_aside(self.store.name, self.store.topic, partition, key, blob, exc)
                     self.store.delete(partition, key)
+            self._restore_shifts(partition, det)
             self.detectors[partition] = det
         return det
+
+    def _restore_shifts(self, partition: int, det: SurpriseDetector) -> None:
+        # The rules (amount spike, pass-through, dormancy) measure an amount against the account's
+        # usual one through the type shifts. The full snapshot lags up to `every` events, the shifts
+        # are written with every batch's state, so an event redelivered after a crash or a move is
+        # judged with the very shifts it was judged with the first time, and its warning is the same.
+        key = self._shifts_key(partition)
+        blob = self.store.get(partition, key)
+        if not blob:
+            return
+        try:
+            det.shifts = load_shifts(blob)
+        except StateCodecError as exc:
+            if self.quarantine is None:
+                raise
+            self.quarantine.set_aside(self.store.name, self.store.topic, partition, key, blob, exc)
+            self.store.delete(partition, key)
 
     def learned(self, partition: int, n: int = 1) -> None:
         """Count learned events; checkpoint every `every` events (written with the batch's state)."""
         n += self.pending.get(partition, 0)
+        det = self.detectors[partition]
         if n >= self.every:
-            self.store.put(partition, self._key(partition), dump_detector(self.detectors[partition]))
+            self.store.put(partition, self._key(partition), dump_detector(det))
             n = 0
+        if det.shifts is not None:
+            self.store.put(partition, self._shifts_key(partition), dump_shifts(det.shifts))
         self.pending[partition] = n
 
     def forget(self, partitions: set[int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import io
+import json
 import logging
 import math
 import pickle
@@ -180,6 +181,27 @@ def _shifts_ok(shifts: Any) -> bool:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+Shifts = tuple[dict[str, list[float]], dict[str, list[float]]]
+
+
+def dump_shifts(shifts: Shifts) -> bytes:
+    """A detector's per-type amount shifts as JSON, written with every batch's state (see PartitionModels)."""
+    return json.dumps({"credit": shifts[0], "debit": shifts[1]}, separators=(",", ":")).encode()
+
+
+def load_shifts(blob: bytes) -> Shifts:
+    """Read dump_shifts' JSON; StateCodecError saying why if it is not that."""
+    try:
+        doc = json.loads(blob)
+        shifts = ({k: [float(x) for x in v] for k, v in doc["credit"].items()},
+                  {k: [float(x) for x in v] for k, v in doc["debit"].items()})
+    except Exception as exc:  # noqa: BLE001 - JSON, keys and types fail many ways on garbage: report one
+        raise StateCodecError(f"not a type-shift snapshot: {type(exc).__name__}: {exc}") from None
+    if not _shifts_ok(shifts):
+        raise StateCodecError("type-shift snapshot has values of the wrong type or size")
+    return shifts
 
 
 def load_instrument(blob: bytes) -> InstrumentState:
@@ -386,6 +408,22 @@ def has_lz4() -> bool:
     return bool(aiokafka_has_lz4() and kafka_python_has_lz4())
 
 
-__all__ = ["ALL_TOPICS", "Runtime", "StateTable", "StateUnpickler", "check_detector", "create_app", "credentials",
-           "dump_account", "dump_detector", "dumps", "has_lz4", "load_account", "load_detector", "load_instrument",
-           "restricted_loads"]
+__all__ = [
+    "ALL_TOPICS",
+    "Runtime",
+    "StateTable",
+    "StateUnpickler",
+    "check_detector",
+    "create_app",
+    "credentials",
+    "dump_account",
+    "dump_detector",
+    "dump_shifts",
+    "dumps",
+    "has_lz4",
+    "load_account",
+    "load_detector",
+    "load_instrument",
+    "load_shifts",
+    "restricted_loads",
+]

@@ -167,12 +167,37 @@ def test_a_bad_account_state_or_detector_snapshot_starts_afresh_and_the_partitio
     assert _quarantined(m, "accounts") == 1 and _quarantined(m, "models") == 1
     assert proc.live[(0, b"acct-bad")].n == 2, "the account started again and learned both its events"
     assert type(proc.models.detectors[0]) is SurpriseDetector
-    assert proc.models_store.take_pending() == {(0, b"txn:p0"): None}, "the bad snapshot is deleted"
+    assert proc.models_store.take_pending()[(0, b"txn:p0")] is None, "the bad snapshot is deleted"
     asyncio.run(proc.quarantine.flush())
     letters = {k: json.loads(v) for t, k, v, _ in proc.sink.take() if t == "u.risk.deadletter"}
     assert set(letters) == {b"accounts:0:acct-bad", b"models:0:txn:p0"}
     assert "table accounts, partition 0, key 'acct-bad'" in letters[b"accounts:0:acct-bad"]["reason"]
     assert letters[b"models:0:txn:p0"]["source_topic"] == "u.u-models-changelog"
+
+
+def test_type_shifts_move_with_every_batch_so_a_redelivered_event_is_judged_as_the_first_time(
+        tmp_path: Path) -> None:
+    """The full detector snapshot lags; the shifts the typology rules read do not, and a bad one is set aside."""
+    first = _processor(tmp_path / "a")
+    recs = [SimpleNamespace(topic="t", partition=0, offset=o, value=_txn(o, f"acct-{o % 3}")) for o in range(15)]
+    asyncio.run(first.process(recs))
+    written = first.models_store.take_pending()
+    assert (0, b"txn:p0") not in written, "the full snapshot waits for model_checkpoint_every events"
+    shifts = first.models.detectors[0].shifts
+    assert shifts is not None and shifts[1]["payment"][1] == 6.0, "learned once an account has 3 debits"
+    # The partition's next owner reads the table: it starts from the batch's shifts, not from zero.
+    nxt = _processor(tmp_path / "b")
+    for (p, k), v in written.items():
+        nxt.models_store.put(p, k, v)
+    nxt.models_store.take_pending()
+    assert nxt.models.get(0).shifts == shifts
+    # A shifts value that does not decode is set aside and deleted; the detector keeps its own.
+    bad = _processor(tmp_path / "c")
+    bad.models_store.put(0, b"txn:p0:shifts", b'{"credit": {}, "debit": {"payment": ["x"]}}')
+    bad.models_store.take_pending()
+    assert bad.models.get(0).shifts is None
+    assert _quarantined(bad.m, "models") == 1
+    assert bad.models_store.take_pending() == {(0, b"txn:p0:shifts"): None}
 
 
 def test_disclosure_totals_that_do_not_decode_are_set_aside_when_read_back() -> None:
