@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.sink import Sink
 from app.admin import aiokafka_config
-from app.errors import ConfigError
 from app.faust_app import RULES, Runtime
+from models.errors import ConfigError
 from models.rules import Catalogue, parse_catalogue
 
 log = logging.getLogger("riskwatch.agents.control")

@@ -26,7 +26,6 @@ from pydantic import ValidationError
 from agents.sink import Sink
 from app.changelog import ChangelogStore, PartitionView
 from app.faust_app import DISCLOSURE, DISCLOSURE_PARTIALS, TRANSACTIONS, Runtime
-from app.schemas import TransactionFields
 from models.disclosure import (
     HOUR,
     AlertSnapshot,
@@ -36,6 +35,7 @@ from models.disclosure import (
     parse_partial,
     window_start,
 )
+from models.schemas import TransactionFields
 
 log = logging.getLogger("riskwatch.agents.disclosure")
 FLUSH_SECONDS = 2.0

@@ -35,14 +35,14 @@ from pydantic import ValidationError
 
 from agents.feedback import FeedbackFollower
 from agents.sink import Sink
-from app.errors import EventError
 from app.faust_app import ACKS, ALERTS, ALERTS_BY_ID, AUDIT, CONTINGENCY, FEEDBACK, Runtime
-from app.schemas import LEVELS, Alert
 from models.disclosure import AlertSnapshot
+from models.errors import EventError
 from models.feedback import FeedbackAudit, VerdictNote, key_name
 from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, team_of, tick
 from models.pages import sync_pages
 from models.plans import PlanCatalogue
+from models.schemas import LEVELS, Alert
 
 log = logging.getLogger("riskwatch.agents.disposal")
 

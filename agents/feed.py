@@ -20,9 +20,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 
 from agents.control import client_kwargs
-from app.errors import RiskwatchError
 from app.faust_app import ALERTS, AUDIT, CONTINGENCY, Runtime
-from app.schemas import LEVELS
+from models.errors import RiskwatchError
+from models.schemas import LEVELS
 
 log = logging.getLogger("riskwatch.agents.feed")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from agents.sink import Sink
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, TRANSACTIONS, Runtime
-from app.schemas import LEVELS, Alert
 from models.rules import Catalogue
+from models.schemas import LEVELS, Alert
 
 log = logging.getLogger("riskwatch.agents.health")
 

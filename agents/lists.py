@@ -143,8 +143,8 @@ class ListAdmin:
         """Add or remove one entry as the signed-in admin."""
         from agents.console import PRINCIPAL
         from agents.web import json_object
-        from app.errors import RiskwatchError
         from app.list_changes import audit_of, make_change
+        from models.errors import RiskwatchError
         from models.lists import ALLOW_KINDS
 
         who: Any = request[PRINCIPAL]

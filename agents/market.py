@@ -14,15 +14,15 @@ import time
 from typing import Any
 
 from agents.sink import Sink
-from app.errors import EventError
 from app.faust_app import MARKET, Runtime, dumps, load_instrument
-from app.schemas import MarketTick, decode_event
 from app.security import Ingest
 from models.aggregates import MarketAccumulator, bucket_of
+from models.errors import EventError
 from models.market import InstrumentState
 from models.pipeline import MarketScorer
 from models.platform_state import check_stress_value, dump_stress_entry, dump_stress_head, load_stress
 from models.rules import Catalogue
+from models.schemas import MarketTick, decode_event
 
 STRESS_TABLE = "market-stress"
 

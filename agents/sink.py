@@ -10,7 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
-from app.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
+from models.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
 
 log = logging.getLogger("riskwatch.agents")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -25,7 +26,6 @@ from agents.disclosure import Disclosure
 from agents.sink import BufferedSink, Sink
 from app.admin import aiokafka_config, ensure_changelogs
 from app.changelog import ChangelogStore, gather_all, read_back
-from app.errors import EventError
 from app.faust_app import (
     DEADLETTER,
     TRANSACTIONS,
@@ -40,14 +40,15 @@ from app.faust_app import (
 )
 from app.metrics import observe_many
 from app.quarantine import Quarantine
-from app.schemas import TransactionFields
 from app.security import Ingest
 from app.settings import Settings
 from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
+from models.errors import EventError
 from models.features import AccountState, StateCodecError
 from models.platform_state import dump_accumulator, load_accumulator
+from models.schemas import TransactionFields
 from models.scoring import TransactionScorer
 
 log = logging.getLogger("riskwatch.agents.transactions")
@@ -513,6 +514,75 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.engine.assigned({tp.partition for tp in assigned if tp.topic == self.engine.topic})
 
 
+class Phase(enum.Enum):
+    """Where the transaction engine is in its life; Phases allows only the moves in Phases.MOVES."""
+
+    IDLE = "idle"  # started, no partitions assigned yet
+    RUNNING = "running"  # the owned partitions' tables are complete: batches are scored, written and committed
+    REBALANCING = "rebalancing"  # partitions revoked: nothing is scored until the assignment's read-back ends
+    BROKEN = "broken"  # a batch or write failed: the tables may be ahead of their changelogs, to be read back
+    STOPPING = "stopping"  # stop asked while running: the batch in hand ends, then one last write and commit
+    STOPPED = "stopped"  # nothing more is scored or written (stop asked in any other phase, or the last commit done)
+
+
+class Phases:
+    """The engine's phase, the only moves allowed between phases, and the riskwatch_engine_phase gauge.
+
+    The phase replaces three flags whose combinations were implicit (ready, broken, stopping): each
+    place that asks "may I score, write, commit?" now asks one question of one value.
+
+    >>> p = Phases()
+    >>> p.go(Phase.RUNNING), p.go(Phase.STOPPING), p.fail(), p.now
+    (True, True, None, <Phase.STOPPED: 'stopped'>)
+    >>> p.go(Phase.RUNNING)  # nothing leaves STOPPED
+    False
+    """
+
+    MOVES: ClassVar[Mapping[Phase, frozenset[Phase]]] = {
+        Phase.IDLE: frozenset({Phase.RUNNING, Phase.REBALANCING, Phase.BROKEN, Phase.STOPPED}),
+        Phase.RUNNING: frozenset({Phase.REBALANCING, Phase.BROKEN, Phase.STOPPING}),
+        Phase.REBALANCING: frozenset({Phase.RUNNING, Phase.BROKEN, Phase.STOPPED}),
+        Phase.BROKEN: frozenset({Phase.RUNNING, Phase.STOPPED}),  # running again only after the read-back
+        Phase.STOPPING: frozenset({Phase.STOPPED}),
+        Phase.STOPPED: frozenset(),
+    }
+
+    def __init__(self, gauge: Any = None) -> None:
+        self.now = Phase.IDLE
+        self.gauge = gauge
+        self._show()
+
+    @property
+    def serving(self) -> bool:
+        """Batches may be scored and written: running, or stopping after the batch in hand."""
+        return self.now is Phase.RUNNING or self.now is Phase.STOPPING
+
+    def go(self, new: Phase) -> bool:
+        """Move to `new` if MOVES allows it (staying put is allowed); False, logged, if not."""
+        if new is self.now:
+            return True
+        if new not in self.MOVES[self.now]:
+            log.error("transaction engine: no move from %s to %s; staying %s", self.now.value, new.value,
+                      self.now.value)
+            return False
+        log.debug("transaction engine: %s -> %s", self.now.value, new.value)
+        self.now = new
+        self._show()
+        return True
+
+    def fail(self) -> None:
+        """A batch, write or read-back failed: broken (read back, then run again), or stopped if stopping."""
+        if self.now is Phase.STOPPING:
+            self.go(Phase.STOPPED)
+        elif self.now is not Phase.STOPPED:
+            self.go(Phase.BROKEN)
+
+    def _show(self) -> None:
+        if self.gauge is not None:
+            for phase in Phase:
+                self.gauge.labels(phase.value).set(1.0 if phase is self.now else 0.0)
+
+
 Changes = list[tuple[str, dict[tuple[int, bytes], bytes | None]]]  # (changelog topic, (partition, key) -> value)
 
 
@@ -581,9 +651,9 @@ class TransactionEngine:
         self.stores = processor.stores
         self.lock = asyncio.Lock()
         self.owned: set[int] = set()
-        self.ready = False
+        self.phases = Phases(rt.metrics.engine_phase)
+        # Bumped by every assignment and rewind: a batch fetched before one is given back, not scored.
         self.generation = 0
-        self.broken = False
         self.read: dict[TopicPartition, int] = {}  # next offset after the last record processed
         self.done: dict[TopicPartition, int] = {}  # ... and after the last one whose state was delivered
         self.snapshotted: dict[TopicPartition, int] = {}  # `read` as of the last snapshot
@@ -596,7 +666,6 @@ class TransactionEngine:
         self.state_producer: AIOKafkaProducer | None = None  # table changelogs
         self.restorer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
-        self.stopping = False
         self.stopped: asyncio.Future[None] | None = None  # the stop in progress or done (stop() runs once)
         self.reported = False  # uncommitted offsets logged
         self.last_chores = self.last_flush = 0.0
@@ -659,8 +728,9 @@ class TransactionEngine:
         def left(share: float = 1.0) -> float:
             return max(deadline - loop.time(), 0.0) * share
 
-        # Step 1: stop consuming; the loop ends after the batch in hand (or is cancelled).
-        self.stopping = True
+        # Step 1: stop consuming; the loop ends after the batch in hand (or is cancelled). Only a
+        # running engine gets a last write: in any other phase its tables may not match the offsets.
+        self.phases.go(Phase.STOPPING if self.phases.now is Phase.RUNNING else Phase.STOPPED)
         if self.task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self.task), timeout=left(0.3))
@@ -678,6 +748,7 @@ class TransactionEngine:
                             "reachable?", self.topic, budget)
             except Exception as exc:  # noqa: BLE001 - the next owner starts from the last commit that worked
                 log.warning("final commit of %s failed: %s", self.topic, exc)
+        self.phases.go(Phase.STOPPED)
         # Step 3: say once what the next owner will read again.
         self.report_uncommitted()
         # Step 4: leave the group and close the clients, all at once, in what is left (at least 1 s).
@@ -693,7 +764,7 @@ class TransactionEngine:
 
     async def _final_commit(self) -> None:
         async with self.lock:
-            if not self.broken and self.ready:
+            if self.phases.now is Phase.STOPPING:
                 await self._flush(wait=True)
 
     def uncommitted(self) -> dict[int, tuple[int | None, int]]:
@@ -724,14 +795,16 @@ class TransactionEngine:
 
     def owned_partitions(self) -> set[int] | None:
         """The partitions whose tables are complete here, or None during a rebalance or read-back."""
-        return set(self.owned) if self.ready else None
+        return set(self.owned) if self.phases.serving else None
 
     # ------------------------------------------------------------------ rebalancing
     async def revoked(self) -> None:
         """Before a rebalance: finish the batch in hand and commit what was delivered."""
-        self.ready = False
+        phases = self.phases
+        if phases.now is Phase.RUNNING:
+            phases.go(Phase.REBALANCING)  # before the lock: the loop scores nothing more from here
         async with self.lock:
-            if self.broken:
+            if phases.now is Phase.BROKEN or phases.now is Phase.STOPPED:
                 await self._abandon_writes()
                 return  # the tables may be ahead of their changelogs: nothing safe to write or commit
             try:
@@ -739,7 +812,9 @@ class TransactionEngine:
                 self.writing = None
             except Exception as exc:  # noqa: BLE001 - the next owner redoes uncommitted events (deduplicated)
                 log.warning("writing state and committing before the rebalance failed: %s", exc)
-                self.broken = True
+                phases.fail()
+            if phases.now is Phase.STOPPING:
+                phases.go(Phase.STOPPED)  # written and committed: the last write the stop would have done
 
     async def assigned(self, partitions: set[int]) -> None:
         """After a rebalance: drop the tables of partitions gone, read back those newly ours."""
@@ -748,7 +823,7 @@ class TransactionEngine:
                 try:
                     await self._settle()
                 except Exception:  # noqa: BLE001 - logged where it failed; read back below
-                    self.broken = True
+                    self.phases.fail()
                 self.writing = None
             gone, added = self.owned - partitions, partitions - self.owned
             for store in self.stores:
@@ -763,11 +838,12 @@ class TransactionEngine:
             try:
                 await self._read_back(added)
                 await self._adopt_legacy_offsets(added)
-                # After a failed write the loop reads every owned partition back before it goes on.
-                self.ready = not self.broken
+                # After a failed write (BROKEN) the loop reads every owned partition back before it goes on.
+                if self.phases.now is Phase.IDLE or self.phases.now is Phase.REBALANCING:
+                    self.phases.go(Phase.RUNNING)
             except Exception:
                 log.exception("reading back the tables of partitions %s failed; retrying", sorted(added))
-                self.broken = True
+                self.phases.fail()
             # Again at the end: a fetch that completed while this ran (it awaits the broker) may hold
             # records from before the seeks above; the loop must give them back, not score them.
             self.generation += 1
@@ -829,8 +905,8 @@ class TransactionEngine:
                 self.done.pop(tp, None)
                 self.read.pop(tp, None)
             self.generation += 1
-            self.broken = False
-            self.ready = True
+            if self.phases.now is Phase.BROKEN:  # not if a stop came meanwhile
+                self.phases.go(Phase.RUNNING)
 
     # ------------------------------------------------------------------ the loop
     async def _run(self) -> None:
@@ -838,14 +914,15 @@ class TransactionEngine:
         s = self.settings
         poll_ms = max(1, int(s.batch_within_seconds * 1000))
         failures = 0
-        while not self.stopping:
+        phases = self.phases
+        while phases.now is not Phase.STOPPING and phases.now is not Phase.STOPPED:
             try:
-                if self.broken:
+                if phases.now is Phase.BROKEN:
                     await self._rewind()
                 generation = self.generation
                 got = await self.consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
                 async with self.lock:
-                    if got and self.ready and generation == self.generation:
+                    if got and phases.serving and generation == self.generation:
                         await self._batch(got)
                     elif got:
                         self._unread(got)
@@ -857,7 +934,7 @@ class TransactionEngine:
                 failures += 1
                 log.exception("transaction batch failed (%d in a row); reading state back and resuming from "
                               "the committed offsets", failures)
-                self.broken = True
+                phases.fail()
                 await asyncio.sleep(min(0.5 * failures, 5.0))
 
     def _unread(self, got: dict[TopicPartition, list[Any]]) -> None:
@@ -940,7 +1017,7 @@ class TransactionEngine:
 
     async def _write(self, previous: asyncio.Task[None] | None, outstanding: list[asyncio.Future[Any]],
                      pending: Changes, offsets: dict[TopicPartition, int]) -> None:
-        # The checkpoint's parts, not the object: tests/test_changelog.py stands in for this method with
+        # The checkpoint's parts, not the object: tests/kafka/test_changelog.py stands in for this method with
         # that signature to watch what each snapshot holds.
         if previous is not None:
             await previous  # a failed earlier write fails this one too: nothing after it may commit
@@ -955,7 +1032,7 @@ class TransactionEngine:
         await self._commit()
 
     async def _chores(self, idle: bool = False) -> None:
-        if not self.ready:
+        if not self.phases.serving:
             return
         writing = self.writing
         if writing is not None and writing.done():
@@ -991,7 +1068,7 @@ class TransactionEngine:
         """Messages behind per owned partition: the log end offset minus the next offset to process."""
         out: dict[tuple[str, int], int] = {}
         consumer = self.consumer
-        if consumer is None or not self.ready:
+        if consumer is None or not self.phases.serving:
             return out
         tps = [TopicPartition(self.topic, p) for p in sorted(self.owned)]
         try:
@@ -1115,5 +1192,5 @@ def _flows_key(partition: int) -> bytes:
     return f"flows:p{partition}".encode()
 
 
-__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "Checkpoint", "IdleEviction", "PartitionModels", "TransactionEngine",
-           "TransactionProcessor", "attach"]
+__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "Checkpoint", "IdleEviction", "PartitionModels", "Phase", "Phases",
+           "TransactionEngine", "TransactionProcessor", "attach"]

@@ -21,10 +21,10 @@ from aiokafka.errors import KafkaError
 from agents.case import EventLookup
 from agents.console import PRINCIPAL, Console, page_csp
 from agents.feed import AlertFeed, AlertFollower, plan_lookup
-from app.errors import RiskwatchError
 from app.faust_app import ACKS, Runtime
-from app.schemas import LEVELS
+from models.errors import RiskwatchError
 from models.lifecycle import AckEvent, make_act
+from models.schemas import LEVELS
 
 log = logging.getLogger("riskwatch.agents.web")
 

@@ -1,3 +1,3 @@
-"""The front door of riskwatch: settings, the wire contract, the Faust app, the CLI and local Kafka."""
+"""The front door of riskwatch: settings, the Faust app, the CLI and local Kafka (the contract is models.schemas)."""
 
 __all__: list[str] = []

@@ -11,9 +11,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from app.errors import RiskwatchError
 from app.faust_app import ALL_TOPICS, COMPACTED, FEEDBACK, SINGLE_PARTITION
 from app.settings import Settings
+from models.errors import RiskwatchError
 
 log = logging.getLogger("riskwatch.admin")
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.errors import RiskwatchError
+from models.errors import RiskwatchError
 
 log = logging.getLogger("riskwatch.cli")
 Command = Callable[[argparse.Namespace], int]
@@ -104,10 +104,10 @@ def _schema_args(p: argparse.ArgumentParser) -> None:
 @command("schema", "Print or write the JSON Schemas of the wire contract.")(_schema_args)
 def cmd_schema(args: argparse.Namespace) -> int:
     """Export JSON Schemas for every message riskwatch reads or writes."""
-    from app.schemas import Alert, DeadLetter, MarketTick, Transaction
     from models.disclosure import DisclosureSummary
     from models.lifecycle import AckEvent, AuditRecord
     from models.plans import Trigger
+    from models.schemas import Alert, DeadLetter, MarketTick, Transaction
 
     models = (Transaction, MarketTick, Alert, DeadLetter, Trigger, AckEvent, AuditRecord, DisclosureSummary)
     schemas = {m.__name__.lower(): m.model_json_schema() for m in models}

@@ -23,8 +23,8 @@ from app.replay import (
     read_verdicts,
     replay,
 )
-from app.schemas import LEVELS
 from app.settings import Settings, get_settings
+from models.schemas import LEVELS
 
 
 def _when(text: str) -> datetime:

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.cli import command
-from app.errors import RiskwatchError
+from models.errors import RiskwatchError
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m|h|d)\s*$")
 _UNIT = {"m": 60, "h": 3600, "d": 86400}

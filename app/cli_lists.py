@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.cli import command
-from app.errors import RiskwatchError
 from app.list_changes import Action, Via, audit_of, make_change
+from models.errors import RiskwatchError
 from models.lists import KINDS, ListChange, as_row, parse_key
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from app.errors import RiskwatchError
+from models.errors import RiskwatchError
 
 Record = tuple[int, bytes | dict[str, Any]]  # (line, or row for Parquet; the raw line or the row)
 # What a damaged or mislabelled file raises while it is being read.

@@ -5,7 +5,7 @@ asks `transport_scheme()`, which adds `riskwatch` to that registry (a new name; 
 others keep Faust's own classes) and returns it; the app's broker URLs then read
 `riskwatch://host:9092`, and its consumer and producer are this module's subclasses of Faust's
 aiokafka ones. Nothing of Faust is replaced: importing riskwatch changes no Faust class, and another
-Faust app in the process with a `kafka://` broker runs Faust's own code (tests/test_faust_fixes.py).
+Faust app in the process with a `kafka://` broker runs Faust's own code (tests/kafka/test_faust_fixes.py).
 
 The overrides copy private Faust 0.15.3 code, so they are version-gated: on a Faust whose version
 does not start with one of TESTED_VERSIONS, `transport_scheme()` logs one warning and returns
@@ -47,7 +47,7 @@ while the seek runs and after it. Two things break:
   dropped as "already read".
 
 Measured here: a worker restarted onto a backlog lost 5-20 of 300 transactions in about one run
-of six (tests/test_disclosure.py's kill test, tests/test_restart_backlog.py), and a partition's
+of six (tests/kafka/test_disclosure.py's kill test, tests/kafka/test_restart_backlog.py), and a partition's
 committed offset could stop for good (the two-worker failover test's hang). Both are at-least-once
 violations. The loop here is Faust's own with the changes marked `riskwatch:`. Each seek opens a
 new epoch; the loop delivers no record of a batch fetched in an older epoch, counts a record as

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.errors import KafkaLocalError
 from deploy import resource
+from models.errors import KafkaLocalError
 
 log = logging.getLogger(__name__)
 

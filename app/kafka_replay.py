@@ -14,11 +14,11 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from app.admin import admin, consumer, producer
-from app.errors import EventError
 from app.faust_app import ALERTS, MARKET, TRANSACTIONS
 from app.replay import Collector, DeadLetters, Loaded, ReplayError
-from app.schemas import Alert
 from app.settings import Settings
+from models.errors import EventError
+from models.schemas import Alert
 
 log = logging.getLogger("riskwatch.replay.kafka")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from app.errors import RiskwatchError
+from models.errors import RiskwatchError
 from models.lists import ListAudit, ListChange
 
 Via = Literal["cli", "console"]

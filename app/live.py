@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from app.faust_app import ALERTS
-from app.schemas import LEVELS
 from app.settings import get_settings
+from models.schemas import LEVELS
 
 _COLOURS = {"low": "\033[37m", "medium": "\033[33m", "high": "\033[91m", "critical": "\033[97;41m"}
 _RESET = "\033[0m"

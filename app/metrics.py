@@ -76,6 +76,9 @@ class Metrics:
         self.scores = Histogram(
             "riskwatch_score", "Calibrated scores in [0, 1], by detector", ["detector"], buckets=_SCORE_BUCKETS,
             registry=r)
+        self.engine_phase = Gauge(
+            "riskwatch_engine_phase", "1 for the transaction engine's current phase (idle, running, rebalancing, "
+            "broken, stopping, stopped), 0 for the others", ["phase"], registry=r)
         self.entities = Gauge(
             "riskwatch_entities", "Entities held in state on this worker, by table", ["table"], registry=r)
         self.evictions = Counter(

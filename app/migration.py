@@ -29,9 +29,9 @@ from kafka.errors import GroupAuthorizationFailedError, KafkaError, TopicAlready
 from kafka.structs import OffsetAndMetadata
 
 from app.admin import admin, consumer, producer
-from app.errors import StateMigrationError
 from app.faust_app import ALL_TOPICS
 from app.settings import Settings
+from models.errors import StateMigrationError
 
 log = logging.getLogger("riskwatch.migration")
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.metrics import Metrics
-from app.schemas import DEADLETTER_PAYLOAD_BYTES, DeadLetter
+from models.schemas import DEADLETTER_PAYLOAD_BYTES, DeadLetter
 
 log = logging.getLogger("riskwatch.quarantine")
 

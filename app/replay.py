@@ -20,9 +20,12 @@ from typing import IO, Any
 import numpy as np
 from pydantic import TypeAdapter
 
-from app.errors import EventError, RiskwatchError
 from app.eventfiles import READ_ERRORS, records
-from app.schemas import (
+from models.errors import EventError, RiskwatchError
+from models.feedback import Adaptation, FeedbackBook, note_for
+from models.pipeline import Pipeline
+from models.rules import Catalogue
+from models.schemas import (
     DEADLETTER_PAYLOAD_BYTES,
     MAX_PAYLOAD_BYTES,
     Alert,
@@ -32,10 +35,7 @@ from app.schemas import (
     decode_object,
     event_id_of,
 )
-from app.schemas import Event as AnyEvent
-from models.feedback import Adaptation, FeedbackBook, note_for
-from models.pipeline import Pipeline
-from models.rules import Catalogue
+from models.schemas import Event as AnyEvent
 
 log = logging.getLogger("riskwatch.replay")
 

@@ -14,7 +14,6 @@ import numpy as np
 import numpy.typing as npt
 
 from app.replay import PLATFORM_SCENARIOS, Loaded, Outcome, Result
-from app.schemas import LEVELS, Alert, Transaction
 from models.evaluation import (
     active_account_days,
     budget_curve,
@@ -26,6 +25,7 @@ from models.evaluation import (
     warning_load,
     warning_precision,
 )
+from models.schemas import LEVELS, Alert, Transaction
 
 EVALUATION_NOTE = (
     "Event-level metrics use each transaction's calibrated score against its label, at the model's default "

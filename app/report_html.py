@@ -14,8 +14,8 @@ import numpy as np
 
 from app.replay import Result
 from app.report import arrays
-from app.schemas import LEVELS, Alert
 from models.evaluation import curves
+from models.schemas import LEVELS, Alert
 
 LEVEL_COLOURS = {"low": "#9ecae1", "medium": "#fdae6b", "high": "#e6550d", "critical": "#a50f15"}
 

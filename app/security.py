@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from app.errors import ConfigError, EventError
-from app.schemas import MarketTick, TransactionFields
 from app.settings import Settings, get_settings
 from app.wire import replace
+from models.errors import ConfigError, EventError
+from models.schemas import MarketTick, TransactionFields
 
 T = TypeVar("T", bound=TransactionFields)
 

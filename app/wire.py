@@ -1,4 +1,4 @@
-"""Fast decoding of transactions for the worker (msgspec), agreeing with the pydantic contract in app.schemas.
+"""Fast decoding of transactions for the worker (msgspec), agreeing with the pydantic contract in models.schemas.
 
 Parsing and validating a transaction with pydantic cost the worker about a quarter of its time
 per event (far more inside the busy loop than in a microbenchmark); msgspec decodes the same
@@ -6,7 +6,7 @@ contract into a plain struct several times faster. pydantic stays the authority:
 trusted with what it accepts, and everything it refuses (broken JSON, a missing field, but also
 lax forms pydantic allows, such as an amount sent as a string or an epoch-number time) is decoded
 again by `decode_event`, which accepts it or words the dead-letter reason exactly as before.
-tests/test_wire.py checks that whatever this module accepts, pydantic accepts with equal values.
+tests/unit/test_wire.py checks that whatever this module accepts, pydantic accepts with equal values.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from app.errors import EventError
-from app.schemas import (
+from models.errors import EventError
+from models.schemas import (
     MAX_JSON_DEPTH,
     MAX_PAYLOAD_BYTES,
     MAX_TS,
@@ -30,7 +30,7 @@ from app.schemas import (
 )
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-_MIN_EPOCH = MIN_TS.timestamp()  # the contract's range (app.schemas), as epoch seconds
+_MIN_EPOCH = MIN_TS.timestamp()  # the contract's range (models.schemas), as epoch seconds
 _MAX_EPOCH = MAX_TS.timestamp()
 
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.errors import RiskwatchError
 from bench.common import RESULTS, Report, transactions
+from models.errors import RiskwatchError
 
 GROUPS = ("ceilings", "baselines", "riskwatch", "lists", "worker", "latency", "memory")
 PROFILE = Path(tempfile.gettempdir()) / "riskwatch-profile-worker-1p.txt"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from app.schemas import Transaction, decode_event
 from bench.common import Data, Figure, Report, clocked, loadavg
 from bench.kafka import Namespace, consume, produce
+from models.schemas import Transaction, decode_event
 
 GROUP = "ceilings"
 PARSE = "parse_validate"
@@ -13,7 +13,7 @@ PRODUCE = "bare_produce"
 
 
 def parse_validate(report: Report, data: Data) -> Figure:
-    """pydantic parse+validate of every transaction (app.schemas.decode_event), nothing else: the CPU ceiling."""
+    """pydantic parse+validate of every transaction (models.schemas.decode_event), nothing else: the CPU ceiling."""
     load = loadavg()
     values = data.values
     decode_event(values[0], Transaction)  # first call builds pydantic's validator caches

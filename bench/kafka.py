@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.errors import RiskwatchError
 from app.faust_app import TRANSACTIONS
 from app.settings import Settings
 from bench.common import ROOT
+from models.errors import RiskwatchError
 
 log = logging.getLogger("riskwatch.bench")
 PARTITIONS = 4

@@ -28,9 +28,9 @@ def _fit(points: list[tuple[int, int]]) -> tuple[float, float]:
 def state_sizes(data: Data, n: int = 20_000) -> dict[str, float]:
     """AccountState sizes after scoring the data in-process: pickled (the old table value) and compact (today's)."""
     from app.faust_app import dump_account, dumps
-    from app.schemas import Transaction, decode_event
     from models.features import AccountState
     from models.rules import load_catalogue
+    from models.schemas import Transaction, decode_event
     from models.scoring import TransactionScorer
 
     scorer = TransactionScorer(load_catalogue())

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.schemas import Transaction, decode_event
 from bench.ceilings import PARSE
 from bench.common import ROOT, Data, Figure, Report, clocked, loadavg
 from bench.kafka import BenchError
+from models.schemas import Transaction, decode_event
 
 log = logging.getLogger("riskwatch.bench")
 GROUP = "riskwatch"

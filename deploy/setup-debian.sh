@@ -37,7 +37,7 @@ case $mode in
     command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
     command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
     command -v chromium >/dev/null || missing+=(chromium)
-    # `kubectl kustomize` renders deploy/kubernetes for the schema checks (tests/test_deploy_tools.py).
+    # `kubectl kustomize` renders deploy/kubernetes for the schema checks (tests/deploy/test_deploy_tools.py).
     # No Debian package will do: Debian 12's kubernetes-client is 1.20, whose kustomize rejects the
     # kustomization's `envs` and `labels`; so a missing or older kubectl stops here, with no install.
     minor=$(command -v kubectl >/dev/null && kubectl_minor || echo 0)

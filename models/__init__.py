@@ -1,3 +1,3 @@
-"""Everything that scores, free of Kafka: features, the River detector, rules, market and platform monitors."""
+"""The wire contract and everything that scores, free of Kafka and Faust: features, detector, rules, monitors."""
 
 __all__: list[str] = []

@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.errors import ConfigError
-from app.schemas import Reason
+from models.errors import ConfigError
 from models.findings import AlertMemory, Finding, Raised, span_text, track
+from models.schemas import Reason
 
 # Flows are classified by type from the platform's side, whatever `direction` says: a deposit or
 # an investment brings money onto the platform, a withdrawal or a redemption takes it off. Only

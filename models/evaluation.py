@@ -179,7 +179,7 @@ def detection_delays(events_with_labels_and_scenario: Iterable[Mapping[str, Any]
                      alerts: Iterable[Any]) -> dict[str, float | None]:
     """Seconds from each scenario instance's first labelled event to the first alert naming any of its events.
 
-    Alerts are mappings or `app.schemas.Alert` objects; "first" and the delay use the alert's
+    Alerts are mappings or `models.schemas.Alert` objects; "first" and the delay use the alert's
     `event_ts` (event time, so replays at any speed agree), falling back to `created_at`. An
     instance no alert names maps to None. Keys come from `instance_key`.
 

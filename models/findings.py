@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.schemas import LEVELS, Alert, Reason
+from models.schemas import LEVELS, Alert, Reason
 
 # alerts memory: category -> (alert_id, last_ts, event_ids, highest level so far)
 AlertMemory = dict[str, tuple[str, float, list[str], str]]

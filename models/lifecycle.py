@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.errors import EventError, RiskwatchError
-from app.schemas import Level
+from models.errors import EventError, RiskwatchError
 from models.feedback import VerdictNote, note_for
 from models.pages import Page, pending_pages
 from models.plans import Plan, PlanCatalogue, Trigger, make_trigger, next_level
+from models.schemas import Level
 
 Status = Literal["open", "acknowledged", "resolved", "escalated", "expired"]
 Action = Literal["ack", "assign", "note", "resolve", "reopen"]

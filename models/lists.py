@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Level
+from models.schemas import Level
 
 Kind = Literal["account", "counterparty", "device", "ip", "pair"]
 KINDS: tuple[str, ...] = ("account", "counterparty", "device", "ip", "pair")

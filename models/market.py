@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Reason
 from models.findings import AlertMemory, Finding
+from models.schemas import Reason
 
 # A zero-variance product (a money-market NAV) would make any move infinite sigmas: floor at 1 bp.
 MIN_SIGMA = 1e-4

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from app.schemas import Alert, MarketTick, decode_object
 from models.evaluation import detection_delays
 from models.pipeline import Pipeline
 from models.rules import Catalogue, load_catalogue
+from models.schemas import Alert, MarketTick, decode_object
 
 # (day, what happened): Dow points lost that day, from the Wikipedia list named above.
 STRESS_DAYS: tuple[tuple[date, str], ...] = (

@@ -11,7 +11,6 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, TypeAdapter
 
-from app.schemas import Alert, MarketTick, Transaction
 from models.aggregates import (
     FlowAccumulator,
     FlowBuckets,
@@ -29,6 +28,7 @@ from models.features import AccountState
 from models.findings import Finding, Raised, track
 from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
 from models.rules import Catalogue
+from models.schemas import Alert, MarketTick, Transaction
 from models.scoring import Feedback, TransactionScorer, evict_idle
 
 PARTIAL: TypeAdapter[FlowPartial | FlowBuckets | MarketPartial] = TypeAdapter(

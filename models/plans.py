@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.schemas import LEVELS, Level
 from deploy import resource
+from models.schemas import LEVELS, Level
 from models.yamlconf import parse_yaml_model, read_text
 
 # What a plan may ask people (or systems) to do; a typo in the catalogue must fail at load, not

@@ -7,12 +7,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Level
 from deploy import resource
 from models.aggregates import LiquidityParams, MarketStressParams
 from models.detector import WEIGHTS
 from models.lists import ListsParams
 from models.market import MarketParams
+from models.schemas import Level
 from models.yamlconf import parse_yaml_model, read_text
 
 

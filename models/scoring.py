@@ -13,7 +13,6 @@ from zlib import adler32, crc32
 
 import msgspec
 
-from app.schemas import Alert, Reason, TransactionFields
 from models.detector import (
     BUDGET_LOG_RANGE,
     CAP,
@@ -66,6 +65,7 @@ from models.rules import (
     StructuringParams,
     VelocityParams,
 )
+from models.schemas import Alert, Reason, TransactionFields
 
 # Where a rule hit sits on the calibrated scale. Medium and low rules (reporting duties such as
 # large transactions) stay below the model threshold; high and critical rule hits sit above it,

@@ -8,7 +8,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ConfigError
+from models.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -35,12 +35,12 @@ import pytest
 
 from app import kafka_local
 from app.faust_app import ALERTS, DEADLETTER, TRANSACTIONS, load_account
-from app.schemas import Alert, DeadLetter, Transaction
 from app.settings import Settings
 from models.features import AccountState, stable_hash
 from models.findings import alert_id_for
 from models.pipeline import Pipeline
 from models.rules import load_catalogue
+from models.schemas import Alert, DeadLetter, Transaction
 from models.scoring import RECENT_IDS
 from tests.conftest import free_port
 

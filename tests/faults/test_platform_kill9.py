@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, MARKET, RULES, TRANSACTIONS, load_instrument
-from app.schemas import Alert, DeadLetter, MarketTick, Transaction
 from app.settings import Settings
 from models.pipeline import Pipeline
 from models.rules import parse_catalogue
+from models.schemas import Alert, DeadLetter, MarketTick, Transaction
 from models.synth import generate
 from tests.conftest import produce
 from tests.faults.conftest import Accounting, read_topic, report, wait_drained

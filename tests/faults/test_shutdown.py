@@ -171,12 +171,13 @@ class _Client:
 def test_the_engines_stop_keeps_to_its_budget_and_names_what_was_not_committed(caplog):
     from aiokafka import TopicPartition
 
-    from agents.transactions import TransactionEngine
+    from agents.transactions import Phase, Phases, TransactionEngine
 
     engine = TransactionEngine.__new__(TransactionEngine)  # only the stop path's attributes
     engine.topic = "risk.transactions"
-    engine.stopped, engine.reported, engine.stopping = None, False, False
-    engine.lock, engine.broken, engine.ready = asyncio.Lock(), False, True
+    engine.stopped, engine.reported = None, False
+    engine.lock, engine.phases = asyncio.Lock(), Phases()
+    engine.phases.go(Phase.RUNNING)
     engine.read = {TopicPartition(engine.topic, 0): 120, TopicPartition(engine.topic, 1): 50,
                    TopicPartition(engine.topic, 2): 7}
     engine.committed = {TopicPartition(engine.topic, 0): 100, TopicPartition(engine.topic, 1): 50}
@@ -187,7 +188,7 @@ def test_the_engines_stop_keeps_to_its_budget_and_names_what_was_not_committed(c
         await asyncio.Event().wait()  # acks that never come
 
     async def loop() -> None:
-        while not engine.stopping:
+        while engine.phases.now is Phase.RUNNING:
             await asyncio.sleep(0.01)
 
     engine._flush = flush_forever  # type: ignore[method-assign]
@@ -203,6 +204,7 @@ def test_the_engines_stop_keeps_to_its_budget_and_names_what_was_not_committed(c
         took = asyncio.run(main())
     assert took < 2.5, took
     assert engine.consumer.stopping and engine.producer.stopping
+    assert engine.phases.now is Phase.STOPPED
     warned = [r.getMessage() for r in caplog.records if "not committed" in r.getMessage()]
     assert warned == ["risk.transactions: partition 0: offsets 100 to 119 not committed; partition 2: offsets up "
                       "to 6 not committed since the group's last commit; they will be redelivered to the "

@@ -1,0 +1,182 @@
+"""The compact AccountState codec: exact round trips, old pickled blobs still readable, malformed blobs refused."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+from array import array
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.faust_app import dump_account, dumps, load_account
+from models.features import STATE_MAGIC, AccountState, StateCodecError
+from models.rules import load_catalogue
+from models.schemas import Transaction, decode_event
+from models.scoring import TransactionScorer
+
+SAMPLE = Path(__file__).parents[1] / "data" / "sample.jsonl.gz"
+
+
+def _exact(x: Any) -> tuple[type, Any]:
+    """A value with its type; floats bit for bit, so -0.0 and NaN compare exactly."""
+    return (float, struct.pack("<d", x)) if isinstance(x, float) else (type(x), x)
+
+
+def _fingerprint(st: AccountState) -> list[Any]:
+    """Every field with its exact type (and array typecode): equal fingerprints mean an exact round trip."""
+    out: list[Any] = []
+    for name in AccountState.__slots__:
+        v = getattr(st, name)
+        if isinstance(v, array):
+            out.append((name, v.typecode, v.tobytes()))
+        elif isinstance(v, float):
+            out.append((name, _exact(v)))
+        elif isinstance(v, dict):
+            out.append((name, dict, [(k, type(e), [_exact(x) for x in e]) for k, e in v.items()]))
+        else:
+            out.append((name, type(v), v))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored_states() -> dict[str, AccountState]:
+    """Account states after scoring the sample data: varied histories, some with open alerts."""
+    sc = TransactionScorer(load_catalogue())
+    states: dict[str, AccountState] = {}
+    with gzip.open(SAMPLE, "rb") as f:
+        for line in f:
+            if b'"event_type":"transaction"' not in line:
+                continue
+            t = decode_event(line.rstrip(b"\n"), Transaction)
+            sc.process(t, states.setdefault(t.account_id, AccountState()))
+    return states
+
+
+def test_round_trip_is_exact_and_smaller_than_pickle(scored_states: dict[str, AccountState]) -> None:
+    assert any(st.alerts for st in scored_states.values()), "the sample should leave some alerts open"
+    new = old = 0
+    for st in [*scored_states.values(), AccountState()]:
+        blob = dump_account(st)
+        assert blob[:1] == STATE_MAGIC
+        assert _fingerprint(load_account(blob)) == _fingerprint(st)
+        assert dump_account(load_account(blob)) == blob
+        new += len(blob)
+        old += len(dumps(st))
+    assert new < 0.8 * old
+
+
+def test_unusual_floats_round_trip_bit_for_bit() -> None:
+    st = AccountState()
+    st.log_med, st.gap_ew, st.day_in, st.day_out = -0.0, math.inf, math.nan, 5e-324
+    st.debit_ts.extend([math.nan, -math.inf, 1.7e308])
+    st.alerts["x"] = ("id", math.nan, ["e1", "é\u2603"], "high")
+    blob = dump_account(st)
+    assert blob[:1] == STATE_MAGIC
+    assert _fingerprint(load_account(blob)) == _fingerprint(st)
+
+
+def test_scoring_through_the_codec_matches_scoring_in_memory(make_txn) -> None:
+    events = [Transaction.model_validate(make_txn(account_id=f"a{i % 5}", amount=5 + (i * 37) % 900,
+                                                  minutes=i * 2.0, counterparty_id=f"c{i % 13}",
+                                                  device_id=f"d{i % 4}")) for i in range(600)]
+    live, stored = TransactionScorer(load_catalogue()), TransactionScorer(load_catalogue())
+    states: dict[str, AccountState] = {}
+    blobs: dict[str, bytes] = {}
+    for e in events:
+        a = live.process(e, states.setdefault(e.account_id, AccountState()))
+        st = load_account(blobs[e.account_id]) if e.account_id in blobs else AccountState()
+        b = stored.process(e, st)
+        blobs[e.account_id] = dump_account(st)
+        assert (a.score, a.raw, [x.alert_id for x in a.alerts]) == (b.score, b.raw, [x.alert_id for x in b.alerts])
+    for k, st in states.items():
+        assert _fingerprint(load_account(blobs[k])) == _fingerprint(st)
+
+
+def test_old_pickled_blobs_still_load(scored_states: dict[str, AccountState]) -> None:
+    # What the previous version wrote to the changelog: pickle protocol 5 of the whole state.
+    for st in list(scored_states.values())[:200]:
+        old = pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL)
+        assert _fingerprint(load_account(old)) == _fingerprint(st)
+
+
+def test_states_the_codec_cannot_hold_fall_back_to_the_pickle_form() -> None:
+    odd = AccountState()
+    odd.day_in = 3  # an int where a float is expected: the codec would turn it into 3.0
+    big = AccountState()
+    big.n = 2**40  # beyond the uint32 count
+    long = AccountState()
+    long.recent_ids.extend(range(300))  # beyond the uint8 length
+    flag = AccountState()
+    flag.n = True  # a bool is an int subclass: it would come back as 1
+    wide = AccountState()
+    wide.hours = array("I", bytes(96))  # another typecode: the items would be read back as uint16
+    for st, named in ((odd, "day_in"), (big, "fit"), (long, "fit"), (flag, "AccountState.n "), (wide, "hours")):
+        with pytest.raises(StateCodecError, match=named):
+            st.to_bytes()
+        blob = dump_account(st)
+        assert blob[:1] == b"\x80"
+        assert _fingerprint(load_account(blob)) == _fingerprint(st)
+
+
+def test_malformed_blobs_are_refused_with_a_clear_error(scored_states: dict[str, AccountState]) -> None:
+    with_alerts = next(st for st in scored_states.values() if st.alerts)
+    good = dump_account(with_alerts)
+    plain = dump_account(next(st for st in scored_states.values() if not st.alerts and st.n > 3))
+    bad = [b"", b"\x00", b"{}", STATE_MAGIC, bytes([0xA5, 99]) + good[2:], good[:40], plain[:-1],
+           good[:-3], plain + b"x", plain + b"{}", plain + b"[]", plain + b'[["c","id",1,[],"high"]]',
+           plain + b'[["c","id",1.5,["e"]]]', plain + b'[["c","id",1.5,[2],"high"]]', b"\x80\x05garbage"]
+    for blob in bad:
+        with pytest.raises(StateCodecError):
+            load_account(blob)
+    # A pickle of another allowed class is not an account state.
+    from models.market import InstrumentState
+    with pytest.raises(StateCodecError, match="not an AccountState"):
+        load_account(dumps(InstrumentState()))
+
+
+def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_load(
+        scored_states: dict[str, AccountState]) -> None:
+    from models import features
+
+    st = next(s for s in scored_states.values() if s.alerts)
+    st.offset = 123_456_789_012
+    st.ev_sum, st.ev_ts, st.in_new, st.in_ts = 2.5, 1.7e9, 900.0, 1.7e9 + 60
+    assert AccountState.from_bytes(st.to_bytes()).offset == 123_456_789_012
+    v3 = st.to_bytes()
+    fields = list(features._HEAD.unpack_from(v3))
+    # Earlier versions had no payee counts: their arrays are all but the last, then the alerts.
+    arrays = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-1])
+    arrays += features._alerts_to_json(st.alerts) if st.alerts else b""
+    # Version 2, as the previous release wrote it: no session fields (the last four floats).
+    v2 = features._HEAD_V2.pack(fields[0], 2, *fields[2:19], *fields[23:-1]) + arrays
+    # Version 1, as the release before it wrote it: no offset either.
+    v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:19], *fields[23:-1]) + arrays
+    for blob, offset in ((v2, st.offset), (v1, -1)):
+        old = AccountState.from_bytes(blob)
+        assert old.offset == offset
+        assert (old.ev_sum, old.ev_ts, old.in_new, old.in_ts) == (0.0, 0.0, 0.0, 0.0)
+        assert list(old.cp_counts) == [1] * len(st.counterparties), "each known payee counted once"
+        old.offset, old.ev_sum, old.ev_ts, old.in_new, old.in_ts = st.offset, st.ev_sum, st.ev_ts, st.in_new, st.in_ts
+        old.cp_counts = st.cp_counts
+        assert _fingerprint(old) == _fingerprint(st)
+    # Pickles from before the slots existed: one value fewer (payee counts), five (the session fields
+    # too), or six (no offset either).
+    for missing in (1, 5, 6):
+        legacy = pickle.loads(pickle.dumps(st))
+        legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-missing]))
+        assert legacy.n == st.n and list(legacy.cp_counts) == [1] * len(st.counterparties)
+        assert (legacy.ev_sum, legacy.in_new) == ((0.0, 0.0) if missing > 1 else (st.ev_sum, st.in_new))
+        assert legacy.offset == (-1 if missing == 6 else st.offset)
+
+
+def test_a_blob_whose_payee_counts_do_not_match_its_payees_is_refused(
+        scored_states: dict[str, AccountState]) -> None:
+    some = next(s for s in scored_states.values() if len(s.counterparties) > 1)
+    st = AccountState.from_bytes(some.to_bytes())  # a copy: the fixture is shared
+    st.cp_counts = st.cp_counts[:-1]
+    with pytest.raises(StateCodecError, match="counts"):
+        AccountState.from_bytes(st.to_bytes())

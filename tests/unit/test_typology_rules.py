@@ -1,0 +1,133 @@
+"""The account-level typology rules: money-mule pass-through, dormant reactivation and amount spikes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from models.features import AccountState
+from models.rules import load_catalogue
+from models.schemas import Transaction
+from models.scoring import TransactionScorer
+
+Make = Callable[..., dict[str, Any]]
+
+
+def _txn(make_txn: Make, **kw: Any) -> Transaction:
+    return Transaction.model_validate(make_txn(**kw))
+
+
+def _habit(sc: TransactionScorer, make_txn: Make, st: AccountState, *, days: float = 2.0, every: float = 60.0,
+           amounts: Sequence[float] = (80, 95, 110, 120, 100, 90)) -> float:
+    """An account paying three shops every `every` minutes for `days`; returns the minute it stopped."""
+    n = int(days * 1440 / every)
+    for i in range(n):
+        sc.process(_txn(make_txn, account_id="acct-1", amount=float(amounts[i % len(amounts)]), minutes=i * every,
+                        counterparty_id=f"shop-{i % 3}"), st)
+    return n * every
+
+
+def _rules(out: Any) -> list[tuple[str, str]]:
+    return [(f.detector, f.category) for f in out.findings if f.detector.startswith("rule:")]
+
+
+@pytest.fixture
+def sc() -> TransactionScorer:
+    return TransactionScorer(load_catalogue())
+
+
+def test_money_received_from_new_payers_and_sent_straight_on_is_a_mule_pass_through(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    for k in range(4):  # four people it never dealt with pay in, minutes apart
+        sc.process(_txn(make_txn, account_id="acct-1", direction="credit", txn_type="transfer", amount=450.0,
+                        counterparty_id=f"payer-{k}", minutes=t + 10 * k), st)
+    out = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=1_650.0,
+                          counterparty_id="onward-1", minutes=t + 70), st)
+    assert ("rule:pass_through", "money_mule") in _rules(out)
+    (reason,) = next(f for f in out.findings if f.detector == "rule:pass_through").reasons
+    assert "passes on money received in the last hours from counterparties this account never dealt with" \
+        in reason.message
+    assert out.alerts and {a.category for a in out.alerts} >= {"money_mule"}
+
+
+def test_money_back_from_someone_the_account_pays_is_no_pass_through(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    # shop-1 is a payee of long standing: a refund or a transfer back from it is not money from strangers.
+    # (A payer the account never paid counts as new, even an employer: docs/evaluation.md says what that costs.)
+    for m in (0, 1):
+        sc.process(_txn(make_txn, account_id="acct-1", direction="credit", txn_type="transfer", amount=900.0,
+                        counterparty_id="shop-1", minutes=t + m * 10), st)
+    out = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=850.0,
+                          counterparty_id="landlord", minutes=t + 70), st)
+    assert ("rule:pass_through", "money_mule") not in _rules(out)
+
+
+def test_a_dormant_account_that_wakes_and_pays_a_new_payee_is_warned_and_a_short_lull_is_not(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    lull = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=400.0,
+                           counterparty_id="new-1", minutes=t + 1.2 * 1440), st)
+    assert ("rule:dormant_reactivation", "dormant_account") not in _rules(lull), "a day without paying is no dormancy"
+
+    st2 = AccountState()
+    t2 = _habit(sc, make_txn, st2)
+    woke = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=420.0,
+                           counterparty_id="new-2", minutes=t2 + 3 * 1440), st2)
+    assert ("rule:dormant_reactivation", "dormant_account") in _rules(woke)
+    msg = next(f for f in woke.findings if f.detector == "rule:dormant_reactivation").reasons[0].message
+    assert msg.startswith("woke after 3.0 days without a debit") and "to a payee it never paid" in msg
+
+
+def test_a_wake_session_adds_up_and_a_customer_back_at_their_usual_shops_is_quiet(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st) + 3 * 1440
+    # Back after three days at a known shop with a usual amount: a holiday, not a takeover.
+    back = sc.process(_txn(make_txn, account_id="acct-1", amount=100.0, counterparty_id="shop-1", minutes=t), st)
+    assert not _rules(back)
+    # Then, within the session, money goes to new payees: 100 + 150 is more than twice the usual.
+    new = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=150.0,
+                          counterparty_id="new-3", minutes=t + 40), st)
+    assert ("rule:dormant_reactivation", "dormant_account") in _rules(new)
+    assert "40 min after waking" in next(f for f in new.findings if f.category == "dormant_account").reasons[0].message
+    later = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=900.0,
+                            counterparty_id="new-4", minutes=t + 4 * 60), st)
+    assert ("rule:dormant_reactivation", "dormant_account") not in _rules(later), "past the 3 h session"
+
+
+def test_an_amount_far_above_the_accounts_usual_and_its_largest_is_a_spike(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st, days=1.0)
+    out = sc.process(_txn(make_txn, account_id="acct-1", amount=2_400.0, counterparty_id="shop-2", minutes=t), st)
+    assert ("rule:amount_spike", "amount_spike") in _rules(out)
+    msg = next(f for f in out.findings if f.category == "amount_spike").reasons[0].message
+    assert msg.startswith("payment of CNY 2,400.00: ") and "the largest of its recent debits" in msg
+    assert not [f for f in out.findings if f.detector == "surprise"], "one case per event: the high rule covers it"
+
+    # An account that recently paid 1,000 once: 2,400 is not three times its largest.
+    st2 = AccountState()
+    t2 = _habit(sc, make_txn, st2, days=1.0, amounts=(80, 95, 110, 1_000, 100, 90))
+    out2 = sc.process(_txn(make_txn, account_id="acct-1", amount=2_400.0, counterparty_id="shop-2", minutes=t2), st2)
+    assert ("rule:amount_spike", "amount_spike") not in _rules(out2)
+
+
+def test_confirmed_verdicts_lower_a_typology_rules_threshold_within_bounds(make_txn) -> None:
+    class Confirmed:
+        max_factor = 2.0
+
+        def factor(self, detector: str, codes: Sequence[str]) -> float:
+            return 2.0 if detector == "rule:amount_spike" else 1.0
+
+    def spike(feedback: Any) -> list[tuple[str, str]]:
+        sc = TransactionScorer(load_catalogue())
+        sc.set_feedback(feedback)
+        st = AccountState()
+        t = _habit(sc, make_txn, st, days=1.0)
+        return _rules(sc.process(_txn(make_txn, account_id="acct-1", amount=700.0, counterparty_id="shop-2",
+                                      minutes=t), st))
+
+    assert ("rule:amount_spike", "amount_spike") not in spike(None), "7x the usual: below the default 10x"
+    assert ("rule:amount_spike", "amount_spike") in spike(Confirmed()), "confirmed ones ask for 5x"
