@@ -43,6 +43,7 @@ REQUIRED_ALERTS = {
     "RiskwatchEventTimeLagHigh",
     "RiskwatchDeadLetterSpike",
     "RiskwatchDetectorSilent",
+    "RiskwatchEngineStuck",
     "RiskwatchScoreDrift",
     "RiskwatchAlertStorm",
     "RiskwatchEscalations",
