@@ -20,11 +20,11 @@ from collections import OrderedDict
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2
 
 from agents.control import client_kwargs
 from app.faust_app import MARKET, TRANSACTIONS
 from app.settings import Settings
+from models.pipeline import partition_of
 
 log = logging.getLogger("riskwatch.agents.case")
 
@@ -83,7 +83,7 @@ class EventLookup:
         started = time.monotonic()
         key = entity.encode()
         # Input topics have RISKWATCH_TOPIC_PARTITIONS partitions, keyed by Kafka's default partitioner.
-        tp = TopicPartition(topic, (murmur2(key) & 0x7FFFFFFF) % self.settings.topic_partitions)
+        tp = TopicPartition(topic, partition_of(key, self.settings.topic_partitions))
         consumer = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None, enable_auto_commit=False,
                                     fetch_max_wait_ms=50)
         found: dict[str, dict[str, Any]] = {}

@@ -30,7 +30,6 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from kafka.partitioner.default import murmur2
 from pydantic import ValidationError
 
 from agents.feedback import FeedbackFollower
@@ -41,15 +40,11 @@ from models.errors import EventError
 from models.feedback import FeedbackAudit, VerdictNote, key_name
 from models.lifecycle import ACTIVE, Lifecycle, Outcome, decode_act, next_due, on_act, on_alert, team_of, tick
 from models.pages import sync_pages
+from models.pipeline import partition_of
 from models.plans import PlanCatalogue
 from models.schemas import LEVELS, Alert
 
 log = logging.getLogger("riskwatch.agents.disposal")
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner gives a key (the same in aiokafka and kafka-python)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class Disposal:

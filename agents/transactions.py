@@ -12,6 +12,7 @@ import contextlib
 import enum
 import gc
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import islice
@@ -20,7 +21,6 @@ from typing import Any, ClassVar
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from agents.disclosure import Disclosure
 from agents.sink import BufferedSink, Sink
@@ -47,6 +47,7 @@ from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
 from models.errors import EventError
 from models.features import AccountState, StateCodecError
+from models.pipeline import IdleEviction, partition_of
 from models.platform_state import dump_accumulator, load_accumulator
 from models.schemas import TransactionFields
 from models.scoring import TransactionScorer
@@ -128,51 +129,6 @@ class PartitionModels:
         for p in partitions:
             self.detectors.pop(p, None)
             self.pending.pop(p, None)
-
-
-class IdleEviction:
-    """Remembers when each account was last seen (in event time), per partition, and evicts those idle past the TTL.
-
-    A plain dict per partition kept in order of last touch (a touched key is re-inserted at the
-    end): about half the memory per account of an OrderedDict, which mattered at millions of accounts.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self.seen: dict[int, dict[bytes, float]] = {}
-        self.now = 0.0
-
-    def touch(self, key: bytes, ts: float, partition: int = 0) -> None:
-        """Mark a key of `partition` active at event time ts."""
-        seen = self.seen.get(partition)
-        if seen is None:
-            seen = self.seen[partition] = {}
-        old = seen.pop(key, None)
-        # A late event must not make an active account look idle: keep its newest time.
-        seen[key] = ts if old is None or ts > old else old
-        if ts > self.now:
-            self.now = ts
-
-    def stale(self, budget: int = 10_000) -> list[tuple[bytes, int]]:
-        """(key, partition) of keys idle longer than the TTL, oldest first per partition, at most `budget`."""
-        out: list[tuple[bytes, int]] = []
-        horizon = self.now - self.ttl
-        for partition, seen in self.seen.items():
-            # One pass from the oldest, then the deletions: no rescans of the dict's freed slots.
-            victims: list[bytes] = []
-            for key, ts in seen.items():
-                if ts >= horizon or len(out) + len(victims) >= budget:
-                    break
-                victims.append(key)
-            for key in victims:
-                del seen[key]
-            out.extend((key, partition) for key in victims)
-        return out
-
-    def keep_only(self, partitions: set[int]) -> None:
-        """Stop tracking partitions this worker no longer owns: their new owner evicts them."""
-        for p in set(self.seen) - partitions:
-            del self.seen[p]
 
 
 class TransactionProcessor:
@@ -988,7 +944,7 @@ class TransactionEngine:
                     # Asked per batch, not cached for good: the client's metadata follows partitions added later.
                     parts = routes[topic] = sorted(await producer.partitions_for(topic))
                 # The producer's own rule (murmur2 of the key), so a key lands where send() would put it.
-                partition = _partitioner(key, parts, parts)
+                partition = parts[partition_of(key, len(parts))] if key is not None else random.choice(parts)
             routed.append((topic, partition, key, value))
         self.outstanding.extend(await send_batched(producer, routed))
 
@@ -1115,7 +1071,6 @@ async def send_batched(producer: AIOKafkaProducer,
     return futures
 
 
-_partitioner = DefaultPartitioner()
 CHORES_SECONDS = 2.0
 COMMIT_SECONDS = 1.0
 IDLE_FLUSH_SECONDS = 0.1  # at most ten early writes a second when traffic comes in short bursts
@@ -1192,5 +1147,5 @@ def _flows_key(partition: int) -> bytes:
     return f"flows:p{partition}".encode()
 
 
-__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "Checkpoint", "IdleEviction", "PartitionModels", "Phase", "Phases",
+__all__ = ["ACCOUNTS_TABLE", "MODELS_TABLE", "Checkpoint", "PartitionModels", "Phase", "Phases",
            "TransactionEngine", "TransactionProcessor", "attach"]

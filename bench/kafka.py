@@ -109,7 +109,8 @@ async def _produce(bootstrap: str, topic: str, keys: Sequence[bytes], values: Se
 
 async def _produce_batched(bootstrap: str, topic: str, keys: Sequence[bytes], values: Sequence[bytes]) -> float:
     from aiokafka import AIOKafkaProducer
-    from aiokafka.partitioner import murmur2
+
+    from models.pipeline import partition_of
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1)
     await producer.start()
@@ -120,7 +121,7 @@ async def _produce_batched(bootstrap: str, topic: str, keys: Sequence[bytes], va
         futures = []
         for k, v in zip(keys, values, strict=True):
             # The default partitioner's choice, so per-account state lands where a keyed send would put it.
-            p = parts[(murmur2(k) & 0x7FFFFFFF) % len(parts)]
+            p = parts[partition_of(k, len(parts))]
             if batches[p].append(key=k, value=v, timestamp=None) is None:
                 futures.append(await producer.send_batch(batches[p], topic, partition=p))
                 batches[p] = producer.create_batch()

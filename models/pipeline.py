@@ -29,7 +29,7 @@ from models.findings import Finding, Raised, track
 from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
 from models.rules import Catalogue
 from models.schemas import Alert, MarketTick, Transaction
-from models.scoring import Feedback, TransactionScorer, evict_idle
+from models.scoring import Feedback, TransactionScorer
 
 PARTIAL: TypeAdapter[FlowPartial | FlowBuckets | MarketPartial] = TypeAdapter(
     Annotated[FlowPartial | FlowBuckets | MarketPartial, Field(discriminator="kind")])
@@ -66,8 +66,18 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The Kafka partition the default (murmur2) partitioner gives a key: riskwatch's one copy of that rule.
+
+    Replay emulates the input partitions with it, and the worker routes its outputs and finds state
+    partitions with it; tests check it against kafka-python's murmur2, aiokafka's partitioner and
+    Kafka's Java console producer (tests/kafka/test_console_producer.py).
+    """
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def partition_for(key: str, partitions: int) -> int:
-    """The Kafka partition the default (murmur2) partitioner gives a key, as producers key our topics."""
+    """partition_of() of a text key, as producers key our topics by account id."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
@@ -113,6 +123,53 @@ def _murmur2_rows(raw: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.uint32]:
     h ^= h >> r13
     h = h * m
     return h ^ (h >> r15)
+
+
+class IdleEviction:
+    """Remembers when each account was last seen (in event time), per partition, and evicts those idle past the TTL.
+
+    The worker's engine and replay's Pipeline both evict with it, so replay keeps and drops the
+    same accounts the worker does. A plain dict per partition kept in order of last touch (a
+    touched key is re-inserted at the end): about half the memory per account of an OrderedDict,
+    which mattered at millions of accounts.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.seen: dict[int, dict[Any, float]] = {}
+        self.now = 0.0
+
+    def touch(self, key: Any, ts: float, partition: int = 0) -> None:
+        """Mark a key of `partition` active at event time ts."""
+        seen = self.seen.get(partition)
+        if seen is None:
+            seen = self.seen[partition] = {}
+        old = seen.pop(key, None)
+        # A late event must not make an active account look idle: keep its newest time.
+        seen[key] = ts if old is None or ts > old else old
+        if ts > self.now:
+            self.now = ts
+
+    def stale(self, budget: int = 10_000) -> list[tuple[Any, int]]:
+        """(key, partition) of keys idle longer than the TTL, oldest first per partition, at most `budget`."""
+        out: list[tuple[Any, int]] = []
+        horizon = self.now - self.ttl
+        for partition, seen in self.seen.items():
+            # One pass from the oldest, then the deletions: no rescans of the dict's freed slots.
+            victims: list[Any] = []
+            for key, ts in seen.items():
+                if ts >= horizon or len(out) + len(victims) >= budget:
+                    break
+                victims.append(key)
+            for key in victims:
+                del seen[key]
+            out.extend((key, partition) for key in victims)
+        return out
+
+    def keep_only(self, partitions: set[int]) -> None:
+        """Stop tracking partitions this worker no longer owns: their new owner evicts them."""
+        for p in set(self.seen) - partitions:
+            del self.seen[p]
 
 
 class MarketScorer:
@@ -211,9 +268,8 @@ class Pipeline:
         self._detector_of: dict[str, SurpriseDetector] = {}
         self._n = 0
         self.evicted = 0
-        # The smallest last_ts an account was left with by process(), the only place that changes it
-        # (and only upwards): no account is older, so a scan that could find none stale is skipped.
-        self._oldest = float("inf")
+        # One emulated partition: the keys idle past the TTL are the same whichever partition holds them.
+        self.eviction = IdleEviction(ttl)
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a new catalogue to every scorer."""
@@ -279,10 +335,9 @@ class Pipeline:
             det = self._detector_of.get(key)
             self.txn.detector = det if det is not None else self._detector(key)
             o = self.txn.process(event, state, ts)
-            if state.last_ts < self._oldest:
-                self._oldest = state.last_ts
             res = Scored(event.event_id, "transaction", o.score, o.alerts, o.new_ids, o.dropped, o.duplicate)
             if not o.duplicate:
+                self.eviction.touch(key, ts)
                 closed = self.flows.add_totals(ts, event.txn_type, event.amount, event.event_id, event.account_kind)
                 if closed:  # most events close no bucket
                     self._flows(closed, res)
@@ -297,17 +352,15 @@ class Pipeline:
             self._platform(self.stress.add(ts, event.instrument, mo.stressed, event.event_id, move=mo.move,
                                            spacing=mo.spacing), res)
         if self._n % 50_000 == 0:
-            self.evicted += self._evict(ts)
+            self.evicted += self._evict()
         return res
 
-    def _evict(self, now: float) -> int:
-        ttl = self.ttl
-        if now - self._oldest <= ttl:
-            return 0  # every last_ts >= _oldest, so now - last_ts <= ttl for all: nothing is idle
-        # The same test evict_idle makes, in one pass over the items: with a million accounts its
-        # lookup per key was most of the cost. evict_idle checks these keys again and deletes them.
-        stale = [k for k, s in self.accounts.items() if now - s.last_ts > ttl]
-        return evict_idle(self.accounts, now, ttl, keys=stale) if stale else 0
+    def _evict(self) -> int:
+        accounts = self.accounts
+        stale = self.eviction.stale(budget=len(accounts))
+        for key, _ in stale:
+            del accounts[key]
+        return len(stale)
 
     def finish(self) -> list[Alert]:
         """Close the open aggregate buckets and return any warnings that closing raised."""
@@ -330,4 +383,5 @@ def _add(out: Scored, r: Raised) -> None:
         out.new_ids.append(r.alert_id)
 
 
-__all__ = ["PARTIAL", "MarketScorer", "Pipeline", "PlatformMonitors", "Scored", "partition_for"]
+__all__ = ["PARTIAL", "IdleEviction", "MarketScorer", "Pipeline", "PlatformMonitors", "Scored", "partition_for",
+           "partition_of"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import struct
 from bisect import bisect_left
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from math import exp, log, log1p
 from typing import Protocol
@@ -898,16 +898,6 @@ def _top_score(cal: float, findings: list[Finding]) -> float:
     return score
 
 
-def evict_idle(states: MutableMapping[str, AccountState], now: float, ttl: float,
-               keys: list[str] | None = None) -> int:
-    """Delete entities idle for longer than `ttl` (checking `keys` only, when given); returns how many."""
-    stale = [k for k in (keys if keys is not None else list(states)) if
-             (s := states.get(k)) is not None and now - s.last_ts > ttl]
-    for k in stale:
-        del states[k]
-    return len(stale)
-
-
 __all__ = [
     "LEVEL_SCORE",
     "MODEL_DETECTOR",
@@ -916,5 +906,4 @@ __all__ = [
     "StormCap",
     "TransactionScorer",
     "TxnOutcome",
-    "evict_idle",
 ]

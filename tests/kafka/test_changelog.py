@@ -190,6 +190,7 @@ def test_send_batched_delivers_in_order_and_routes_keys_as_send_does(kafka_boots
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     import agents.transactions as tx
+    from models.pipeline import partition_of
 
     topic = f"{namespace}.batched"
 
@@ -205,7 +206,7 @@ def test_send_batched_delivers_in_order_and_routes_keys_as_send_does(kafka_boots
             keys = [f"k{i % 7}".encode() for i in range(300)]
             # Values large enough that each partition needs several batches, and one above the batch size.
             values = [(b"%04d-" % i) + b"x" * (5_000 if i != 150 else 40_000) for i in range(300)]
-            msgs = [(topic, tx._partitioner(k, parts, parts), k, v) for k, v in zip(keys, values, strict=True)]
+            msgs = [(topic, parts[partition_of(k, len(parts))], k, v) for k, v in zip(keys, values, strict=True)]
             await tx.gather_all(await tx.send_batched(producer, msgs))
             # Where the producer's own send() puts each key.
             by_send = {k: (await (await producer.send(topic, b"probe", key=k))).partition for k in set(keys)}
