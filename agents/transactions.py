@@ -46,7 +46,7 @@ from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
 from models.errors import EventError
-from models.features import AccountState, StateCodecError
+from models.features import AccountState, StateCodecError, last_ts_of
 from models.pipeline import IdleEviction, partition_of
 from models.platform_state import dump_accumulator, load_accumulator
 from models.schemas import TransactionFields
@@ -427,6 +427,25 @@ class TransactionProcessor:
         if stale:
             self.m.evictions.labels(ACCOUNTS_TABLE).inc(len(stale))
         return len(stale)
+
+    def track_restored(self, partitions: set[int]) -> int:
+        """Let eviction see the accounts just read back, oldest first; returns how many.
+
+        Eviction knows an account once it scores an event of it. Before this, an account read back
+        after a restart or a move that never came back stayed in the table (and the worker's memory)
+        for good: every rolling restart added the accounts idle at that moment for ever.
+        """
+        touch = self.eviction.touch
+        n = 0
+        for p in sorted(partitions):
+            stamped = [(last_ts_of(blob), key) for key, blob in self.accounts.items(p)]
+            # A state of an older encoding (a pickle) is dated as the newest here: kept a full TTL at most.
+            newest = max((t for t, _ in stamped if t is not None), default=0.0)
+            # Oldest first: IdleEviction.stale() stops at the first account still active.
+            for ts, key in sorted((newest if t is None else t, k) for t, k in stamped):
+                touch(key, ts, p)
+            n += len(stamped)
+        return n
 
     def assigned(self, partitions: set[int]) -> None:
         """Forget the in-memory helpers of partitions no longer owned (the engine drops their tables)."""
@@ -822,8 +841,9 @@ class TransactionEngine:
         self.processor.reset(partitions)
         t0 = time.monotonic()
         n = await read_back(self.restorer, self.stores, partitions)
-        log.info("read back %d changelog records of partitions %s in %.2f s", n, sorted(partitions),
-                 time.monotonic() - t0)
+        tracked = self.processor.track_restored(partitions)
+        log.info("read back %d changelog records of partitions %s in %.2f s (%d accounts)", n, sorted(partitions),
+                 time.monotonic() - t0, tracked)
 
     async def _adopt_legacy_offsets(self, partitions: set[int]) -> None:
         # Before this engine, Faust's group (the app id) consumed risk.transactions. A partition this

@@ -59,6 +59,10 @@ class ChangelogStore:
         self.pending[(partition, key)] = None
         return True
 
+    def items(self, partition: int) -> list[tuple[bytes, bytes]]:
+        """(key, value) pairs of one partition."""
+        return list(self.parts.get(partition, {}).items())
+
     def keys(self, partition: int | None = None) -> list[bytes]:
         """Keys of one partition, or of all."""
         if partition is not None:

@@ -251,6 +251,29 @@ _HEAD_V2 = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
 _HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD}
 _BIG_ENDIAN = sys.byteorder == "big"
+# Where last_ts sits in the head: after the counts, fresh_dev, offset (from version 2) and first_ts.
+_LAST_TS_AT = {1: struct.calcsize("<BB5Iqd"), 2: struct.calcsize("<BB5Iqqd"), 3: struct.calcsize("<BB5Iqqd")}
+_F64 = struct.Struct("<d")
+
+
+def last_ts_of(blob: bytes) -> float | None:
+    """An account state blob's last_ts, read from its head without decoding the rest; None if not readable so.
+
+    Reading a partition back holds a million accounts or more: eviction needs only when each was
+    last active, and a full decode of each would multiply the read-back time.
+
+    >>> st = AccountState()
+    >>> st.last_ts = 1_700_000_000.5
+    >>> last_ts_of(st.to_bytes()), last_ts_of(b"garbage")
+    (1700000000.5, None)
+    """
+    if len(blob) < 2 or blob[0] != _MAGIC:
+        return None
+    at = _LAST_TS_AT.get(blob[1])
+    if at is None or len(blob) < at + 8:
+        return None
+    ts: float = _F64.unpack_from(blob, at)[0]
+    return ts if math.isfinite(ts) else None
 _CP_SLOT = AccountState.__slots__.index("counterparties")
 STATE_MAGIC = bytes([_MAGIC])
 
@@ -573,6 +596,7 @@ __all__ = [
     "TxnFeatures",
     "carry",
     "faded",
+    "last_ts_of",
     "learn",
     "observe",
     "stable_hash",

@@ -54,3 +54,38 @@ def test_killed_worker_resumes_with_state_and_model(settings, start_worker, make
     assert after == pytest.approx(expected, abs=1e-9)
     assert abs(amnesiac - expected) > 1e-3, "the probe must depend on learned state for this test to mean anything"
     assert second.metric("riskwatch_events_scored_total", topic=s.topic(TRANSACTIONS)) >= 1
+
+
+def test_accounts_read_back_after_a_restart_are_evicted_when_idle_without_coming_back(
+        settings, start_worker, make_txn):
+    """Eviction knows the accounts a restarted worker reads back, not only those it scores again.
+
+    Before, an account idle at a restart that never transacted again stayed in the table for good,
+    and every rolling restart added the accounts idle at that moment.
+    """
+    s = settings.model_copy(update={"state_ttl_seconds": 3600.0})
+    # Forty accounts active in the first hour, then only acct-live, for two hours more.
+    early = [make_txn(account_id=f"acct-{i}", minutes=float(i)) for i in range(40)]
+    live = [make_txn(account_id="acct-live", minutes=60.0 + 10 * i) for i in range(12)]
+    first = start_worker(s)
+    # The first worker sees only the early hour: nothing is idle past the TTL yet.
+    produce(s, TRANSACTIONS, [(e["account_id"].encode(), json.dumps(e).encode()) for e in early])
+    topic = s.topic(TRANSACTIONS)
+    deadline = time.monotonic() + 60
+    while first.metric("riskwatch_events_scored_total", topic=topic) < len(early):
+        assert time.monotonic() < deadline, first.tail()
+        time.sleep(0.3)
+    first.stop()  # a clean stop: state written and committed
+    assert first.proc.returncode == 0
+
+    second = start_worker(s)
+    produce(s, TRANSACTIONS, [(b"acct-live", json.dumps(e).encode()) for e in live])
+    deadline = time.monotonic() + 60
+    while second.metric("riskwatch_evictions_total", table="accounts") < len(early):
+        assert time.monotonic() < deadline, (
+            f"evicted {second.metric('riskwatch_evictions_total', table='accounts')} of the {len(early)} accounts "
+            f"idle for over an hour of event time:\n{second.tail()}")
+        time.sleep(0.5)
+    while second.metric("riskwatch_entities", table="accounts") != 1:  # the gauge moves at the next tick
+        assert time.monotonic() < deadline, "only acct-live should be left"
+        time.sleep(0.5)
