@@ -174,6 +174,25 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         w.stop()
 
 
+def build_engine(tmp_path: Path) -> Any:
+    """A worker's transaction engine built in-process (no broker contacted), over stores in memory."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from app.metrics import Metrics
+    from app.worker import build
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        rt = build(Settings(topic_prefix="u.", app_id="u", data_dir=tmp_path), Metrics(CollectorRegistry()))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    return rt.extras["transactions"]
+
+
 def produce(s: Settings, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
     """Send (key, value) pairs to a logical topic and wait for the broker to take them all."""
     from app.admin import producer

@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from prometheus_client import CollectorRegistry
 
 from app.changelog import ChangelogStore, PartitionView, gather_all
-from app.metrics import Metrics
-from app.settings import Settings
+from tests.conftest import build_engine
 
 
 def test_store_keeps_the_last_write_per_key_until_taken_and_tombstones_deletes() -> None:
@@ -80,16 +78,7 @@ class _Consumer:
 
 
 def _engine(tmp_path: Path) -> Any:
-    from app.worker import build
-
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        rt = build(Settings(topic_prefix="u.", app_id="u", data_dir=tmp_path), Metrics(CollectorRegistry()))
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-    return rt.extras["transactions"]
+    return build_engine(tmp_path)
 
 
 def _records(tp: TopicPartition, offsets: range) -> list[Any]:

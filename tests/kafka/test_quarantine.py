@@ -25,6 +25,7 @@ from app.changelog import ChangelogStore
 from app.metrics import Metrics
 from app.quarantine import Quarantine
 from app.settings import Settings
+from tests.conftest import build_engine
 
 GARBAGE = b"\x00not a snapshot\xff"
 
@@ -129,16 +130,7 @@ def test_detector_snapshots_carry_a_format_and_are_refused_per_value() -> None:
 
 # --------------------------------------------------------------------------- the engine's stores
 def _processor(tmp_path: Path) -> Any:
-    from app.worker import build
-
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        rt = build(Settings(topic_prefix="u.", app_id="u", data_dir=tmp_path), Metrics(CollectorRegistry()))
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-    return rt.extras["transactions"].processor
+    return build_engine(tmp_path).processor
 
 
 def _txn(k: int, account: str) -> bytes:
