@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import enum
 import gc
 import logging
@@ -46,7 +47,7 @@ from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
 from models.detector import SurpriseDetector
 from models.errors import EventError
-from models.features import AccountState, StateCodecError, last_ts_of
+from models.features import AccountState, StateCodecError, last_ts_of, prune_shift_log, shift_step_of
 from models.pipeline import IdleEviction, partition_of
 from models.platform_state import dump_accumulator, load_accumulator
 from models.schemas import TransactionFields
@@ -66,6 +67,10 @@ class PartitionModels:
         self.quarantine = quarantine
         self.detectors: dict[int, SurpriseDetector] = {}
         self.pending: dict[int, int] = {}
+        # Per partition: the stored shift versions (input offset, shifts as of it), oldest first, and
+        # the offset the restored shifts are as of (None: not dated; steps are not taken again).
+        self.versions: dict[int, list[tuple[int | None, Any]]] = {}
+        self.through: dict[int, int | None] = {}
 
     def _key(self, partition: int) -> bytes:
         return f"{self.prefix}:p{partition}".encode()
@@ -73,11 +78,13 @@ class PartitionModels:
     def _shifts_key(self, partition: int) -> bytes:
         return f"{self.prefix}:p{partition}:shifts".encode()
 
-    def get(self, partition: int) -> SurpriseDetector:
+    def get(self, partition: int, first_offset: int = -1) -> SurpriseDetector:
         """The partition's detector, restored from its last checkpoint the first time it is needed.
 
-        A checkpoint that does not decode (or is of a format this release cannot read) is set
-        aside and deleted from the table: the partition starts a fresh detector, with its warm-up.
+        `first_offset` is the first record to be processed: the type shifts are taken as they were
+        just before it (see _restore_shifts). A checkpoint that does not decode (or is of a format
+        this release cannot read) is set aside and deleted from the table: the partition starts a
+        fresh detector, with its warm-up.
         """
         det = self.detectors.get(partition)
         if det is None:
@@ -92,26 +99,61 @@ class PartitionModels:
                         raise
                     self.quarantine.set_aside(self.store.name, self.store.topic, partition, key, blob, exc)
                     self.store.delete(partition, key)
-            self._restore_shifts(partition, det)
+            self._restore_shifts(partition, det, first_offset)
             self.detectors[partition] = det
         return det
 
-    def _restore_shifts(self, partition: int, det: SurpriseDetector) -> None:
+    def _restore_shifts(self, partition: int, det: SurpriseDetector, first_offset: int) -> None:
         # The rules (amount spike, pass-through, dormancy) measure an amount against the account's
-        # usual one through the type shifts. The full snapshot lags up to `every` events, the shifts
-        # are written with every batch's state, so an event redelivered after a crash or a move is
-        # judged with the very shifts it was judged with the first time, and its warning is the same.
+        # usual one through the type shifts, which every learned event moves by one step. For an
+        # event redelivered after a crash or a move to be judged as it was the first time, its
+        # shifts must be exactly those it met then: the shifts as of the offset just before the
+        # redelivery starts (kept per write, `versions`), then the same steps in the same order:
+        # re-scored events take theirs again, and events whose state already holds them take the
+        # step their state remembers (AccountState.shift_log, applied by TransactionProcessor).
+        self.versions[partition] = []
+        self.through[partition] = None
         key = self._shifts_key(partition)
         blob = self.store.get(partition, key)
         if not blob:
             return
         try:
-            det.shifts = load_shifts(blob)
+            versions = load_shifts(blob)
         except StateCodecError as exc:
             if self.quarantine is None:
                 raise
             self.quarantine.set_aside(self.store.name, self.store.topic, partition, key, blob, exc)
             self.store.delete(partition, key)
+            return
+        dated = [(t, sh) for t, sh in versions if t is not None]
+        if not dated:  # an earlier release's undated snapshot: the newest shifts, no steps taken again
+            det.shifts = versions[-1][1]
+            return
+        before = [v for v in dated if v[0] < first_offset]
+        # Read from before every version (offsets rewound): the oldest one is the closest there is.
+        through, shifts = before[-1] if before else dated[0]
+        det.shifts = shifts
+        self.through[partition] = through
+        self.versions[partition] = [v for v in dated if v[0] <= through]
+
+    def write_shifts(self, partition: int, through: int, committed: int) -> None:
+        """Store the partition's shifts as of input offset `through`, with the versions a redelivery may still need.
+
+        Versions from before the committed offset are dropped, but for the newest of them: a
+        redelivery starts at the committed offset or later, and needs the version just before it.
+        """
+        det = self.detectors.get(partition)
+        if det is None or det.shifts is None:
+            return
+        versions = self.versions.setdefault(partition, [])
+        if versions and versions[-1][0] == through:
+            return
+        versions.append((through, copy.deepcopy(det.shifts)))
+        old = [i for i, (t, _) in enumerate(versions) if t is not None and t < committed]
+        if len(old) > 1:
+            del versions[:old[-1]]
+        del versions[:-SHIFT_VERSIONS]
+        self.store.put(partition, self._shifts_key(partition), dump_shifts(versions))
 
     def learned(self, partition: int, n: int = 1) -> None:
         """Count learned events; checkpoint every `every` events (written with the batch's state)."""
@@ -120,8 +162,6 @@ class PartitionModels:
         if n >= self.every:
             self.store.put(partition, self._key(partition), dump_detector(det))
             n = 0
-        if det.shifts is not None:
-            self.store.put(partition, self._shifts_key(partition), dump_shifts(det.shifts))
         self.pending[partition] = n
 
     def forget(self, partitions: set[int]) -> None:
@@ -129,6 +169,8 @@ class PartitionModels:
         for p in partitions:
             self.detectors.pop(p, None)
             self.pending.pop(p, None)
+            self.versions.pop(p, None)
+            self.through.pop(p, None)
 
 
 class TransactionProcessor:
@@ -158,6 +200,10 @@ class TransactionProcessor:
         self.ingest = Ingest(s)
         self.flows: dict[int, FlowAccumulator] = {}
         self.flows_written: dict[int, int] = {}  # partition -> last offset of its flows in the models table
+        # partition -> offset of the last record processed, and of the first one not committed yet
+        # (what the type-shift versions are dated by, and how far back the accounts' shift logs go).
+        self.read_through: dict[int, int] = {}
+        self.committed: dict[int, int] = {}
         # The storm cap's admissions per partition, stored beside its detector and counted again on restore.
         if scorer.storm.by_source is None:
             scorer.storm.by_source = {}
@@ -204,17 +250,28 @@ class TransactionProcessor:
         self._consumed.inc(len(records))
         current = -1  # records come grouped by partition: switch detectors only between groups
         learned = 0
+        read_through, committed = self.read_through, self.committed
+        offset = -1
         for rec in records:
-            partition, offset = rec.partition, rec.offset
+            partition = rec.partition
             if partition != current:
                 if learned:
                     models.learned(current, learned)
                     learned = 0
-                scorer.detector = models.get(partition)
+                if current >= 0:
+                    read_through[current] = offset
+                    if models.through.get(current) is not None:
+                        models.through[current] = offset
+                offset = rec.offset
+                if partition not in committed:
+                    committed[partition] = offset  # where reading began: the committed offset
+                scorer.detector = det = models.get(partition, offset)
+                shifts_through = models.through.get(partition)
                 scorer.storm.source = partition
                 if partition not in self.storm_loaded:
                     self._load_storm({partition} | self.models_store.partitions())
                 current = partition
+            offset = rec.offset
             t0 = perf()
             try:
                 txn, ts = decode(rec.value or b"")
@@ -242,14 +299,19 @@ class TransactionProcessor:
                     # many events the account saw since (the event-id memory keeps only 16).
                     self._duplicates.inc()
                     self._redelivered.inc()
+                    if shifts_through is not None and offset > shifts_through:
+                        # The type shifts were read back as of before this event: take its step again.
+                        step = shift_step_of(state, offset)
+                        if step is not None:
+                            det.learn_shift(txn.txn_type, txn.direction == "debit", step)
                     # The flow buckets judge by their own offset: a crash in the middle of a state
                     # write may have stored the account but not them.
                     for totals in self._flows_of(partition).add_counted(ts, txn.txn_type, txn.amount,
                                                                         txn.event_id, txn.account_kind, offset):
                         partials[(partition, totals[0])] = totals
                     continue
+                state.offset = offset  # before scoring: the shift step it takes is logged under it
                 out = scorer.process(txn, state, ts)
-                state.offset = offset
                 if out.duplicate:
                     self._duplicates.inc()
                     continue
@@ -283,6 +345,10 @@ class TransactionProcessor:
             t_publish.append(perf() - t2)
         if learned:
             models.learned(current, learned)
+        if current >= 0:
+            read_through[current] = offset
+            if models.through.get(current) is not None:
+                models.through[current] = offset  # its steps are in the shifts now: never taken again
         observe_many(self._decode_seconds, t_decode)
         observe_many(self._score_seconds, t_score)
         observe_many(self._publish_seconds, t_publish)
@@ -368,9 +434,14 @@ class TransactionProcessor:
         storm = self.scorer.storm
         for partition in list(storm.changed):  # only after a new warning: rare
             self.models_store.put(partition, _storm_key(partition), storm.dump(partition))
+        committed = self.committed
+        for partition, through in self.read_through.items():
+            self.models.write_shifts(partition, through, committed.get(partition, -1))
         put = self.accounts.put
         live, warm = self.live, self.warm
         for sk, state in live.items():
+            if state.shift_log:
+                prune_shift_log(state, committed.get(sk[0], -1))
             put(sk[0], sk[1], dump_account(state))
             if state.n > 1:
                 # An account seen once (a one-off payer, a card tester's throwaway) is admitted at
@@ -455,6 +526,9 @@ class TransactionProcessor:
                 with contextlib.suppress(KeyError):
                     self.m.model_operating.remove(category, str(p))
         self.models.forget(gone)
+        for p in gone | (set(self.read_through) - partitions):
+            self.read_through.pop(p, None)
+            self.committed.pop(p, None)
         self.eviction.keep_only(partitions)
         self.live = {k: v for k, v in self.live.items() if k[0] in partitions}
         self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}
@@ -470,6 +544,8 @@ class TransactionProcessor:
         self.live = {k: v for k, v in self.live.items() if k[0] not in partitions}
         self.warm = {k: v for k, v in self.warm.items() if k[0] not in partitions}
         for p in partitions:
+            self.read_through.pop(p, None)
+            self.committed.pop(p, None)
             self.eviction.seen.pop(p, None)
             self.flows.pop(p, None)  # read back with the tables, so they match the accounts again
             self.scorer.storm.drop(p)
@@ -1039,6 +1115,10 @@ class TransactionEngine:
             return
         await self.consumer.commit(todo)
         self.committed.update(todo)
+        committed = self.processor.committed
+        for tp, o in todo.items():
+            if tp.topic == self.topic:
+                committed[tp.partition] = o
 
     async def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind per owned partition: the log end offset minus the next offset to process."""
@@ -1097,6 +1177,9 @@ IDLE_FLUSH_SECONDS = 0.1  # at most ten early writes a second when traffic comes
 # Decoded account states held between two writes; more than this many changed accounts are written
 # at once, so the worker's memory does not grow with a burst of new accounts (about 1.2 KB each).
 MAX_LIVE = 2_000
+# Type-shift versions kept per partition (one per write that moved them): commits run up to a few
+# writes behind, and a redelivery needs the version just before the committed offset.
+SHIFT_VERSIONS = 8
 # Decoded states kept across writes (see TransactionProcessor.warm): about 7 MB at most.
 WARM_MAX = 5_000
 # Share of RISKWATCH_SHUTDOWN_TIMEOUT the engine's stop may take (the rest is Faust's own stop):

@@ -186,22 +186,32 @@ def _finite(x: Any) -> bool:
 Shifts = tuple[dict[str, list[float]], dict[str, list[float]]]
 
 
-def dump_shifts(shifts: Shifts) -> bytes:
-    """A detector's per-type amount shifts as JSON, written with every batch's state (see PartitionModels)."""
-    return json.dumps({"credit": shifts[0], "debit": shifts[1]}, separators=(",", ":")).encode()
+ShiftVersions = list[tuple[int | None, Shifts]]
 
 
-def load_shifts(blob: bytes) -> Shifts:
-    """Read dump_shifts' JSON; StateCodecError saying why if it is not that."""
+def dump_shifts(versions: ShiftVersions) -> bytes:
+    """A detector's per-type amount shifts, each as of an input offset, as JSON (see PartitionModels)."""
+    return json.dumps({"versions": [{"through": through, "credit": sh[0], "debit": sh[1]} for through, sh in versions]},
+                      separators=(",", ":")).encode()
+
+
+def load_shifts(blob: bytes) -> ShiftVersions:
+    """Read dump_shifts' JSON (or an earlier release's single, undated snapshot); StateCodecError if not that."""
     try:
         doc = json.loads(blob)
-        shifts = ({k: [float(x) for x in v] for k, v in doc["credit"].items()},
-                  {k: [float(x) for x in v] for k, v in doc["debit"].items()})
+        docs = doc["versions"] if "versions" in doc else [dict(doc, through=None)]
+        versions: ShiftVersions = []
+        for d in docs:
+            through = d["through"]
+            if through is not None and type(through) is not int:
+                raise TypeError(f"through is {through!r}, not an offset")
+            versions.append((through, ({k: [float(x) for x in v] for k, v in d["credit"].items()},
+                                       {k: [float(x) for x in v] for k, v in d["debit"].items()})))
     except Exception as exc:  # noqa: BLE001 - JSON, keys and types fail many ways on garbage: report one
         raise StateCodecError(f"not a type-shift snapshot: {type(exc).__name__}: {exc}") from None
-    if not _shifts_ok(shifts):
+    if not versions or not all(_shifts_ok(sh) for _, sh in versions):
         raise StateCodecError("type-shift snapshot has values of the wrong type or size")
-    return shifts
+    return versions
 
 
 def load_instrument(blob: bytes) -> InstrumentState:

@@ -47,6 +47,7 @@ from models.features import (
     TxnFeatures,
     carry,
     learn,
+    log_shift_step,
     median_mad,
     observe,
     p_new_payee,
@@ -480,16 +481,18 @@ class TransactionScorer:
             if total >= cal_.horizon:
                 cal_.halve()
             if n_hist >= 3:
+                residual = lg_amount - state.log_med
+                if state.offset >= 0:
+                    log_shift_step(state, residual)
                 # SurpriseDetector.learn_shift, inlined.
                 if entry is None:
-                    det.learn_shift(txn_type, debit, lg_amount - state.log_med)
+                    det.learn_shift(txn_type, debit, residual)
                 else:
                     c = entry[1] + 1.0
                     entry[1] = c
                     step = 0.1 / c
                     if step < SHIFT_STEP:
                         step = SHIFT_STEP
-                    residual = lg_amount - state.log_med
                     if residual > 0.0:
                         v = entry[0] + step
                         entry[0] = v if v < SHIFT_LIMIT else SHIFT_LIMIT
@@ -645,7 +648,10 @@ class TransactionScorer:
             # Late events are scored but not learned: they would corrupt windows already moved past.
             det.learn_raw(raw)
             if f.history >= 3:
-                det.learn_shift(txn.txn_type, debit, (log(txn.amount) - shift) - state.log_med)
+                residual = (log(txn.amount) - shift) - state.log_med
+                if state.offset >= 0:
+                    log_shift_step(state, residual)
+                det.learn_shift(txn.txn_type, debit, residual)
             learn(state, f)
             carry(state, f, own, txn.txn_type)
             if near:

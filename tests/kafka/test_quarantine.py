@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.changelog import ChangelogStore
+from app.faust_app import load_shifts
 from app.metrics import Metrics
 from app.quarantine import Quarantine
 from app.settings import Settings
@@ -173,8 +174,11 @@ def test_type_shifts_move_with_every_batch_so_a_redelivered_event_is_judged_as_t
     first = _processor(tmp_path / "a")
     recs = [SimpleNamespace(topic="t", partition=0, offset=o, value=_txn(o, f"acct-{o % 3}")) for o in range(15)]
     asyncio.run(first.process(recs))
+    first.write_state()
     written = first.models_store.take_pending()
     assert (0, b"txn:p0") not in written, "the full snapshot waits for model_checkpoint_every events"
+    assert load_shifts(written[(0, b"txn:p0:shifts")]) == [(14, first.models.detectors[0].shifts)], \
+        "dated by the last offset read"
     shifts = first.models.detectors[0].shifts
     assert shifts is not None and shifts[1]["payment"][1] == 6.0, "learned once an account has 3 debits"
     # The partition's next owner reads the table: it starts from the batch's shifts, not from zero.
@@ -182,7 +186,12 @@ def test_type_shifts_move_with_every_batch_so_a_redelivered_event_is_judged_as_t
     for (p, k), v in written.items():
         nxt.models_store.put(p, k, v)
     nxt.models_store.take_pending()
-    assert nxt.models.get(0).shifts == shifts
+    assert nxt.models.get(0, 15).shifts == shifts and nxt.models.through[0] == 14
+    # An earlier release's undated snapshot still loads: its shifts, with no steps taken again.
+    old = _processor(tmp_path / "d")
+    old.models_store.put(0, b"txn:p0:shifts", json.dumps({"credit": shifts[0], "debit": shifts[1]}).encode())
+    old.models_store.take_pending()
+    assert old.models.get(0, 15).shifts == shifts and old.models.through[0] is None
     # A shifts value that does not decode is set aside and deleted; the detector keeps its own.
     bad = _processor(tmp_path / "c")
     bad.models_store.put(0, b"txn:p0:shifts", b'{"credit": {}, "debit": {"payment": ["x"]}}')
