@@ -96,6 +96,10 @@ def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
     """An admin client, retried until the broker answers or `timeout` passes; the error says why it could not."""
     deadline = time.monotonic() + timeout
     kafka_log = logging.getLogger("kafka")
+    # Short bootstraps first (5 s, not kafka-python's 30): a refused password is reported in seconds.
+    # Each retry waits twice as long (to 20 s): a cold or loaded broker may need more than 5 s for
+    # TLS and SCRAM, and an attempt cut short hears only "socket disconnected", never the verdict.
+    attempt = 5.0
     while True:
         cause = _Cause()
         # Heard here only: app.logs keeps kafka-python's per-retry lines out of the log (CRITICAL).
@@ -104,12 +108,13 @@ def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
         kafka_log.propagate = False
         kafka_log.addHandler(cause)
         try:
-            # Short bootstraps (5 s, not kafka-python's 30): a refused password is reported in seconds.
+            left = deadline - time.monotonic()
             return KafkaAdminClient(**client_config(s), request_timeout_ms=10_000,
-                                    bootstrap_timeout_ms=int(1000 * min(5.0, max(timeout, 1.0))))
+                                    bootstrap_timeout_ms=int(1000 * max(1.0, min(attempt, left))))
         except KafkaError as exc:
             if cause.kind in ("credentials", "certificate") or time.monotonic() > deadline:
                 raise RiskwatchError(_explain(s, cause, exc)) from None
+            attempt = min(2 * attempt, 20.0)
             time.sleep(0.5)
         finally:
             kafka_log.removeHandler(cause)

@@ -63,7 +63,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from models.scoring import MODEL_DETECTOR, REQUIRED_RULES
+from models.rules import ADAPTIVE_RULES, REQUIRED_RULES
+from models.scoring import MODEL_DETECTOR
 
 Verdict = Literal["confirmed", "false_positive"]
 FORMAT_VERSION = 1
@@ -76,8 +77,6 @@ MIN_VERDICTS = 5  # verdicts a key must hold before it moves at all (counted, no
 HALF_LIFE_DAYS = 14.0
 MAX_VERDICTS = 512
 BANDS_PER_OCTAVE = 8
-# Rules whose operating point scoring lets verdicts move (models.scoring asks factor("rule:velocity", ...)).
-ADAPTIVE_RULES = frozenset({"velocity", "pass_through", "dormant_reactivation", "amount_spike"})
 
 _HALF_LIFE = HALF_LIFE_DAYS * 86_400.0
 
@@ -85,16 +84,21 @@ _HALF_LIFE = HALF_LIFE_DAYS * 86_400.0
 def key_of(detector: str, codes: Sequence[str]) -> tuple[str, str] | None:
     """The (detector, code) a verdict on a warning counts against; None when verdicts must not move it.
 
+    A rule's code is its type (models/rules/): a second instance of a rule type, under another
+    id, is a key of its own and is as adaptive, or as required, as its type.
+
     >>> key_of("surprise", ["amount", "hour"]), key_of("rule:velocity", []), key_of("rule:large_transaction", [])
     (('surprise', 'amount'), ('rule:velocity', 'velocity'), None)
+    >>> key_of("rule:velocity_cards", ["velocity"]), key_of("rule:large_wire", ["large_transaction"])
+    (('rule:velocity_cards', 'velocity'), None)
     """
     if detector == MODEL_DETECTOR:
         return (detector, codes[0]) if codes else None
     if detector.startswith("rule:"):
-        rule = detector[5:]
-        if rule in REQUIRED_RULES or rule not in ADAPTIVE_RULES:
+        kind = codes[0] if codes else detector[5:]
+        if kind in REQUIRED_RULES or detector[5:] in REQUIRED_RULES or kind not in ADAPTIVE_RULES:
             return None
-        return detector, rule
+        return detector, kind
     return None
 
 
@@ -291,7 +295,7 @@ class FeedbackBook:
     def record(self, note: VerdictNote) -> Adaptation | None:
         """Count one verdict (once per alert_id); return the Adaptation if it moved the factor a band."""
         key = (note.detector, note.code)
-        if key[0].startswith("rule:") and key[0][5:] in REQUIRED_RULES:
+        if key[0].startswith("rule:") and (key[0][5:] in REQUIRED_RULES or key[1] in REQUIRED_RULES):
             return None  # never a key; a record from a hand-made message is ignored, not obeyed
         k = self.keys.get(key)
         if k is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import struct
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
@@ -56,15 +55,13 @@ from models.features import (
 from models.findings import Finding, open_or_update, to_alert
 from models.lists import Hit, ListIndex, ListsParams, hit_message
 from models.rules import (
-    AmountSpikeParams,
+    REGISTRY,
+    REQUIRED_RULES,
     AnomalyParams,
     Catalogue,
-    DormantParams,
-    FundIsolationParams,
+    Event,
     LargeTransactionParams,
-    PassThroughParams,
-    StructuringParams,
-    VelocityParams,
+    TxnRule,
 )
 from models.schemas import Alert, Reason, TransactionFields
 
@@ -72,19 +69,10 @@ from models.schemas import Alert, Reason, TransactionFields
 # large transactions) stay below the model threshold; high and critical rule hits sit above it,
 # because deterministic evidence of fraud outranks any model rank.
 LEVEL_SCORE = {"low": 0.9, "medium": 0.95}
-# (silence before waking, usual gap, sent since waking before this debit, seconds since waking)
-Wake = tuple[float, float, float, float]
-# (inflow from new counterparties (0: none), usual debit of this type, the wake if waking, the spike
-# (x usual, x largest recent) if one): what the pass-through, dormancy and amount-spike rules read.
-RuleContext = tuple[float, float, Wake | None, tuple[float, float] | None]
 RECENT_IDS = 16
 MODEL_DETECTOR = "surprise"  # the `detector` of model warnings, as opposed to "rule:<id>"
 _PACK_Q = struct.Struct("=q").pack  # one element of an array("q"), as bytes
 _ONE_HOUR_SHARE = 1.0 / 24.0  # an hour of the day with less than its even share of activity is unusual
-
-
-# Rules a regulator requires: analysts' verdicts never make them harder to raise (models.feedback).
-REQUIRED_RULES = frozenset({"fund_isolation", "large_transaction", "structuring"})
 
 
 class Feedback(Protocol):
@@ -219,20 +207,13 @@ class TransactionScorer:
         """Let analysts' verdicts move the operating point of the model and of non-required rules."""
         self.feedback = feedback
         self._fb_max = 1.0 if feedback is None else max(1.0, feedback.max_factor)
-        self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
-        self._spike_lmed = log(self._spike.min_multiple / self._fb_max)
+        self._build_rules()
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a (validated) rule catalogue; takes effect with the next event."""
         self.catalogue = catalogue
         c = catalogue
         self._large = c.params("large_transaction", LargeTransactionParams)
-        self._struct = c.params("structuring", StructuringParams)
-        self._fund = c.params("fund_isolation", FundIsolationParams)
-        self._vel = c.params("velocity", VelocityParams)
-        self._pt = c.params("pass_through", PassThroughParams)
-        self._dorm = c.params("dormant_reactivation", DormantParams)
-        self._spike = c.params("amount_spike", AmountSpikeParams)
         self._anom = c.params("anomaly", AnomalyParams)
         self._on = {rid for rid in c.rules if c.rule(rid) is not None}
         anomaly = c.rules.get("anomaly")
@@ -246,26 +227,47 @@ class TransactionScorer:
         self._cold_factor = (1.0 - min(0.5, self._budget * exp(BUDGET_LOG_RANGE))) * (1.0 - 1e-9)
         self._entity_warmup = self._anom.entity_warmup
         self._global_warmup = self._anom.global_warmup
-        self._fund_on = "fund_isolation" in self._on
-        self._fund_from = frozenset(self._fund.from_kinds)
-        self._fund_to = frozenset(self._fund.to_kinds)
-        self._large_on = "large_transaction" in self._on
-        self._struct_on = "structuring" in self._on
-        self._vel_on = "velocity" in self._on
-        self._pt_on = "pass_through" in self._on
-        self._dorm_on = "dormant_reactivation" in self._on
-        self._dorm_new = self._dorm.new_payee
-        self._spike_on = "amount_spike" in self._on
-        # In the log units the account's amounts are kept in: most debits stop at this comparison.
-        self._spike_lmed = log(self._spike.min_multiple / self._fb_max)
-        self._spike_lmax = log(self._spike.min_over_max)
-        self._vel_min = math.ceil(self._vel.min_debits / self._fb_max)
-        self._thresholds: dict[str, tuple[float, float]] = {}
-        # Structuring is a day-long pattern: its debits hours apart are one case, not several.
-        self._cooldowns = {"structuring": self._struct.window_seconds}
+        self._reporting: dict[str, float] = {}
+        self._build_rules()
         self._list_params: ListsParams | None = c.params("lists", ListsParams) if "lists" in self._on else None
         if self.lists is not None:
             self.lists.configure(self._list_params)
+
+    def _build_rules(self) -> None:
+        """One plug-in instance per enabled per-transaction rule of the catalogue (models/rules/)."""
+        rules: list[TxnRule] = [REGISTRY[r.type](r.id, r.params, self.feedback) for r in self.catalogue.txn_rules()]
+        self.rules = rules
+        # The fast path asks only the gates that can pass: rules by (debit, external, account kind).
+        self._asked: dict[tuple[bool, bool, str], tuple[TxnRule, ...]] = {}
+        self._learning: list[TxnRule] = []  # rules that keep state and whose gate this event passed
+        self._ev = Event()
+        self._cooldowns = {self.catalogue.rules[r.id].category: r.cooldown_seconds for r in rules
+                           if r.cooldown_seconds is not None}
+
+    def _reporting_threshold(self, currency: str) -> float:
+        """The currency's reporting threshold (the large_transaction rule's), looked up once per currency."""
+        t = self._reporting[currency] = self._large.threshold(currency)
+        return t
+
+    def _check_rules(self, ev: Event) -> list[Finding]:
+        """Ask every rule whose gate passes; the findings of those that hit, in the rules' order."""
+        out: list[Finding] = []
+        case = (ev.debit, ev.external, ev.txn.account_kind)
+        asked = self._asked.get(case)
+        if asked is None:
+            asked = self._asked[case] = tuple(
+                r for r in self.rules if (case[0] or not r.debit_only) and (case[1] or not r.external_only)
+                and (r.account_kinds is None or case[2] in r.account_kinds))
+        learning = self._learning
+        learning.clear()
+        for rule in asked:
+            if rule.gate(ev):
+                if rule.learns:
+                    learning.append(rule)
+                reasons = rule.check(ev)
+                if reasons:
+                    out.append(self._finding(rule.id, ev.txn.account_id, reasons))
+        return out
 
     @property
     def threshold(self) -> float:
@@ -315,6 +317,7 @@ class TransactionScorer:
             dev = 0
             new_dev = False
         txn_type = txn.txn_type
+        external = debit and txn_type in EXTERNAL_TYPES
         # SurpriseDetector.shift, inlined.
         shifts = det.shifts
         entry = shifts[debit].get(txn_type) if shifts is not None else None
@@ -328,7 +331,6 @@ class TransactionScorer:
         same_day = ts - day_start < DAY
         d10 = 0
         expected = 0.0
-        ctx: RuleContext | None = None  # what the pass-through and dormancy rules need, when they may fire
         # models.features.faded, inlined for the session's evidence and the inflow from new counterparties.
         sess = state.ev_sum
         if sess:
@@ -369,7 +371,7 @@ class TransactionScorer:
                 if expected > 20.0:
                     expected = 20.0
             # min() and max() are spelled as conditionals: same results, no builtin call.
-            if txn_type in EXTERNAL_TYPES:
+            if external:
                 if z > 1.0:
                     v = z - 1.0
                     raw += (CAP if v > CAP else v) * conf * w.get("amount", 0.0)
@@ -399,28 +401,16 @@ class TransactionScorer:
             ratio = day_out / dew if dew > 0 else 1.0
             if ratio > 3.0:
                 raw += log(ratio / 3.0) * w.get("spend", 0.0)
-            if inflow > 0.0 and txn_type in EXTERNAL_TYPES:
+            if inflow > 0.0 and external:
                 usual = exp(state.log_med + shift) if n_hist >= 3 else amount
                 v = _pass_through(amount, inflow, usual)
                 if v > 0.0:
                     raw += v * w.get("pass_through", 0.0)
-                if self._pt_on and n_hist >= 3:
-                    ctx = (inflow, usual, None, None)
             # Dormancy needs a day's silence at least: most events stop at the first comparison.
             if n and ts - state.last_ts > DORMANT_MIN_SECONDS:
                 v = dormancy(ts - state.last_ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
                 if v > 0.0:
                     raw += v * w.get("dormant", 0.0)
-            if self._dorm_on and n_hist >= 3 and (new_cp or not self._dorm_new) and txn_type in EXTERNAL_TYPES:
-                wake = self._woke(state, ts, exp(state.gap_ew) if n_debits >= 3 else DAY)
-                if wake is not None:
-                    ctx = (ctx[0] if ctx is not None else 0.0, exp(state.log_med + shift), wake, None)
-            if self._spike_on and n_hist >= 3 and lg_amount - state.log_med >= self._spike_lmed \
-                    and txn_type in EXTERNAL_TYPES:
-                over = lg_amount - max(la)
-                if over >= self._spike_lmax:
-                    spike = (exp(lg_amount - state.log_med), exp(over))
-                    ctx = (0.0, 0.0, None, spike) if ctx is None else (ctx[0], ctx[1], ctx[2], spike)
             own = raw
             if sess > 0.0:
                 raw += (CAP if sess > CAP else sess) * w.get("session", 0.0)
@@ -451,15 +441,24 @@ class TransactionScorer:
         if total >= det._refresh_at:
             det.refresh(self._budgets, self._global_warmup)
 
-        limits = self._thresholds.get(txn.currency)
-        threshold, near_floor = limits if limits is not None else self._large_thresholds(txn.currency)
-        near = debit and near_floor <= amount < threshold
-        findings: list[Finding] = []
-        if (debit and self._fund_on and txn.account_kind in self._fund_from
-                and txn.counterparty_kind in self._fund_to) or (self._large_on and amount >= threshold) \
-                or (near and self._struct_on) or (d10 >= self._vel_min and self._vel_on) or ctx is not None:
-            # Some rule may fire: _rules decides (most events skip it).
-            findings = self._rules(txn, d10, expected, ts, debit, near, state, threshold, ctx)
+        # The rules (models/rules/): each one's gate, then its check for the few events that pass.
+        ev = self._ev
+        ev.txn = txn
+        ev.state = state
+        ev.ts = ts
+        ev.debit = debit
+        ev.external = external
+        ev.history = n_hist
+        ev.lg_amount = lg_amount
+        ev.shift = shift
+        ev.inflow = inflow
+        ev.new_payee = new_cp
+        ev.new_device = new_dev
+        ev.debits_10m = d10
+        ev.expected_10m = expected
+        rt = self._reporting.get(txn.currency)
+        ev.reporting_threshold = rt if rt is not None else self._reporting_threshold(txn.currency)
+        findings = self._check_rules(ev)
         lists = self.lists
         if lists is not None and lists.active:
             hits = lists.match(txn.account_id, txn.counterparty_id, device, txn.ip)
@@ -589,12 +588,8 @@ class TransactionScorer:
             elif new_cp:
                 state.in_new = inflow + amount
                 state.in_ts = ts
-            if near:
-                near_ts = state.near_ts
-                near_ts.append(ts)
-                window = self._struct.window_seconds
-                while near_ts and (ts - near_ts[0] > window or len(near_ts) > 32):
-                    del near_ts[0]
+            for rule in self._learning:
+                rule.learn(ev)
         recent.append(eid)
         if len(recent) > RECENT_IDS:
             del recent[0]
@@ -631,9 +626,13 @@ class TransactionScorer:
             cal *= self._cold_factor
         if det.seen >= det._refresh_at:
             det.refresh(self._budgets, self._global_warmup)
-        near = debit and self._is_near(txn)
-        findings = self._rules(txn, f.debits_10m, f.expected_10m, ts, debit, near, state,
-                               self._large.threshold(txn.currency), self._context(f, state))
+        ev = self._ev
+        ev.txn, ev.state, ev.ts, ev.debit = txn, state, ts, debit
+        ev.external, ev.history, ev.lg_amount, ev.shift = f.external, f.history, log(f.amount) - f.shift, f.shift
+        ev.inflow, ev.new_payee, ev.new_device = f.inflow_new, f.new_counterparty, f.new_device
+        ev.debits_10m, ev.expected_10m = f.debits_10m, f.expected_10m
+        ev.reporting_threshold = self._large.threshold(txn.currency)
+        findings = self._check_rules(ev)
         if self.lists is not None and self.lists.active:
             hits = self.lists.match(txn.account_id, txn.counterparty_id, txn.device_id, txn.ip)
             if hits:
@@ -654,11 +653,8 @@ class TransactionScorer:
                 det.learn_shift(txn.txn_type, debit, residual)
             learn(state, f)
             carry(state, f, own, txn.txn_type)
-            if near:
-                state.near_ts.append(ts)
-                while state.near_ts and (ts - state.near_ts[0] > self._struct.window_seconds
-                                         or len(state.near_ts) > 32):
-                    del state.near_ts[0]
+            for rule in self._learning:
+                rule.learn(ev)
         state.recent_ids.append(eid)
         if len(state.recent_ids) > RECENT_IDS:
             del state.recent_ids[0]
@@ -672,149 +668,6 @@ class TransactionScorer:
         score = 1.0 if r.level == "critical" else LEVEL_SCORE.get(r.level, 1.0 - (1.0 - self._threshold) / 2)
         return Finding(category=r.category, level=r.level, score=score, detector=f"rule:{rule_id}",
                        reasons=reasons, entity_type="account", entity_id=entity_id)
-
-    def _large_thresholds(self, currency: str) -> tuple[float, float]:
-        """(reporting threshold, lower bound of 'just under' it) for a currency, cached per currency."""
-        t = self._thresholds.get(currency)
-        if t is None:
-            limit = self._large.threshold(currency)
-            t = self._thresholds[currency] = (limit, self._struct.lower_fraction * limit)
-        return t
-
-    def _is_near(self, txn: TransactionFields) -> bool:
-        t = self._large.threshold(txn.currency)
-        return self._struct.lower_fraction * t <= txn.amount < t
-
-    def _context(self, f: TxnFeatures, state: AccountState) -> RuleContext | None:
-        """The fused path's `ctx`, from the features: what the pass-through and dormancy rules read."""
-        if not f.external or f.history < 3:
-            return None
-        inflow = f.inflow_new if self._pt_on and f.inflow_new > 0.0 else 0.0
-        wake = None
-        if self._dorm_on and (f.new_counterparty or not self._dorm_new):
-            wake = self._woke(state, f.ts, f.typical_gap)
-        spike = None
-        lg_amount = log(f.amount) - f.shift
-        if self._spike_on and lg_amount - state.log_med >= self._spike_lmed:
-            over = lg_amount - max(state.log_amounts)
-            if over >= self._spike_lmax:
-                spike = (exp(lg_amount - state.log_med), exp(over))
-        if not inflow and wake is None and spike is None:
-            return None
-        return (inflow, f.median_amount if inflow or wake is not None else 0.0, wake, spike)
-
-    def _woke(self, state: AccountState, ts: float, gap: float) -> Wake | None:
-        """(silence, usual gap, sent since, seconds since) when the account woke from a dormancy within the
-        rule's session: the first of its recent debits (or this one) came after a silence without debits of
-        `factor` usual gaps and at least `min_silence_seconds`."""
-        p = self._dorm
-        quiet = p.factor * gap
-        if quiet < p.min_silence_seconds:
-            quiet = p.min_silence_seconds
-        dts = state.debit_ts
-        k = len(dts)
-        if not k:
-            return None
-        first = bisect_left(dts, ts - p.session_seconds)
-        if first == k:
-            idle = ts - dts[-1]
-            return (idle, gap, 0.0, 0.0) if idle >= quiet else None
-        if first == 0:
-            return None  # every remembered debit is in the session: no silence before it to see
-        idle = dts[first] - dts[first - 1]
-        if idle < quiet:
-            return None
-        return idle, gap, float(sum(state.debit_amt[first:])), ts - dts[first]
-
-    def _rules(self, txn: TransactionFields, debits_10m: int, expected_10m: float, ts: float, debit: bool, near: bool,
-               state: AccountState, threshold: float, ctx: RuleContext | None = None) -> list[Finding]:
-        on = self._on
-        out: list[Finding] = []
-        acct = txn.account_id
-
-        def hit(rule_id: str, reasons: list[Reason]) -> None:
-            out.append(self._finding(rule_id, acct, reasons))
-
-        if debit and "fund_isolation" in on and txn.account_kind in self._fund.from_kinds \
-                and txn.counterparty_kind in self._fund.to_kinds:
-            hit("fund_isolation", [Reason(
-                code="fund_isolation",
-                message=f"{txn.currency} {txn.amount:,.2f} moved from {txn.account_kind} account {acct} "
-                        f"to {txn.counterparty_kind} account {txn.counterparty_id}",
-                value=txn.amount)])
-        if "large_transaction" in on and txn.amount >= threshold:
-            hit("large_transaction", [Reason(
-                code="large_transaction",
-                message=f"{txn.txn_type} of {txn.currency} {txn.amount:,.2f}, at or above the "
-                        f"{txn.currency} {threshold:,.0f} reporting threshold",
-                value=txn.amount, threshold=threshold)])
-        if near and "structuring" in on:
-            window = self._struct.window_seconds
-            n = 1 + sum(1 for t in state.near_ts if ts - t <= window)
-            if n >= self._struct.min_count:
-                hit("structuring", [Reason(
-                    code="structuring",
-                    message=f"{n} debits within {window / 3600:.0f} h each just under the "
-                            f"{txn.currency} {threshold:,.0f} reporting threshold",
-                    value=float(n), threshold=float(self._struct.min_count))])
-        if debit and debits_10m > 1 and "velocity" in on:
-            v = self._vel
-            need = v.min_debits
-            if self.feedback is not None:
-                need = math.ceil(need / self.feedback.factor("rule:velocity", ("velocity",)))
-            if debits_10m >= need and debits_10m >= v.min_ratio * expected_10m:
-                usual = max(1, math.ceil(expected_10m))
-                hit("velocity", [Reason(
-                    code="velocity",
-                    message=f"{debits_10m} debits in 10 minutes (usual: at most {usual})",
-                    value=float(debits_10m), threshold=float(v.min_debits))])
-        if ctx is not None:
-            out += self._flow_rules(txn, ctx)
-        return out
-
-    def _flow_rules(self, txn: TransactionFields, ctx: RuleContext) -> list[Finding]:
-        """Pass-through (money mule) and dormant reactivation, on an external debit of an account with history."""
-        inflow, usual, wake, spike = ctx
-        amount, cur = txn.amount, txn.currency
-        out: list[Finding] = []
-        if inflow > 0.0 and "pass_through" in self._on:
-            p = self._pt
-            sent = amount if amount < inflow else inflow
-            need = p.min_multiple
-            if self.feedback is not None:
-                need /= self.feedback.factor("rule:pass_through", ("pass_through",))
-            if sent >= p.min_share * amount and sent >= need * usual:
-                out.append(self._finding("pass_through", txn.account_id, [Reason(
-                    code="pass_through",
-                    message=f"{cur} {sent:,.2f} of this {txn.txn_type} passes on money received in the last hours "
-                            f"from counterparties this account never dealt with ({sent / usual:.1f}x its usual)",
-                    value=round(sent / usual, 4), threshold=need)]))
-        if wake is not None and "dormant_reactivation" in self._on:
-            idle, gap, before, since = wake
-            total = before + amount
-            need = self._dorm.min_multiple
-            if self.feedback is not None:
-                need /= self.feedback.factor("rule:dormant_reactivation", ("dormant_reactivation",))
-            if total >= need * usual:
-                when = "now" if since == 0.0 else f"{_span(since)} after waking"
-                out.append(self._finding("dormant_reactivation", txn.account_id, [Reason(
-                    code="dormant_reactivation",
-                    message=f"woke after {_span(idle)} without a debit (usually {_span(gap)} between them) and "
-                            f"sent {cur} {total:,.2f} ({total / usual:.1f}x its usual), {when}, to a payee it "
-                            "never paid",
-                    value=round(total / usual, 4), threshold=need)]))
-        need = self._spike.min_multiple
-        if spike is not None and self.feedback is not None:
-            need /= self.feedback.factor("rule:amount_spike", ("amount_spike",))
-        if spike is not None and spike[0] >= need:
-            to_usual, to_max = spike
-            out.append(self._finding("amount_spike", txn.account_id, [Reason(
-                code="amount_spike",
-                message=f"{txn.txn_type} of {cur} {amount:,.2f}: {to_usual:.1f}x this account's usual and "
-                        f"{to_max:.1f}x the largest of its recent debits",
-                value=round(to_usual, 4), threshold=need)]))
-        return out
-
 
     def _list_findings(self, hits: list[Hit], account: str) -> list[Finding]:
         out = []
@@ -875,15 +728,6 @@ class TransactionScorer:
                     # The budget is spent by the warnings a person must open, not by every event scored.
                     self.detector.spend(fd.category, self._budgets, self._global_warmup)
             out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
-
-
-def _span(seconds: float) -> str:
-    """A duration as a person says it: 40 min, 5.5 h, 3.2 days."""
-    if seconds < HOUR:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * DAY:
-        return f"{seconds / HOUR:.1f} h"
-    return f"{seconds / DAY:.1f} days"
 
 
 def _covered(findings: list[Finding]) -> bool:

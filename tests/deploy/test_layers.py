@@ -34,7 +34,7 @@ def test_scoring_that_imports_the_runtime_breaks_the_layers(tmp_path: Path) -> N
     for package in ("app", "agents", "models", "deploy"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    rules = tmp_path / "models" / "rules.py"
+    rules = tmp_path / "models" / "rules" / "__init__.py"
     # What models/ did before the contract moved into it: import the schemas and settings from app/.
     rules.write_text(rules.read_text() + "\nfrom app.settings import Settings  # noqa: E402\n")
     out = _lint(tmp_path)

@@ -36,6 +36,7 @@ RAISED = {
     "amount_spike": ["high"],
     "money_mule": ["high"],
     "dormant_account": ["high"],
+    "access_control": ["high"],
     "block_list": ["high"],
     "watch_list": ["medium"],
 }
@@ -176,12 +177,12 @@ def test_plans_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rows = [line.split() for line in out.splitlines()]
     assert ["fund_isolation", "critical", "fund-isolation-breach", "compliance"] in rows
     assert ["liquidity_run", "critical", "liquidity-run-critical", "treasury"] in rows
-    assert out.rstrip().endswith("19 plans: OK")
+    assert out.rstrip().endswith("20 plans: OK")
     no_fallback = tmp_path / "plans.yaml"
     no_fallback.write_text(plan_yaml())
     assert main(["plans", "check", str(no_fallback)]) == 2
     err = capsys.readouterr().err
-    assert "no plan answers amount_spike, anomaly, block_list, dormant_account, fund_isolation" in err
+    assert "no plan answers access_control, amount_spike, anomaly, block_list, dormant_account, fund_isolation" in err
     assert "list_match" not in err, "the lists rule raises in its lists' categories, not its own"
 
 

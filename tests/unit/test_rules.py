@@ -13,7 +13,8 @@ def test_shipped_catalogue_has_every_default_rule():
     expected = {"large_transaction": "medium", "structuring": "high", "fund_isolation": "critical",
                 "velocity": "high", "liquidity_run": "high", "market_crash": "high", "market_stress": "high",
                 "anomaly": "medium", "market_anomaly": "medium", "lists": "high", "pass_through": "high",
-                "amount_spike": "high", "dormant_reactivation": "high"}
+                "amount_spike": "high", "dormant_reactivation": "high",
+                "platform_account_new_device": "high"}
     assert {k: r.level for k, r in cat.rules.items()} == expected
     assert all(r.description for r in cat.rules.values())
     p = cat.params("large_transaction", LargeTransactionParams)

@@ -1,7 +1,14 @@
-"""The rules catalogue: a versioned YAML file of deterministic risk rules, validated at load."""
+"""The rules catalogue: a versioned YAML file of deterministic risk rules, validated at load.
+
+Per-transaction rules are plug-ins, one module each in this package (see models/rules/base.py),
+found here at import: adding one is its module, its catalogue entry and its test. The other rule
+kinds (the model, lists, platform and market monitors) keep their parameters in their own modules.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -12,74 +19,25 @@ from models.aggregates import LiquidityParams, MarketStressParams
 from models.detector import WEIGHTS
 from models.lists import ListsParams
 from models.market import MarketParams
+from models.rules.base import REGISTRY, Event, RuleParams, TxnRule, register
 from models.schemas import Level
 from models.yamlconf import parse_yaml_model, read_text
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+from models.rules.amount_spike import AmountSpikeParams  # noqa: E402 - the rule modules are imported above
+from models.rules.dormant_reactivation import DormantParams  # noqa: E402
+from models.rules.fund_isolation import FundIsolationParams  # noqa: E402
+from models.rules.large_transaction import LargeTransactionParams  # noqa: E402
+from models.rules.pass_through import PassThroughParams  # noqa: E402
+from models.rules.structuring import StructuringParams  # noqa: E402
+from models.rules.velocity import VelocityParams  # noqa: E402
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LargeTransactionParams(_Params):
-    """Reporting thresholds in major units of the event currency."""
-
-    default_threshold: float = Field(50_000.0, gt=0)
-    thresholds: dict[str, float] = Field(default_factory=dict)
-
-    def threshold(self, currency: str) -> float:
-        """The reporting threshold for a currency."""
-        return self.thresholds.get(currency, self.default_threshold)
-
-
-class StructuringParams(_Params):
-    """Repeated debits just under the reporting threshold."""
-
-    min_count: int = Field(3, ge=2)
-    window_seconds: float = Field(86_400.0, gt=0)
-    lower_fraction: float = Field(0.9, gt=0, lt=1)
-
-
-class FundIsolationParams(_Params):
-    """Which account kinds must never send money to which counterparty kinds."""
-
-    from_kinds: list[str] = Field(default_factory=lambda: ["custody"])
-    to_kinds: list[str] = Field(default_factory=lambda: ["platform_own"])
-
-
-class VelocityParams(_Params):
-    """Unusually many debits in the short window: both an absolute and a relative floor."""
-
-    min_debits: int = Field(8, ge=2)
-    min_ratio: float = Field(6.0, ge=1)
-
-
-class PassThroughParams(_Params):
-    """Money mule pass-through: an external debit mostly paid from money just received from new counterparties."""
-
-    min_share: float = Field(0.5, gt=0, le=1, description="share of the debit covered by that recent inflow")
-    min_multiple: float = Field(5.0, ge=1, description="the amount passed on, in multiples of the account's usual "
-                                                       "debit of this type")
-
-
-class AmountSpikeParams(_Params):
-    """An external debit far above both the account's usual amount and the largest it made lately."""
-
-    min_multiple: float = Field(10.0, ge=1, description="the amount, in multiples of the account's usual debit "
-                                                        "of this type")
-    min_over_max: float = Field(3.0, ge=1, description="and in multiples of the largest of its last 24 debits "
-                                                       "(each against its own type)")
-
-
-class DormantParams(_Params):
-    """A dormant account wakes, and within hours money leaves to a payee it never paid."""
-
-    factor: float = Field(10.0, ge=1, description="silence without a debit, in multiples of the account's usual "
-                                                  "gap between debits")
-    min_silence_seconds: float = Field(2 * 86_400.0, gt=0, description="and at least this long")
-    session_seconds: float = Field(3 * 3600.0, ge=0, description="debits this long after waking still count")
-    min_multiple: float = Field(2.0, ge=0, description="money sent since waking, in multiples of its usual debit "
-                                                       "of this type")
-    new_payee: bool = Field(True, description="only when the debit goes to a payee it never paid")
 
 
 class AnomalyParams(_Params):
@@ -136,14 +94,8 @@ class AnomalyParams(_Params):
         return out
 
 
-PARAMS: dict[str, type[BaseModel]] = {
-    "large_transaction": LargeTransactionParams,
-    "structuring": StructuringParams,
-    "fund_isolation": FundIsolationParams,
-    "velocity": VelocityParams,
-    "pass_through": PassThroughParams,
-    "amount_spike": AmountSpikeParams,
-    "dormant_reactivation": DormantParams,
+# Rule kinds that are not per-transaction plug-ins: one entry each, its id its type.
+SINGLETONS: dict[str, type[BaseModel]] = {
     "anomaly": AnomalyParams,
     "liquidity_run": LiquidityParams,
     "market_anomaly": MarketParams,
@@ -151,6 +103,11 @@ PARAMS: dict[str, type[BaseModel]] = {
     "market_stress": MarketStressParams,
     "lists": ListsParams,
 }
+PARAMS: dict[str, type[BaseModel]] = {**{t: cls.Params for t, cls in REGISTRY.items()}, **SINGLETONS}
+# Rules a regulator requires: analysts' verdicts never make them harder to raise (models.feedback).
+REQUIRED_RULES = frozenset(t for t, cls in REGISTRY.items() if cls.required)
+# Rules whose threshold analysts' verdicts move (models.feedback).
+ADAPTIVE_RULES = frozenset(t for t, cls in REGISTRY.items() if cls.adaptive and not cls.required)
 
 
 class Rule(BaseModel):
@@ -159,6 +116,7 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
+    type: str = ""  # the rule type (models/rules/<type>.py); the id when not given
     category: str
     level: Level
     enabled: bool = True
@@ -170,9 +128,15 @@ class Rule(BaseModel):
     def _typed_params(cls, data: Any) -> Any:
         if isinstance(data, dict):
             rid = data.get("id")
-            if rid not in PARAMS:
-                raise ValueError(f"unknown rule id {rid!r}; known: {', '.join(sorted(PARAMS))}")
-            data = {**data, "params": PARAMS[rid].model_validate(data.get("params") or {})}
+            kind = data.get("type") or rid
+            # The registry as it is now, not as it was at import: a plug-in registered later is known.
+            model = REGISTRY[kind].Params if kind in REGISTRY else SINGLETONS.get(str(kind))
+            if model is None:
+                what = f"rule type {kind!r} (of rule {rid!r})" if kind != rid else f"rule id {rid!r}"
+                raise ValueError(f"unknown {what}; known types: {', '.join(sorted({*REGISTRY, *SINGLETONS}))}")
+            if kind in SINGLETONS and kind != rid:
+                raise ValueError(f"rule {rid!r}: a {kind} rule runs once, under its own id {kind!r}")
+            data = {**data, "type": kind, "params": model.model_validate(data.get("params") or {})}
         return data
 
 
@@ -229,6 +193,15 @@ class Catalogue(BaseModel):
         r = self.rules.get(rule_id)
         return r.params if r is not None else kind()
 
+    def txn_rules(self) -> list[Rule]:
+        """The enabled per-transaction rules, in the order their findings are listed (type, then catalogue order)."""
+        on = [r for r in self.rules.values() if r.enabled and r.type in REGISTRY]
+        return sorted(on, key=lambda r: REGISTRY[r.type].order)
+
+    def required_ids(self) -> frozenset[str]:
+        """Ids of the rules a regulator requires (every instance of a required type)."""
+        return frozenset(rid for rid, r in self.rules.items() if r.type in REQUIRED_RULES)
+
 
 DEFAULT_RULES = resource("rules.yaml")
 
@@ -245,17 +218,26 @@ def load_catalogue(path: Path | str | None = None) -> Catalogue:
 
 
 __all__ = [
+    "ADAPTIVE_RULES",
     "DEFAULT_RULES",
+    "PARAMS",
+    "REGISTRY",
+    "REQUIRED_RULES",
+    "SINGLETONS",
     "AmountSpikeParams",
     "AnomalyParams",
     "Catalogue",
     "DormantParams",
+    "Event",
     "FundIsolationParams",
     "LargeTransactionParams",
     "PassThroughParams",
     "Rule",
+    "RuleParams",
     "StructuringParams",
+    "TxnRule",
     "VelocityParams",
     "load_catalogue",
     "parse_catalogue",
+    "register",
 ]

@@ -1,0 +1,60 @@
+"""Structuring: several debits within a day, each just under the reporting threshold."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from models.rules.base import Event, RuleParams, TxnRule, register
+from models.schemas import Reason
+
+NEAR_MAX = 32  # near-threshold debits an account remembers (AccountState.near_ts)
+
+
+class StructuringParams(RuleParams):
+    """Repeated debits just under the reporting threshold."""
+
+    min_count: int = Field(3, ge=2)
+    window_seconds: float = Field(86_400.0, gt=0)
+    lower_fraction: float = Field(0.9, gt=0, lt=1)
+
+
+@register
+class Structuring(TxnRule):
+    """The `min_count`-th debit within the window in [lower_fraction x threshold, threshold); regulator-required.
+
+    Its state is the account's times of near-threshold debits (`AccountState.near_ts`).
+    """
+
+    type = "structuring"
+    Params = StructuringParams
+    order = 30
+    required = True
+    learns = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.cooldown_seconds = self.p.window_seconds  # a day-long pattern: debits hours apart are one case
+        self.lower = self.p.lower_fraction
+
+    def gate(self, ev: Event) -> bool:
+        t = ev.reporting_threshold
+        return self.lower * t <= ev.txn.amount < t
+
+    def check(self, ev: Event) -> list[Reason] | None:
+        p, ts, txn = self.p, ev.ts, ev.txn
+        window = p.window_seconds
+        n = 1 + sum(1 for t in ev.state.near_ts if ts - t <= window)
+        if n < p.min_count:
+            return None
+        return [Reason(code="structuring",
+                       message=f"{n} debits within {window / 3600:.0f} h each just under the "
+                               f"{txn.currency} {ev.reporting_threshold:,.0f} reporting threshold",
+                       value=float(n), threshold=float(p.min_count))]
+
+    def learn(self, ev: Event) -> None:
+        ts = ev.ts
+        near_ts = ev.state.near_ts
+        near_ts.append(ts)
+        window = self.p.window_seconds
+        while near_ts and (ts - near_ts[0] > window or len(near_ts) > NEAR_MAX):
+            del near_ts[0]
