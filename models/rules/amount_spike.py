@@ -29,8 +29,7 @@ class AmountSpike(TxnRule):
     adaptive = True
     external_only = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         # In the log units the account's amounts are kept in: most debits stop at this comparison.
         self.lmed = math.log(self.p.min_multiple / self.fb_max)
         self.lmax = math.log(self.p.min_over_max)

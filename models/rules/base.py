@@ -68,7 +68,7 @@ class Event:
 class TxnRule:
     """Base of a per-transaction rule: one instance per catalogue entry of its type.
 
-    Subclasses set `type`, `Params`, and override `check` (and `gate`, `learn` when they can).
+    Subclasses set `type`, `Params`, and override `check` (and `setup`, `gate`, `learn` when they can).
     """
 
     type: ClassVar[str]
@@ -91,6 +91,10 @@ class TxnRule:
         self.feedback = feedback
         # The most a verdict can loosen a threshold: gates must let through what the check may accept.
         self.fb_max = 1.0 if feedback is None else max(1.0, feedback.max_factor)
+        self.setup()
+
+    def setup(self) -> None:
+        """Derive per-instance constants from the parameters (runs once, at the end of __init__)."""
 
     def gate(self, ev: Event) -> bool:
         """Cheap test on every event (debits only when `debit_only`): False means `check` cannot hit."""

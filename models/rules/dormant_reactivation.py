@@ -37,8 +37,7 @@ class DormantReactivation(TxnRule):
     adaptive = True
     external_only = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self.any_payee = not self.p.new_payee
 
     def gate(self, ev: Event) -> bool:

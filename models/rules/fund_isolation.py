@@ -24,8 +24,7 @@ class FundIsolation(TxnRule):
     order = 10
     required = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self.account_kinds = frozenset(self.p.from_kinds)
         self.to_kinds = frozenset(self.p.to_kinds)
 

@@ -29,8 +29,7 @@ class LargeTransaction(TxnRule):
     debit_only = False
     required = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self._limits: dict[str, float] = {}
 
     def limit(self, currency: str) -> float:

@@ -33,8 +33,7 @@ class PlatformAccountNewDevice(TxnRule):
     Params = PlatformAccountNewDeviceParams
     order = 80
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self.account_kinds = frozenset(self.p.account_kinds)
 
     def gate(self, ev: Event) -> bool:

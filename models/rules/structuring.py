@@ -31,8 +31,7 @@ class Structuring(TxnRule):
     required = True
     learns = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self.cooldown_seconds = self.p.window_seconds  # a day-long pattern: debits hours apart are one case
         self.lower = self.p.lower_fraction
 

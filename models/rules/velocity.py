@@ -26,8 +26,7 @@ class Velocity(TxnRule):
     order = 40
     adaptive = True
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def setup(self) -> None:
         self.floor = max(2, math.ceil(self.p.min_debits / self.fb_max))
 
     def gate(self, ev: Event) -> bool:
