@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -103,6 +104,20 @@ def secure_bootstrap(tmp_path_factory: pytest.TempPathFactory, tls: dict[str, Pa
         kafka_local.wipe(port, data)
 
 
+# What a CLI command does first: an admin client; its RiskwatchError printed, exit code 2.
+_ADMIN_ONCE = """
+import sys
+from app.admin import admin
+from app.settings import Settings
+from models.errors import RiskwatchError
+try:
+    admin(Settings(), timeout=float(sys.argv[1]))
+except RiskwatchError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
 def _settings(bootstrap: str, ca: Path, tmp_path: Path, **over: object) -> Settings:
     ns = f"t{uuid.uuid4().hex[:10]}."
     base = dict(kafka_bootstrap=bootstrap, topic_prefix=ns, app_id=f"rw-{ns[:-1]}", data_dir=tmp_path / "data",
@@ -111,6 +126,46 @@ def _settings(bootstrap: str, ca: Path, tmp_path: Path, **over: object) -> Setti
                 kafka_ssl_cafile=str(ca), pseudonymise_key=PSEUDONYM_KEY)
     base.update(over)
     return Settings(**base)  # type: ignore[arg-type]
+
+
+# First in the file: after the worker test below has run on this broker, its refusals came late
+# (16-57 s for a wrong password, every early attempt cut off as "socket disconnected"), with
+# kafka-python 3.0.11 and 3.0.12 alike. Left as found in the closing note of 2026-12-05.
+def test_each_refusal_says_why_and_a_wrong_password_or_host_fails_at_once(secure_bootstrap, tls, tmp_path):
+    """Every way in but the right one is refused, and the error tells the four causes apart."""
+
+    port = secure_bootstrap.rsplit(":", 1)[1]
+    cases = [
+        ("a wrong password", _settings(secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_password="not-it"),
+         r"refused the credentials \(SASL SCRAM-SHA-512 as user 'riskwatch'\)", True),
+        ("a SCRAM-SHA-256 user asking for SCRAM-SHA-512", _settings(
+            secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_username=USER_256, kafka_sasl_password=PASSWORD_256),
+         "refused the credentials", True),
+        ("the broker's IP address, not a name in its certificate", _settings(f"127.0.0.1:{port}", tls["ca"], tmp_path),
+         r"TLS certificate .* was refused \(IP address mismatch", True),
+        ("PLAINTEXT to a SASL_SSL listener", _settings(secure_bootstrap, tls["ca"], tmp_path,
+                                                       kafka_security_protocol="PLAINTEXT"),
+         "closed every connection: does its listener expect TLS or SASL", False),
+        ("nothing listening", _settings(f"localhost:{free_port()}", tls["ca"], tmp_path),
+         "cannot reach Kafka at localhost:.*ECONNREFUSED", False),
+    ]
+    for what, s, why, at_once in cases:
+        # A decisive refusal ends the retries at the first attempt that hears it (5 s, then 10 and 20:
+        # a loaded machine may need two or three): well inside a 60 s budget that a retried cause
+        # would use up. Each case runs in a process of its own, as a CLI command does: kafka-python
+        # 3's shared network loop, after the clients of earlier tests in this process, cut every
+        # SASL_SSL attempt short ("socket disconnected") before the broker's verdict arrived.
+        budget = 60.0 if at_once else 8.0
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", _ADMIN_ONCE, str(budget)], cwd=ROOT, env=settings_env(s),
+                              capture_output=True, text=True, timeout=budget + 60, check=False)
+        took = time.monotonic() - t0
+        assert done.returncode == 2, f"{what}: {done.stdout}{done.stderr}"
+        assert re.search(why, done.stdout), f"{what}: {done.stdout!r} does not say {why!r}"
+        assert done.stdout.count("\n") == 1, "said once, not once per retry"
+        print(f"{what}: refused in {took:.1f} s")
+        if at_once:
+            assert took < 40.0, f"{what}: retried {took:.1f} s although retrying cannot help"
 
 
 def test_worker_runs_over_sasl_scram_tls_and_keeps_secrets(secure_bootstrap, tls, tmp_path, start_worker,
@@ -158,37 +213,3 @@ def test_worker_runs_over_sasl_scram_tls_and_keeps_secrets(secure_bootstrap, tls
     while worker.metric("riskwatch_rules_version") != 7:
         assert time.monotonic() < deadline, "the rules follower did not take version 7 over SASL"
         time.sleep(0.5)
-
-
-def test_each_refusal_says_why_and_a_wrong_password_or_host_fails_at_once(secure_bootstrap, tls, tmp_path):
-    """Every way in but the right one is refused, and the error tells the four causes apart."""
-    from app.admin import admin
-    from models.errors import RiskwatchError
-
-    port = secure_bootstrap.rsplit(":", 1)[1]
-    cases = [
-        ("a wrong password", _settings(secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_password="not-it"),
-         r"refused the credentials \(SASL SCRAM-SHA-512 as user 'riskwatch'\)", True),
-        ("a SCRAM-SHA-256 user asking for SCRAM-SHA-512", _settings(
-            secure_bootstrap, tls["ca"], tmp_path, kafka_sasl_username=USER_256, kafka_sasl_password=PASSWORD_256),
-         "refused the credentials", True),
-        ("the broker's IP address, not a name in its certificate", _settings(f"127.0.0.1:{port}", tls["ca"], tmp_path),
-         r"TLS certificate .* was refused \(IP address mismatch", True),
-        ("PLAINTEXT to a SASL_SSL listener", _settings(secure_bootstrap, tls["ca"], tmp_path,
-                                                       kafka_security_protocol="PLAINTEXT"),
-         "closed every connection: does its listener expect TLS or SASL", False),
-        ("nothing listening", _settings(f"localhost:{free_port()}", tls["ca"], tmp_path),
-         "cannot reach Kafka at localhost:.*ECONNREFUSED", False),
-    ]
-    for what, s, why, at_once in cases:
-        # A decisive refusal ends the retries at the first attempt that hears it (5 s, then 10 and 20:
-        # a loaded machine may need two or three): well inside a 60 s budget that a retried cause
-        # would use up.
-        budget = 60.0 if at_once else 8.0
-        t0 = time.monotonic()
-        with pytest.raises(RiskwatchError, match=why):
-            admin(s, timeout=budget)
-        took = time.monotonic() - t0
-        print(f"{what}: refused in {took:.1f} s")
-        if at_once:
-            assert took < 40.0, f"{what}: retried {took:.1f} s although retrying cannot help"
