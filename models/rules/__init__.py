@@ -36,11 +36,7 @@ from models.rules.structuring import StructuringParams  # noqa: E402
 from models.rules.velocity import VelocityParams  # noqa: E402
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AnomalyParams(_Params):
+class AnomalyParams(RuleParams):
     """The transaction model: how many warnings it may open, and when its score becomes one.
 
     The budget is in new warnings per 1,000 transactions: what a risk-ops lead staffs for
