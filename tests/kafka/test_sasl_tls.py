@@ -128,9 +128,8 @@ def _settings(bootstrap: str, ca: Path, tmp_path: Path, **over: object) -> Setti
     return Settings(**base)  # type: ignore[arg-type]
 
 
-# First in the file: after the worker test below has run on this broker, its refusals came late
-# (16-57 s for a wrong password, every early attempt cut off as "socket disconnected"), with
-# kafka-python 3.0.11 and 3.0.12 alike. Left as found in the closing note of 2026-12-05.
+# First in the file, each case in a process of its own, as a CLI command runs. The refusals came
+# 16-57 s late before app.admin made kafka-python hand over a verdict that arrives with the close.
 def test_each_refusal_says_why_and_a_wrong_password_or_host_fails_at_once(secure_bootstrap, tls, tmp_path):
     """Every way in but the right one is refused, and the error tells the four causes apart."""
 
