@@ -29,9 +29,9 @@ def _deliver_then_abort() -> None:
         return
 
     # A broker that refuses SASL credentials sends its verdict and closes at once. When both arrive
-    # before one read, kafka-python 3.0.11-3.0.12 aborts on the close and drops the verdict, so the
+    # before one read, kafka-python 3.0.11 and 3.0.12 abort on the close and drop the verdict, so the
     # refusal reads "socket disconnected" and is retried for the whole timeout (tests/kafka/
-    # test_sasl_tls.py saw 5-57 s). Upstream dpkp/kafka-python#2886 reworks this path.
+    # test_sasl_tls.py saw 16-57 s). Upstream dpkp/kafka-python#2886 reworks this path.
     async def _read_from_sock(self: Any) -> None:
         while self._read and not self._closed:
             await self._net.wait_read(self._sock)
