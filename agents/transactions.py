@@ -15,7 +15,7 @@ import gc
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -45,10 +45,11 @@ from app.security import Ingest
 from app.settings import Settings
 from app.wire import decode_transaction
 from models.aggregates import FlowAccumulator, FlowTotals, flow_buckets_json
+from models.core import IdleEviction, TxnCore
 from models.detector import SurpriseDetector
 from models.errors import EventError
 from models.features import AccountState, StateCodecError, last_ts_of, prune_shift_log, shift_step_of
-from models.pipeline import IdleEviction, partition_of
+from models.pipeline import partition_of
 from models.platform_state import dump_accumulator, load_accumulator
 from models.schemas import TransactionFields
 from models.scoring import TransactionScorer
@@ -173,6 +174,85 @@ class PartitionModels:
             self.through.pop(p, None)
 
 
+class AccountTable:
+    """The worker's StateStore (models.core): decoded account states over the accounts changelog table.
+
+    States handed out stay decoded in `live` until `flush` encodes them into the table's pending
+    writes (the engine flushes before each commit), so an account busy in many batches is decoded and
+    encoded once per commit interval, not once per batch.
+    """
+
+    def __init__(self, table: ChangelogStore, restore: Callable[[int, bytes, bytes], AccountState],
+                 committed: Mapping[int, int]) -> None:
+        self.table = table
+        self.restore = restore  # decodes a stored value; one that does not decode is set aside
+        self.committed = committed  # partition -> first offset not committed: how far back shift logs go
+        # Decoded account states changed since the last flush (at most about MAX_LIVE of them).
+        self.live: dict[tuple[int, bytes], AccountState] = {}
+        # Decoded states already written, kept for their next event, least recently used first: an
+        # active account is decoded once, not once per write interval (decoding was ~10% of the
+        # work). They equal their stored blobs; a bounded, fixed cost (WARM_MAX states, ~7 MB).
+        self.warm: dict[tuple[int, bytes], AccountState] = {}
+
+    def get(self, partition: int, key: bytes) -> AccountState | None:
+        """The account's live state (decoded from the table at first use), or None when the table has none."""
+        sk = (partition, key)
+        state = self.live.get(sk)
+        if state is None:
+            state = self.warm.pop(sk, None)
+            if state is None:
+                blob = self.table.get(partition, key)
+                if not blob:
+                    return None
+                state = self.restore(partition, key, blob)
+            self.live[sk] = state
+        return state
+
+    def put(self, partition: int, key: bytes, state: AccountState) -> None:
+        """Make `state` the account's live state (encoded at the next flush)."""
+        self.live[(partition, key)] = state
+
+    def delete(self, partition: int, key: bytes) -> None:
+        """Delete the account from the table and from memory."""
+        self.table.delete(partition, key)
+        self.live.pop((partition, key), None)
+        self.warm.pop((partition, key), None)
+
+    def iterate(self, partition: int) -> Iterator[tuple[bytes, AccountState]]:
+        """Every (key, state) of a partition, decoded (not for the hot path)."""
+        for key, _ in list(self.table.items(partition)):
+            state = self.get(partition, key)
+            if state is not None:
+                yield key, state
+
+    def rollback(self, partition: int, key: bytes) -> None:
+        """Drop the account's changes since the last flush: its next event reads the stored state again."""
+        self.live.pop((partition, key), None)
+
+    def flush(self) -> None:
+        """Encode the live states into the table's pending writes; keep the written ones warm."""
+        put, committed = self.table.put, self.committed
+        live, warm = self.live, self.warm
+        for sk, state in live.items():
+            if state.shift_log:
+                prune_shift_log(state, committed.get(sk[0], -1))
+            put(sk[0], sk[1], dump_account(state))
+            if state.n > 1:
+                # An account seen once (a one-off payer, a card tester's throwaway) is admitted at
+                # its second event: a flood of them must not push the active accounts out.
+                warm[sk] = state
+        self.live = {}
+        excess = len(warm) - WARM_MAX
+        if excess > 0:
+            for sk in list(islice(warm, excess)):
+                del warm[sk]
+
+    def keep(self, owned: Callable[[int], bool]) -> None:
+        """Drop what is cached of the partitions `owned` rejects."""
+        self.live = {k: v for k, v in self.live.items() if owned(k[0])}
+        self.warm = {k: v for k, v in self.warm.items() if owned(k[0])}
+
+
 class TransactionProcessor:
     """Scores batches of transaction records against the engine's tables: the work, without Kafka.
 
@@ -208,12 +288,9 @@ class TransactionProcessor:
         if scorer.storm.by_source is None:
             scorer.storm.by_source = {}
         self.storm_loaded: set[int] = set()
-        # Decoded account states changed since the last write (at most about MAX_LIVE of them).
-        self.live: dict[tuple[int, bytes], AccountState] = {}
-        # Decoded states already written, kept for their next event, least recently used first: an
-        # active account is decoded once, not once per write interval (decoding was ~10% of the
-        # work). They equal their stored blobs; a bounded, fixed cost (WARM_MAX states, ~7 MB).
-        self.warm: dict[tuple[int, bytes], AccountState] = {}
+        self.states = AccountTable(self.accounts, self._restore_account, self.committed)
+        # The step replay runs too (models.core): state, redelivery, scoring, eviction, flow totals.
+        self.core = TxnCore(scorer, self.states, self.eviction, self._flows_of)
         m = self.m = rt.metrics
         self._decode_seconds = m.processing.labels("decode")
         self._score_seconds = m.processing.labels("score")
@@ -225,6 +302,16 @@ class TransactionProcessor:
         self._late = m.late_events.labels(self.topic_name)
         self._score_hist = m.scores.labels("surprise")
 
+    @property
+    def live(self) -> dict[tuple[int, bytes], AccountState]:
+        """Decoded account states changed since the last write_state()."""
+        return self.states.live
+
+    @property
+    def warm(self) -> dict[tuple[int, bytes], AccountState]:
+        """Decoded account states already written, kept for their next event."""
+        return self.states.warm
+
     async def process(self, records: Sequence[Any]) -> None:
         """Decode, score and learn every record; dead-letter what cannot be; stage the outputs.
 
@@ -232,9 +319,8 @@ class TransactionProcessor:
         (the engine calls it before each commit), so an account busy in many batches is decoded
         and encoded once per commit interval, not once per batch.
         """
-        sink, scorer, models, topic_name, live = self.sink, self.scorer, self.models, self.topic_name, self.live
-        accounts_get, warm_pop = self.accounts.get, self.warm.pop
-        decode, ingest_txn, touch = decode_transaction, self.ingest.transaction, self.eviction.touch
+        sink, scorer, models, topic_name, states = self.sink, self.scorer, self.models, self.topic_name, self.states
+        decode, ingest_txn, step = decode_transaction, self.ingest.transaction, self.core.step
         perf = time.perf_counter
         publish_scores = self.settings.publish_scores
         # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
@@ -284,47 +370,34 @@ class TransactionProcessor:
                 continue
             t1 = perf()
             t_decode.append(t1 - t0)
-            key = txn.account_id.encode()
-            sk = (partition, key)
             try:
-                state = live.get(sk)
-                if state is None:
-                    state = warm_pop(sk, None)
-                    if state is None:
-                        blob = accounts_get(partition, key)
-                        state = self._restore_account(partition, key, blob) if blob else AccountState()
-                    live[sk] = state
-                if offset <= state.offset:
-                    # Redelivered after a crash or a move: this state already applied it, however
-                    # many events the account saw since (the event-id memory keeps only 16).
-                    self._duplicates.inc()
-                    self._redelivered.inc()
-                    if shifts_through is not None and offset > shifts_through:
-                        # The type shifts were read back as of before this event: take its step again.
-                        step = shift_step_of(state, offset)
-                        if step is not None:
-                            det.learn_shift(txn.txn_type, txn.direction == "debit", step)
-                    # The flow buckets judge by their own offset: a crash in the middle of a state
-                    # write may have stored the account but not them.
-                    for totals in self._flows_of(partition).add_counted(ts, txn.txn_type, txn.amount,
-                                                                        txn.event_id, txn.account_kind, offset):
-                        partials[(partition, totals[0])] = totals
-                    continue
-                state.offset = offset  # before scoring: the shift step it takes is logged under it
-                out = scorer.process(txn, state, ts)
-                if out.duplicate:
-                    self._duplicates.inc()
-                    continue
-                learned += 1
+                out, closed = step(txn, ts, partition, offset)
             except Exception as exc:
                 # The account's state may be half-updated: drop its changes since the last write.
-                live.pop(sk, None)
+                states.rollback(partition, txn.account_id.encode())
                 log.exception("scoring failed", extra={"topic": topic_name, "partition": partition,
                                                        "offset": offset, "event_id": txn.event_id})
                 await sink.dead_letter(rec.value, topic_name, partition, offset,
                                        f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
                 continue
-            touch(key, ts, partition)
+            for totals in closed:
+                partials[(partition, totals[0])] = totals
+            if out is None:
+                # Redelivered after a crash or a move: its account's state already applied it,
+                # however many events the account saw since (the event-id memory keeps only 16).
+                self._duplicates.inc()
+                self._redelivered.inc()
+                if shifts_through is not None and offset > shifts_through:
+                    # The type shifts were read back as of before this event: take its step again.
+                    state = states.get(partition, txn.account_id.encode())
+                    step_sign = None if state is None else shift_step_of(state, offset)
+                    if step_sign is not None:
+                        det.learn_shift(txn.txn_type, txn.direction == "debit", step_sign)
+                continue
+            if out.duplicate:
+                self._duplicates.inc()
+                continue
+            learned += 1
             t2 = perf()
             t_score.append(t2 - t1)
             n_scored += 1
@@ -337,11 +410,6 @@ class TransactionProcessor:
                 self._late.inc()
             if out.findings or out.dropped or out.alerts:
                 await self._outcome(out)
-            acc = self.flows.get(partition)
-            if acc is None:
-                acc = self._flows_of(partition)
-            for totals in acc.add_counted(ts, txn.txn_type, txn.amount, txn.event_id, txn.account_kind, offset):
-                partials[(partition, totals[0])] = totals
             t_publish.append(perf() - t2)
         if learned:
             models.learned(current, learned)
@@ -437,21 +505,7 @@ class TransactionProcessor:
         committed = self.committed
         for partition, through in self.read_through.items():
             self.models.write_shifts(partition, through, committed.get(partition, -1))
-        put = self.accounts.put
-        live, warm = self.live, self.warm
-        for sk, state in live.items():
-            if state.shift_log:
-                prune_shift_log(state, committed.get(sk[0], -1))
-            put(sk[0], sk[1], dump_account(state))
-            if state.n > 1:
-                # An account seen once (a one-off payer, a card tester's throwaway) is admitted at
-                # its second event: a flood of them must not push the active accounts out.
-                warm[sk] = state
-        self.live = {}
-        excess = len(warm) - WARM_MAX
-        if excess > 0:
-            for sk in list(islice(warm, excess)):
-                del warm[sk]
+        self.states.flush()
 
     async def _outcome(self, out: Any) -> None:
         m = self.m
@@ -490,11 +544,7 @@ class TransactionProcessor:
         fell behind and the table grew without bound (the soak test's flood of one-off accounts).
         Finding nothing stale costs one look per partition.
         """
-        stale = self.eviction.stale()
-        for key, partition in stale:
-            self.accounts.delete(partition, key)
-            self.live.pop((partition, key), None)
-            self.warm.pop((partition, key), None)
+        stale = self.core.evict()
         if stale:
             self.m.evictions.labels(ACCOUNTS_TABLE).inc(len(stale))
         return len(stale)
@@ -530,8 +580,7 @@ class TransactionProcessor:
             self.read_through.pop(p, None)
             self.committed.pop(p, None)
         self.eviction.keep_only(partitions)
-        self.live = {k: v for k, v in self.live.items() if k[0] in partitions}
-        self.warm = {k: v for k, v in self.warm.items() if k[0] in partitions}
+        self.states.keep(partitions.__contains__)
         for p in set(self.flows) - partitions:
             del self.flows[p]
         for p in self.storm_loaded - partitions:
@@ -541,8 +590,7 @@ class TransactionProcessor:
     def reset(self, partitions: set[int]) -> None:
         """Forget what is cached of partitions whose tables are being read back from their changelogs."""
         self.models.forget(partitions)
-        self.live = {k: v for k, v in self.live.items() if k[0] not in partitions}
-        self.warm = {k: v for k, v in self.warm.items() if k[0] not in partitions}
+        self.states.keep(lambda p: p not in partitions)
         for p in partitions:
             self.read_through.pop(p, None)
             self.committed.pop(p, None)

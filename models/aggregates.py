@@ -137,7 +137,7 @@ class MarketPartial(_Partial):
                                                                   "(0: unknown)")
 
 
-# A closed flow bucket as FlowAccumulator.add_totals() gives it: (bucket, outflow, inflow, n, event_ids).
+# A closed flow bucket as FlowAccumulator.add_counted() gives it: (bucket, outflow, inflow, n, event_ids).
 FlowTotals = tuple[int, float, float, int, tuple[str, ...]]
 
 
@@ -205,33 +205,30 @@ class FlowAccumulator(_Accumulator):
         """
         return self._add(ts, txn_type, amount, event_id, account_kind, offset, self._partial)
 
-    def add_totals(self, ts: float, txn_type: str, amount: float, event_id: str,
-                   account_kind: str = "customer") -> list[FlowTotals]:
-        """add() without offsets, returning plain (bucket, outflow, inflow, n, event_ids) tuples.
+    def add_counted(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str = "customer",
+                    offset: int | None = None) -> list[FlowTotals]:
+        """add() returning plain (bucket, outflow, inflow, n, event_ids) tuples; `partial()` builds the partial of one.
 
-        For an in-process stage 2 (the replay): LiquidityMonitor.add_totals() takes them as they
-        are, so no FlowPartial is built and validated for every closed bucket.
+        The processing core (models.core) counts every transaction with it, in the worker and in
+        replay: the worker sends only the newest partial of each bucket per batch (one FlowPartial per
+        bucket and batch, not per revision), and replay's in-process stage 2 takes the tuples as they
+        are (LiquidityMonitor.add_totals()). Pass the Kafka `offset` so a redelivered message is
+        recognised and skipped; replay has none.
         """
         bs = self.bucket_seconds
         b = int(ts // bs) * bs  # bucket_of(), inline: this runs for every transaction
-        if b != self.max_bucket or (tot := self.buckets.get(b)) is None:
-            return self._add(ts, txn_type, amount, event_id, account_kind, None, self._totals)
+        if b != self.max_bucket or (tot := self.buckets.get(b)) is None or (
+                offset is not None and offset <= self.last_offset):
+            return self._add(ts, txn_type, amount, event_id, account_kind, offset, self._totals)
         # One more event of the open bucket: _add() without a call and without the checks it needs
         # only for other buckets. Keep the counting below the same as there.
+        if offset is not None:
+            self.last_offset = offset
         dirty = self.dirty
         dirty.add(b)
         if account_kind == "customer":
             _count(tot, txn_type, amount, event_id)
         return [] if len(dirty) == 1 else self._emit(True, self._totals)
-
-    def add_counted(self, ts: float, txn_type: str, amount: float, event_id: str, account_kind: str,
-                    offset: int) -> list[FlowTotals]:
-        """add() returning plain totals tuples like add_totals(); `partial()` builds the partial of one.
-
-        The worker sends only the newest partial of each bucket per batch, so it builds a FlowPartial
-        once per bucket and batch instead of once per revision.
-        """
-        return self._add(ts, txn_type, amount, event_id, account_kind, offset, self._totals)
 
     def partial(self, totals: FlowTotals) -> FlowPartial:
         """The FlowPartial of totals from add_counted()."""
@@ -260,7 +257,7 @@ class FlowAccumulator(_Accumulator):
         # Every event, flow or not, opens its bucket: an empty partial still moves the watermark.
         dirty = self.dirty
         dirty.add(b)
-        if account_kind == "customer":  # counted the same way in add_totals()
+        if account_kind == "customer":  # counted the same way in add_counted()
             _count(tot, txn_type, amount, event_id)
         if len(dirty) == 1 and b == self.max_bucket:
             return []  # the common case, an event of the open bucket: nothing closed
@@ -582,7 +579,7 @@ class LiquidityMonitor(_Monitor):
 
     def add_totals(self, source: str, bucket: int, outflow: float, inflow: float, n: int,
                    event_ids: Sequence[str]) -> list[Raised]:
-        """update() from a partial's fields (FlowAccumulator.add_totals() gives them), with no FlowPartial built."""
+        """update() from a partial's fields (FlowAccumulator.add_counted() gives them), with no FlowPartial built."""
         return self._store(source, bucket, (outflow, inflow, tuple(event_ids), *_bounds(outflow, inflow)), n)
 
     def _stored(self, bucket: int, old: Any, new: Any) -> None:

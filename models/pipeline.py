@@ -23,8 +23,8 @@ from models.aggregates import (
     MarketStressMonitor,
     MarketStressParams,
 )
+from models.core import IdleEviction, MemoryStore, TxnCore
 from models.detector import SurpriseDetector
-from models.features import AccountState
 from models.findings import Finding, Raised, track
 from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
 from models.rules import Catalogue
@@ -125,53 +125,6 @@ def _murmur2_rows(raw: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.uint32]:
     return h ^ (h >> r15)
 
 
-class IdleEviction:
-    """Remembers when each account was last seen (in event time), per partition, and evicts those idle past the TTL.
-
-    The worker's engine and replay's Pipeline both evict with it, so replay keeps and drops the
-    same accounts the worker does. A plain dict per partition kept in order of last touch (a
-    touched key is re-inserted at the end): about half the memory per account of an OrderedDict,
-    which mattered at millions of accounts.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self.seen: dict[int, dict[Any, float]] = {}
-        self.now = 0.0
-
-    def touch(self, key: Any, ts: float, partition: int = 0) -> None:
-        """Mark a key of `partition` active at event time ts."""
-        seen = self.seen.get(partition)
-        if seen is None:
-            seen = self.seen[partition] = {}
-        old = seen.pop(key, None)
-        # A late event must not make an active account look idle: keep its newest time.
-        seen[key] = ts if old is None or ts > old else old
-        if ts > self.now:
-            self.now = ts
-
-    def stale(self, budget: int = 10_000) -> list[tuple[Any, int]]:
-        """(key, partition) of keys idle longer than the TTL, oldest first per partition, at most `budget`."""
-        out: list[tuple[Any, int]] = []
-        horizon = self.now - self.ttl
-        for partition, seen in self.seen.items():
-            # One pass from the oldest, then the deletions: no rescans of the dict's freed slots.
-            victims: list[Any] = []
-            for key, ts in seen.items():
-                if ts >= horizon or len(out) + len(victims) >= budget:
-                    break
-                victims.append(key)
-            for key in victims:
-                del seen[key]
-            out.extend((key, partition) for key in victims)
-        return out
-
-    def keep_only(self, partitions: set[int]) -> None:
-        """Stop tracking partitions this worker no longer owns: their new owner evicts them."""
-        for p in set(self.seen) - partitions:
-            del self.seen[p]
-
-
 class MarketScorer:
     """Applies the catalogue to per-instrument scoring; shared by the agent and the replay."""
 
@@ -260,16 +213,17 @@ class Pipeline:
         self.market = MarketScorer(catalogue)
         self.monitors = PlatformMonitors(catalogue)
         self.detectors: dict[int, SurpriseDetector] = {}
-        self.accounts: dict[str, AccountState] = {}
+        self.accounts = MemoryStore()
         self.instruments: dict[str, InstrumentState] = {}
+        # One flow source for all emulated partitions: stage 2 sums the worker's partitions' totals
+        # bucket by bucket, so one accumulator of them all gives it the same sums.
         self.flows = FlowAccumulator("replay")
         self.stress = MarketAccumulator("replay")
-        # Key -> its partition's detector, so each event costs one lookup (murmur2 once per key).
-        self._detector_of: dict[str, SurpriseDetector] = {}
+        # Key -> (its partition, that partition's detector), so each event costs one lookup (murmur2 once per key).
+        self._detector_of: dict[str, tuple[int, SurpriseDetector]] = {}
         self._n = 0
         self.evicted = 0
-        # One emulated partition: the keys idle past the TTL are the same whichever partition holds them.
-        self.eviction = IdleEviction(ttl)
+        self.core = TxnCore(self.txn, self.accounts, IdleEviction(ttl), self._flows_of)
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a new catalogue to every scorer."""
@@ -292,17 +246,20 @@ class Pipeline:
             if p not in detectors:
                 detectors[p] = SurpriseDetector()
         # One pass in C: with a million accounts a Python loop over them was a visible share of a replay.
-        known.update(zip(new, map(detectors.__getitem__, parts), strict=True))
+        known.update(zip(new, zip(parts, map(detectors.__getitem__, parts), strict=True), strict=True))
 
-    def _detector(self, key: str) -> SurpriseDetector:
-        det = self._detector_of.get(key)
-        if det is None:
+    def _detector(self, key: str) -> tuple[int, SurpriseDetector]:
+        found = self._detector_of.get(key)
+        if found is None:
             p = partition_for(key, self.partitions)
             det = self.detectors.get(p)
             if det is None:
                 det = self.detectors[p] = SurpriseDetector()
-            self._detector_of[key] = det
-        return det
+            found = self._detector_of[key] = (p, det)
+        return found
+
+    def _flows_of(self, partition: int) -> FlowAccumulator:
+        return self.flows
 
     def _platform(self, partials: Iterable[FlowPartial | MarketPartial], out: Scored) -> None:
         for partial in partials:
@@ -328,19 +285,13 @@ class Pipeline:
         if ts is None:
             ts = event.ts.timestamp()
         if isinstance(event, Transaction):
-            key = event.account_id
-            state = self.accounts.get(key)
-            if state is None:
-                state = self.accounts[key] = AccountState()
-            det = self._detector_of.get(key)
-            self.txn.detector = det if det is not None else self._detector(key)
-            o = self.txn.process(event, state, ts)
+            found = self._detector_of.get(event.account_id)
+            partition, self.txn.detector = found if found is not None else self._detector(event.account_id)
+            o, closed = self.core.step(event, ts, partition)
+            assert o is not None  # no offsets here, so nothing is redelivered
             res = Scored(event.event_id, "transaction", o.score, o.alerts, o.new_ids, o.dropped, o.duplicate)
-            if not o.duplicate:
-                self.eviction.touch(key, ts)
-                closed = self.flows.add_totals(ts, event.txn_type, event.amount, event.event_id, event.account_kind)
-                if closed:  # most events close no bucket
-                    self._flows(closed, res)
+            if closed:  # most events close no bucket
+                self._flows(closed, res)
         else:
             istate = self.instruments.get(event.instrument)
             if istate is None:
@@ -356,11 +307,7 @@ class Pipeline:
         return res
 
     def _evict(self) -> int:
-        accounts = self.accounts
-        stale = self.eviction.stale(budget=len(accounts))
-        for key, _ in stale:
-            del accounts[key]
-        return len(stale)
+        return len(self.core.evict(budget=len(self.accounts)))
 
     def finish(self) -> list[Alert]:
         """Close the open aggregate buckets and return any warnings that closing raised."""

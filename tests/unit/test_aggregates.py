@@ -255,7 +255,7 @@ def test_plain_totals_give_the_same_alerts_as_partials(run_events: list) -> None
     # The replay's path (no FlowPartial built) against the worker's, on the same events.
     acc, mon, raised = FlowAccumulator("replay"), LiquidityMonitor(), []
     for ts, typ, _, amount, eid in sorted(run_events):
-        for t in acc.add_totals(ts, typ, amount, eid):
+        for t in acc.add_counted(ts, typ, amount, eid):
             raised += mon.add_totals(acc.source, *t)
     raised += [r for p in acc.flush() for r in mon.update(p)] + mon.drain()
     assert raised and full(raised) == full(run_monitor(partials(run_events, 1)))
