@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from agents.sink import Sink
 from app.faust_app import MARKET, Runtime, dumps, load_instrument
 from app.security import Ingest
 from models.aggregates import MarketAccumulator, bucket_of
+from models.core import MarketScorer, TickCore
 from models.errors import EventError
-from models.market import InstrumentState
-from models.pipeline import MarketScorer
+from models.findings import Raised
+from models.market import InstrumentState, MarketOutcome
 from models.platform_state import check_stress_value, dump_stress_entry, dump_stress_head, load_stress
 from models.rules import Catalogue
 from models.schemas import MarketTick, decode_event
@@ -35,14 +37,12 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     topic = rt.topics[MARKET]
     name = topic.get_topic_name()
     scorer = MarketScorer(catalogue)
-    stress: dict[int, MarketAccumulator] = {}
-    # partition -> bucket -> instrument -> its event ids in the bucket's sample (what its entry stores)
-    sampled: dict[int, dict[int, dict[str, list[str]]]] = {}
     seen: dict[int, int] = {}  # partition -> offset of the last tick handled here
     ingest = Ingest(rt.settings)
-    # Written from the agent only, so each value goes to its own partition's changelog (key p<n>).
-    table = rt.app.Table(STRESS_TABLE, default=None, key_type=bytes, value_type=bytes,
-                         partitions=rt.settings.topic_partitions, options=rt.checked(check_stress_value))
+    stress = _StressTables(rt)
+    instruments = InstrumentTable(rt)
+    # The step replay runs too (models.core): the instrument's state, redelivery, scoring, stress totals.
+    core = TickCore(scorer, instruments, stress.of)
 
     @rt.app.agent(topic, name="score-market", concurrency=1)
     async def score_market(stream: Any) -> None:
@@ -51,7 +51,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
             m.events_consumed.labels(name).inc()
             if seen.get(msg.partition, -2) != msg.offset - 1:
                 # Not the next tick: this process may have missed ticks another worker applied.
-                stress.pop(msg.partition, None)
+                stress.forget(msg.partition)
             seen[msg.partition] = msg.offset
             try:
                 tick = ingest.tick(decode_event(event.value, MarketTick))
@@ -59,65 +59,94 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset, exc.reason, exc.field)
                 continue
             t0 = time.perf_counter()
-            key = tick.instrument.encode()
-            try:
-                blob = rt.instruments.get(key)
-                state = _restore(rt, msg.partition, key, blob) if blob else InstrumentState()
-                if msg.offset <= state.offset:
-                    m.duplicates.labels(name).inc()
-                    m.redelivered.labels(name).inc()
-                    continue
-                out, raised = scorer.process(tick, state)
-                state.offset = msg.offset
-            except Exception as exc:
-                log.exception("market scoring failed", extra={"topic": name, "partition": msg.partition,
-                                                              "offset": msg.offset, "event_id": tick.event_id})
-                await sink.dead_letter(event.value, name, msg.partition, msg.offset,
-                                       f"scoring failed: {type(exc).__name__}: {exc}", None, tick.event_id)
-                continue
-            if rt.quarantine.outbox:
-                await rt.quarantine.flush()
-            m.processing.labels("score_market").observe(time.perf_counter() - t0)
-            m.events_scored.labels(name).inc()
-            m.scores.labels("market").observe(out.score)
-            if rt.settings.publish_scores:
-                await sink.score(tick.instrument, tick.event_id, out.score, "market")
-            m.saw_event_time(name, tick.ts.timestamp())
-            for r in raised:
-                m.rule_hits.labels(r.finding.detector).inc()
-                if r.is_new:
-                    m.warnings.labels(r.finding.category, r.finding.level).inc()
-                else:
-                    m.warning_updates.labels(r.finding.category).inc()
-                await sink.alert(r.to_alert())
-            if raised:
-                # Delivered before the state that remembers them: a crash in between raises them again.
-                await rt.app.producer.flush()
-            acc = stress.get(msg.partition)
-            if acc is None:
-                acc, sampled[msg.partition] = _stress_of(rt, table, msg.partition)
-                stress[msg.partition] = acc
-            before = acc.changes
             ts = tick.ts.timestamp()
-            for partial in acc.add(ts, tick.instrument, out.stressed, tick.event_id, move=out.move,
-                                   spacing=out.spacing, offset=msg.offset):
+            try:
+                stepped = core.step(tick, ts, msg.partition, msg.offset)
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback and dead-lettered by _failed
+                await _failed(sink, name, event.value, msg, tick, exc)
+                continue
+            if stepped is None:
+                m.duplicates.labels(name).inc()
+                m.redelivered.labels(name).inc()
+                continue
+            state, out, raised, partials = stepped
+            await _publish(rt, sink, name, tick, out, raised, t0)
+            for partial in partials:
                 await sink.partial("market", partial.model_dump_json().encode())
-            if acc.changes != before:
-                # Written when a bucket changed (a tick that adds nothing leaves them as they were), as
-                # this instrument's entry of the bucket: a few dozen bytes, whatever the instruments.
-                _write_stress(table, msg.partition, acc, sampled[msg.partition], bucket_of(ts, acc.bucket_seconds),
-                              tick.instrument, tick.event_id)
+            stress.write(msg.partition, ts, tick)
             # Last: a stored state marks the tick applied, so what it caused is written before it.
-            rt.instruments[key] = dumps(state)
+            instruments.put(msg.partition, tick.instrument.encode(), state)
 
     @rt.app.timer(interval=2.0)
     async def flush_stress() -> None:
-        for acc in list(stress.values()):
-            for partial in acc.flush():
-                await sink.partial("market", partial.model_dump_json().encode())
+        for partial in stress.flush():
+            await sink.partial("market", partial.model_dump_json().encode())
         m.entities.labels("instruments").set(len(rt.instruments))
 
     return scorer
+
+
+class _StressTables:
+    """Each partition's stage-one stress accumulator, kept in the `market-stress` table and read back from it."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.stress: dict[int, MarketAccumulator] = {}
+        # partition -> bucket -> instrument -> its event ids in the bucket's sample (what its entry stores)
+        self.sampled: dict[int, dict[int, dict[str, list[str]]]] = {}
+        # Written from the agent only, so each value goes to its own partition's changelog (key p<n>).
+        self.table = rt.app.Table(STRESS_TABLE, default=None, key_type=bytes, value_type=bytes,
+                                  partitions=rt.settings.topic_partitions, options=rt.checked(check_stress_value))
+        self.changes_before = 0  # the accumulator's change count before the current tick's step
+
+    def of(self, partition: int) -> MarketAccumulator:
+        """The partition's stress accumulator, read back from its table after a start, a crash or a move."""
+        acc = self.stress.get(partition)
+        if acc is None:
+            acc, self.sampled[partition] = _stress_of(self.rt, self.table, partition)
+            self.stress[partition] = acc
+        self.changes_before = acc.changes
+        return acc
+
+    def forget(self, partition: int) -> None:
+        """Read the partition's accumulator back at its next tick (this process may have missed some)."""
+        self.stress.pop(partition, None)
+
+    def write(self, partition: int, ts: float, tick: MarketTick) -> None:
+        """Store what the tick just added changed (nothing if it changed no bucket)."""
+        acc = self.stress[partition]
+        if acc.changes != self.changes_before:
+            # Written when a bucket changed (a tick that adds nothing leaves them as they were), as
+            # this instrument's entry of the bucket: a few dozen bytes, whatever the instruments.
+            _write_stress(self.table, partition, acc, self.sampled[partition], bucket_of(ts, acc.bucket_seconds),
+                          tick.instrument, tick.event_id)
+
+    def flush(self) -> list[Any]:
+        """The partials of buckets that closed with time, every partition's."""
+        return [p for acc in list(self.stress.values()) for p in acc.flush()]
+
+
+async def _failed(sink: Sink, name: str, value: bytes, msg: Any, tick: MarketTick, exc: Exception) -> None:
+    """A tick whose scoring raised: logged with its traceback and dead-lettered; its state is left as it was."""
+    log.exception("market scoring failed", extra={"topic": name, "partition": msg.partition,
+                                                  "offset": msg.offset, "event_id": tick.event_id})
+    await sink.dead_letter(value, name, msg.partition, msg.offset,
+                           f"scoring failed: {type(exc).__name__}: {exc}", None, tick.event_id)
+
+
+async def _publish(rt: Runtime, sink: Sink, name: str, tick: MarketTick, out: MarketOutcome, raised: list[Raised],
+                   t0: float) -> None:
+    """A scored tick's metrics, score and warnings; the warnings delivered before anything remembers them."""
+    m = rt.metrics
+    if rt.quarantine.outbox:
+        await rt.quarantine.flush()
+    m.processing.labels("score_market").observe(time.perf_counter() - t0)
+    m.events_scored.labels(name).inc()
+    m.scores.labels("market").observe(out.score)
+    if rt.settings.publish_scores:
+        await sink.score(tick.instrument, tick.event_id, out.score, "market")
+    m.saw_event_time(name, tick.ts.timestamp())
+    await sink.raised(raised)
 
 
 def _stress_key(partition: int, bucket: int | None = None, instrument: str = "") -> bytes:
@@ -172,13 +201,49 @@ def _stress_of(rt: Runtime, table: Any, partition: int
     return MarketAccumulator(f"p{partition}"), {}
 
 
-def _restore(rt: Runtime, partition: int, key: bytes, blob: bytes) -> InstrumentState:
-    # Checked on recovery already (StateTable); a value that got past it is set aside here: a fresh state.
-    try:
-        return load_instrument(blob)
-    except Exception as exc:  # noqa: BLE001 - whatever the blob is, the instrument's ticks are scored
-        rt.quarantine.set_aside("instruments", rt.instruments.changelog_topic_name, partition, key, blob, exc)
-        return InstrumentState()
+class InstrumentTable:
+    """The market agent's StateStore (models.core): instrument states in the Faust `instruments` table.
+
+    Each put is written to the table at once (Faust sends the changelog record with the agent's
+    output); there is nothing to flush.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def get(self, partition: int, key: bytes) -> InstrumentState | None:
+        """The instrument's state as stored, None if none; one that does not decode is set aside (None)."""
+        blob = self.rt.instruments.get(key)
+        if not blob:
+            return None
+        # Checked on recovery already (StateTable); a value that got past it is set aside here: a fresh state.
+        try:
+            return load_instrument(blob)
+        except Exception as exc:  # noqa: BLE001 - whatever the blob is, the instrument's ticks are scored
+            self.rt.quarantine.set_aside("instruments", self.rt.instruments.changelog_topic_name, partition, key,
+                                         blob, exc)
+            return None
+
+    def put(self, partition: int, key: bytes, state: InstrumentState) -> None:
+        """Store the instrument's state (this marks its tick applied)."""
+        self.rt.instruments[key] = dumps(state)
+
+    def delete(self, partition: int, key: bytes) -> None:
+        """Forget the instrument."""
+        self.rt.instruments.pop(key, None)
+
+    def iterate(self, partition: int) -> Iterator[tuple[bytes, InstrumentState]]:
+        """Every stored (key, state) (the table does not tell partitions apart here)."""
+        for key in list(self.rt.instruments.keys()):
+            state = self.get(partition, bytes(key))
+            if state is not None:
+                yield bytes(key), state
+
+    def flush(self) -> None:
+        """Nothing to write: each put is written at once."""
+
+    def rollback(self, partition: int, key: bytes) -> None:
+        """Nothing to drop: a state is only put once its tick is handled."""
 
 
-__all__ = ["MarketScorer", "attach"]
+__all__ = ["InstrumentTable", "MarketScorer", "attach"]

@@ -27,7 +27,6 @@ log = logging.getLogger("riskwatch.agents.platform")
 
 def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
     """Register the stage-two agent on the single-partition aggregates topic."""
-    m = rt.metrics
     topic = rt.topics[AGGREGATES]
     name = topic.get_topic_name()
     monitors = PlatformMonitors(catalogue)
@@ -41,35 +40,12 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
                          options=rt.checked(check_value))
     applied: list[int | None] = [None]  # offset of the last message applied in memory
 
-    def reload() -> int | None:
-        """The monitors as the table holds them (after a start, a crash or a move); its last offset."""
-        topic_name = table.changelog_topic.get_topic_name()
-        meta = None
-        parts = []
-        for key, blob in list(table.items()):
-            try:
-                if bytes(key) == META_KEY:
-                    meta = load_meta(blob)
-                else:
-                    parts.append(load_part(key, blob))
-            except Exception as exc:  # noqa: BLE001 - whatever the value is, the monitors go on without it
-                rt.quarantine.set_aside(TABLE, topic_name, 0, bytes(key), blob, exc)
-                table.pop(key, None)
-        if meta is None:
-            take_changes(by_name)  # starts recording
-            return None
-        offset = restore(by_name, meta, parts)
-        monitors.expect(sources, sources)
-        take_changes(by_name)
-        log.info("platform monitors restored: %d stored partials, last offset %d", len(parts), offset)
-        return offset
-
     @rt.app.agent(topic, name="platform-aggregates", concurrency=1)
     async def aggregate(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
             if applied[0] is None or msg.offset != applied[0] + 1:
-                applied[0] = reload()
+                applied[0] = _reload(rt, table, monitors, sources)
             if applied[0] is not None and msg.offset <= applied[0]:
                 continue  # redelivered: the table's state already holds it (and its warnings were sent)
             try:
@@ -78,17 +54,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset,
                                        f"invalid partial: {exc.errors(include_url=False)[0]['msg']}", "partial")
                 partial = None
-            raised = monitors.update(partial) if partial is not None else []
-            for r in raised:
-                m.rule_hits.labels(r.finding.detector).inc()
-                if r.is_new:
-                    m.warnings.labels(r.finding.category, r.finding.level).inc()
-                else:
-                    m.warning_updates.labels(r.finding.category).inc()
-                await sink.alert(r.to_alert())
-            if raised:
-                # Delivered before the state that remembers them: a crash in between raises them again.
-                await rt.app.producer.flush()
+            await sink.raised(monitors.update(partial) if partial is not None else [])
             for key, value in take_changes(by_name):
                 if value is None:
                     table.pop(key, None)
@@ -98,6 +64,31 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> PlatformMonitors:
             applied[0] = msg.offset
 
     return monitors
+
+
+def _reload(rt: Runtime, table: Any, monitors: PlatformMonitors, sources: list[str]) -> int | None:
+    """The monitors as the table holds them (after a start, a crash or a move); its last offset."""
+    by_name = {"liquidity": monitors.liquidity, "market_stress": monitors.stress}
+    topic_name = table.changelog_topic.get_topic_name()
+    meta = None
+    parts = []
+    for key, blob in list(table.items()):
+        try:
+            if bytes(key) == META_KEY:
+                meta = load_meta(blob)
+            else:
+                parts.append(load_part(key, blob))
+        except Exception as exc:  # noqa: BLE001 - whatever the value is, the monitors go on without it
+            rt.quarantine.set_aside(TABLE, topic_name, 0, bytes(key), blob, exc)
+            table.pop(key, None)
+    if meta is None:
+        take_changes(by_name)  # starts recording
+        return None
+    offset = restore(by_name, meta, parts)
+    monitors.expect(sources, sources)
+    take_changes(by_name)
+    log.info("platform monitors restored: %d stored partials, last offset %d", len(parts), offset)
+    return offset
 
 
 __all__ = ["PlatformMonitors", "attach"]

@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
+from models.findings import Raised
 from models.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
 
 log = logging.getLogger("riskwatch.agents")
@@ -36,6 +37,23 @@ class Sink:
         self.m.event_to_warning.observe(max(time.time() - alert.event_ts.timestamp(), 0.0))
         for listener in self.alert_listeners:
             listener(alert)  # type: ignore[operator]
+
+    async def raised(self, raised: list[Raised]) -> None:
+        """Publish a monitor's raised warnings, counted by rule, and wait until Kafka has them.
+
+        Delivered before the state that remembers them is written: a crash in between raises them
+        again (the same alert_id), never loses them.
+        """
+        m = self.m
+        for r in raised:
+            m.rule_hits.labels(r.finding.detector).inc()
+            if r.is_new:
+                m.warnings.labels(r.finding.category, r.finding.level).inc()
+            else:
+                m.warning_updates.labels(r.finding.category).inc()
+            await self.alert(r.to_alert())
+        if raised:
+            await self.rt.app.producer.flush()
 
     async def dead_letter(self, raw: bytes | None, source_topic: str, partition: int | None, offset: int | None,
                           reason: str, field: str | None = None, event_id: str | None = None) -> None:

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -174,6 +175,20 @@ class PartitionModels:
             self.through.pop(p, None)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """What one batch gathers: per-event stage times and scores (observed in bulk after it), flow partials, counts."""
+
+    # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
+    partials: dict[tuple[int, int], FlowTotals] = field(default_factory=dict)
+    counted: list[tuple[TransactionFields, int, int, float]] = field(default_factory=list)  # for disclosure
+    decode: list[float] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+    publish: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    newest: float = 0.0  # the newest event time scored
+
+
 class AccountTable:
     """The worker's StateStore (models.core): decoded account states over the accounts changelog table.
 
@@ -315,48 +330,22 @@ class TransactionProcessor:
     async def process(self, records: Sequence[Any]) -> None:
         """Decode, score and learn every record; dead-letter what cannot be; stage the outputs.
 
-        Account states stay decoded in `live` until `write_state` encodes them into the table
-        (the engine calls it before each commit), so an account busy in many batches is decoded
-        and encoded once per commit interval, not once per batch.
+        Account states stay decoded (AccountTable) until `write_state`, before each commit.
         """
-        sink, scorer, models, topic_name, states = self.sink, self.scorer, self.models, self.topic_name, self.states
+        sink, topic_name = self.sink, self.topic_name
         decode, ingest_txn, step = decode_transaction, self.ingest.transaction, self.core.step
         perf = time.perf_counter
         publish_scores = self.settings.publish_scores
-        # Partials carry cumulative bucket totals, so only the newest of each bucket needs sending.
-        partials: dict[tuple[int, int], FlowTotals] = {}
-        counted: list[tuple[TransactionFields, int, int, float]] = []
-        n_scored = 0
-        newest = 0.0
-        # Per-event stage times, observed in bulk after the batch (one observe() each cost a microsecond).
-        t_decode: list[float] = []
-        t_score: list[float] = []
-        t_publish: list[float] = []
-        score_values: list[float] = []
+        times = _Batch()
+        partials, counted = times.partials, times.counted
         self._consumed.inc(len(records))
         current = -1  # records come grouped by partition: switch detectors only between groups
         learned = 0
-        read_through, committed = self.read_through, self.committed
         offset = -1
         for rec in records:
             partition = rec.partition
             if partition != current:
-                if learned:
-                    models.learned(current, learned)
-                    learned = 0
-                if current >= 0:
-                    read_through[current] = offset
-                    if models.through.get(current) is not None:
-                        models.through[current] = offset
-                offset = rec.offset
-                if partition not in committed:
-                    committed[partition] = offset  # where reading began: the committed offset
-                scorer.detector = det = models.get(partition, offset)
-                shifts_through = models.through.get(partition)
-                scorer.storm.source = partition
-                if partition not in self.storm_loaded:
-                    self._load_storm({partition} | self.models_store.partitions())
-                current = partition
+                current, learned = self._switch(current, offset, learned, partition, rec.offset)
             offset = rec.offset
             t0 = perf()
             try:
@@ -369,65 +358,100 @@ class TransactionProcessor:
                 await sink.dead_letter(rec.value, topic_name, partition, offset, exc.reason, exc.field)
                 continue
             t1 = perf()
-            t_decode.append(t1 - t0)
+            times.decode.append(t1 - t0)
             try:
                 out, closed = step(txn, ts, partition, offset)
-            except Exception as exc:
-                # The account's state may be half-updated: drop its changes since the last write.
-                states.rollback(partition, txn.account_id.encode())
-                log.exception("scoring failed", extra={"topic": topic_name, "partition": partition,
-                                                       "offset": offset, "event_id": txn.event_id})
-                await sink.dead_letter(rec.value, topic_name, partition, offset,
-                                       f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback and dead-lettered by _failed
+                await self._failed(rec, txn, exc)
                 continue
             for totals in closed:
                 partials[(partition, totals[0])] = totals
-            if out is None:
-                # Redelivered after a crash or a move: its account's state already applied it,
-                # however many events the account saw since (the event-id memory keeps only 16).
-                self._duplicates.inc()
-                self._redelivered.inc()
-                if shifts_through is not None and offset > shifts_through:
-                    # The type shifts were read back as of before this event: take its step again.
-                    state = states.get(partition, txn.account_id.encode())
-                    step_sign = None if state is None else shift_step_of(state, offset)
-                    if step_sign is not None:
-                        det.learn_shift(txn.txn_type, txn.direction == "debit", step_sign)
-                continue
-            if out.duplicate:
-                self._duplicates.inc()
+            if out is None or out.duplicate:  # redelivered (by offset) or an event id seen: not scored again
+                self._not_scored(out is None, txn, partition, offset)
                 continue
             learned += 1
             t2 = perf()
-            t_score.append(t2 - t1)
-            n_scored += 1
-            score_values.append(out.score)
+            times.score.append(t2 - t1)
+            times.scores.append(out.score)
             if publish_scores:
                 await sink.score(txn.account_id, txn.event_id, out.score, "surprise")
-            if ts > newest:
-                newest = ts
+            if ts > times.newest:
+                times.newest = ts
             if out.late:
                 self._late.inc()
             if out.findings or out.dropped or out.alerts:
                 await self._outcome(out)
-            t_publish.append(perf() - t2)
+            times.publish.append(perf() - t2)
+        self._leave(current, offset, learned)
+        await self._close(times)
+
+    def _switch(self, current: int, offset: int, learned: int, partition: int, first: int) -> tuple[int, int]:
+        """Leave the current partition's group of records (-1: none) and enter the next; (its number, 0 learned)."""
+        self._leave(current, offset, learned)
+        self._enter(partition, first)
+        return partition, 0
+
+    def _enter(self, partition: int, offset: int) -> None:
+        """Switch the scorer to a partition's detector and storm share before its first record of a batch."""
+        if partition not in self.committed:
+            self.committed[partition] = offset  # where reading began: the committed offset
+        self.scorer.detector = self.models.get(partition, offset)
+        self.scorer.storm.source = partition
+        if partition not in self.storm_loaded:
+            self._load_storm({partition} | self.models_store.partitions())
+
+    def _leave(self, partition: int, offset: int, learned: int) -> None:
+        """Record how far a partition's records of this batch went (after its last one; -1: none yet)."""
+        if partition < 0:
+            return
         if learned:
-            models.learned(current, learned)
-        if current >= 0:
-            read_through[current] = offset
-            if models.through.get(current) is not None:
-                models.through[current] = offset  # its steps are in the shifts now: never taken again
-        observe_many(self._decode_seconds, t_decode)
-        observe_many(self._score_seconds, t_score)
-        observe_many(self._publish_seconds, t_publish)
-        if n_scored:
-            self._scored.inc(n_scored)
-            self.m.saw_event_time(topic_name, newest)
-            observe_many(self._score_hist, score_values)
-        if partials:
-            await self._send_partials(partials)
-        if counted and self.disclosure is not None:
-            self.disclosure.add_batch(counted)
+            self.models.learned(partition, learned)
+        self.read_through[partition] = offset
+        if self.models.through.get(partition) is not None:
+            self.models.through[partition] = offset  # its steps are in the shifts now: never taken again
+
+    def _not_scored(self, redelivered: bool, txn: TransactionFields, partition: int, offset: int) -> None:
+        """Count a duplicate; retake a redelivered record's type-shift step if the shifts were read back from before it.
+
+        A redelivered record's account state already applied it, however many events the account
+        saw since (the event-id memory keeps only 16), so it is not scored again.
+        """
+        self._duplicates.inc()
+        if not redelivered:
+            return
+        self._redelivered.inc()
+        through = self.models.through.get(partition)
+        if through is not None and offset > through:
+            state = self.states.get(partition, txn.account_id.encode())
+            sign = None if state is None else shift_step_of(state, offset)
+            if sign is not None:
+                self.scorer.detector.learn_shift(txn.txn_type, txn.direction == "debit", sign)
+
+    async def _failed(self, rec: Any, txn: TransactionFields, exc: Exception) -> None:
+        """A record whose scoring raised: its account's half-made changes dropped, the record dead-lettered."""
+        self.states.rollback(rec.partition, txn.account_id.encode())
+        log.exception("scoring failed", extra={"topic": self.topic_name, "partition": rec.partition,
+                                               "offset": rec.offset, "event_id": txn.event_id})
+        await self.sink.dead_letter(rec.value, self.topic_name, rec.partition, rec.offset,
+                                    f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
+
+    async def _close(self, times: _Batch) -> None:
+        """After a batch: its metrics observed, its flow partials sent, its transactions counted for disclosure."""
+        self._observe(times)
+        if times.partials:
+            await self._send_partials(times.partials)
+        if times.counted and self.disclosure is not None:
+            self.disclosure.add_batch(times.counted)
+
+    def _observe(self, times: _Batch) -> None:
+        """Observe a batch's stage times and scores in bulk (one observe() each cost a microsecond)."""
+        observe_many(self._decode_seconds, times.decode)
+        observe_many(self._score_seconds, times.score)
+        observe_many(self._publish_seconds, times.publish)
+        if times.scores:
+            self._scored.inc(len(times.scores))
+            self.m.saw_event_time(self.topic_name, times.newest)
+            observe_many(self._score_hist, times.scores)
 
     def _load_storm(self, partitions: set[int]) -> None:
         """Count the stored storm-cap admissions of every partition read back here (set aside if they do not decode).

@@ -131,7 +131,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     verdicts = read_verdicts(args.verdicts) if args.verdicts is not None else None
     progress = sys.stderr.isatty()
     dead = DeadLetters(args.deadletter or deadletter_path(args.alerts, args.scores, args.report))
-    publisher: Any = None
     wrote: list[Path] = []
     with contextlib.ExitStack() as stack:
         stack.callback(dead.close)
@@ -142,20 +141,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 stack.callback(f.close)
                 wrote.append(path)
             outs.append(f)
-        if args.from_kafka:
-            from app.faust_app import MARKET, TRANSACTIONS
-            from app.kafka_replay import AlertPublisher, new_run_id, read_topics
-
-            run_id = args.run_id or new_run_id()
-            loaded = read_topics(s, args.since, args.until, run_id, dead)
-            publisher = AlertPublisher(s, run_id)
+        loaded, source, publisher = _load(args, s, dead, progress)
+        if publisher is not None:
             stack.callback(publisher.close)
-            source = f"{s.topic(TRANSACTIONS)} and {s.topic(MARKET)} from {args.since.isoformat()}" + (
-                f" to {args.until.isoformat()}" if args.until else ""
-            )
-        else:
-            loaded = read_file(args.input, dead, progress=progress)
-            source = str(args.input)
         partitions = args.partitions or loaded.partitions or s.topic_partitions
         traffic = rp.traffic(loaded)  # the replay consumes the events
         on_alert = None if publisher is None else (lambda i, a: publisher.send(a) if i == 0 else None)
@@ -184,6 +172,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.report and not rp.plots_available():
         print("  " + rp.PLOTS_HINT)
     return 0
+
+
+def _load(args: argparse.Namespace, s: Settings, dead: DeadLetters, progress: bool) -> tuple[Loaded, str, Any]:
+    """The events to replay, a name for them, and (for --from-kafka) the publisher of the replay's warnings."""
+    if not args.from_kafka:
+        return read_file(args.input, dead, progress=progress), str(args.input), None
+    from app.faust_app import MARKET, TRANSACTIONS
+    from app.kafka_replay import AlertPublisher, new_run_id, read_topics
+
+    run_id = args.run_id or new_run_id()
+    loaded = read_topics(s, args.since, args.until, run_id, dead)
+    source = f"{s.topic(TRANSACTIONS)} and {s.topic(MARKET)} from {args.since.isoformat()}" + (
+        f" to {args.until.isoformat()}" if args.until else ""
+    )
+    return loaded, source, AlertPublisher(s, run_id)
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:

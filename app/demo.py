@@ -99,16 +99,11 @@ def demo_operator(users_file: Path) -> str:
     return password
 
 
-def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 300) -> int:
-    """Run the demo until the stream ends or Ctrl-C; stop everything it started."""
+def _demo_env(produce_only: bool) -> tuple[dict[str, str], bool, str]:
+    """The worker's environment (a local broker started if none is configured), whether we started it, sign-in text."""
     from app import kafka_local
-    from app.admin import ensure_topics
-    from app.live import follow, format_alert
-    from models.synth import generate
 
     started_broker = False
-    worker: subprocess.Popen[bytes] | None = None
-    stop = threading.Event()
     env = dict(os.environ)
     if not env.get("RISKWATCH_KAFKA_BOOTSTRAP"):
         print("Starting a local Kafka broker (first run downloads the jars with Maven; about a minute)...")
@@ -128,6 +123,43 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         users_file = Path(env["RISKWATCH_DATA_DIR"]) / "users.json"
         env["RISKWATCH_USERS_FILE"] = str(users_file)
         sign_in = f"sign in as demo / {demo_operator(users_file)} (an operator, this demo run only; {users_file})"
+    return env, started_broker, sign_in
+
+
+def _show_warnings(feeder: threading.Thread, worker: subprocess.Popen[bytes] | None) -> dict[str, str]:
+    """Print warnings as they arrive (a line per warning and per level it reaches) until the stream is done."""
+    from app.live import follow, format_alert
+
+    colour = sys.stdout.isatty()
+    seen: dict[str, str] = {}
+    done_at: list[float] = []
+
+    def finished() -> bool:
+        # Keep listening a few seconds after the last event so the final warnings show.
+        if feeder.is_alive() or (worker is not None and worker.poll() is not None):
+            return worker is not None and worker.poll() is not None
+        done_at.append(time.monotonic())
+        return time.monotonic() - done_at[0] > 10
+
+    for alert in follow(from_beginning=True, until=finished):
+        level = seen.get(alert["alert_id"])
+        if level == alert["level"]:
+            continue  # an ongoing burst grew: the line already on screen still tells the story
+        seen[alert["alert_id"]] = alert["level"]
+        prefix = "  ^ " if level is not None else ""
+        print(prefix + format_alert(alert, colour), flush=True)
+    return seen
+
+
+def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 300) -> int:
+    """Run the demo until the stream ends or Ctrl-C; stop everything it started."""
+    from app import kafka_local
+    from app.admin import ensure_topics
+    from models.synth import generate
+
+    worker: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    env, started_broker, sign_in = _demo_env(produce_only)
     get_settings.cache_clear()
     s = get_settings()
     try:
@@ -152,24 +184,7 @@ def run_demo(rate: float = 300.0, produce_only: bool = False, accounts: int = 30
         if produce_only:
             feeder.join()
             return 0
-        colour = sys.stdout.isatty()
-        seen: dict[str, str] = {}
-        done_at: list[float] = []
-
-        def finished() -> bool:
-            # Keep listening a few seconds after the last event so the final warnings show.
-            if feeder.is_alive() or (worker is not None and worker.poll() is not None):
-                return worker is not None and worker.poll() is not None
-            done_at.append(time.monotonic())
-            return time.monotonic() - done_at[0] > 10
-
-        for alert in follow(from_beginning=True, until=finished):
-            level = seen.get(alert["alert_id"])
-            if level == alert["level"]:
-                continue  # an ongoing burst grew: the line already on screen still tells the story
-            seen[alert["alert_id"]] = alert["level"]
-            prefix = "  ^ " if level is not None else ""
-            print(prefix + format_alert(alert, colour), flush=True)
+        seen = _show_warnings(feeder, worker)
         if worker is not None and worker.poll() is not None:
             print(f"\nThe worker stopped unexpectedly (exit {worker.returncode}); its log is "
                   ".riskwatch-demo-worker.log", file=sys.stderr)

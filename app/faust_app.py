@@ -324,16 +324,12 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD))
 
 
-def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> Runtime:
-    """Build the Faust app with riskwatch's topics and tables (agents are attached by agents.attach)."""
-    s = settings or get_settings()
-    metrics = metrics or Metrics()
-    tune_malloc()
+def _app_settings(s: Settings) -> dict[str, Any]:
+    """The Faust app's settings (its id, s.deployment_id, is <prefix><app id>: deployments never meet)."""
     # Faust's consumer and producer with riskwatch's fixes, by the broker URL's scheme: without them
     # a restart or failover can skip records (app/faust_fixes.py).
     scheme = faust_fixes.transport_scheme()
-    app = faust.App(
-        s.deployment_id,  # <prefix><app id>: the group and internal topics of deployments never meet
+    return dict(
         broker=[f"{scheme}://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
         broker_credentials=credentials(s),
         store="memory://",
@@ -374,6 +370,14 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
         table_standby_replicas=0,
         Table=StateTable,  # changelog values that do not decode are set aside, not fatal (issue 17)
     )
+
+
+def create_app(settings: Settings | None = None, metrics: Metrics | None = None) -> Runtime:
+    """Build the Faust app with riskwatch's topics and tables (agents are attached by agents.attach)."""
+    s = settings or get_settings()
+    metrics = metrics or Metrics()
+    tune_malloc()
+    app = faust.App(s.deployment_id, **_app_settings(s))
 
     def topic(name: str, **kw: Any) -> TopicT:
         return app.topic(s.topic(name), key_type=bytes, value_type=bytes, value_serializer="raw",

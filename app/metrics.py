@@ -24,6 +24,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._define_processing(r)
+        self._define_state(r)
+        self._define_disposal(r)
+        self._define_budget(r)
+        self._define_console(r)
+        self._newest: dict[str, float] = {}
+
+    def _define_processing(self, r: CollectorRegistry) -> None:
+        """Input, scoring and output: what every worker reports."""
         self.events_consumed = Counter(
             "riskwatch_events_consumed_total", "Input events read, by topic", ["topic"], registry=r)
         self.events_scored = Counter(
@@ -76,6 +85,9 @@ class Metrics:
         self.scores = Histogram(
             "riskwatch_score", "Calibrated scores in [0, 1], by detector", ["detector"], buckets=_SCORE_BUCKETS,
             registry=r)
+
+    def _define_state(self, r: CollectorRegistry) -> None:
+        """The engine's phase, entities held in state, the rule catalogue and the run-time lists."""
         self.engine_phase = Gauge(
             "riskwatch_engine_phase", "1 for the transaction engine's current phase (idle, running, rebalancing, "
             "broken, stopping, stopped), 0 for the others", ["phase"], registry=r)
@@ -102,6 +114,9 @@ class Metrics:
         self.list_suppressed = Counter(
             "riskwatch_list_suppressed_total", "Model warnings an allow list kept quiet (rules never ask)",
             registry=r)
+
+    def _define_disposal(self, r: CollectorRegistry) -> None:
+        """Open alerts, acknowledgements, contingency triggers, escalations, verdicts."""
         self.open_alerts = Gauge(
             "riskwatch_open_alerts", "Alerts not yet resolved, by level", ["level"], registry=r)
         self.time_to_ack = Histogram(
@@ -116,6 +131,9 @@ class Metrics:
         self.verdicts = Counter(
             "riskwatch_verdicts_total", "Analyst verdicts on resolved alerts, by detector and verdict",
             ["detector", "verdict"], registry=r)
+
+    def _define_budget(self, r: CollectorRegistry) -> None:
+        """Verdict feedback and the model's alert budget."""
         self.feedback_factor = Gauge(
             "riskwatch_feedback_factor", "Verdict feedback: multiplier of the share of events a finding of this "
             "detector and lead reason code may warn at (1 neutral, below 1 more evidence needed), as this worker "
@@ -135,6 +153,9 @@ class Metrics:
         self.feedback_verdicts = Counter(
             "riskwatch_feedback_verdicts_total", "Verdict records read from risk.feedback, by result: applied "
             "(new or changed), repeated (already counted: redelivery), invalid", ["result"], registry=r)
+
+    def _define_console(self, r: CollectorRegistry) -> None:
+        """Paging, acts from the console, top entities, quarantined state, sign-ins and cases."""
         self.pages = Counter(
             "riskwatch_pages_total", "Pages pushed to Alertmanager, by result: sent (a new page accepted), resolved "
             "(its end accepted), retry (Alertmanager unreachable or 5xx: tried again later), failed (refused "
@@ -164,7 +185,6 @@ class Metrics:
         self.case_time_to_resolve = Histogram(
             "riskwatch_case_time_to_resolve_seconds", "From a plan's trigger to its resolution, by owner team",
             ["team"], buckets=_ACK_BUCKETS, registry=r)
-        self._newest: dict[str, float] = {}
 
     def saw_event_time(self, topic: str, ts: float) -> None:
         """Remember the newest event time seen on a topic; its lag is computed afresh at every scrape."""

@@ -474,39 +474,48 @@ def replay(
     event time reaches them (FeedbackReplay).
     """
     pipes = [Pipeline(c.catalogue, partitions=partitions, storm_cap=storm_cap, ttl=ttl) for c in configs]
-    first, others = pipes[0], pipes[1:]
-    res = Result(loaded, [Outcome(c) for c in configs], first.txn.threshold)
+    res = Result(loaded, [Outcome(c) for c in configs], pipes[0].txn.threshold)
     feeds = [FeedbackReplay(list(verdicts)) for _ in pipes] if verdicts is not None else []
     for oc, feed in zip(res.outcomes, feeds, strict=False):
         oc.feedback = feed
-    due = min((f.due for f in feeds), default=float("inf"))
-    outs = list(alerts_out) + [None] * (len(pipes) - len(alerts_out))
-    events, times = loaded.events, loaded.times
-    total = len(events)
+    emit = _emitter(res, list(alerts_out) + [None] * (len(pipes) - len(alerts_out)), on_alert)
+    total = len(loaded.events)
     # The report's per-event columns are known before scoring; duplicates are taken out afterwards.
-    labels = np.array([-1 if ev.label is None else ev.label for ev in events], dtype=np.int8)
-    market = np.array([isinstance(ev, MarketTick) for ev in events], dtype=np.int8)
-    platform = np.zeros(total, dtype=np.int8)
-    if loaded.labelled:
-        scenario = {e["event_id"]: e["scenario"] for e in loaded.labelled}
-        for i in np.flatnonzero(labels == 1).tolist():
-            platform[i] = scenario.get(events[i].event_id) in PLATFORM_SCENARIOS
-    when = np.array(times, dtype=np.float64)
-    accounts = [ev.account_id for ev in events if isinstance(ev, Transaction)]
+    columns = _columns(loaded)
+    accounts = [ev.account_id for ev in loaded.events if isinstance(ev, Transaction)]
     for p in pipes:
         p.prime(accounts)  # murmur2 of every account in one numpy pass, not one Python call each
     del accounts
-    # Chunks are cut from the end of the reversed lists: each is freed once replayed.
-    events.reverse()
-    times.reverse()
     bar = _bar(progress, "replaying", total)
-    scores = res.scores
-    add_score = scores.append
-    duplicates: list[int] = []
     clock = time.perf_counter
     t_loop = clock()
-    score_time = 0.0
-    first_process = first.process
+    freeze = _GcFreeze()
+    try:
+        duplicates, score_time = _replay_events(loaded, pipes, feeds, res, emit, scores_out, bar, freeze)
+    finally:
+        freeze.close()
+    _tally(res, *columns, duplicates)
+    for i, p in enumerate(pipes):
+        t0 = clock()
+        flushed = p.finish()
+        score_time += clock() - t0
+        ids_seen = {a.alert_id for a in res.outcomes[i].published}
+        emit(i, flushed, len({a.alert_id for a in flushed} - ids_seen), [])
+    for feed in feeds:
+        feed.finish()
+    if bar is not None:
+        bar.update(total - bar.n)
+        bar.close()
+    res.loop_seconds = clock() - t_loop
+    res.score_seconds = score_time
+    return res
+
+
+_Emit = Callable[[int, list[Alert], int, list[str]], None]
+
+
+def _emitter(res: Result, outs: list[IO[str] | None], on_alert: Callable[[int, Alert], None] | None) -> _Emit:
+    """What happens to configuration i's warnings: counted, fed back to its verdicts, written, handed on."""
 
     def emit(i: int, alerts: list[Alert], new: int, dropped: list[str]) -> None:
         oc = res.outcomes[i]
@@ -523,67 +532,84 @@ def replay(
             if on_alert is not None:
                 on_alert(i, a)
 
-    freeze = _GcFreeze()
-    try:
-        while events:
-            freeze.step()
-            k = min(_CHUNK, len(events))
-            chunk, stamps = events[-k:], times[-k:]  # the previous chunk is freed here
-            del events[-k:], times[-k:]
-            chunk.reverse()
-            stamps.reverse()
-            ids: list[str] = []
-            for ev, ts in zip(chunk, stamps, strict=True):
-                if ts >= due:  # rare: a verdict's time has come
-                    for feed, p in zip(feeds, pipes, strict=True):
-                        feed.apply_until(ts, p)
-                    due = min(f.due for f in feeds)
-                t0 = clock()
-                r = first_process(ev, ts)
-                rest = [p.process(ev, ts) for p in others] if others else ()
-                score_time += clock() - t0
-                if r.duplicate:
-                    duplicates.append(len(scores) + len(duplicates))  # its position among all events
-                else:
-                    add_score(r.score)
-                    ids.append(r.event_id)
-                if r.alerts or r.dropped:
-                    emit(0, r.alerts, len(r.new_ids), r.dropped)
-                if rest:
-                    for i, ri in enumerate(rest, 1):
-                        if ri.alerts or ri.dropped:
-                            emit(i, ri.alerts, len(ri.new_ids), ri.dropped)
-            if scores_out is not None and ids:
-                scores_out.write(_score_lines(ids, scores[len(scores) - len(ids):]))
-            if bar is not None:
-                bar.update(k)
-    finally:
-        freeze.close()
-    keep = np.ones(total, dtype=bool)
+    return emit
+
+
+def _columns(loaded: Loaded) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-event labels (-1 unlabelled), market flags, platform-scenario flags and times, in replay order."""
+    events = loaded.events
+    labels = np.array([-1 if ev.label is None else ev.label for ev in events], dtype=np.int8)
+    market = np.array([isinstance(ev, MarketTick) for ev in events], dtype=np.int8)
+    platform = np.zeros(len(events), dtype=np.int8)
+    if loaded.labelled:
+        scenario = {e["event_id"]: e["scenario"] for e in loaded.labelled}
+        for i in np.flatnonzero(labels == 1).tolist():
+            platform[i] = scenario.get(events[i].event_id) in PLATFORM_SCENARIOS
+    return labels, market, platform, np.array(loaded.times, dtype=np.float64)
+
+
+def _replay_events(loaded: Loaded, pipes: list[Pipeline], feeds: list[FeedbackReplay], res: Result, emit: _Emit,
+                   scores_out: IO[str] | None, bar: Any, freeze: _GcFreeze) -> tuple[list[int], float]:
+    """Every event through every pipeline, consuming the event list; (positions of duplicates, scoring seconds)."""
+    events, times = loaded.events, loaded.times
+    # Chunks are cut from the end of the reversed lists: each is freed once replayed.
+    events.reverse()
+    times.reverse()
+    first_process, others = pipes[0].process, pipes[1:]
+    due = min((f.due for f in feeds), default=float("inf"))
+    scores = res.scores
+    add_score = scores.append
+    duplicates: list[int] = []
+    clock = time.perf_counter
+    score_time = 0.0
+    while events:
+        freeze.step()
+        k = min(_CHUNK, len(events))
+        chunk, stamps = events[-k:], times[-k:]  # the previous chunk is freed here
+        del events[-k:], times[-k:]
+        chunk.reverse()
+        stamps.reverse()
+        ids: list[str] = []
+        for ev, ts in zip(chunk, stamps, strict=True):
+            if ts >= due:  # rare: a verdict's time has come
+                for feed, p in zip(feeds, pipes, strict=True):
+                    feed.apply_until(ts, p)
+                due = min(f.due for f in feeds)
+            t0 = clock()
+            r = first_process(ev, ts)
+            rest = [p.process(ev, ts) for p in others] if others else ()
+            score_time += clock() - t0
+            if r.duplicate:
+                duplicates.append(len(scores) + len(duplicates))  # its position among all events
+            else:
+                add_score(r.score)
+                ids.append(r.event_id)
+            if r.alerts or r.dropped:
+                emit(0, r.alerts, len(r.new_ids), r.dropped)
+            for i, ri in enumerate(rest, 1):
+                if ri.alerts or ri.dropped:
+                    emit(i, ri.alerts, len(ri.new_ids), ri.dropped)
+        if scores_out is not None and ids:
+            scores_out.write(_score_lines(ids, scores[len(scores) - len(ids):]))
+        if bar is not None:
+            bar.update(k)
+    return duplicates, score_time
+
+
+def _tally(res: Result, labels: np.ndarray, market: np.ndarray, platform: np.ndarray, when: np.ndarray,
+           duplicates: list[int]) -> None:
+    """The result's per-event columns and counts, without the duplicates (which were not scored)."""
+    keep = np.ones(labels.size, dtype=bool)
     keep[duplicates] = False
     res.labels = array("b", labels[keep].tobytes())
     res.market = array("b", market[keep].tobytes())
     res.platform = array("b", platform[keep].tobytes())
     res.duplicates = len(duplicates)
-    res.events = len(scores)
+    res.events = len(res.scores)
     res.transactions = res.events - int(market[keep].sum())
     kept = when[keep]
     if kept.size:
         res.first_ts, res.last_ts = float(kept[0]), float(kept[-1])
-    for i, p in enumerate(pipes):
-        t0 = clock()
-        flushed = p.finish()
-        score_time += clock() - t0
-        ids_seen = {a.alert_id for a in res.outcomes[i].published}
-        emit(i, flushed, len({a.alert_id for a in flushed} - ids_seen), [])
-    for feed in feeds:
-        feed.finish()
-    if bar is not None:
-        bar.update(total - bar.n)
-        bar.close()
-    res.loop_seconds = clock() - t_loop
-    res.score_seconds = score_time
-    return res
 
 
 def _score_lines(ids: list[str], scores: Sequence[float]) -> str:

@@ -213,13 +213,6 @@ def build(
     a = arrays(res)
     txn = ~a["market"]
     span_days = ((res.last_ts or 0.0) - (res.first_ts or 0.0)) / 86400.0
-    t = {
-        "read_seconds": res.loaded.seconds,
-        "replay_seconds": res.loop_seconds,
-        "score_seconds": res.score_seconds,
-        **(timings or {}),
-    }
-    seconds = res.seconds
     report: dict[str, Any] = {
         "input": input_name,
         "rules": [
@@ -253,18 +246,25 @@ def build(
             if txn.any()
             else None,
         },
-        "throughput": {
-            "events_per_second": (res.events + res.duplicates) / seconds if seconds > 0 else None,
-            "scoring_events_per_second": (res.events + res.duplicates) / res.score_seconds
-            if res.score_seconds > 0
-            else None,
-            **t,
-        },
+        "throughput": _throughput(res, timings),
         "evaluation": evaluation(res, traffic=traffic),
         "comparison": comparison(res.outcomes[0], res.outcomes[1]) if len(res.outcomes) > 1 else None,
         "alerts": [json.loads(x.model_dump_json()) for x in sorted(final, key=_rank)],
     }
     return report
+
+
+def _throughput(res: Result, timings: dict[str, float] | None) -> dict[str, Any]:
+    """Events per second of the whole replay and of scoring alone, and where the time went."""
+    seconds, n = res.seconds, res.events + res.duplicates
+    return {
+        "events_per_second": n / seconds if seconds > 0 else None,
+        "scoring_events_per_second": n / res.score_seconds if res.score_seconds > 0 else None,
+        "read_seconds": res.loaded.seconds,
+        "replay_seconds": res.loop_seconds,
+        "score_seconds": res.score_seconds,
+        **(timings or {}),
+    }
 
 
 def _rank(a: Alert) -> tuple[int, float, str]:

@@ -41,17 +41,34 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     out: dict[str, str] = {}
+    a = arrays(res)
+    out["timeline"] = _timeline_plot(plt, res)
+    out["scores"] = _scores_plot(plt, res, a)
+    out["categories"] = _categories_plot(plt, report["warnings"]["by_category"])
+    ev = report["evaluation"]
+    if ev is not None:
+        png = _curves_plot(plt, ev, a)
+        if png:
+            out["curves"] = png
+        if ev["budget_curve"] is not None:
+            out["budget"] = _budget_plot(plt, ev["budget_curve"])
+    if report["comparison"] is not None:
+        out["comparison"] = _comparison_plot(plt, report["comparison"])
+    return out
+
+
+def _timeline_plot(plt: Any, res: Result) -> str:
+    """New warnings per time bin, stacked by the level each one ended at."""
+    import matplotlib.dates as mdates
+
     main = res.outcomes[0]
     first: dict[str, Alert] = {}
     for x in main.published:
         first.setdefault(x.alert_id, x)
     final = main.final()
-    a = arrays(res)
-
     fig, ax = plt.subplots(figsize=(10, 3.4))
     if res.first_ts is not None and res.last_ts is not None:
         step = _bin_seconds(max(res.last_ts - res.first_ts, 1.0))
@@ -69,8 +86,11 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
         ax.set_ylabel(f"new warnings per {_human(step)}")
         ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Warnings over time (event time, UTC), by level")
-    out["timeline"] = _png(fig)
+    return _png(fig)
 
+
+def _scores_plot(plt: Any, res: Result, a: dict[str, Any]) -> str:
+    """The distribution of calibrated scores, transactions and market ticks apart, log scale."""
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     bins = np.linspace(0.0, 1.0, 51).tolist()
     if a["market"].any():
@@ -83,9 +103,11 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
     ax.set_ylabel("events")
     ax.set_title("Score distribution")
     ax.legend(fontsize=8)
-    out["scores"] = _png(fig)
+    return _png(fig)
 
-    cats = report["warnings"]["by_category"]
+
+def _categories_plot(plt: Any, cats: dict[str, dict[str, int]]) -> str:
+    """Warnings by category, stacked by level."""
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     names = list(cats)
     left = np.zeros(len(names))
@@ -97,57 +119,57 @@ def plots(res: Result, report: dict[str, Any]) -> dict[str, str]:
     ax.set_xlabel("warnings")
     ax.set_title("Warnings by category and level")
     ax.legend(fontsize=8, loc="lower right")
-    out["categories"] = _png(fig)
+    return _png(fig)
 
-    ev = report["evaluation"]
+
+def _curves_plot(plt: Any, ev: dict[str, Any], a: dict[str, Any]) -> str | None:
+    """ROC and precision-recall curves of all transactions and of the account-level scenarios (None: no positives)."""
     txn = ~a["market"] & (a["labels"] >= 0)
     sets = {"all transactions": txn, "account-level scenarios": txn & ~a["platform"]}
     got = {name: curves(a["labels"][m].tolist(), a["scores"][m].tolist()) for name, m in sets.items() if m.any()}
-    if ev is not None and any(c["roc"] for c in got.values()):
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for (name, c), colour in zip(got.items(), ("#3182bd", "#e6550d"), strict=False):
-            key = "transactions" if name == "all transactions" else "account_scenarios"
-            if c["roc"]:
-                ax1.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=colour, label=f"{name} (AUC {ev[key]['roc_auc']:.3f})")
-            if c["pr"]:
-                ax2.plot(
-                    c["pr"]["recall"],
-                    c["pr"]["precision"],
-                    color=colour,
-                    label=f"{name} (AP {ev[key]['average_precision']:.3f})",
-                )
-        ax1.plot([0, 1], [0, 1], color="#999999", linestyle=":")
-        ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
-        ax2.set(xlabel="recall", ylabel="precision", title="Precision-recall curve", ylim=(0, 1.02))
-        ax1.legend(fontsize=8, loc="lower right")
-        ax2.legend(fontsize=8, loc="upper right")
-        out["curves"] = _png(fig)
-
-    if ev is not None and ev["budget_curve"] is not None:
-        out["budget"] = _budget_plot(plt, ev["budget_curve"])
-
-    comp = report["comparison"]
-    if comp is not None:
-        cats = sorted(
-            set(comp["only_a"]["by_category"]) | set(comp["only_b"]["by_category"]) | set(comp["both"]["by_category"])
-        )
-        fig, ax = plt.subplots(figsize=(8, 3.4))
-        y = np.arange(len(cats))
-        for k, (name, colour) in enumerate((("only_a", "#3182bd"), ("both", "#969696"), ("only_b", "#e6550d"))):
-            ax.barh(
-                y + (k - 1) * 0.27,
-                [comp[name]["by_category"].get(c, 0) for c in cats],
-                height=0.27,
+    if not any(c["roc"] for c in got.values()):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for (name, c), colour in zip(got.items(), ("#3182bd", "#e6550d"), strict=False):
+        key = "transactions" if name == "all transactions" else "account_scenarios"
+        if c["roc"]:
+            ax1.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=colour, label=f"{name} (AUC {ev[key]['roc_auc']:.3f})")
+        if c["pr"]:
+            ax2.plot(
+                c["pr"]["recall"],
+                c["pr"]["precision"],
                 color=colour,
-                label=name.replace("_", " ").replace(" a", " A").replace(" b", " B"),
+                label=f"{name} (AP {ev[key]['average_precision']:.3f})",
             )
-        ax.set_yticks(y, cats)
-        ax.invert_yaxis()
-        ax.set_xlabel("warnings")
-        ax.set_title("Champion (A) vs challenger (B)")
-        ax.legend(fontsize=8)
-        out["comparison"] = _png(fig)
-    return out
+    ax1.plot([0, 1], [0, 1], color="#999999", linestyle=":")
+    ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
+    ax2.set(xlabel="recall", ylabel="precision", title="Precision-recall curve", ylim=(0, 1.02))
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="upper right")
+    return _png(fig)
+
+
+def _comparison_plot(plt: Any, comp: dict[str, Any]) -> str:
+    """Champion / challenger warnings by category: only A, both, only B."""
+    cats = sorted(
+        set(comp["only_a"]["by_category"]) | set(comp["only_b"]["by_category"]) | set(comp["both"]["by_category"])
+    )
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    y = np.arange(len(cats))
+    for k, (name, colour) in enumerate((("only_a", "#3182bd"), ("both", "#969696"), ("only_b", "#e6550d"))):
+        ax.barh(
+            y + (k - 1) * 0.27,
+            [comp[name]["by_category"].get(c, 0) for c in cats],
+            height=0.27,
+            color=colour,
+            label=name.replace("_", " ").replace(" a", " A").replace(" b", " B"),
+        )
+    ax.set_yticks(y, cats)
+    ax.invert_yaxis()
+    ax.set_xlabel("warnings")
+    ax.set_title("Champion (A) vs challenger (B)")
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def _budget_plot(plt: Any, c: dict[str, Any]) -> str:
@@ -246,13 +268,38 @@ def _events(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
 
 
+def _precision_load_html(ev: dict[str, Any]) -> str:
+    """Warning precision by detector kind beside the warning load, per 1,000 normal transactions and account-days."""
+    prec, load = ev["warnings"], ev["load"]
+    kinds = [("all", prec["overall"]), *prec["by_detector"].items()]
+    return (
+        "<div class=row>"
+        + _table(
+            ["warnings by detector", "warnings", "naming a risky event", "precision"],
+            [[_e(k), p["warnings"], p["true"], p["precision"]] for k, p in kinds],
+        )
+        + _table(
+            ["load", "per 1,000 normal txns", "false only", "per 1,000 active accounts a day", "false only"],
+            [
+                [
+                    name,
+                    g["per_1000_normal"],
+                    g["false_per_1000_normal"],
+                    g["per_1000_account_days"],
+                    g["false_per_1000_account_days"],
+                ]
+                for name, g in (("all warnings", load["all"]), ("model warnings", load["model"]))
+            ],
+        )
+        + "</div>"
+    )
+
+
 def _episodes_html(ev: dict[str, Any]) -> str:
     """The episode table per scenario, warning precision by detector kind and the warning load."""
     eps = ev["episodes"]
     rows = [*eps["per_scenario"].items(), ("<b>all</b>", {**eps["overall"], "level": ""})]
-    prec, load = ev["warnings"], ev["load"]
-    kinds = [("all", prec["overall"]), *prec["by_detector"].items()]
-    share = load["model_normal_named_share"]
+    share = ev["load"]["model_normal_named_share"]
     named = "—" if share is None else f"{share:.4%}"
     return (
         "<h2>Episodes: labelled risky runs, one entity and scenario each</h2><p class=muted>An episode is warned "
@@ -288,25 +335,7 @@ def _episodes_html(ev: dict[str, Any]) -> str:
                 for s, r in rows
             ],
         )
-        + "<div class=row>"
-        + _table(
-            ["warnings by detector", "warnings", "naming a risky event", "precision"],
-            [[_e(k), p["warnings"], p["true"], p["precision"]] for k, p in kinds],
-        )
-        + _table(
-            ["load", "per 1,000 normal txns", "false only", "per 1,000 active accounts a day", "false only"],
-            [
-                [
-                    name,
-                    g["per_1000_normal"],
-                    g["false_per_1000_normal"],
-                    g["per_1000_account_days"],
-                    g["false_per_1000_account_days"],
-                ]
-                for name, g in (("all warnings", load["all"]), ("model warnings", load["model"]))
-            ],
-        )
-        + "</div>"
+        + _precision_load_html(ev)
         + f"<p>Median detection delay over all detected instances: "
         f"{_duration(ev['detection']['median_delay_seconds'])}. Normal transactions named by a model warning: "
         f"{named}.</p>" + (f"<p class=muted>{_e(ev['budget_curve']['note'])}</p>" if ev["budget_curve"] else "")
@@ -315,8 +344,18 @@ def _episodes_html(ev: dict[str, Any]) -> str:
 
 def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 100) -> str:
     """report.html: the numbers of `report` with the figures embedded, one file that opens anywhere."""
-    ev, w, t = report["events"], report["warnings"], report["throughput"]
     img = {k: f'<img alt="{_e(k)}" src="{v}">' for k, v in images.items()}
+    parts = _summary_html(report, img)
+    parts += _labels_html(report, img)
+    parts += _comparison_html(report, img)
+    parts += _alerts_html(report, max_rows)
+    parts.append("<p class=muted>Generated by <code>riskwatch replay</code>.</p></body></html>\n")
+    return "".join(parts)
+
+
+def _summary_html(report: dict[str, Any], img: dict[str, str]) -> list[str]:
+    """The page's head, the events, warnings and throughput tables, the timeline and score figures."""
+    ev, w, t = report["events"], report["warnings"], report["throughput"]
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>riskwatch replay: "
         f"{_e(report['input'])}</title><style>{_CSS}</style></head><body>",
@@ -367,6 +406,12 @@ def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 10
             + ", ".join(f"{_e(k)} {v:,}" for k, v in w["dropped_by_storm_cap"].items())
             + "</p>"
         )
+    return parts
+
+
+def _labels_html(report: dict[str, Any], img: dict[str, str]) -> list[str]:
+    """Ranking, episode and budget figures against the labels (nothing for an unlabelled input)."""
+    parts: list[str] = []
     evaluation_ = report["evaluation"]
     if evaluation_ is not None:
         parts.append(f"<h2>Against the labels</h2><p class=muted>{_e(evaluation_['note'])}</p>")
@@ -401,6 +446,12 @@ def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 10
         parts.append(img.get("curves", ""))
         parts.append(_episodes_html(evaluation_))
         parts.append(img.get("budget", ""))
+    return parts
+
+
+def _comparison_html(report: dict[str, Any], img: dict[str, str]) -> list[str]:
+    """Champion / challenger: warnings only A raised, both raised, only B raised (nothing for one catalogue)."""
+    parts: list[str] = []
     comp = report["comparison"]
     if comp is not None:
         cats = sorted(
@@ -427,6 +478,12 @@ def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 10
             )
         )
         parts.append(img.get("comparison", ""))
+    return parts
+
+
+def _alerts_html(report: dict[str, Any], max_rows: int) -> list[str]:
+    """The most severe warnings, one row each."""
+    parts: list[str] = []
     alerts = report["alerts"]
     parts.append(
         f"<h2>Warnings, most severe first</h2><p class=muted>{min(len(alerts), max_rows):,} of "
@@ -449,8 +506,7 @@ def render(report: dict[str, Any], images: dict[str, str], *, max_rows: int = 10
             ],
         )
     )
-    parts.append("<p class=muted>Generated by <code>riskwatch replay</code>.</p></body></html>\n")
-    return "".join(parts)
+    return parts
 
 
 __all__ = ["LEVEL_COLOURS", "plots", "render"]

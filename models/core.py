@@ -1,11 +1,12 @@
-"""The per-partition transaction step the worker and replay both run, over one small account-state store.
+"""The per-partition steps the worker and replay both run, over one small state-store interface.
 
-Replay (models.pipeline.Pipeline) and the worker (agents.transactions.TransactionProcessor) differ only
-in where records come from, where outputs go and which `StateStore` backend holds the accounts: a
-dict here (`MemoryStore`), a changelog table in the worker. Everything between, in this order, is
-`TxnCore.step`: the account's state, the offset-based redelivery check, scoring (with the scorer's
-event-id dedup), idle tracking for eviction, and the partition's flow totals for the liquidity
-monitor.
+Replay (models.pipeline.Pipeline) and the worker (agents.transactions, agents.market) differ only
+in where records come from, where outputs go and which `StateStore` backend holds the states: a
+dict here (`MemoryStore`), a changelog table in the worker. Everything between is a step:
+`TxnCore.step` (the account's state, the offset-based redelivery check, scoring with the scorer's
+event-id dedup, idle tracking for eviction, the partition's flow totals for the liquidity monitor)
+and `TickCore.step` (the instrument's state, the redelivery check, scoring, the partition's
+market-stress totals).
 
 >>> from models.rules import load_catalogue
 >>> from models.schemas import Transaction
@@ -26,76 +27,81 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from models.aggregates import FlowAccumulator, FlowTotals
+from models.aggregates import FlowAccumulator, FlowTotals, MarketAccumulator, MarketPartial
 from models.features import AccountState
-from models.schemas import TransactionFields
+from models.findings import Finding, Raised, track
+from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
+from models.rules import Catalogue
+from models.schemas import MarketTick, TransactionFields
 from models.scoring import TransactionScorer, TxnOutcome
 
+S = TypeVar("S")
 
-class StateStore(Protocol):
-    """Where account states live, by (partition, key): get, put, delete, iterate, flush.
+
+class StateStore(Protocol[S]):
+    """Where per-entity states (accounts, instruments) live, by (partition, key): get, put, delete, iterate, flush.
 
     `get` hands out the live state object: the step changes it in place, and the store writes
     whatever it handed out when flushed. `rollback` drops one key's changes since the last flush
     (a step that failed half-way must not be written).
     """
 
-    def get(self, partition: int, key: bytes) -> AccountState | None:
-        """The account's state, or None when the store has none."""
+    def get(self, partition: int, key: bytes) -> S | None:
+        """The entity's state, or None when the store has none."""
 
-    def put(self, partition: int, key: bytes, state: AccountState) -> None:
-        """Keep `state` as the account's state (written at the next flush)."""
+    def put(self, partition: int, key: bytes, state: S) -> None:
+        """Keep `state` as the entity's state (written at the next flush, or at once if the backend has none)."""
 
     def delete(self, partition: int, key: bytes) -> None:
-        """Forget the account (an idle one evicted)."""
+        """Forget the entity (an idle account evicted)."""
 
-    def iterate(self, partition: int) -> Iterator[tuple[bytes, AccountState]]:
+    def iterate(self, partition: int) -> Iterator[tuple[bytes, S]]:
         """Every (key, state) of a partition."""
 
     def flush(self) -> None:
         """Write the states changed since the last flush to the backend."""
 
     def rollback(self, partition: int, key: bytes) -> None:
-        """Drop the account's changes since the last flush."""
+        """Drop the entity's changes since the last flush."""
 
 
-class MemoryStore:
+class MemoryStore(Generic[S]):
     """The in-memory StateStore replay, evaluation and benchmarks use: states by key, nothing to write.
 
     A key lives in one partition only (partitioning is by key), so one dict holds every partition.
     """
 
     def __init__(self) -> None:
-        self.states: dict[bytes, AccountState] = {}
+        self.states: dict[bytes, S] = {}
 
     def __len__(self) -> int:
         return len(self.states)
 
     # Read by account id, as a dict of them: what analysts and tests inspect after a replay.
-    def __getitem__(self, account_id: str) -> AccountState:
-        return self.states[account_id.encode()]
+    def __getitem__(self, entity_id: str) -> S:
+        return self.states[entity_id.encode()]
 
-    def __contains__(self, account_id: object) -> bool:
-        return isinstance(account_id, str) and account_id.encode() in self.states
+    def __contains__(self, entity_id: object) -> bool:
+        return isinstance(entity_id, str) and entity_id.encode() in self.states
 
     def __iter__(self) -> Iterator[str]:
         return (key.decode() for key in self.states)
 
-    def get(self, partition: int, key: bytes) -> AccountState | None:
-        """The account's state, or None."""
+    def get(self, partition: int, key: bytes) -> S | None:
+        """The entity's state, or None."""
         return self.states.get(key)
 
-    def put(self, partition: int, key: bytes, state: AccountState) -> None:
-        """Keep the account's state."""
+    def put(self, partition: int, key: bytes, state: S) -> None:
+        """Keep the entity's state."""
         self.states[key] = state
 
     def delete(self, partition: int, key: bytes) -> None:
-        """Forget the account."""
+        """Forget the entity."""
         self.states.pop(key, None)
 
-    def iterate(self, partition: int) -> Iterator[tuple[bytes, AccountState]]:
+    def iterate(self, partition: int) -> Iterator[tuple[bytes, S]]:
         """Every (key, state) held (partitions are not told apart in memory)."""
         return iter(list(self.states.items()))
 
@@ -103,7 +109,7 @@ class MemoryStore:
         """Nothing to write: the states are the store."""
 
     def rollback(self, partition: int, key: bytes) -> None:
-        """In memory the changes are the state: the account starts again, as a set-aside value would."""
+        """In memory the changes are the state: the entity starts again, as a set-aside value would."""
         self.states.pop(key, None)
 
 
@@ -160,7 +166,7 @@ class TxnCore:
     models table at first use; replay keeps one per emulated partition).
     """
 
-    def __init__(self, scorer: TransactionScorer, store: StateStore, eviction: IdleEviction,
+    def __init__(self, scorer: TransactionScorer, store: StateStore[AccountState], eviction: IdleEviction,
                  flows_of: Callable[[int], FlowAccumulator]) -> None:
         self.scorer = scorer
         self.store = store
@@ -203,4 +209,66 @@ class TxnCore:
         return stale
 
 
-__all__ = ["IdleEviction", "MemoryStore", "StateStore", "TxnCore"]
+class MarketScorer:
+    """Applies the catalogue to per-instrument scoring: only the findings of enabled rules warn."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self.set_catalogue(catalogue)
+
+    def set_catalogue(self, catalogue: Catalogue) -> None:
+        """Take a new catalogue into force."""
+        self.catalogue = catalogue
+        self.params = catalogue.params("market_crash", MarketParams)
+
+    def process(self, tick: MarketTick, state: InstrumentState,
+                ts: float | None = None) -> tuple[MarketOutcome, list[Any]]:
+        """Score one tick (`ts`: its epoch seconds, when the caller has them); return the outcome and raised alerts."""
+        if ts is None:
+            ts = tick.ts.timestamp()
+        out = score_tick(state, ts, tick.price, tick.event_id, tick.instrument, self.params)
+        kept: list[Finding] = []
+        for f in out.findings:
+            rule = self.catalogue.rule(f.category)
+            if rule is not None:
+                kept.append(f)
+        out.findings = kept
+        return out, track(state.alerts, kept, ts, tick.event_id)
+
+
+class TickCore:
+    """One market tick of one partition: its instrument's state, redelivery, scoring, and stage one of market stress.
+
+    `stress_of(partition)` gives the partition's stress accumulator. The step does not store the
+    state: the caller puts it once the tick's warnings and partials are on their way (in the worker,
+    a stored state marks the tick applied, so what it caused must be sent first).
+    """
+
+    def __init__(self, scorer: MarketScorer, store: StateStore[InstrumentState],
+                 stress_of: Callable[[int], MarketAccumulator]) -> None:
+        self.scorer = scorer
+        self.store = store
+        self.stress_of = stress_of
+
+    def step(self, tick: MarketTick, ts: float, partition: int, offset: int = -1
+             ) -> tuple[InstrumentState, MarketOutcome, list[Raised], list[MarketPartial]] | None:
+        """Score one tick (`offset` -1: none, as in replay); None for a redelivered one.
+
+        Returns its instrument's state (to put), the outcome, the warnings raised and the stress
+        partials of buckets it closed or revised.
+        """
+        store = self.store
+        key = tick.instrument.encode()
+        state = store.get(partition, key)
+        if state is None:
+            state = InstrumentState()
+        elif 0 <= offset <= state.offset:
+            return None
+        out, raised = self.scorer.process(tick, state, ts)
+        if offset >= 0:
+            state.offset = offset
+        partials = self.stress_of(partition).add(ts, tick.instrument, out.stressed, tick.event_id, move=out.move,
+                                                 spacing=out.spacing, offset=offset if offset >= 0 else None)
+        return state, out, raised, partials
+
+
+__all__ = ["IdleEviction", "MarketScorer", "MemoryStore", "StateStore", "TickCore", "TxnCore"]

@@ -496,19 +496,7 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
     dev = stable_hash(device) if device else 0
     new_dev = dev != 0 and dev not in state.devices
 
-    dts = state.debit_ts
-    k = len(dts)
-    # Debit times are appended in event order, so window counts are binary searches, not loops.
-    c24 = k - bisect_left(dts, ts - DAY)
-    c1h = k - bisect_left(dts, ts - HOUR)
-    first10 = bisect_left(dts, ts - VELOCITY_WINDOW)
-    c10 = k - first10
-    tiny = 0
-    if c10:
-        amts = state.debit_amt
-        for i in range(first10, k):
-            if amts[i] < TINY_AMOUNT:
-                tiny += 1
+    c24, c1h, c10, tiny = _debit_counts(state, ts)
     # Expected debits in 10 minutes from the account's typical gap; floor keeps new accounts sane.
     typical_gap = math.exp(state.gap_ew) if state.n_debits >= 3 else HOUR
     expected = min(VELOCITY_WINDOW / max(typical_gap, 30.0), 20.0)
@@ -545,6 +533,21 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         idle=ts - state.last_ts if state.n else 0.0,
         typical_gap=typical_gap if state.n_debits >= 3 else DAY,
     )
+
+
+def _debit_counts(state: AccountState, ts: float) -> tuple[int, int, int, int]:
+    """Debits before `ts` in the last day, hour and velocity window, and the tiny ones in that window."""
+    dts = state.debit_ts
+    k = len(dts)
+    # Debit times are appended in event order, so window counts are binary searches, not loops.
+    first10 = bisect_left(dts, ts - VELOCITY_WINDOW)
+    tiny = 0
+    if first10 < k:
+        amts = state.debit_amt
+        for i in range(first10, k):
+            if amts[i] < TINY_AMOUNT:
+                tiny += 1
+    return k - bisect_left(dts, ts - DAY), k - bisect_left(dts, ts - HOUR), k - first10, tiny
 
 
 def p_new_payee(state: AccountState) -> float:
@@ -589,6 +592,21 @@ def carry(state: AccountState, f: TxnFeatures, own: float, txn_type: str) -> Non
         state.in_ts = ts
 
 
+def _remember_debit(state: AccountState, ts: float, amount: float) -> None:
+    """Add a debit to the time-ordered window arrays (a slightly late one in its place, for bisect)."""
+    dts = state.debit_ts
+    if dts and ts < dts[-1]:
+        i = bisect_left(dts, ts)
+        dts.insert(i, ts)
+        state.debit_amt.insert(i, amount)
+        if len(dts) > DEBIT_HISTORY:
+            del dts[0]
+            del state.debit_amt[0]
+    else:
+        _push(dts, ts, DEBIT_HISTORY)
+        _push(state.debit_amt, amount, DEBIT_HISTORY)
+
+
 def learn(state: AccountState, f: TxnFeatures) -> None:
     """Fold a scored transaction into its account's state (the features carry what it needs)."""
     ts = f.ts
@@ -624,17 +642,7 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
             if state.cp_counts[i] < 65535:
                 state.cp_counts[i] += 1
         _push(state.log_amounts, math.log(f.amount) - f.shift, AMOUNT_HISTORY)
-        if dts and ts < dts[-1]:
-            # Keep the window arrays time-ordered for bisect when an event arrives slightly late.
-            i = bisect_left(dts, ts)
-            dts.insert(i, ts)
-            state.debit_amt.insert(i, f.amount)
-            if len(dts) > DEBIT_HISTORY:
-                del dts[0]
-                del state.debit_amt[0]
-        else:
-            _push(dts, ts, DEBIT_HISTORY)
-            _push(state.debit_amt, f.amount, DEBIT_HISTORY)
+        _remember_debit(state, ts, f.amount)
         if len(state.log_amounts) >= 3:
             vals = list(state.log_amounts)
             med = _median(vals)

@@ -357,37 +357,51 @@ def on_act(state: Lifecycle | None, act: AckEvent, now: float) -> Outcome:
             return out
         s.note_keys = [*s.note_keys, digest][-MAX_NOTE_KEYS:]
         _record(s, out, "note", before, **kw)
-    elif act.action == "resolve":
-        if before == "resolved":
-            if s.resolved_by == act.by and s.verdict == act.verdict:
-                return out
-            return refuse(f"alert was already resolved by {s.resolved_by}; reopen it to change the verdict")
-        s.status, s.resolved_by, s.resolved_at, s.verdict, s.closed_at = "resolved", act.by, ts, act.verdict, now
-        if s.acked_at is None:
-            # Resolving is also the first acknowledgement: time to act is what supervision measures.
-            out.ack_seconds.append(max(ts - s.opened_at, 0.0))
-            out.case_times.append(("ack", team_of(s), max(ts - s.opened_at, 0.0)))
-            s.acked_by, s.acked_at = act.by, ts
-        out.case_times.append(("resolve", team_of(s), max(ts - s.opened_at, 0.0)))
-        if act.verdict is not None:
-            out.verdicts.append((s.detector or "unknown", act.verdict))
-            note = note_for(s.alert_id, s.detector, s.codes, act.verdict, ts, by=act.by)
-            if note is not None:
-                out.feedback.append(note)
-        _record(s, out, "resolve", before, verdict=act.verdict, **kw)
     else:
-        if before in ACTIVE:
-            return refuse(f"alert is {before}, not resolved or expired; nothing to reopen")
-        ack_within = s.plan.ack_within if s.plan else 0.0
-        resolve_within = s.plan.resolve_within if s.plan else 0.0
-        s.status, s.closed_at, s.round = "open", None, s.round + 1
-        s.resolved_by = s.resolved_at = s.verdict = s.acked_by = s.acked_at = None
-        s.opened_at, s.escalated, s.escalation_level, s.overdue = now, False, None, False
-        if s.plan is not None:
-            s.ack_deadline, s.resolve_deadline = now + ack_within, now + resolve_within
-        _record(s, out, "reopen", before, **kw)
+        act_on = _resolve if act.action == "resolve" else _reopen
+        why = act_on(s, out, act, before, now, kw)
+        if why is not None:
+            return refuse(why) if why else out
     s.updated_at = now
     return out
+
+
+def _resolve(s: Lifecycle, out: Outcome, act: AckEvent, before: Status, now: float, kw: dict[str, Any]) -> str | None:
+    """Resolve the alert with the act's verdict; None when applied, "" for a repeat, else why it is refused."""
+    ts = kw["ts"]
+    if before == "resolved":
+        if s.resolved_by == act.by and s.verdict == act.verdict:
+            return ""
+        return f"alert was already resolved by {s.resolved_by}; reopen it to change the verdict"
+    s.status, s.resolved_by, s.resolved_at, s.verdict, s.closed_at = "resolved", act.by, ts, act.verdict, now
+    if s.acked_at is None:
+        # Resolving is also the first acknowledgement: time to act is what supervision measures.
+        out.ack_seconds.append(max(ts - s.opened_at, 0.0))
+        out.case_times.append(("ack", team_of(s), max(ts - s.opened_at, 0.0)))
+        s.acked_by, s.acked_at = act.by, ts
+    out.case_times.append(("resolve", team_of(s), max(ts - s.opened_at, 0.0)))
+    if act.verdict is not None:
+        out.verdicts.append((s.detector or "unknown", act.verdict))
+        note = note_for(s.alert_id, s.detector, s.codes, act.verdict, ts, by=act.by)
+        if note is not None:
+            out.feedback.append(note)
+    _record(s, out, "resolve", before, verdict=act.verdict, **kw)
+    return None
+
+
+def _reopen(s: Lifecycle, out: Outcome, act: AckEvent, before: Status, now: float, kw: dict[str, Any]) -> str | None:
+    """Open a resolved or expired alert again, with fresh deadlines; None when applied, else why it is refused."""
+    if before in ACTIVE:
+        return f"alert is {before}, not resolved or expired; nothing to reopen"
+    ack_within = s.plan.ack_within if s.plan else 0.0
+    resolve_within = s.plan.resolve_within if s.plan else 0.0
+    s.status, s.closed_at, s.round = "open", None, s.round + 1
+    s.resolved_by = s.resolved_at = s.verdict = s.acked_by = s.acked_at = None
+    s.opened_at, s.escalated, s.escalation_level, s.overdue = now, False, None, False
+    if s.plan is not None:
+        s.ack_deadline, s.resolve_deadline = now + ack_within, now + resolve_within
+    _record(s, out, "reopen", before, **kw)
+    return None
 
 
 def tick(state: Lifecycle, now: float, expire_after: float = 7 * 86_400.0) -> Outcome:

@@ -291,21 +291,51 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
     z = r / sigma if not fresh else 0.0
     score = math.erf(abs(z) / _SQRT2) if judged else 0.0
     abnormal = judged and abs(z) >= params.anomaly_z
-    # The move over the breadth horizon: an EW sum of the returns of its k ticks (k = 1 once bars are
-    # as long as the horizon, so on minute bars and daily closes it is this tick's z). Scaled by its
-    # own spread, sigma / sqrt(a (2 - a)), it is in sigmas whatever the tick rate: twelve 5-second
-    # ticks falling 1 sigma each are a 4-sigma move, as the minute bar holding them would be.
+    move = _breadth_move(state, params, r, sigma, spacing, fresh, judged)
+    findings: list[Finding] = []
+    anomaly, vol_ratio = _anomaly(state, params, r, z, sigma, price / prev, judged, abnormal, score, instrument)
+    if anomaly is not None:
+        findings.append(anomaly)
+    reach = crash_reach(params, spacing)
+    high_px, high_ts = _window_high(state, tick_ts - reach)
+    drawdown = (1.0 - price / high_px) * 100.0 if high_px > price else 0.0
+    if crashed := drawdown >= params.crash_drop_pct:
+        findings.append(_crash(params, drawdown, tick_ts - high_ts, high_px, price, instrument))
+
+    if not fresh:
+        state.n += 1
+        _learn_return(state, r, params, warm)
+    state.last_price, state.last_ts = price, tick_ts
+    _remember_price(state, tick_ts, price, reach)
+    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed, move, spacing)
+
+
+def _breadth_move(state: InstrumentState, params: MarketParams, r: float, sigma: float, spacing: float, fresh: bool,
+                  judged: bool) -> int:
+    """The tick's direction (1 up, -1 down) when its move over the breadth horizon is large enough, else 0.
+
+    The move is an EW sum of the returns of the horizon's k ticks (k = 1 once bars are as long as
+    the horizon, so on minute bars and daily closes it is this tick's z). Scaled by its own spread,
+    sigma / sqrt(a (2 - a)), it is in sigmas whatever the tick rate: twelve 5-second ticks falling
+    1 sigma each are a 4-sigma move, as the minute bar holding them would be.
+    """
     a = min(1.0, spacing / params.breadth_seconds) if spacing > 0 else 1.0
     drift = state.drift = (1.0 - a) * state.drift + r if not fresh else 0.0
     z_move = drift * math.sqrt(a * (2.0 - a)) / sigma
-    move = (1 if z_move > 0 else -1) if judged and abs(z_move) >= breadth_threshold(params, spacing) else 0
-    findings: list[Finding] = []
+    return (1 if z_move > 0 else -1) if judged and abs(z_move) >= breadth_threshold(params, spacing) else 0
 
+
+def _anomaly(state: InstrumentState, params: MarketParams, r: float, z: float, sigma: float, change: float,
+             judged: bool, abnormal: bool, score: float, instrument: str) -> tuple[Finding | None, float]:
+    """The market_anomaly finding of a tick (an abnormal move, a volatility shock; None: neither) and its vol ratio.
+
+    `change` is the price over the previous one.
+    """
     reasons: list[Reason] = []
     level = "medium"
     anomaly_score = score
     if abnormal:
-        pct = (price / prev - 1.0) * 100.0
+        pct = (change - 1.0) * 100.0
         verb = "fell" if pct < 0 else "rose"
         reasons.append(Reason(
             code="abnormal_move",
@@ -328,34 +358,27 @@ def score_tick(state: InstrumentState, tick_ts: float, price: float, event_id: s
         if vol_ratio >= 2 * params.vol_shock_ratio:
             level = "high"
         anomaly_score = max(anomaly_score, math.erf(vol_ratio / _SQRT2))
-    if reasons:
-        findings.append(Finding("market_anomaly", level, anomaly_score, DETECTOR_RETURNS, reasons,
-                                "instrument", instrument))
+    if not reasons:
+        return None, vol_ratio
+    return Finding("market_anomaly", level, anomaly_score, DETECTOR_RETURNS, reasons, "instrument", instrument), \
+        vol_ratio
 
-    reach = crash_reach(params, spacing)
-    high_px, high_ts = _window_high(state, tick_ts - reach)
-    drawdown = (1.0 - price / high_px) * 100.0 if high_px > price else 0.0
-    crashed = drawdown >= params.crash_drop_pct
-    if crashed:
-        crit = drawdown >= params.critical_drop_pct
-        findings.append(Finding(
-            "market_crash", "critical" if crit else "high",
-            # A ranking aid, not a probability: 0.75 at the crash threshold's default, 1 at critical.
-            min(1.0, 0.5 + 0.5 * drawdown / params.critical_drop_pct),
-            DETECTOR_DRAWDOWN,
-            [Reason(code="price_crash",
-                    message=f"price fell {drawdown:.1f}% in {_fmt_span(tick_ts - high_ts)} "
-                            f"(from {_fmt_price(high_px)} to {_fmt_price(price)})",
-                    value=round(drawdown, 3),
-                    threshold=params.critical_drop_pct if crit else params.crash_drop_pct)],
-            "instrument", instrument))
 
-    if not fresh:
-        state.n += 1
-        _learn_return(state, r, params, warm)
-    state.last_price, state.last_ts = price, tick_ts
-    _remember_price(state, tick_ts, price, reach)
-    return MarketOutcome(score, z, abnormal, findings, vol_ratio, drawdown, crashed, move, spacing)
+def _crash(params: MarketParams, drawdown: float, span: float, high_px: float, price: float,
+           instrument: str) -> Finding:
+    """The market_crash finding of a fall of `drawdown` percent from `high_px` within `span` seconds."""
+    crit = drawdown >= params.critical_drop_pct
+    return Finding(
+        "market_crash", "critical" if crit else "high",
+        # A ranking aid, not a probability: 0.75 at the crash threshold's default, 1 at critical.
+        min(1.0, 0.5 + 0.5 * drawdown / params.critical_drop_pct),
+        DETECTOR_DRAWDOWN,
+        [Reason(code="price_crash",
+                message=f"price fell {drawdown:.1f}% in {_fmt_span(span)} "
+                        f"(from {_fmt_price(high_px)} to {_fmt_price(price)})",
+                value=round(drawdown, 3),
+                threshold=params.critical_drop_pct if crit else params.crash_drop_pct)],
+        "instrument", instrument)
 
 
 __all__ = ["InstrumentState", "MarketOutcome", "MarketParams", "breadth_threshold", "crash_reach", "score_tick"]

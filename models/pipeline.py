@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
@@ -23,10 +23,11 @@ from models.aggregates import (
     MarketStressMonitor,
     MarketStressParams,
 )
-from models.core import IdleEviction, MemoryStore, TxnCore
+from models.core import IdleEviction, MarketScorer, MemoryStore, TickCore, TxnCore
 from models.detector import SurpriseDetector
-from models.findings import Finding, Raised, track
-from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
+from models.features import AccountState
+from models.findings import Raised
+from models.market import InstrumentState
 from models.rules import Catalogue
 from models.schemas import Alert, MarketTick, Transaction
 from models.scoring import Feedback, TransactionScorer
@@ -125,32 +126,6 @@ def _murmur2_rows(raw: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.uint32]:
     return h ^ (h >> r15)
 
 
-class MarketScorer:
-    """Applies the catalogue to per-instrument scoring; shared by the agent and the replay."""
-
-    def __init__(self, catalogue: Catalogue) -> None:
-        self.set_catalogue(catalogue)
-
-    def set_catalogue(self, catalogue: Catalogue) -> None:
-        """Take a new catalogue into force."""
-        self.catalogue = catalogue
-        self.params = catalogue.params("market_crash", MarketParams)
-
-    def process(self, tick: MarketTick, state: InstrumentState,
-                ts: float | None = None) -> tuple[MarketOutcome, list[Any]]:
-        """Score one tick (`ts`: its epoch seconds, when the caller has them); return the outcome and raised alerts."""
-        if ts is None:
-            ts = tick.ts.timestamp()
-        out = score_tick(state, ts, tick.price, tick.event_id, tick.instrument, self.params)
-        kept: list[Finding] = []
-        for f in out.findings:
-            rule = self.catalogue.rule(f.category)
-            if rule is not None:
-                kept.append(f)
-        out.findings = kept
-        return out, track(state.alerts, kept, ts, tick.event_id)
-
-
 class PlatformMonitors:
     """Both stage-two monitors under the catalogue in force; shared by the agent and the replay."""
 
@@ -213,8 +188,6 @@ class Pipeline:
         self.market = MarketScorer(catalogue)
         self.monitors = PlatformMonitors(catalogue)
         self.detectors: dict[int, SurpriseDetector] = {}
-        self.accounts = MemoryStore()
-        self.instruments: dict[str, InstrumentState] = {}
         # One flow source for all emulated partitions: stage 2 sums the worker's partitions' totals
         # bucket by bucket, so one accumulator of them all gives it the same sums.
         self.flows = FlowAccumulator("replay")
@@ -223,7 +196,26 @@ class Pipeline:
         self._detector_of: dict[str, tuple[int, SurpriseDetector]] = {}
         self._n = 0
         self.evicted = 0
-        self.core = TxnCore(self.txn, self.accounts, IdleEviction(ttl), self._flows_of)
+        self.core = TxnCore(self.txn, MemoryStore[AccountState](), IdleEviction(ttl), self._flows_of)
+        self.ticks = TickCore(self.market, MemoryStore[InstrumentState](), self._stress_of)
+
+    @property
+    def accounts(self) -> MemoryStore[AccountState]:
+        """Account states by account id (the transaction step's store)."""
+        return self.core.store  # type: ignore[return-value]  # a MemoryStore: built so above
+
+    @accounts.setter
+    def accounts(self, store: MemoryStore[AccountState]) -> None:
+        self.core.store = store
+
+    @property
+    def instruments(self) -> MemoryStore[InstrumentState]:
+        """Instrument states by instrument (the tick step's store)."""
+        return self.ticks.store  # type: ignore[return-value]  # a MemoryStore: built so above
+
+    @instruments.setter
+    def instruments(self, store: MemoryStore[InstrumentState]) -> None:
+        self.ticks.store = store
 
     def set_catalogue(self, catalogue: Catalogue) -> None:
         """Apply a new catalogue to every scorer."""
@@ -261,6 +253,9 @@ class Pipeline:
     def _flows_of(self, partition: int) -> FlowAccumulator:
         return self.flows
 
+    def _stress_of(self, partition: int) -> MarketAccumulator:
+        return self.stress  # one stress source too, for the same reason as the flows
+
     def _platform(self, partials: Iterable[FlowPartial | MarketPartial], out: Scored) -> None:
         for partial in partials:
             for r in self.monitors.update(partial):
@@ -293,15 +288,15 @@ class Pipeline:
             if closed:  # most events close no bucket
                 self._flows(closed, res)
         else:
-            istate = self.instruments.get(event.instrument)
-            if istate is None:
-                istate = self.instruments[event.instrument] = InstrumentState()
-            mo, raised = self.market.process(event, istate, ts)
+            # Partition 0: replay keeps instruments in one dict and stress in one source (see _stress_of).
+            stepped = self.ticks.step(event, ts, 0)
+            assert stepped is not None  # no offsets here, so nothing is redelivered
+            istate, mo, raised, partials = stepped
+            self.ticks.store.put(0, event.instrument.encode(), istate)
             res = Scored(event.event_id, "market", mo.score)
             for r in raised:
                 _add(res, r)
-            self._platform(self.stress.add(ts, event.instrument, mo.stressed, event.event_id, move=mo.move,
-                                           spacing=mo.spacing), res)
+            self._platform(partials, res)
         if self._n % 50_000 == 0:
             self.evicted += self._evict()
         return res

@@ -274,7 +274,10 @@ class TransactionScorer:
         """The nominal operating point, 1 - budget; each detector learns the one it actually warns at."""
         return self._threshold
 
-    def process(self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
+    # Long on purpose: the fused hot path (about 3x process_reference's speed, docs/benchmarks.md), held
+    # equal to process_reference bit for bit by tests/unit/test_scoring.py.
+    def process(  # noqa: PLR0915
+            self, txn: TransactionFields, state: AccountState, ts: float | None = None) -> TxnOutcome:
         """Score, then learn; mutates `state` and returns the findings and warnings to publish."""
         det = self.detector
         cal_ = det.calibrator
@@ -645,16 +648,7 @@ class TransactionScorer:
         late = state.n > 0 and ts < state.last_ts - self.allowed_lateness
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
-            det.learn_raw(raw)
-            if f.history >= 3:
-                residual = (log(txn.amount) - shift) - state.log_med
-                if state.offset >= 0:
-                    log_shift_step(state, residual)
-                det.learn_shift(txn.txn_type, debit, residual)
-            learn(state, f)
-            carry(state, f, own, txn.txn_type)
-            for rule in self._learning:
-                rule.learn(ev)
+            self._learn_reference(txn, state, f, raw, own)
         state.recent_ids.append(eid)
         if len(state.recent_ids) > RECENT_IDS:
             del state.recent_ids[0]
@@ -662,6 +656,21 @@ class TransactionScorer:
         if findings:
             self._alerts(out, state, ts, txn.event_id)
         return out
+
+    def _learn_reference(self, txn: TransactionFields, state: AccountState, f: TxnFeatures, raw: float,
+                         own: float) -> None:
+        """process_reference's learning: calibration, type shift (logged for redelivery), state, session, rules."""
+        det = self.detector
+        det.learn_raw(raw)
+        if f.history >= 3:
+            residual = (log(txn.amount) - f.shift) - state.log_med
+            if state.offset >= 0:
+                log_shift_step(state, residual)
+            det.learn_shift(txn.txn_type, f.debit, residual)
+        learn(state, f)
+        carry(state, f, own, txn.txn_type)
+        for rule in self._learning:
+            rule.learn(self._ev)
 
     def _finding(self, rule_id: str, entity_id: str, reasons: list[Reason]) -> Finding:
         r = self.catalogue.rules[rule_id]

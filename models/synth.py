@@ -426,6 +426,39 @@ class _Stream:
         return [row[2] for row in self.rows]
 
 
+def _check_args(seed: int, accounts: int, days: float, start: datetime, instruments: int,
+                scenarios: Sequence[str], rate_scale: float) -> None:
+    """Refuse arguments generate() cannot honour, saying which and why."""
+    unknown = sorted(set(scenarios) - set(ALL_SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenarios {unknown}; choose from {list(ALL_SCENARIOS)}")
+    if seed < 0 or accounts < 1 or days <= 0 or instruments < 0 or rate_scale < 0:
+        raise ValueError(f"need seed >= 0, accounts >= 1, days > 0, instruments >= 0, rate_scale >= 0; got "
+                         f"{seed=}, {accounts=}, {days=}, {instruments=}, {rate_scale=}")
+    if start.utcoffset() is None:
+        raise ValueError(f"start must be timezone-aware, got {start.isoformat()}; add e.g. tzinfo=+08:00")
+
+
+def _cast(s: _Stream, arng: np.random.Generator, n_inst: int) -> tuple[dict[str, list[_Account]], list[_Account]]:
+    """Who plays which account-level part (n_inst each), and the customers left as bystanders."""
+    accounts = len(s.customers)
+    order = arng.permutation(accounts).tolist()
+    cast: dict[str, list[_Account]] = {}
+    used: set[int] = set()
+    for name in _ACCOUNT_SCENARIOS:
+        # Structurers move real money: CNY accounts with a sizeable median. An account that went dormant
+        # had been active: at least a few transactions a day before it fell silent.
+        fits = [i for i in order if (name != "structuring"
+                or (s.customers[i].currency == "CNY" and s.customers[i].median >= 300))
+                and (name != "dormant" or s.customers[i].rate >= 6)] or order
+        free = [i for i in fits if i not in used] or fits
+        cast[name] = [s.customers[free[k % len(free)]] for k in range(n_inst)]
+        used.update(free[:n_inst])
+    cast["fund_isolation"] = [s.institutions[k % len(s.custody_ids)] for k in range(n_inst)]
+    bystanders = [s.customers[i] for i in order if i not in used] or s.customers
+    return cast, bystanders
+
+
 def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: datetime = DEFAULT_START,
              instruments: int = 12, scenarios: Sequence[str] = ALL_SCENARIOS,
              rate_scale: float = 1.0) -> list[dict[str, Any]]:
@@ -442,14 +475,7 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
     >>> sorted({e["scenario"] for e in events if e["label"]})[:3]
     ['card_testing', 'dormant', 'fund_isolation']
     """
-    unknown = sorted(set(scenarios) - set(ALL_SCENARIOS))
-    if unknown:
-        raise ValueError(f"unknown scenarios {unknown}; choose from {list(ALL_SCENARIOS)}")
-    if seed < 0 or accounts < 1 or days <= 0 or instruments < 0 or rate_scale < 0:
-        raise ValueError(f"need seed >= 0, accounts >= 1, days > 0, instruments >= 0, rate_scale >= 0; got "
-                         f"{seed=}, {accounts=}, {days=}, {instruments=}, {rate_scale=}")
-    if start.utcoffset() is None:
-        raise ValueError(f"start must be timezone-aware, got {start.isoformat()}; add e.g. tzinfo=+08:00")
+    _check_args(seed, accounts, days, start, instruments, scenarios, rate_scale)
     paused = gc.isenabled()
     gc.disable()  # the events hold no cycles, yet rescanning them every ~700 allocations costs ~20% of the time
     try:
@@ -462,21 +488,7 @@ def generate(*, seed: int = 7, accounts: int = 500, days: float = 3.0, start: da
 
         # Who plays which part is drawn whatever scenarios are asked for, so subsets stay comparable.
         arng = _rng(seed, 2)
-        n_inst = max(3, round(accounts / 100 * rate_scale))
-        order = arng.permutation(accounts).tolist()
-        cast: dict[str, list[_Account]] = {}
-        used: set[int] = set()
-        for name in _ACCOUNT_SCENARIOS:
-            # Structurers move real money: CNY accounts with a sizeable median. An account that went dormant
-            # had been active: at least a few transactions a day before it fell silent.
-            fits = [i for i in order if (name != "structuring"
-                    or (s.customers[i].currency == "CNY" and s.customers[i].median >= 300))
-                    and (name != "dormant" or s.customers[i].rate >= 6)] or order
-            free = [i for i in fits if i not in used] or fits
-            cast[name] = [s.customers[free[k % len(free)]] for k in range(n_inst)]
-            used.update(free[:n_inst])
-        cast["fund_isolation"] = [s.institutions[k % len(s.custody_ids)] for k in range(n_inst)]
-        bystanders = [s.customers[i] for i in order if i not in used] or s.customers
+        cast, bystanders = _cast(s, arng, max(3, round(accounts / 100 * rate_scale)))
         for acc in bystanders[: max(1, round(0.01 * accounts))]:
             s.big_purchase(arng, acc)
         # About 1% of ordinary customers go quiet for days and come back: what a dormant account must be told from.

@@ -82,3 +82,23 @@ def test_the_worker_and_replay_raise_the_same_warnings_from_the_same_events(tmp_
             replay[(d["alert_id"], tuple(d["event_ids"]))] = (d["level"], d["score"], d["reasons"])
     assert len(replay) > 20
     assert worker == replay
+
+
+def test_a_redelivered_tick_is_not_scored_again_and_the_caller_stores_the_state() -> None:
+    from models.aggregates import MarketAccumulator
+    from models.core import MarketScorer, TickCore
+    from models.schemas import MarketTick
+
+    stress = MarketAccumulator("p0")
+    core = TickCore(MarketScorer(load_catalogue()), MemoryStore(), lambda p: stress)
+    ticks = [MarketTick.model_validate({"event_id": f"t{i}", "event_type": "market", "instrument": "INS01",
+                                        "ts": f"2026-11-01T10:{i:02d}:00Z", "price": 100.0 + i, "venue": "SSE"})
+             for i in range(3)]
+    for i, t in enumerate(ticks[:2]):
+        stepped = core.step(t, t.ts.timestamp(), 0, i)
+        assert stepped is not None
+        core.store.put(0, b"INS01", stepped[0])
+    assert core.store.get(0, b"INS01").offset == 1
+    assert core.step(ticks[1], ticks[1].ts.timestamp(), 0, 1) is None  # redelivered
+    stepped = core.step(ticks[2], ticks[2].ts.timestamp(), 0, 2)
+    assert stepped is not None and [p.bucket for p in stepped[3]] == [ticks[1].ts.timestamp()]
