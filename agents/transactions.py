@@ -234,11 +234,15 @@ class AccountTable:
         self.warm.pop((partition, key), None)
 
     def iterate(self, partition: int) -> Iterator[tuple[bytes, AccountState]]:
-        """Every (key, state) of a partition, decoded (not for the hot path)."""
-        for key, _ in list(self.table.items(partition)):
-            state = self.get(partition, key)
-            if state is not None:
-                yield key, state
+        """Every (key, state) of a partition, decoded (not for the hot path); reading marks nothing changed."""
+        stored = dict(self.table.items(partition))
+        for (p, key), state in list(self.live.items()):
+            if p == partition and key not in stored:
+                yield key, state  # new since the last flush
+        for key, blob in stored.items():
+            sk = (partition, key)
+            held = self.live.get(sk) or self.warm.get(sk)
+            yield key, held if held is not None else self.restore(partition, key, blob)
 
     def rollback(self, partition: int, key: bytes) -> None:
         """Drop the account's changes since the last flush: its next event reads the stored state again."""

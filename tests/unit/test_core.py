@@ -102,3 +102,18 @@ def test_a_redelivered_tick_is_not_scored_again_and_the_caller_stores_the_state(
     assert core.step(ticks[1], ticks[1].ts.timestamp(), 0, 1) is None  # redelivered
     stepped = core.step(ticks[2], ticks[2].ts.timestamp(), 0, 2)
     assert stepped is not None and [p.bucket for p in stepped[3]] == [ticks[1].ts.timestamp()]
+
+
+def test_the_workers_account_table_iterates_stored_and_new_states_without_marking_them_changed(
+        tmp_path: Path) -> None:
+    proc = build_engine(tmp_path).processor
+    events = [_txn(f"e{i}", f"2026-11-01T10:0{i}:00Z", f"A{i}") for i in range(3)]
+    asyncio.run(proc.process([SimpleNamespace(topic="t", partition=0, offset=i, value=e.model_dump_json().encode())
+                              for i, e in enumerate(events[:2])]))
+    proc.write_state()  # A0 and A1 stored
+    asyncio.run(proc.process([SimpleNamespace(topic="t", partition=0, offset=2,
+                                              value=events[2].model_dump_json().encode())]))
+    assert set(proc.live) == {(0, b"A2")}
+    got = dict(proc.states.iterate(0))
+    assert sorted(got) == [b"A0", b"A1", b"A2"] and all(st.n == 1 for st in got.values())
+    assert set(proc.live) == {(0, b"A2")}, "reading the table does not make its states changed"
