@@ -100,7 +100,11 @@ class _StressTables:
         self.changes_before = 0  # the accumulator's change count before the current tick's step
 
     def of(self, partition: int) -> MarketAccumulator:
-        """The partition's stress accumulator, read back from its table after a start, a crash or a move."""
+        """The partition's stress accumulator, read back from its table after a start, a crash or a move.
+
+        TickCore.step asks for it just before adding the tick, so its change count is remembered
+        here: write() then stores only what this tick changed.
+        """
         acc = self.stress.get(partition)
         if acc is None:
             acc, self.sampled[partition] = _stress_of(self.rt, self.table, partition)

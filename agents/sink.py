@@ -39,10 +39,11 @@ class Sink:
             listener(alert)  # type: ignore[operator]
 
     async def raised(self, raised: list[Raised]) -> None:
-        """Publish a monitor's raised warnings, counted by rule, and wait until Kafka has them.
+        """Publish a monitor's raised warnings, counted by rule, and wait until Kafka has them (Faust agents).
 
         Delivered before the state that remembers them is written: a crash in between raises them
-        again (the same alert_id), never loses them.
+        again (the same alert_id), never loses them. It waits on the Faust app's producer, so the
+        transaction engine (a BufferedSink, delivered with its batch) does not use it.
         """
         m = self.m
         for r in raised:

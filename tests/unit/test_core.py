@@ -117,3 +117,19 @@ def test_the_workers_account_table_iterates_stored_and_new_states_without_markin
     got = dict(proc.states.iterate(0))
     assert sorted(got) == [b"A0", b"A1", b"A2"] and all(st.n == 1 for st in got.values())
     assert set(proc.live) == {(0, b"A2")}, "reading the table does not make its states changed"
+
+
+def test_iterating_the_account_table_leaves_an_undecodable_value_to_the_accounts_next_read(tmp_path: Path) -> None:
+    proc = build_engine(tmp_path).processor
+    good = _txn("e0", "2026-11-01T10:00:00Z", "A0")
+    asyncio.run(proc.process([SimpleNamespace(topic="t", partition=0, offset=0,
+                                              value=good.model_dump_json().encode())]))
+    proc.write_state()
+    proc.warm.clear()  # read from the table, not from the cache
+    proc.accounts.put(0, b"bad", b"not an account state")
+    counter = proc.m.state_quarantined.labels("accounts")
+    before = counter._value.get()
+    assert [k for k, _ in proc.states.iterate(0)] == [b"A0"]
+    assert [k for k, _ in proc.states.iterate(0)] == [b"A0"]
+    assert counter._value.get() == before, "iterating sets nothing aside"
+    assert proc.states.get(0, b"bad").n == 0 and counter._value.get() == before + 1, "the read sets it aside once"
