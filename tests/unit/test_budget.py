@@ -15,6 +15,7 @@ from models.features import AccountState
 from models.pipeline import Pipeline
 from models.rules import AnomalyParams, Catalogue, load_catalogue, parse_catalogue
 from models.schemas import Transaction
+from models.scoring import TransactionScorer
 from models.synth import generate
 
 
@@ -187,3 +188,43 @@ def test_budgets_must_name_a_category_the_model_can_warn_in():
         _catalogue(budgets={"card_testing": 1.0})
     with pytest.raises(ConfigError, match="unknown reason codes"):
         _catalogue(categories={"colour": "x"})
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_events_already_judged_anomalous_do_not_teach_the_calibration(make_txn, fused):
+    # The calibration describes ordinary events. An event a critical rule warns, or one of at least
+    # `high_evidence` nats, is set aside: learned, such events filled the top of the distribution on a
+    # day with a liquidity run and ordinary traffic ranked lower. Once the budget is all spent (the
+    # operating point at its floor) they are learned again, so the budget still holds.
+    sc = TransactionScorer(_catalogue(budget_per_1000=2.0, high_evidence=3.0))
+    step = sc.process if fused else sc.process_reference
+    states: dict[str, AccountState] = {}
+
+    def learned(**kw: Any) -> tuple[Any, float]:
+        e = Transaction.model_validate(make_txn(**kw))
+        before = sc.detector.calibrator.total
+        out = step(e, states.setdefault(e.account_id, AccountState()))
+        return out, sc.detector.calibrator.total - before
+
+    for i in range(600):
+        acct = f"a{i % 30}"
+        learned(account_id=acct, amount=80 + i % 40, minutes=i * 5.0, counterparty_id=f"shop{i % 3}",
+                device_id=f"d-{acct}")
+    t = 600 * 5.0
+    out, n = learned(account_id="a1", amount=100.0, minutes=t, counterparty_id="shop1", device_id="d-a1")
+    assert out.raw < 3.0 and n == 1.0, "an ordinary event is learned"
+    out, n = learned(account_id="a2", account_kind="custody", counterparty_id="P00", counterparty_kind="platform_own",
+                     amount=90.0, minutes=t + 1, device_id="d-a2")
+    assert [f.level for f in out.findings if f.category == "fund_isolation"] == ["critical"] and n == 0.0
+    odd = {"amount": 600.0, "counterparty_id": "stranger", "device_id": "new-phone"}
+    out, n = learned(account_id="a3", minutes=t + 2, **odd)
+    assert out.raw >= 3.0 and n == 0.0, out.raw
+    assert not [f for f in out.findings if f.level in ("high", "critical") and f.detector != "surprise"], out.findings
+    det = sc.detector
+    for point in det.points.values():
+        point[0], point[3] = -BUDGET_LOG_RANGE, point[3] * math.exp(-BUDGET_LOG_RANGE - point[0])
+    det.share = max(p[3] for p in det.points.values())
+    det._refresh_at = float("inf")
+    out, n = learned(account_id="a4", minutes=t + 3, **odd)
+    assert not [f for f in out.findings if f.level in ("high", "critical") and f.detector != "surprise"], out.findings
+    assert out.raw >= 3.0 and n == 1.0, "with the whole budget spent, strong events are learned again"
