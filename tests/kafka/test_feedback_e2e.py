@@ -7,8 +7,8 @@ resolved, all `false_positive` in one run, all `confirmed` in the control run, t
 `app.cli_disposal.publish_act` onto risk.acks. Once the worker has fed the verdicts back (its
 follower has read them all from risk.feedback), day 5 goes in. That kind's warnings per 1,000
 transactions must fall to under a third of day 4's after false positives, and stay at four fifths
-or more after confirmations (replayed offline the same stream gives 58 -> 8 and 58 -> 57; without
-verdicts 58 -> 33, which is why the bar for a drop is a third: a worker that ignored verdicts fails).
+or more after confirmations (replayed offline the same stream gives 57 -> 12 and 57 -> 48; without
+verdicts 57 -> 30, which is why the bar for a drop is a third: a worker that ignored verdicts fails).
 risk.audit must carry the adaptation records naming the key.
 """
 
