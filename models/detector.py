@@ -24,6 +24,7 @@ WEIGHTS: dict[str, float] = {
     "amount": 1.0,
     "new_counterparty": 0.7,
     "new_device": 1.0,
+    "new_country": 1.0,
     "velocity": 0.6,
     "tiny_burst": 1.2,
     "hour": 0.5,
@@ -74,6 +75,10 @@ def surprises(f: TxnFeatures) -> dict[str, float]:
     if f.new_device or f.fresh_device:
         # A device first seen minutes ago is as telling as a new one: takeovers come in sessions.
         out["new_device"] = -math.log(f.p_new_device)
+    if f.new_country:
+        # A debit from a country the account never paid from: with a new device, the classic takeover.
+        v = -math.log(f.p_new_country)
+        out["new_country"] = v if v < CAP else CAP
     if f.debits_10m > max(1, f.burst_max):
         # Only bursts beyond the account's own largest so far: people shop in bursts too.
         v = _poisson_tail_surprise(f.debits_10m - f.burst_max, f.expected_10m) - 1.0
@@ -378,6 +383,9 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
         elif k == "new_device":
             r = (k, f"first use of this device on the account (new devices {f.p_new_device:.0%} of the time)",
                  1.0, f.p_new_device)
+        elif k == "new_country":
+            r = (k, f"first debit from {f.country} on the account (new countries {f.p_new_country:.0%} of the time)",
+                 1.0, f.p_new_country)
         elif k == "velocity":
             hi = max(1, math.ceil(f.expected_10m + 2 * math.sqrt(f.expected_10m)))
             r = (k, f"{f.debits_10m} debits in {VELOCITY_WINDOW / 60:.0f} minutes (usual: 0-{hi})",

@@ -18,6 +18,7 @@ AMOUNT_HISTORY = 24
 DEBIT_HISTORY = 32
 KNOWN_COUNTERPARTIES = 24
 KNOWN_DEVICES = 6
+KNOWN_COUNTRIES = 6
 VELOCITY_WINDOW = 600.0  # seconds: the "short window" of the velocity feature
 HOUR = 3600.0
 DAY = 86400.0
@@ -84,6 +85,7 @@ class AccountState:
         "in_ts",
         "cp_counts",
         "shift_log",
+        "countries",
     )
 
     def __init__(self) -> None:
@@ -128,19 +130,23 @@ class AccountState:
         # state already applied takes its step again, so the shifts, and the rules' "x this
         # account's usual", come out as they did the first time). Empty in replay.
         self.shift_log = array("q")
+        # Hashes of the countries the account's debits came from, oldest first (at most KNOWN_COUNTRIES).
+        self.countries = array("q")
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         full = len(self.__slots__)
-        if len(state) == full - 7:  # pickled before `offset` existed
+        if len(state) == full - 8:  # pickled before `offset` existed
             state = (*state, -1)
-        if len(state) == full - 6:  # pickled before the session fields existed
+        if len(state) == full - 7:  # pickled before the session fields existed
             state = (*state, 0.0, 0.0, 0.0, 0.0)
-        if len(state) == full - 2:  # pickled before payees were counted: each counts once
+        if len(state) == full - 3:  # pickled before payees were counted: each counts once
             state = (*state, array("H", [1] * len(state[_CP_SLOT])))
-        if len(state) == full - 1:  # pickled before the shift log
+        if len(state) == full - 2:  # pickled before the shift log
+            state = (*state, array("q"))
+        if len(state) == full - 1:  # pickled before countries were kept
             state = (*state, array("q"))
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
@@ -191,7 +197,7 @@ class AccountState:
             raise StateCodecError(f"not an AccountState blob of version 1 to {_VERSION} "
                                   f"(starts with {bytes(blob[:2])!r})")
         st = cls.__new__(cls)
-        if head is _HEAD or head is _HEAD_V3:
+        if head is _HEAD or head is _HEAD_V4 or head is _HEAD_V3:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
              st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
              st.day_out, st.day_out_ew, st.ev_sum, st.ev_ts, st.in_new, st.in_ts) = fields[2:23]
@@ -222,8 +228,10 @@ class AccountState:
             setattr(st, name, a)
             off = end
         st.alerts = _alerts_from_json(view[off:]) if off < size else {}
-        if head is not _HEAD:
+        if head is not _HEAD and head is not _HEAD_V4:
             st.shift_log = array("q")
+        if head is not _HEAD:
+            st.countries = array("q")
         if head is _HEAD_V2 or head is _HEAD_V1:
             st.cp_counts = array("H", [1] * len(st.counterparties))  # not counted before version 3: once each
         elif len(st.cp_counts) != len(st.counterparties):
@@ -236,20 +244,21 @@ class StateCodecError(ValueError):
     """A state that the compact codec cannot write, or a blob it refuses to read."""
 
 
-# STATE_FORMAT, version 4, little-endian: magic 0xA5, version byte, then five uint32 counts
+# STATE_FORMAT, version 5, little-endian: magic 0xA5, version byte, then five uint32 counts
 # (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, fourteen float64 scalars
 # (_FLOAT_FIELDS order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only
 # when the account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
-# Versions 1 (no offset), 2 (no ev_sum, ev_ts, in_new, in_ts, cp_counts) and 3 (no shift_log) are still
-# read. Pickle blobs start with 0x80 (protocol >= 2), so the two formats are told apart by the first byte.
+# Versions 1 (no offset), 2 (no ev_sum, ev_ts, in_new, in_ts, cp_counts), 3 (no shift_log) and 4 (no
+# countries) are still read. Pickle blobs start with 0x80 (protocol >= 2), so the two formats are told
+# apart by the first byte.
 _MAGIC = 0xA5
-_VERSION = 4
+_VERSION = 5
 _INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev", "offset")
 _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
                  "day_out", "day_out_ew", "ev_sum", "ev_ts", "in_new", "in_ts")
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"), ("cp_counts", "H"),
-           ("shift_log", "q"))
+           ("shift_log", "q"), ("countries", "q"))
 _ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
 # The head's scalars in their order (_INT_FIELDS, then _FLOAT_FIELDS), and the arrays, read at once.
 _get_scalars = attrgetter(*_INT_FIELDS, *_FLOAT_FIELDS)
@@ -257,16 +266,17 @@ _get_arrays = attrgetter(*(name for name, _ in _ARRAYS))
 _SCALAR_TYPES = (int,) * len(_INT_FIELDS) + (float,) * len(_FLOAT_FIELDS)
 _ARRAY_TYPES = (array,) * len(_ARRAYS)
 _ARRAY_CODES = [code for _, code in _ARRAYS]
-_HEAD = struct.Struct("<BB5Iqq14d10B")
+_HEAD = struct.Struct("<BB5Iqq14d11B")
+_HEAD_V4 = struct.Struct("<BB5Iqq14d10B")
 _HEAD_V3 = struct.Struct("<BB5Iqq14d9B")
 _HEAD_V2 = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
-_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD}
-_N_ARRAYS = {_HEAD: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
+_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD_V4, 5: _HEAD}
+_N_ARRAYS = {_HEAD: 11, _HEAD_V4: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
 _BIG_ENDIAN = sys.byteorder == "big"
 # Where last_ts sits in the head: after the counts, fresh_dev, offset (from version 2) and first_ts.
 _LAST_TS_AT = {1: struct.calcsize("<BB5Iqd"), 2: struct.calcsize("<BB5Iqqd"), 3: struct.calcsize("<BB5Iqqd"),
-               4: struct.calcsize("<BB5Iqqd")}
+               4: struct.calcsize("<BB5Iqqd"), 5: struct.calcsize("<BB5Iqqd")}
 _F64 = struct.Struct("<d")
 
 
@@ -409,6 +419,10 @@ class TxnFeatures:
     inflow_new: float = 0.0  # recent money in from new counterparties, faded to now
     idle: float = 0.0  # seconds since the account's last transaction (0 for its first)
     typical_gap: float = DAY  # the account's usual seconds between debits
+    country: str | None = None  # the debit's country, as given
+    country_hash: int = 0  # its hash when the account's debits never came from it (to learn), else 0
+    new_country: bool = False  # a country the account's debits never came from, when some came from one
+    p_new_country: float = 1.0  # how often the account's debits came from a country new to it
 
 
 def _median(values: list[float]) -> float:
@@ -478,7 +492,8 @@ INBOUND_TYPES = frozenset({"transfer"})
 
 
 def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
-            device: str | None, local_hour: int, txn_type: str = "payment", shift: float = 0.0) -> TxnFeatures:
+            device: str | None, local_hour: int, txn_type: str = "payment", shift: float = 0.0,
+            country: str | None = None) -> TxnFeatures:
     """Compute the features of a transaction from the state before it (score before learn).
 
     `shift` is how much larger, in log units, this type of transaction usually is than the
@@ -495,6 +510,10 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
     cp = stable_hash(counterparty)
     dev = stable_hash(device) if device else 0
     new_dev = dev != 0 and dev not in state.devices
+    ctry = stable_hash(country) if debit and country else 0
+    if ctry and ctry in state.countries:
+        ctry = 0
+    known = len(state.countries)
 
     c24, c1h, c10, tiny = _debit_counts(state, ts)
     # Expected debits in 10 minutes from the account's typical gap; floor keeps new accounts sane.
@@ -532,6 +551,12 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         inflow_new=inflow,
         idle=ts - state.last_ts if state.n else 0.0,
         typical_gap=typical_gap if state.n_debits >= 3 else DAY,
+        country=country,
+        country_hash=ctry,
+        new_country=ctry != 0 and known > 0,
+        # Known countries over debits, the first one not counted as a change (as with payees: every
+        # account had a first); most accounts pay from one country all their life.
+        p_new_country=known / (state.n_debits + 2.0),
     )
 
 
@@ -624,6 +649,8 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
             # Daily outflow baseline, EW over days; seeded by the first full day.
             state.day_out_ew = state.day_out if state.day_out_ew == 0 else 0.8 * state.day_out_ew + 0.2 * state.day_out
         state.day_start, state.day_in, state.day_out = ts, 0.0, 0.0
+    if f.country_hash:
+        _push(state.countries, f.country_hash, KNOWN_COUNTRIES)
     if f.debit:
         state.day_out += f.amount
         dts = state.debit_ts

@@ -35,6 +35,7 @@ from models.features import (
     INBOUND_TYPES,
     INFLOW_SECONDS,
     KNOWN_COUNTERPARTIES,
+    KNOWN_COUNTRIES,
     KNOWN_DEVICES,
     MIN_LOG_SPREAD,
     SESSION_FLOOR,
@@ -388,6 +389,17 @@ class TransactionScorer:
                 raw += -log(p_new_payee(state)) * w.get("new_counterparty", 0.0)
             if new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR):
                 raw += -log((state.new_dev + 1.0) / (n + 2.0)) * w.get("new_device", 0.0)
+            country = txn.country
+            ctry = 0
+            if country:
+                b = country.encode()
+                ctry = (crc32(b) << 31) ^ adler32(b)
+                countries = state.countries
+                if ctry in countries:
+                    ctry = 0
+                elif countries:
+                    v = -log(len(countries) / (n_debits + 2.0))
+                    raw += (v if v < CAP else CAP) * w.get("new_country", 0.0)
             if d10 > 1 and d10 > burst_max:
                 v = _poisson_tail_surprise(d10 - burst_max, expected) - 1.0
                 if v > 0:
@@ -473,7 +485,7 @@ class TransactionScorer:
         covered = _covered(findings) if findings else False
         if not cold and cal >= 1.0 - det.share * self._fb_max and not covered:
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
-            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift)
+            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift, txn.country)
             model = self._model(txn, f, surprises(f), raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -530,6 +542,10 @@ class TransactionScorer:
                 state.day_start = ts
                 state.day_in = 0.0
             if debit:
+                if ctry:
+                    countries.append(ctry)
+                    if len(countries) > KNOWN_COUNTRIES:
+                        del countries[0]
                 state.day_out = day_out
                 if k:
                     gap = ts - dts[-1]
@@ -622,7 +638,8 @@ class TransactionScorer:
         hour = txn.ts.hour
         det = self.detector
         shift = det.shift(txn.txn_type, debit)
-        f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type, shift)
+        f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type, shift,
+                    txn.country)
         x = surprises(f)
         raw = det.raw(x)
         # The raw score without the session's share: what this event adds to the session.

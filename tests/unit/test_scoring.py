@@ -117,6 +117,36 @@ def test_model_warns_on_a_takeover_like_event_with_readable_reasons(make_txn):
     assert all(0.0 <= o.score <= 1.0 for o in outs)
 
 
+def test_a_debit_from_a_country_new_to_the_account_is_evidence_in_proportion_to_its_habits(make_txn):
+    sc = TransactionScorer(load_catalogue())
+
+    def history(acct: str, countries: list[str]) -> AccountState:
+        st = AccountState()
+        for i in range(40):
+            sc.process(txn(make_txn, account_id=acct, amount=80 + i % 7, minutes=i * 60.0,
+                           counterparty_id=f"shop{i % 3}", country=countries[i % len(countries)]), st)
+        return st
+
+    def raw(st: AccountState, acct: str, country: str | None) -> float:
+        probe = pickle.loads(pickle.dumps(st))  # the same state for each probe
+        return sc.process(txn(make_txn, account_id=acct, amount=83.0, minutes=2400.0, counterparty_id="shop1",
+                              country=country), probe).raw
+
+    home = history("home", ["CN"])
+    travels = history("travels", ["CN", "JP", "US", "GB", "SG", "DE"])
+    at_home, abroad, unknown = raw(home, "home", "CN"), raw(home, "home", "NG"), raw(home, "home", None)
+    # 1 known country in 40 debits: ln(42) = 3.7 nats; an account seen in six countries, far less.
+    assert abroad - at_home == pytest.approx(3.738, abs=0.01)
+    assert unknown == at_home
+    assert 0 < raw(travels, "travels", "NG") - raw(travels, "travels", "CN") < 2.0
+    from models.detector import explain, surprises
+    from models.features import observe
+
+    f = observe(home, 2400 * 60.0, 83.0, True, "shop1", "dev-1", 12, "payment", 0.0, "NG")
+    assert f.new_country and [m for c, m, *_ in explain(surprises(f), f, "CNY", 12) if c == "new_country"] == [
+        "first debit from NG on the account (new countries 2% of the time)"]
+
+
 _STATES: dict[str, AccountState] = {}
 
 
@@ -203,6 +233,10 @@ def _scenario_stream() -> list[Transaction]:
             e["currency"] = rnd.choice(["USD", "HKD", "JPY"])
         elif r < 0.06:
             e["amount"] = round(rnd.uniform(0.01, 6.0), 2)
+        elif r < 0.08:
+            e["country"] = rnd.choice(["RU", "SG"])  # abroad now and then, or no country given
+        elif r < 0.09:
+            e.pop("country", None)
         out.append(e)
         if rnd.random() < 0.02:
             out.append(dict(e))  # a redelivery
@@ -238,6 +272,7 @@ def test_fused_scoring_matches_the_step_by_step_reference_bit_for_bit():
     assert {"anomaly", "large_transaction", "structuring", "velocity", "amount_spike", "money_mule",
             "dormant_account"} <= kinds, kinds
     assert any(g[2] for g in ref) and any(g[3] for g in ref), "the stream must hold duplicates and late events"
+    assert any(r["code"] == "new_country" for g in ref for f in g[6] for r in f[4]), "a new country must count"
     assert fused == ref
     assert fused_state == ref_state
 

@@ -1,0 +1,123 @@
+# ruff: noqa  # a throwaway-style generator kept as written for the record of docs/evaluation.md
+"""An independent labelled stream, written without looking at models/synth.py's choices.
+
+Plain design: per-account lognormal amounts, Poisson arrivals with a day/night cycle, 1-3 devices,
+a payee pool with Zipf use, weekly salary; UTC 'Z' timestamps; USD.
+"""
+import gzip
+import json
+import math
+import random
+import sys
+from datetime import UTC, datetime
+
+seed = int(sys.argv[1]); N = int(sys.argv[2]); DAYS = int(sys.argv[3]); out = sys.argv[4]
+EP = int(sys.argv[5]) if len(sys.argv) > 5 else 40
+import os; BIG = float(os.environ.get("BIG", "0.01"))
+rng = random.Random(seed)
+T0 = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
+END = T0 + DAYS * 86400
+events = []
+cid = [0]
+
+def emit(ts, acct, **kw):
+    cid[0] += 1
+    e = {"event_id": f"i{seed}-{cid[0]:08d}", "event_type": "transaction",
+         "ts": datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+         "account_id": acct["id"], "currency": "USD", "account_kind": "customer", "label": 0}
+    e.update(kw)
+    events.append((ts, e))
+
+def intensity(ts):
+    h = ((ts - T0) % 86400) / 3600 + acct_tz
+    h %= 24
+    return 0.15 if h < 7 else (1.0 if h < 22 else 0.4)
+
+accounts = []
+for i in range(N):
+    a = {"id": f"C{i:06d}", "mu": rng.uniform(2.5, 7.0), "sig": rng.uniform(0.35, 1.1),
+         "rate": math.exp(rng.gauss(math.log(3), 0.9)),
+         "devices": [f"d{i}-{k}" for k in range(rng.choice([1, 1, 2, 3]))],
+         "payees": [f"P{rng.randrange(10**7):07d}" for _ in range(rng.randint(2, 25))],
+         "tz": rng.choice([0, 0, 5, 8, -5]), "ip": f"10.{i % 250}.{rng.randrange(250)}.{rng.randrange(250)}",
+         "country": rng.choice(["US", "US", "US", "GB", "SG"])}
+    a["merchants"] = [f"M{rng.randrange(20000):05d}" for _ in range(rng.randint(5, 40))]
+    accounts.append(a)
+
+def normal_debit(a, ts):
+    r = rng.random()
+    dev = rng.choices(a["devices"], weights=[0.8] + [0.2 / max(1, len(a["devices"]) - 1)] * (len(a["devices"]) - 1))[0]
+    amt = round(math.exp(rng.gauss(a["mu"], a["sig"])), 2)
+    if r < 0.68:
+        m = a["merchants"][min(int(rng.paretovariate(1.2)) - 1, len(a["merchants"]) - 1)]
+        emit(ts, a, counterparty_id=m, amount=amt, direction="debit", txn_type="payment", channel="card",
+             counterparty_kind="customer", device_id=dev, ip=a["ip"], country=a["country"])
+    elif r < 0.90:
+        p = a["payees"][min(int(rng.paretovariate(1.0)) - 1, len(a["payees"]) - 1)]
+        if rng.random() < 0.04:
+            p = f"P{rng.randrange(10**7):07d}"; a["payees"].append(p)
+        emit(ts, a, counterparty_id=p, amount=amt, direction="debit", txn_type="transfer", channel="app",
+             device_id=dev, ip=a["ip"], country=a["country"])
+    else:
+        emit(ts, a, counterparty_id=f"BANK-{a['id']}", amount=round(amt * rng.uniform(2, 6), 2), direction="debit",
+             txn_type="withdrawal", channel="app", device_id=dev, ip=a["ip"], country=a["country"])
+    if rng.random() < BIG:  # a legit big purchase now and then
+        emit(ts + rng.uniform(60, 3600), a, counterparty_id=rng.choice(a["merchants"]),
+             amount=round(amt * rng.uniform(4, 12), 2), direction="debit", txn_type="payment", channel="card",
+             device_id=dev, ip=a["ip"], country=a["country"])
+
+for a in accounts:
+    acct_tz = a["tz"]
+    ts = T0 + rng.uniform(0, 86400 / a["rate"])
+    while ts < END:
+        ts += rng.expovariate(a["rate"] / 86400 * 1.6)
+        if rng.random() < intensity(ts) and ts < END:
+            if rng.random() < 0.85:
+                normal_debit(a, ts)
+            else:
+                emit(ts, a, counterparty_id=rng.choice(a["payees"]), amount=round(math.exp(rng.gauss(a["mu"], a["sig"])), 2),
+                     direction="credit", txn_type="transfer", channel="app", device_id=None)
+    day = T0 + rng.uniform(0, 7) * 86400
+    while day < END:
+        emit(day, a, counterparty_id=f"EMP{int(a['mu']*100)}", amount=round(math.exp(a["mu"] + 2.5), 2), direction="credit",
+             txn_type="deposit", channel="bank")
+        day += 7 * 86400
+
+def lab(scen, inst):
+    return {"label": 1, "scenario": scen, "scenario_instance": inst}
+
+def history_ok(a):
+    return a["rate"] * 2 > 1.0
+
+pool = [a for a in accounts if history_ok(a)]
+rng.shuffle(pool)
+for k in range(EP):
+    a = pool.pop()
+    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    dev, ip = f"atk-{seed}-{k}", f"185.{rng.randrange(250)}.{rng.randrange(250)}.9"
+    for j in range(rng.randint(2, 6)):
+        ts += rng.uniform(40, 600)
+        emit(ts, a, counterparty_id=f"MULE{rng.randrange(10**6)}", amount=round(math.exp(a["mu"] + rng.uniform(0.7, 2.3)), 2),
+             direction="debit", txn_type=rng.choice(["transfer", "transfer", "withdrawal"]), channel="app",
+             device_id=dev, ip=ip, country=rng.choice(["RU", "NG", "BR", "US"]), **lab("account_takeover", f"ato:{a['id']}"))
+for k in range(EP):
+    a = pool.pop()
+    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    for j in range(rng.randint(5, 14)):
+        ts += rng.uniform(5, 90)
+        emit(ts, a, counterparty_id=f"M{rng.randrange(20000, 99999)}", amount=round(rng.uniform(0.5, 4.0), 2),
+             direction="debit", txn_type="payment", channel="card", device_id=a["devices"][0], ip=a["ip"],
+             country=a["country"], **lab("card_testing", f"ct:{a['id']}"))
+for k in range(EP):
+    a = pool.pop()
+    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    typ = rng.choice(["payment", "transfer", "withdrawal"])
+    cp = rng.choice(a["merchants"]) if typ == "payment" else (rng.choice(a["payees"]) if typ == "transfer" else f"BANK-{a['id']}")
+    emit(ts, a, counterparty_id=cp, amount=round(math.exp(a["mu"]) * rng.uniform(8, 40), 2), direction="debit",
+         txn_type=typ, channel="app", device_id=a["devices"][0], ip=a["ip"], country=a["country"],
+         **lab("spike", f"spike:{a['id']}"))
+events.sort(key=lambda x: x[0])
+with gzip.open(out, "wt") as f:
+    for _, e in events:
+        f.write(json.dumps({k: v for k, v in e.items() if v is not None}) + "\n")
+print(len(events), "events")
