@@ -72,7 +72,7 @@ def surprises(f: TxnFeatures) -> dict[str, float]:
         out["amount"] = min(z - 1.0, CAP) * conf
     if f.new_counterparty:
         out["new_counterparty"] = -math.log(f.p_new_counterparty)
-    if f.new_device or f.fresh_device:
+    if (f.new_device or f.fresh_device) and f.p_new_device < 1.0:
         # A device first seen minutes ago is as telling as a new one: takeovers come in sessions.
         out["new_device"] = -math.log(f.p_new_device)
     if f.new_country:

@@ -50,6 +50,7 @@ from models.features import (
     log_shift_step,
     median_mad,
     observe,
+    p_new_device,
     p_new_payee,
     stable_hash,
 )
@@ -387,8 +388,8 @@ class TransactionScorer:
                 raw += (CAP if v > CAP else v) * conf * 0.5 * w.get("amount", 0.0)
             if new_cp:
                 raw += -log(p_new_payee(state)) * w.get("new_counterparty", 0.0)
-            if new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR):
-                raw += -log((state.new_dev + 1.0) / (n + 2.0)) * w.get("new_device", 0.0)
+            if state.new_dev and (new_dev or (dev != 0 and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR)):
+                raw += -log(p_new_device(state)) * w.get("new_device", 0.0)
             country = txn.country
             ctry = 0
             if country:
