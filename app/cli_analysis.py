@@ -326,12 +326,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _episode_table(eps: dict[str, Any]) -> None:
     print("episodes (one entity's run of risky events in one scenario) warned by any warning; delay to the first")
-    print(f"{'':37}{'delay, risky events':>20}{'delay, seconds':>20}")
-    print(f"{'scenario':16}{'level':9}{'warned':>9}{'recall':>7}{'median':>10}{'p90':>10}{'median':>10}{'p90':>10}")
     rows = [*eps["per_scenario"].items(), ("all", {**eps["overall"], "level": ""})]
+    # Scenario names are the stream's own (another generator's `account_takeover`): the column fits them.
+    w = max(16, *(len(scen) + 1 for scen, _ in rows))
+    print(f"{'':{w + 21}}{'delay, risky events':>20}{'delay, seconds':>20}")
+    print(f"{'scenario':{w}}{'level':9}{'warned':>9}{'recall':>7}{'median':>10}{'p90':>10}{'median':>10}{'p90':>10}")
     for scen, r in rows:
         print(
-            f"{scen:16}{r['level']:9}{r['warned']:>4} of {r['episodes']:<3}{_fmt(r['recall'], '.2f'):>6}"
+            f"{scen:{w}}{r['level']:9}{r['warned']:>4} of {r['episodes']:<3}{_fmt(r['recall'], '.2f'):>6}"
             f"{_fmt(r['median_delay_events'], 'g'):>10}{_fmt(r['p90_delay_events'], '.3g'):>10}"
             f"{_fmt(r['median_delay_seconds'], ',.0f'):>10}{_fmt(r['p90_delay_seconds'], ',.0f'):>10}"
         )

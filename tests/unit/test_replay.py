@@ -267,6 +267,13 @@ def test_evaluate_prints_metrics_and_needs_labels(
     out = capsys.readouterr().out
     assert "ROC AUC" in out and "account-level scenarios" in out and "fund_isolation" in out
     assert "liquidity_run" in out and "platform" in out
+    # Another generator's longer scenario names keep their own column (they once ran into the level).
+    renamed = [{**e, "scenario": "account_takeover_by_phishing"} if e.get("scenario") == "takeover" else e
+               for e in stream]
+    write_jsonl(renamed, tmp_path / "renamed.jsonl")
+    assert main(["evaluate", str(tmp_path / "renamed.jsonl")]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("account_takeover_by_phishing")]
+    assert len(rows) == 1 and rows[0].split()[:2] == ["account_takeover_by_phishing", "account"]
     write_jsonl([{k: v for k, v in e.items() if k != "label"} for e in stream], tmp_path / "unlabelled.jsonl")
     assert main(["evaluate", str(tmp_path / "unlabelled.jsonl")]) == 2
     assert "no labelled transactions" in capsys.readouterr().err
