@@ -116,6 +116,21 @@ for k in range(EP):
     emit(ts, a, counterparty_id=cp, amount=round(math.exp(a["mu"]) * rng.uniform(8, 40), 2), direction="debit",
          txn_type=typ, channel="app", device_id=a["devices"][0], ip=a["ip"], country=a["country"],
          **lab("spike", f"spike:{a['id']}"))
+STRUCT = int(os.environ.get("STRUCT", "0"))  # structuring episodes (0: none, as in the streams first measured)
+for k in range(STRUCT):
+    a = pool.pop()
+    ts = T0 + rng.uniform(2.5, DAYS - 1.0) * 86400
+    inward = rng.random() < 0.5  # cash or top-ups split on the way in, or transfers and withdrawals out
+    for j in range(rng.randint(3, 5)):
+        ts += rng.uniform(0.3, 5) * 3600
+        amt = round(10000 * rng.uniform(0.85, 0.995), 2)
+        if inward:
+            emit(ts, a, counterparty_id=f"BANK-{a['id']}", amount=amt, direction="credit", txn_type="deposit",
+                 channel="bank", **lab("structuring", f"st:{a['id']}"))
+        else:
+            emit(ts, a, counterparty_id=rng.choice(a["payees"] + [f"BANK-{a['id']}"]), amount=amt, direction="debit",
+                 txn_type=rng.choice(["transfer", "withdrawal"]), channel="app", device_id=a["devices"][0], ip=a["ip"],
+                 country=a["country"], **lab("structuring", f"st:{a['id']}"))
 events.sort(key=lambda x: x[0])
 with gzip.open(out, "wt") as f:
     for _, e in events:

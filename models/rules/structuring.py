@@ -1,4 +1,4 @@
-"""Structuring: several debits within a day, each just under the reporting threshold."""
+"""Structuring: several transactions within a day, in or out, each just under the reporting threshold."""
 
 from __future__ import annotations
 
@@ -11,18 +11,23 @@ NEAR_MAX = 32  # near-threshold debits an account remembers (AccountState.near_t
 
 
 class StructuringParams(RuleParams):
-    """Repeated debits just under the reporting threshold."""
+    """Repeated transactions, in or out, just under the reporting threshold."""
 
     min_count: int = Field(3, ge=2)
     window_seconds: float = Field(86_400.0, gt=0)
-    lower_fraction: float = Field(0.9, gt=0, lt=1)
+    lower_fraction: float = Field(0.8, gt=0, lt=1)
+    account_kinds: list[str] = Field(default_factory=lambda: ["customer"],
+                                     description="kinds of account a split is looked for on: the platform's custody "
+                                                 "and own accounts move sums near the threshold many times a day")
 
 
 @register
 class Structuring(TxnRule):
-    """The `min_count`-th debit within the window in [lower_fraction x threshold, threshold); regulator-required.
+    """The `min_count`-th transaction within the window in [lower_fraction x threshold, threshold); regulator-required.
 
-    Its state is the account's times of near-threshold debits (`AccountState.near_ts`).
+    Deposits count as debits do: splitting cash or top-ups into the platform to stay under the report
+    is the textbook case, and a split on the way in and out of an account is layering. Its state is the
+    account's times of near-threshold transactions (`AccountState.near_ts`).
     """
 
     type = "structuring"
@@ -30,10 +35,12 @@ class Structuring(TxnRule):
     order = 30
     required = True
     learns = True
+    debit_only = False
 
     def setup(self) -> None:
         self.cooldown_seconds = self.p.window_seconds  # a day-long pattern: debits hours apart are one case
         self.lower = self.p.lower_fraction
+        self.account_kinds = frozenset(self.p.account_kinds)
 
     def gate(self, ev: Event) -> bool:
         t = ev.reporting_threshold
@@ -46,7 +53,7 @@ class Structuring(TxnRule):
         if n < p.min_count:
             return None
         return [Reason(code="structuring",
-                       message=f"{n} debits within {window / 3600:.0f} h each just under the "
+                       message=f"{n} transactions within {window / 3600:.0f} h each just under the "
                                f"{txn.currency} {ev.reporting_threshold:,.0f} reporting threshold",
                        value=float(n), threshold=float(p.min_count))]
 

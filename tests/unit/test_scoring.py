@@ -62,6 +62,26 @@ def test_structuring_needs_three_near_threshold_debits_within_a_day_and_is_one_c
     assert all(o.findings == [] for o in late)
 
 
+def test_structuring_counts_deposits_split_under_the_threshold_as_debits(scorer, make_txn):
+    st = AccountState()
+    # Three top-ups from the customer's bank, each just under CNY 50,000, within the afternoon.
+    deposits = [scorer.process(txn(make_txn, account_id="in", amount=a, minutes=m, direction="credit",
+                                   txn_type="deposit", counterparty_id="bank-1"), st)
+                for a, m in [(48_000, 0), (49_000, 120), (47_200, 240)]]
+    assert [[f.category for f in o.findings] for o in deposits] == [[], [], ["structuring"]]
+    assert "3 transactions within 24 h each just under the CNY 50,000" in deposits[2].findings[0].reasons[0].message
+    # In and out: one near-threshold deposit then two transfers on are the same split.
+    st2 = AccountState()
+    mixed = [scorer.process(txn(make_txn, account_id="io", amount=a, minutes=m, direction=d), st2)
+             for a, m, d in [(48_000, 0, "credit"), (47_000, 30, "debit"), (46_500, 60, "debit")]]
+    assert [f.category for f in mixed[2].findings] == ["structuring"]
+    # A deposit far under the threshold is not part of it.
+    st3 = AccountState()
+    low = [scorer.process(txn(make_txn, account_id="lo", amount=a, minutes=m, direction="credit",
+                              txn_type="deposit"), st3) for a, m in [(20_000, 0), (48_000, 60), (49_000, 90)]]
+    assert all(o.findings == [] for o in low)
+
+
 def test_velocity_burst_is_one_warning_updated_in_place(scorer, make_txn):
     st = AccountState()
     for day in range(10):  # a calm account: one payment a day
