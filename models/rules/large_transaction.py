@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from pydantic import Field
 
 from models.rules.base import Event, RuleParams, TxnRule, register
 from models.schemas import Reason
+
+log = logging.getLogger(__name__)
 
 
 class LargeTransactionParams(RuleParams):
@@ -37,6 +41,12 @@ class LargeTransaction(TxnRule):
         t = self._limits.get(currency)
         if t is None:
             t = self._limits[currency] = self.p.threshold(currency)
+            if currency not in self.p.thresholds:
+                # Once per currency: 50,000 is a CNY figure, far too low for JPY and too high for others,
+                # and both this rule and structuring depend on it.
+                log.warning("rule %s: no reporting threshold for %s; using the default %s %s. Set "
+                            "rules.%s.params.thresholds.%s in the rule catalogue to your regulator's figure.",
+                            self.id, currency, f"{t:,.0f}", currency, self.id, currency)
         return t
 
     def gate(self, ev: Event) -> bool:

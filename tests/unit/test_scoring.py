@@ -33,6 +33,18 @@ def test_large_transaction_uses_per_currency_thresholds(scorer, make_txn):
     assert [f.category for f in cny.findings] == []
     assert [f.category for f in usd.findings] == ["large_transaction"]
     assert usd.findings[0].reasons[0].threshold == 10_000
+    # A yen payment of a few hundred dollars is not a report (50,000 is a yuan figure).
+    jpy = scorer.process(txn(make_txn, amount=60_000.0, currency="JPY", minutes=2), st)
+    assert jpy.findings == []
+
+
+def test_a_currency_without_a_threshold_is_said_once(scorer, make_txn, caplog):
+    st = AccountState()
+    with caplog.at_level("WARNING", logger="models.rules.large_transaction"):
+        outs = [scorer.process(txn(make_txn, amount=60_000.0 + i, currency="BRL", minutes=i), st) for i in range(5)]
+    assert all([f.category for f in o.findings] == ["large_transaction"] for o in outs)
+    said = [r.getMessage() for r in caplog.records if "BRL" in r.getMessage()]
+    assert len(said) == 1 and "rules.large_transaction.params.thresholds.BRL" in said[0]
 
 
 def test_fund_isolation_is_critical_and_names_both_sides(scorer, make_txn):
