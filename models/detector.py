@@ -13,9 +13,9 @@ from models.features import (
     DORMANT_FACTOR,
     DORMANT_MIN_SECONDS,
     SESSION_SECONDS,
-    TINY_AMOUNT,
     VELOCITY_WINDOW,
     TxnFeatures,
+    tiny_amount,
 )
 from models.findings import span_text
 
@@ -391,7 +391,8 @@ def explain(x: dict[str, float], f: TxnFeatures, currency: str, local_hour: int,
             r = (k, f"{f.debits_10m} debits in {VELOCITY_WINDOW / 60:.0f} minutes (usual: 0-{hi})",
                  float(f.debits_10m), float(hi))
         elif k == "tiny_burst":
-            r = (k, f"{f.tiny_10m} tiny debits (under {TINY_AMOUNT:g}) in {VELOCITY_WINDOW / 60:.0f} minutes, "
+            r = (k, f"{f.tiny_10m} tiny debits (under {currency} {tiny_amount(currency):g}) in "
+                    f"{VELOCITY_WINDOW / 60:.0f} minutes, "
                  "a card-testing pattern", float(f.tiny_10m), 1.0)
         elif k == "pass_through":
             sent = min(f.amount, f.inflow_new)

@@ -23,6 +23,20 @@ VELOCITY_WINDOW = 600.0  # seconds: the "short window" of the velocity feature
 HOUR = 3600.0
 DAY = 86400.0
 TINY_AMOUNT = 5.0  # major units: below this, a debit is a card-testing probe rather than a purchase
+# The same probe in currencies whose unit is worth far less (a few US dollars' worth, rounded): 5 yen
+# or 5 won is no purchase at all, and a card tester's 100-yen probes would never count as tiny.
+TINY_AMOUNTS: dict[str, float] = {
+    "JPY": 500.0, "KRW": 5000.0, "INR": 300.0, "IDR": 50000.0, "VND": 100000.0, "THB": 150.0, "PHP": 250.0,
+    "TWD": 150.0, "HKD": 40.0, "MYR": 20.0, "HUF": 1500.0, "CZK": 100.0, "PLN": 20.0, "SEK": 50.0, "NOK": 50.0,
+    "DKK": 35.0, "RUB": 300.0, "TRY": 100.0, "BRL": 25.0, "MXN": 75.0, "ZAR": 75.0, "CLP": 4000.0,
+    "COP": 20000.0, "ARS": 5000.0, "NGN": 5000.0, "PKR": 1000.0, "BDT": 500.0, "LKR": 1500.0, "EGP": 200.0,
+    "KZT": 2500.0, "UAH": 200.0,
+}
+
+
+def tiny_amount(currency: str | None) -> float:
+    """The amount below which a debit in `currency` is a card-testing probe (TINY_AMOUNT unless listed)."""
+    return TINY_AMOUNTS.get(currency, TINY_AMOUNT) if currency else TINY_AMOUNT
 MIN_LOG_SPREAD = 0.35  # an account that always pays 100.00 must not alarm at 101
 # Evidence of unusual transactions carries over to the account's next ones, fading by e every
 # SESSION_SECONDS: a takeover or a card test is a run of moderately odd debits minutes apart, none
@@ -493,7 +507,7 @@ INBOUND_TYPES = frozenset({"transfer"})
 
 def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
             device: str | None, local_hour: int, txn_type: str = "payment", shift: float = 0.0,
-            country: str | None = None) -> TxnFeatures:
+            country: str | None = None, tiny: float = TINY_AMOUNT) -> TxnFeatures:
     """Compute the features of a transaction from the state before it (score before learn).
 
     `shift` is how much larger, in log units, this type of transaction usually is than the
@@ -515,7 +529,7 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         ctry = 0
     known = len(state.countries)
 
-    c24, c1h, c10, tiny = _debit_counts(state, ts)
+    c24, c1h, c10, n_tiny = _debit_counts(state, ts, tiny)
     # Expected debits in 10 minutes from the account's typical gap; floor keeps new accounts sane.
     typical_gap = math.exp(state.gap_ew) if state.n_debits >= 3 else HOUR
     expected = min(VELOCITY_WINDOW / max(typical_gap, 30.0), 20.0)
@@ -539,7 +553,7 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
         expected_10m=expected,
         burst_max=state.burst_max,
         fresh_device=(dev != 0 and not new_dev and dev == state.fresh_dev and ts - state.fresh_dev_ts < HOUR),
-        tiny_10m=tiny + (1 if debit and amount < TINY_AMOUNT else 0),
+        tiny_10m=n_tiny + (1 if debit and amount < tiny else 0),
         debits_1h=c1h + d,
         debits_24h=c24 + d,
         hour_share=(state.hours[local_hour] + 1.0) / (state.n + 24.0),
@@ -560,19 +574,19 @@ def observe(state: AccountState, ts: float, amount: float, debit: bool, counterp
     )
 
 
-def _debit_counts(state: AccountState, ts: float) -> tuple[int, int, int, int]:
-    """Debits before `ts` in the last day, hour and velocity window, and the tiny ones in that window."""
+def _debit_counts(state: AccountState, ts: float, tiny: float = TINY_AMOUNT) -> tuple[int, int, int, int]:
+    """Debits before `ts` in the last day, hour and velocity window, and those under `tiny` in that window."""
     dts = state.debit_ts
     k = len(dts)
     # Debit times are appended in event order, so window counts are binary searches, not loops.
     first10 = bisect_left(dts, ts - VELOCITY_WINDOW)
-    tiny = 0
+    n_tiny = 0
     if first10 < k:
         amts = state.debit_amt
         for i in range(first10, k):
-            if amts[i] < TINY_AMOUNT:
-                tiny += 1
-    return k - bisect_left(dts, ts - DAY), k - bisect_left(dts, ts - HOUR), k - first10, tiny
+            if amts[i] < tiny:
+                n_tiny += 1
+    return k - bisect_left(dts, ts - DAY), k - bisect_left(dts, ts - HOUR), k - first10, n_tiny
 
 
 def p_new_payee(state: AccountState) -> float:
@@ -705,4 +719,5 @@ __all__ = [
     "observe",
     "p_new_device",
     "stable_hash",
+    "tiny_amount",
 ]

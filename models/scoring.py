@@ -41,6 +41,7 @@ from models.features import (
     SESSION_FLOOR,
     SESSION_SECONDS,
     TINY_AMOUNT,
+    TINY_AMOUNTS,
     VELOCITY_WINDOW,
     AccountState,
     StateCodecError,
@@ -53,6 +54,7 @@ from models.features import (
     p_new_device,
     p_new_payee,
     stable_hash,
+    tiny_amount,
 )
 from models.findings import Finding, open_or_update, to_alert
 from models.lists import Hit, ListIndex, ListsParams, hit_message
@@ -405,10 +407,11 @@ class TransactionScorer:
                 v = _poisson_tail_surprise(d10 - burst_max, expected) - 1.0
                 if v > 0:
                     raw += (CAP if v > CAP else v) * w.get("velocity", 0.0)
-            tiny = 1 if amount < TINY_AMOUNT else 0
+            cut = TINY_AMOUNTS.get(txn.currency, TINY_AMOUNT)
+            tiny = 1 if amount < cut else 0
             if d10 > 1:
                 for a in state.debit_amt[first10:]:
-                    if a < TINY_AMOUNT:
+                    if a < cut:
                         tiny += 1
                 if tiny >= 2:
                     raw += float(tiny - 1) * w.get("tiny_burst", 0.0)
@@ -486,7 +489,8 @@ class TransactionScorer:
         covered = _covered(findings) if findings else False
         if not cold and cal >= 1.0 - det.share * self._fb_max and not covered:
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
-            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift, txn.country)
+            f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift, txn.country,
+                        TINY_AMOUNTS.get(txn.currency, TINY_AMOUNT))
             model = self._model(txn, f, surprises(f), raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -640,7 +644,7 @@ class TransactionScorer:
         det = self.detector
         shift = det.shift(txn.txn_type, debit)
         f = observe(state, ts, txn.amount, debit, txn.counterparty_id, txn.device_id, hour, txn.txn_type, shift,
-                    txn.country)
+                    txn.country, tiny_amount(txn.currency))
         x = surprises(f)
         raw = det.raw(x)
         # The raw score without the session's share: what this event adds to the session.

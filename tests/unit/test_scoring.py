@@ -199,6 +199,34 @@ def test_a_young_accounts_first_device_is_not_news_and_its_second_is(make_txn):
     assert raw_new - raw_usual == pytest.approx(1.609, abs=0.01)
 
 
+def test_a_card_test_in_yen_is_tiny_in_yen(make_txn):
+    sc = TransactionScorer(load_catalogue())
+
+    def probes(currency: str, usual: float, probe: float) -> list[float]:
+        st = AccountState()
+        for i in range(30):
+            sc.process(txn(make_txn, account_id=currency, amount=usual + i, minutes=i * 300.0, currency=currency,
+                           counterparty_id=f"shop{i % 4}"), st)
+        outs = [sc.process(txn(make_txn, account_id=currency, amount=probe + i, minutes=9000 + i * 0.5,
+                               currency=currency, counterparty_id=f"m{i}"), st) for i in range(3)]
+        return [o.raw for o in outs]
+
+    # Three 100-yen probes in 90 seconds are a card test; three 100-yuan payments are not "tiny".
+    yen, yuan = probes("JPY", 3000.0, 100.0), probes("CNY", 150.0, 100.0)
+    assert yen[2] - yuan[2] > 2.0
+    from models.detector import explain, surprises
+    from models.features import observe
+
+    st = AccountState()
+    for i in range(2):
+        sc.process(txn(make_txn, account_id="j", amount=120.0, minutes=i * 0.5, currency="JPY",
+                       counterparty_id=f"m{i}"), st)
+    f = observe(st, 60.0 + st.last_ts, 110.0, True, "m9", "dev-1", 12, "payment", 0.0, None, 500.0)
+    assert f.tiny_10m == 3
+    assert [m for c, m, *_ in explain(surprises(f), f, "JPY", 12) if c == "tiny_burst"] == [
+        "3 tiny debits (under JPY 500) in 10 minutes, a card-testing pattern"]
+
+
 _STATES: dict[str, AccountState] = {}
 
 
