@@ -230,7 +230,7 @@ class TransactionScorer:
         # A cold model's scores stay below the lowest operating point the budget controller can reach.
         self._cold_factor = (1.0 - min(0.5, self._budget * exp(BUDGET_LOG_RANGE))) * (1.0 - 1e-9)
         self._entity_warmup = self._anom.entity_warmup
-        self._high_evidence = self._anom.high_evidence
+        self._calibrate_below = self._anom.calibrate_below
         # While some category's operating point is above its floor, the model spends within its budget.
         self._trim_floor = self._budget * exp(-BUDGET_LOG_RANGE) * (1.0 + 1e-9)
         self._global_warmup = self._anom.global_warmup
@@ -499,7 +499,7 @@ class TransactionScorer:
         if not late:
             # Late events are scored but not learned: they would corrupt windows already moved past.
             # Calibrator.update, inlined; not for an event already judged anomalous (_learn_reference says why).
-            if not covered and (raw < self._high_evidence or det.share <= self._trim_floor):
+            if not covered and (raw < self._calibrate_below or det.share <= self._trim_floor):
                 cal_.counts[bin_] += 1.0
                 cal_.total = total = total + 1.0
                 if total >= cal_.horizon:
@@ -691,15 +691,14 @@ class TransactionScorer:
         det = self.detector
         # The calibration is the distribution of ordinary events, and two kinds of event are set aside:
         # - those a high or critical rule already warns, which never get a model warning (_covered);
-        # - those of at least `high_evidence` nats (e^8: about 1 in 3,000 under the account's own
+        # - those of at least `calibrate_below` nats (7: about 1 in 1,100 under the account's own
         #   baselines), already judged anomalous whatever the calibration says.
         # They are the most unusual events there are (a liquidity run's withdrawals, fund-isolation
         # breaches, fraud sessions): learned, they filled 80% of the top 0.2% of the distribution on the
         # full evaluation streams, ordinary traffic ranked lower, and the budget controller lagged a fifth
-        # of the budget behind, climbing 5x. Events of 8 nats and more are 1 in 230,000 ordinary ones
-        # there; should they ever be common enough to spend the whole budget (every operating point at
-        # its floor), they are learned again, so the budget still holds.
-        if not covered and (raw < self._high_evidence or det.share <= self._trim_floor):
+        # of the budget behind, climbing 5x. Should such events ever be common enough to spend the whole
+        # budget (every operating point at its floor), they are learned again, so the budget still holds.
+        if not covered and (raw < self._calibrate_below or det.share <= self._trim_floor):
             det.learn_raw(raw)
         if f.history >= 3:
             residual = (log(txn.amount) - f.shift) - state.log_med

@@ -194,10 +194,10 @@ def test_budgets_must_name_a_category_the_model_can_warn_in():
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 def test_events_already_judged_anomalous_do_not_teach_the_calibration(make_txn, fused):
     # The calibration describes ordinary events. An event a critical rule warns, or one of at least
-    # `high_evidence` nats, is set aside: learned, such events filled the top of the distribution on a
+    # `calibrate_below` nats, is set aside: learned, such events filled the top of the distribution on a
     # day with a liquidity run and ordinary traffic ranked lower. Once the budget is all spent (the
     # operating point at its floor) they are learned again, so the budget still holds.
-    sc = TransactionScorer(_catalogue(budget_per_1000=2.0, high_evidence=3.0))
+    sc = TransactionScorer(_catalogue(budget_per_1000=2.0, calibrate_below=3.0))
     step = sc.process if fused else sc.process_reference
     states: dict[str, AccountState] = {}
 
