@@ -100,6 +100,7 @@ class AccountState:
         "cp_counts",
         "shift_log",
         "countries",
+        "in_sent",
     )
 
     def __init__(self) -> None:
@@ -146,22 +147,27 @@ class AccountState:
         self.shift_log = array("q")
         # Hashes of the countries the account's debits came from, oldest first (at most KNOWN_COUNTRIES).
         self.countries = array("q")
+        # Of that inflow, how much the account has already sent on (faded with it, from in_ts): a mule
+        # splits what it passes on, so the pass-through is judged on the sum, not debit by debit.
+        self.in_sent = 0.0
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         full = len(self.__slots__)
-        if len(state) == full - 8:  # pickled before `offset` existed
+        if len(state) == full - 9:  # pickled before `offset` existed
             state = (*state, -1)
-        if len(state) == full - 7:  # pickled before the session fields existed
+        if len(state) == full - 8:  # pickled before the session fields existed
             state = (*state, 0.0, 0.0, 0.0, 0.0)
-        if len(state) == full - 3:  # pickled before payees were counted: each counts once
+        if len(state) == full - 4:  # pickled before payees were counted: each counts once
             state = (*state, array("H", [1] * len(state[_CP_SLOT])))
-        if len(state) == full - 2:  # pickled before the shift log
+        if len(state) == full - 3:  # pickled before the shift log
             state = (*state, array("q"))
-        if len(state) == full - 1:  # pickled before countries were kept
+        if len(state) == full - 2:  # pickled before countries were kept
             state = (*state, array("q"))
+        if len(state) == full - 1:  # pickled before the money passed on was kept
+            state = (*state, 0.0)
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
@@ -211,10 +217,16 @@ class AccountState:
             raise StateCodecError(f"not an AccountState blob of version 1 to {_VERSION} "
                                   f"(starts with {bytes(blob[:2])!r})")
         st = cls.__new__(cls)
-        if head is _HEAD or head is _HEAD_V4 or head is _HEAD_V3:
+        if head is _HEAD:
+            (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
+             st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
+             st.day_out, st.day_out_ew, st.ev_sum, st.ev_ts, st.in_new, st.in_ts, st.in_sent) = fields[2:24]
+            counts = fields[24:]
+        elif head is _HEAD_V5 or head is _HEAD_V4 or head is _HEAD_V3:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
              st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
              st.day_out, st.day_out_ew, st.ev_sum, st.ev_ts, st.in_new, st.in_ts) = fields[2:23]
+            st.in_sent = 0.0
             counts = fields[23:]
         elif head is _HEAD_V2:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
@@ -229,6 +241,8 @@ class AccountState:
             st.offset = -1
             st.ev_sum = st.ev_ts = st.in_new = st.in_ts = 0.0
             counts = fields[18:]
+        if head is not _HEAD and head is not _HEAD_V5 and head is not _HEAD_V4 and head is not _HEAD_V3:
+            st.in_sent = 0.0
         view = memoryview(blob)
         off = head.size
         for (name, code), count in zip(_ARRAYS[:_N_ARRAYS[head]], counts, strict=True):
@@ -242,9 +256,9 @@ class AccountState:
             setattr(st, name, a)
             off = end
         st.alerts = _alerts_from_json(view[off:]) if off < size else {}
-        if head is not _HEAD and head is not _HEAD_V4:
+        if head is not _HEAD and head is not _HEAD_V5 and head is not _HEAD_V4:
             st.shift_log = array("q")
-        if head is not _HEAD:
+        if head is not _HEAD and head is not _HEAD_V5:
             st.countries = array("q")
         if head is _HEAD_V2 or head is _HEAD_V1:
             st.cp_counts = array("H", [1] * len(st.counterparties))  # not counted before version 3: once each
@@ -258,18 +272,18 @@ class StateCodecError(ValueError):
     """A state that the compact codec cannot write, or a blob it refuses to read."""
 
 
-# STATE_FORMAT, version 5, little-endian: magic 0xA5, version byte, then five uint32 counts
-# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, fourteen float64 scalars
+# STATE_FORMAT, version 6, little-endian: magic 0xA5, version byte, then five uint32 counts
+# (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, fifteen float64 scalars
 # (_FLOAT_FIELDS order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only
 # when the account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
-# Versions 1 (no offset), 2 (no ev_sum, ev_ts, in_new, in_ts, cp_counts), 3 (no shift_log) and 4 (no
-# countries) are still read. Pickle blobs start with 0x80 (protocol >= 2), so the two formats are told
-# apart by the first byte.
+# Versions 1 (no offset), 2 (no ev_sum, ev_ts, in_new, in_ts, cp_counts), 3 (no shift_log), 4 (no
+# countries) and 5 (no in_sent) are still read. Pickle blobs start with 0x80 (protocol >= 2), so the two
+# formats are told apart by the first byte.
 _MAGIC = 0xA5
-_VERSION = 5
+_VERSION = 6
 _INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev", "offset")
 _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
-                 "day_out", "day_out_ew", "ev_sum", "ev_ts", "in_new", "in_ts")
+                 "day_out", "day_out_ew", "ev_sum", "ev_ts", "in_new", "in_ts", "in_sent")
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"), ("cp_counts", "H"),
            ("shift_log", "q"), ("countries", "q"))
@@ -280,17 +294,18 @@ _get_arrays = attrgetter(*(name for name, _ in _ARRAYS))
 _SCALAR_TYPES = (int,) * len(_INT_FIELDS) + (float,) * len(_FLOAT_FIELDS)
 _ARRAY_TYPES = (array,) * len(_ARRAYS)
 _ARRAY_CODES = [code for _, code in _ARRAYS]
-_HEAD = struct.Struct("<BB5Iqq14d11B")
+_HEAD = struct.Struct("<BB5Iqq15d11B")
+_HEAD_V5 = struct.Struct("<BB5Iqq14d11B")
 _HEAD_V4 = struct.Struct("<BB5Iqq14d10B")
 _HEAD_V3 = struct.Struct("<BB5Iqq14d9B")
 _HEAD_V2 = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
-_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD_V4, 5: _HEAD}
-_N_ARRAYS = {_HEAD: 11, _HEAD_V4: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
+_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD_V4, 5: _HEAD_V5, 6: _HEAD}
+_N_ARRAYS = {_HEAD: 11, _HEAD_V5: 11, _HEAD_V4: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
 _BIG_ENDIAN = sys.byteorder == "big"
 # Where last_ts sits in the head: after the counts, fresh_dev, offset (from version 2) and first_ts.
 _LAST_TS_AT = {1: struct.calcsize("<BB5Iqd"), 2: struct.calcsize("<BB5Iqqd"), 3: struct.calcsize("<BB5Iqqd"),
-               4: struct.calcsize("<BB5Iqqd"), 5: struct.calcsize("<BB5Iqqd")}
+               4: struct.calcsize("<BB5Iqqd"), 5: struct.calcsize("<BB5Iqqd"), 6: struct.calcsize("<BB5Iqqd")}
 _F64 = struct.Struct("<d")
 
 
@@ -503,6 +518,8 @@ EXTERNAL_TYPES = frozenset({"payment", "transfer", "withdrawal"})
 # Credits that are money from another party (what a mule passes on); deposits from the account's own
 # bank, redemptions and loan disbursements are not.
 INBOUND_TYPES = frozenset({"transfer"})
+# Debits that send money on to another party or to cash (what a mule does with it); a card payment spends it.
+ONWARD_TYPES = frozenset({"transfer", "withdrawal"})
 
 
 def observe(state: AccountState, ts: float, amount: float, debit: bool, counterparty: str,
@@ -634,10 +651,13 @@ def carry(state: AccountState, f: TxnFeatures, own: float, txn_type: str) -> Non
     inflow = f.inflow_new
     if f.debit:
         if inflow:
+            sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
+            state.in_sent = sent + (f.amount if f.amount < inflow else inflow) if txn_type in ONWARD_TYPES else sent
             inflow -= f.amount
             state.in_new = inflow if inflow > 0.0 else 0.0
             state.in_ts = ts
     elif f.new_counterparty and txn_type in INBOUND_TYPES:
+        state.in_sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
         state.in_new = inflow + f.amount
         state.in_ts = ts
 
@@ -708,6 +728,7 @@ def learn(state: AccountState, f: TxnFeatures) -> None:
 
 __all__ = [
     "INBOUND_TYPES",
+    "ONWARD_TYPES",
     "STATE_MAGIC",
     "AccountState",
     "StateCodecError",

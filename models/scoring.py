@@ -38,6 +38,7 @@ from models.features import (
     KNOWN_COUNTRIES,
     KNOWN_DEVICES,
     MIN_LOG_SPREAD,
+    ONWARD_TYPES,
     SESSION_FLOOR,
     SESSION_SECONDS,
     TINY_AMOUNT,
@@ -47,6 +48,7 @@ from models.features import (
     StateCodecError,
     TxnFeatures,
     carry,
+    faded,
     learn,
     log_shift_step,
     median_mad,
@@ -611,10 +613,13 @@ class TransactionScorer:
                 state.ev_ts = ts
             if debit:
                 if inflow:
+                    sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
+                    state.in_sent = sent + (amount if amount < inflow else inflow) if txn_type in ONWARD_TYPES else sent
                     inflow -= amount
                     state.in_new = inflow if inflow > 0.0 else 0.0
                     state.in_ts = ts
             elif new_cp:
+                state.in_sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
                 state.in_new = inflow + amount
                 state.in_ts = ts
             for rule in self._learning:

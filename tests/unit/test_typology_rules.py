@@ -53,6 +53,30 @@ def test_money_received_from_new_payers_and_sent_straight_on_is_a_mule_pass_thro
     assert out.alerts and {a.category for a in out.alerts} >= {"money_mule"}
 
 
+def test_a_pass_through_split_into_debits_each_under_the_bar_is_judged_on_the_sum(sc, make_txn) -> None:
+    # Usual debit about 100: 5x is 500. Three strangers pay in 1,200; it goes on in three parts of
+    # 380-420, each under the bar, within the hour. Judged on the sum once 80% of the inflow has gone
+    # on: at the third part (800 of 1,200 after the second is not yet most of it).
+    def run(kinds: list[str], acct: str) -> list[Any]:
+        st = AccountState()
+        t = _habit(sc, lambda **kw: make_txn(**{**kw, "account_id": acct}), st)
+        for k in range(3):
+            sc.process(_txn(make_txn, account_id=acct, direction="credit", txn_type="transfer", amount=400.0,
+                            counterparty_id=f"payer-{k}", minutes=t + 5 * k), st)
+        return [sc.process(_txn(make_txn, account_id=acct, txn_type=kind, amount=a,
+                                counterparty_id=f"onward-{i}", minutes=t + 30 + 10 * i), st)
+                for i, (kind, a) in enumerate(zip(kinds, (420.0, 380.0, 390.0), strict=True))]
+
+    outs = run(["transfer", "withdrawal", "transfer"], "mule")
+    assert [("rule:pass_through", "money_mule") in _rules(o) for o in outs] == [False, False, True]
+    (reason,) = next(f for f in outs[2].findings if f.detector == "rule:pass_through").reasons
+    assert reason.message.startswith("100% of the money counterparties this account never dealt with paid in "
+                                     "lately has gone on, in this transfer and earlier debits (")
+    # The same money spent at shops is spending, not passing on.
+    spent = run(["payment", "payment", "payment"], "spender")
+    assert not any(("rule:pass_through", "money_mule") in _rules(o) for o in spent)
+
+
 def test_money_back_from_someone_the_account_pays_is_no_pass_through(sc, make_txn) -> None:
     st = AccountState()
     t = _habit(sc, make_txn, st)
