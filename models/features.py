@@ -127,7 +127,7 @@ class AccountState:
         self.day_in = 0.0
         self.day_out = 0.0
         self.day_out_ew = 0.0
-        self.near_ts = array("d")  # times of debits just under the reporting threshold
+        self.near_ts = array("d")  # times of transactions just under the reporting threshold (structuring)
         self.recent_ids = array("q")  # hashes of the last event ids, to score a redelivered event once
         self.alerts: dict[str, tuple[str, float, list[str], str]] = {}
         # Input offset of the last event this state applied (the worker's; -1 in replay): a redelivered

@@ -7,7 +7,7 @@ from pydantic import Field
 from models.rules.base import Event, RuleParams, TxnRule, register
 from models.schemas import Reason
 
-NEAR_MAX = 32  # near-threshold debits an account remembers (AccountState.near_ts)
+NEAR_MAX = 32  # near-threshold transactions an account remembers (AccountState.near_ts)
 
 
 class StructuringParams(RuleParams):
