@@ -232,17 +232,15 @@ class AccountState:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
              st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
              st.day_out, st.day_out_ew) = fields[2:19]
-            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = 0.0
+            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = st.in_sent = 0.0
             counts = fields[19:]
         else:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.first_ts, st.last_ts,
              st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in, st.day_out,
              st.day_out_ew) = fields[2:18]
             st.offset = -1
-            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = 0.0
+            st.ev_sum = st.ev_ts = st.in_new = st.in_ts = st.in_sent = 0.0
             counts = fields[18:]
-        if head is not _HEAD and head is not _HEAD_V5 and head is not _HEAD_V4 and head is not _HEAD_V3:
-            st.in_sent = 0.0
         view = memoryview(blob)
         off = head.size
         for (name, code), count in zip(_ARRAYS[:_N_ARRAYS[head]], counts, strict=True):
@@ -652,7 +650,9 @@ def carry(state: AccountState, f: TxnFeatures, own: float, txn_type: str) -> Non
     if f.debit:
         if inflow:
             sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
-            state.in_sent = sent + (f.amount if f.amount < inflow else inflow) if txn_type in ONWARD_TYPES else sent
+            if txn_type in ONWARD_TYPES:
+                sent += f.amount if f.amount < inflow else inflow
+            state.in_sent = sent
             inflow -= f.amount
             state.in_new = inflow if inflow > 0.0 else 0.0
             state.in_ts = ts

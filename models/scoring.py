@@ -492,7 +492,7 @@ class TransactionScorer:
         if not cold and cal >= 1.0 - det.share * self._fb_max and not covered:
             # Rare: rebuild the full features for the readable reasons, from the state before learning.
             f = observe(state, ts, amount, debit, txn.counterparty_id, device, hour, txn_type, shift, txn.country,
-                        TINY_AMOUNTS.get(txn.currency, TINY_AMOUNT))
+                        tiny_amount(txn.currency))
             model = self._model(txn, f, surprises(f), raw, cal, hour)
             if model is not None:
                 findings.append(model)
@@ -614,7 +614,9 @@ class TransactionScorer:
             if debit:
                 if inflow:
                     sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
-                    state.in_sent = sent + (amount if amount < inflow else inflow) if txn_type in ONWARD_TYPES else sent
+                    if txn_type in ONWARD_TYPES:
+                        sent += amount if amount < inflow else inflow
+                    state.in_sent = sent
                     inflow -= amount
                     state.in_new = inflow if inflow > 0.0 else 0.0
                     state.in_ts = ts
