@@ -38,10 +38,11 @@ class MarketParams(BaseModel):
 
     Every threshold is in the instrument's own units, whatever its bar interval: z in sigmas of its
     own per-tick returns, windows in seconds or in bars of its own tick spacing (whichever is
-    longer). breadth_z = 2.5: one instrument moves 2.5 sigmas one way on 0.6% of its bars, so half
-    of ten independent ones doing it in one bar is ~2e-9: it takes a common shock. On River's daily
-    closes of ten US stocks (models.market_eval) it found 5 of the 5 recorded sell-off days, with 2
-    other warned days in 5 years; 3.0, the value first set, found 3 of 5 (docs/markets.md: the grid).
+    longer). breadth_z = 2.4: one instrument moves 2.4 sigmas one way on 0.8% of its bars, so half
+    of ten independent ones doing it in one bar is ~8e-9: it takes a common shock. On River's daily
+    closes of ten US stocks (models.market_eval) it finds the 5 largest recorded sell-off days, with
+    5 other warned days in 5 years; 2.5 missed the second largest, 3.0 (first set) three of five
+    (docs/markets.md: the grid).
     That is per look: faster bars raise it (breadth_threshold), so the false alarms a day stay put.
     """
 
@@ -57,7 +58,7 @@ class MarketParams(BaseModel):
     critical_drop_pct: float = Field(default=20.0, gt=0, lt=100, description="Fall that makes a crash critical")
     long_alpha: float = Field(default=0.03, gt=0, lt=1, description="EW weight of the usual (long horizon) volatility")
     short_alpha: float = Field(default=0.3, gt=0, lt=1, description="EW weight of the short horizon volatility")
-    breadth_z: float = Field(default=2.5, gt=0, description="A move, in the instrument's own sigmas over the breadth "
+    breadth_z: float = Field(default=2.4, gt=0, description="A move, in the instrument's own sigmas over the breadth "
                                                             "horizon, that counts toward market-wide breadth")
     breadth_seconds: float = Field(default=60.0, gt=0, description="The breadth horizon: the move over about this "
                                                                    "long, or over one bar when bars are longer")
@@ -239,10 +240,10 @@ def breadth_threshold(params: MarketParams, spacing: float) -> float:
     A fixed threshold per bar is a fixed false-alarm rate per bar, 1,440 times as many a day on
     minute bars as on daily closes. In a one-factor market of correlation 0.3 to 0.5, each 0.35
     sigma more cuts the chance that half of ten instruments cross it together in one bar about
-    tenfold, so breadth_z_per_decade = 0.35 holds the rate per day: 2.5 sigmas on daily closes, 2.98
-    on hourly bars, 3.6 on minute bars and faster ticks (whose horizon is breadth_seconds). Measured
+    tenfold, so breadth_z_per_decade = 0.35 holds the rate per day: 2.4 sigmas on daily closes, 2.88
+    on hourly bars, 3.5 on minute bars and faster ticks (whose horizon is breadth_seconds). Measured
     on generated minute bars of ten instruments at correlation 0.5: 11-12 false market_stress
-    alerts in 20 days at a flat 2.5, none at 3.6.
+    alerts in 20 days at a flat 2.5, none at 3.6 nor 3.5.
     """
     looks = 86_400.0 / max(spacing, params.breadth_seconds)
     return params.breadth_z + params.breadth_z_per_decade * math.log10(looks) if looks > 1 else params.breadth_z

@@ -32,8 +32,8 @@ from models.schemas import Alert, MarketTick, decode_object
 STRESS_DAYS: tuple[tuple[date, str], ...] = (
     (date(2015, 8, 21), "China slowdown fears, Dow -531 (-3.1%)"),
     (date(2015, 8, 24), "'Black Monday' after the yuan devaluation, Dow -588 (-3.6%)"),
-    (date(2015, 9, 1), "China manufacturing slump, Dow -470 (-2.8%)"),
     (date(2016, 6, 24), "Brexit referendum result, Dow -611 (-3.4%)"),
+    (date(2018, 2, 2), "Wage growth lifts bond yields, Dow -666 (-2.5%)"),
     (date(2018, 2, 5), "'Volmageddon', Dow -1,175 (-4.6%)"),
 )
 STRESS_SOURCE = ("Wikipedia, 'List of largest daily changes in the Dow Jones Industrial Average' "

@@ -283,9 +283,9 @@ def test_spacing_starts_right_when_the_data_starts_with_a_night() -> None:
 
 def test_breadth_threshold_holds_the_rate_per_day_not_per_bar() -> None:
     p = MarketParams()
-    assert breadth_threshold(p, 86_400.0) == breadth_threshold(p, 3 * 86_400.0) == 2.5
-    assert breadth_threshold(p, 3600.0) == pytest.approx(2.5 + 0.35 * math.log10(24))
+    assert breadth_threshold(p, 86_400.0) == breadth_threshold(p, 3 * 86_400.0) == 2.4
+    assert breadth_threshold(p, 3600.0) == pytest.approx(2.4 + 0.35 * math.log10(24))
     minute = breadth_threshold(p, 60.0)
-    assert minute == pytest.approx(3.605, abs=1e-3)
+    assert minute == pytest.approx(3.505, abs=1e-3)
     assert breadth_threshold(p, 5.0) == breadth_threshold(p, 0.0) == minute  # the horizon is one minute
-    assert breadth_threshold(MarketParams(breadth_z_per_decade=0), 60.0) == 2.5
+    assert breadth_threshold(MarketParams(breadth_z_per_decade=0), 60.0) == 2.4
