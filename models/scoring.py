@@ -409,9 +409,10 @@ class TransactionScorer:
                 v = _poisson_tail_surprise(d10 - burst_max, expected) - 1.0
                 if v > 0:
                     raw += (CAP if v > CAP else v) * w.get("velocity", 0.0)
-            cut = TINY_AMOUNTS.get(txn.currency, TINY_AMOUNT)
-            tiny = 1 if amount < cut else 0
             if d10 > 1:
+                # A run of tiny debits needs two in the window: most debits never look the ceiling up.
+                cut = TINY_AMOUNTS.get(txn.currency, TINY_AMOUNT)
+                tiny = 1 if amount < cut else 0
                 for a in state.debit_amt[first10:]:
                     if a < cut:
                         tiny += 1

@@ -94,6 +94,23 @@ def test_structuring_counts_deposits_split_under_the_threshold_as_debits(scorer,
     assert all(o.findings == [] for o in low)
 
 
+def test_structuring_is_not_looked_for_on_the_platforms_custody_accounts(scorer, make_txn):
+    # A custody account takes and pays investments near the threshold all day: that is its job.
+    st = AccountState()
+    outs = [scorer.process(txn(make_txn, account_id="C009", account_kind="custody", amount=a, minutes=m,
+                               direction=d, txn_type=t, counterparty_id=f"cust-{m}"), st)
+            for a, m, d, t in [(48_000, 0, "credit", "investment"), (47_500, 20, "debit", "redemption"),
+                               (49_000, 40, "credit", "investment"), (46_000, 60, "debit", "redemption")]]
+    assert not any(f.category == "structuring" for o in outs for f in o.findings)
+    # The same four on a customer's account are a split.
+    st2 = AccountState()
+    cust = [scorer.process(txn(make_txn, account_id="A009", amount=a, minutes=m, direction=d, txn_type=t,
+                               counterparty_id=f"fund-{m}"), st2)
+            for a, m, d, t in [(48_000, 0, "credit", "redemption"), (47_500, 20, "debit", "investment"),
+                               (49_000, 40, "credit", "redemption"), (46_000, 60, "debit", "investment")]]
+    assert "structuring" in [f.category for f in cust[2].findings]
+
+
 def test_velocity_burst_is_one_warning_updated_in_place(scorer, make_txn):
     st = AccountState()
     for day in range(10):  # a calm account: one payment a day
