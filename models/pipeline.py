@@ -152,8 +152,8 @@ class PlatformMonitors:
         elif isinstance(partial, FlowBuckets):
             raised = []
             add, source = self.liquidity.add_totals, partial.source
-            for b, outflow, inflow, n, ids in partial.buckets:
-                raised.extend(add(source, b, outflow, inflow, n, ids))
+            for bucket in partial.buckets:  # (b, outflow, inflow, n, ids[, largest]): see FlowBuckets
+                raised.extend(add(source, *bucket))
         else:
             raised = self.stress.update(partial)
         return [r for r in raised if self.catalogue.rule(r.finding.category) is not None]
@@ -266,8 +266,8 @@ class Pipeline:
         # validated for every bucket, which was a fixed cost per minute of event time.
         liquidity, rule = self.monitors.liquidity, self.monitors.catalogue.rule
         source = self.flows.source
-        for b, outflow, inflow, n, ids in closed:
-            for r in liquidity.add_totals(source, b, outflow, inflow, n, ids):
+        for totals in closed:
+            for r in liquidity.add_totals(source, *totals):
                 if rule(r.finding.category) is not None:
                     _add(out, r)
 

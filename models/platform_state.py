@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from models.aggregates import MAX_SAMPLE_IDS, FlowAccumulator, MarketAccumulator, _bounds, _Monitor
+from models.aggregates import LARGEST_KEPT, MAX_SAMPLE_IDS, FlowAccumulator, MarketAccumulator, _bounds, _Monitor
 from models.features import StateCodecError
 
 FORMAT = 1
@@ -38,8 +38,19 @@ class _Head(msgspec.Struct, forbid_unknown_fields=True):
     late_dropped: int
 
 
+class _FlowBucket(msgspec.Struct, array_like=True):
+    """One stage-one flow bucket; `largest` came later (a value without it had none kept)."""
+
+    bucket: int
+    outflow: float
+    inflow: float
+    n: int
+    ids: list[str]
+    largest: list[float] = []
+
+
 class _FlowSnapshot(_Head, tag_field="kind", tag="flow"):
-    buckets: list[tuple[int, float, float, int, list[str]]]
+    buckets: list[_FlowBucket]
 
 
 def _head(acc: FlowAccumulator | MarketAccumulator) -> dict[str, Any]:
@@ -70,11 +81,27 @@ class _PlatformMeta(msgspec.Struct, forbid_unknown_fields=True):
     monitors: dict[str, _MonitorMeta]
 
 
-_FLOW_PART = tuple[int, float, float, list[str]]  # (size, outflow, inflow, event ids)
+class _FlowPart(msgspec.Struct, array_like=True):
+    """One stored liquidity partial; `largest` came later (a value without it had none kept)."""
+
+    size: int
+    outflow: float
+    inflow: float
+    ids: list[str]
+    largest: list[float] = []
+
+
+def _heap(largest: list[float]) -> list[float]:
+    # A stored value is checked, not trusted: at most LARGEST_KEPT amounts, none negative, as a min-heap.
+    if len(largest) > LARGEST_KEPT or any(not x >= 0 for x in largest):
+        raise StateCodecError(f"largest outflows {largest[:LARGEST_KEPT + 1]} (at most {LARGEST_KEPT}, none below 0)")
+    return sorted(largest)
+
+
 _MARKET_PART = tuple[int, list[str], list[str], list[str], list[str], list[str], float]
 _ACC = msgspec.json.Decoder(_FlowSnapshot)
 _META = msgspec.json.Decoder(_PlatformMeta)
-_PARTS: dict[str, msgspec.json.Decoder[Any]] = {"liquidity": msgspec.json.Decoder(_FLOW_PART),
+_PARTS: dict[str, msgspec.json.Decoder[Any]] = {"liquidity": msgspec.json.Decoder(_FlowPart),
                                                  "market_stress": msgspec.json.Decoder(_MARKET_PART)}
 
 
@@ -85,7 +112,7 @@ def _check_version(v: int, what: str) -> None:
 
 def dump_accumulator(acc: FlowAccumulator) -> bytes:
     """A flow accumulator as a versioned JSON value (its buckets, watermark and last offset)."""
-    buckets = [(b, out, inn, n, ids) for b, (out, inn, n, ids) in acc.buckets.items()]
+    buckets = [(b, out, inn, n, ids, sorted(largest)) for b, (out, inn, n, ids, largest) in acc.buckets.items()]
     return msgspec.json.encode({"kind": "flow", **_head(acc), "buckets": buckets})
 
 
@@ -101,7 +128,7 @@ def load_accumulator(blob: bytes) -> FlowAccumulator:
         raise StateCodecError(f"not a flow accumulator: {exc}") from None
     _checked_head(snap, "flow accumulator")
     acc = FlowAccumulator(snap.source, snap.bucket_seconds, snap.keep_buckets)
-    acc.buckets = {b: [out, inn, n, list(ids)] for b, out, inn, n, ids in snap.buckets}
+    acc.buckets = {x.bucket: [x.outflow, x.inflow, x.n, list(x.ids), _heap(x.largest)] for x in snap.buckets}
     acc.max_bucket, acc.last_offset, acc.late_dropped = snap.max_bucket, snap.last_offset, snap.late_dropped
     acc.dirty = set(acc.buckets)
     return acc
@@ -188,7 +215,7 @@ def dump_part(monitor: str, entry: tuple[int, Any]) -> bytes:
     """One stored (size, payload) partial of the liquidity or market-stress monitor, as JSON."""
     size, p = entry
     if monitor == "liquidity":
-        return msgspec.json.encode((size, p[0], p[1], list(p[2])))
+        return msgspec.json.encode((size, p[0], p[1], list(p[2]), list(p[5])))
     return msgspec.json.encode((size, sorted(p[0]), sorted(p[1]), list(p[2]), sorted(p[3]), sorted(p[4]), p[5]))
 
 
@@ -201,8 +228,9 @@ def load_part(key: bytes, blob: bytes) -> tuple[str, int, str, tuple[int, Any]]:
     except (ValueError, KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise StateCodecError(f"not a stage-two partial: {exc}") from None
     if monitor == "liquidity":
-        size, out, inn, ids = value
-        return monitor, b, source, (size, (out, inn, tuple(ids), *_bounds(out, inn)))
+        out, inn = value.outflow, value.inflow
+        return monitor, b, source, (value.size, (out, inn, tuple(value.ids), *_bounds(out, inn),
+                                                 tuple(_heap(value.largest))))
     size, act, bad, ids, dn, up, spacing = value
     return monitor, b, source, (size, (frozenset(act), frozenset(bad), tuple(ids), frozenset(dn), frozenset(up),
                                        spacing))

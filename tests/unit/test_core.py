@@ -36,7 +36,7 @@ def test_a_redelivered_offset_is_not_scored_or_counted_again() -> None:
     b = _txn("e2", "2026-11-01T10:02:00Z")  # the next minute's bucket: closes the first
     assert core.step(a, a.ts.timestamp(), 0, 10)[0] is not None
     out, closed = core.step(b, b.ts.timestamp(), 0, 11)
-    assert out is not None and [(n, outflow) for _, outflow, _, n, _ in closed] == [(1, 20.0)]
+    assert out is not None and [(n, outflow) for _, outflow, _, n, _, _ in closed] == [(1, 20.0)]
     assert core.step(a, a.ts.timestamp(), 0, 10) == (None, [])  # redelivered: no score, no second count
     assert core.store.get(0, b"A1").n == 2
 

@@ -96,6 +96,28 @@ def test_accumulators_round_trip_and_resend_their_buckets():
     assert [p.bucket for p in back.flush()] == sorted(flows.buckets)  # every kept bucket sent again
 
 
+def test_flow_values_of_the_previous_version_still_read():
+    # Written before buckets kept their largest outflows: (size, outflow, inflow, ids) and five-field buckets.
+    _, b, source, (size, payload) = load_part(b"liquidity:60:p0", b'[3, 250.5, 10.0, ["e1"]]')
+    assert (b, source, size, payload[:3], payload[5]) == (60, "p0", 3, (250.5, 10.0, ("e1",)), ())
+    old = (b'{"kind":"flow","v":1,"source":"p1","bucket_seconds":60,"keep_buckets":5,"max_bucket":60,'
+           b'"last_offset":7,"late_dropped":0,"buckets":[[60,250.5,10.0,2,["e1"]]]}')
+    acc = load_accumulator(old)
+    assert acc.buckets == {60: [250.5, 10.0, 2, ["e1"], []]}
+    acc.add(61.0, "withdrawal", "debit", 99.0, "e2", offset=8)
+    assert acc.buckets[60][4] == [99.0]
+
+
+@pytest.mark.parametrize("largest", ["[-1.0]", "[1, 2, 3, 4, 5, 6]", '["x"]'])
+def test_stored_largest_outflows_are_checked(largest):
+    with pytest.raises(StateCodecError):
+        load_part(b"liquidity:60:p0", f'[3, 250.5, 10.0, ["e1"], {largest}]'.encode())
+    with pytest.raises(StateCodecError):
+        load_accumulator(b'{"kind":"flow","v":1,"source":"p1","bucket_seconds":60,"keep_buckets":5,"max_bucket":60,'
+                         b'"last_offset":7,"late_dropped":0,"buckets":[[60,250.5,10.0,2,["e1"],'
+                         + largest.encode() + b"]]}")
+
+
 @pytest.mark.parametrize("blob", [b"", b"garbage", b'{"v": 2, "kind": "flow"}', b"[1, 2]"])
 def test_a_value_that_is_not_state_is_refused(blob):
     with pytest.raises(StateCodecError):
