@@ -50,13 +50,8 @@ def _jsonl(path: Path) -> Iterator[Record]:
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
     # Table formats have a cell for every column: an empty or null cell is an absent optional field.
-    out = {k: v for k, v in row.items() if v is not None and v != "" and k is not None}
-    label = out.get("label")
-    if isinstance(label, str) and label.strip() in ("0", "1"):
-        out["label"] = int(label)
-    elif isinstance(label, float) and label in (0.0, 1.0):
-        out["label"] = int(label)
-    return out
+    # A label written "1", 1.0 or true is read by the contract itself (models.schemas).
+    return {k: v for k, v in row.items() if v is not None and v != "" and k is not None}
 
 
 def _csv(path: Path) -> Iterator[Record]:

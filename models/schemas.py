@@ -40,6 +40,9 @@ MIN_TS = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_TS = datetime(2100, 1, 1, tzinfo=UTC)
 
 
+_LABEL_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1}
+
+
 class _Event(BaseModel):
     """Fields every input event carries; unknown fields are accepted and ignored."""
 
@@ -60,6 +63,19 @@ class _Event(BaseModel):
                 return msgspec.convert(value, datetime)
             except msgspec.ValidationError:
                 return value  # pydantic's own parser decides, and words the error
+        return value
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label_as_written_by_other_tools(cls, value: Any) -> Any:
+        # Labelled files come from pandas, Spark, spreadsheets: true/false, "1"/"0" and 1.0/0.0 are
+        # the same labels, and refusing them would drop the whole event from a replay.
+        if value is True or value is False:
+            return int(value)
+        if type(value) is str:
+            return _LABEL_WORDS.get(value.strip().lower(), value)
+        if type(value) is float and value in (0.0, 1.0):
+            return int(value)
         return value
 
 

@@ -279,6 +279,27 @@ def test_evaluate_prints_metrics_and_needs_labels(
     assert "no labelled transactions" in capsys.readouterr().err
 
 
+def test_labels_written_by_other_tools_read_as_0_and_1(
+    stream: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pandas writes true/false, spreadsheets "1"/"0", Spark 1.0: the same labels, not invalid events.
+    forms = [lambda v: bool(v), lambda v: str(v), lambda v: float(v), lambda v: ["false", "TRUE "][v]]
+    relabelled = [{**e, "label": forms[i % 4](e["label"])} if "label" in e else e for i, e in enumerate(stream)]
+    write_jsonl(stream, tmp_path / "plain.jsonl")
+    write_jsonl(relabelled, tmp_path / "relabelled.jsonl")
+    reports = []
+    for name in ("plain", "relabelled"):
+        assert main(["evaluate", "--json", str(tmp_path / f"{name}.jsonl")]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[1]["events"]["invalid"] == 0
+    assert reports[1]["evaluation"] == reports[0]["evaluation"]
+    # Anything else is still not a label: the event is set aside with the reason.
+    write_jsonl([{**stream[0], "label": "fraud"}, *stream[1:]], tmp_path / "bad.jsonl")
+    assert main(["evaluate", "--json", str(tmp_path / "bad.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["events"]["invalid"] == 1 and out["events"]["invalid_by_field"] == {"label": 1}
+
+
 def test_partition_of_a_key_matches_kafkas_murmur2() -> None:
     """Replay's own murmur2 (word at a time, and in bulk with numpy) gives Kafka's partitioner's partitions."""
     from kafka.partitioner.default import murmur2 as kafka_murmur2
