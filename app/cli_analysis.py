@@ -304,6 +304,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{args.input}: {m['n']:,} labelled transactions ({m['n_positive']:,} risky), threshold "
         f"{ev['threshold']:g}; {dead.count:,} invalid lines skipped"
     )
+    if dead.count:
+        # Why, once per kind: a file whose times lack an offset loses every event to the same reason.
+        for field, n in dead.reasons.most_common():
+            print(f"  {n:,} invalid in {field}, the first at {dead.example[field]}")
+        print(f"  (every invalid line with its reason: riskwatch replay {args.input} --deadletter FILE)")
     print(f"{'':26}{'ROC AUC':>9}{'AP':>8}{'recall':>8}{'precision':>11}{'alert rate (normal)':>21}")
     for key, name in (("transactions", "all transactions"), ("account_scenarios", "account-level scenarios")):
         m = ev[key]

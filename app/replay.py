@@ -88,13 +88,17 @@ class DeadLetters:
         self.count = 0
         self.reasons: Counter[str] = Counter()
         self.first: list[str] = []
+        self.example: dict[str, str] = {}  # per field of self.reasons, the first input refused for it
 
     def add(self, where: dict[str, Any], exc: EventError, payload: bytes | str, event_id: str | None = None) -> None:
         """Record one invalid input; `where` says where it came from (line, or topic/partition/offset)."""
         self.count += 1
-        self.reasons[exc.field.split(".")[0] if exc.field else "invalid_json"] += 1
+        field = exc.field.split(".")[0] if exc.field else "invalid_json"
+        self.reasons[field] += 1
         if len(self.first) < 5:
             self.first.append(f"{_where(where)}: {exc.reason}")
+        if field not in self.example:
+            self.example[field] = f"{_where(where)}: {exc.reason}"
         if self.path is None:
             return
         if self._out is None:

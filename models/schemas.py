@@ -212,7 +212,17 @@ def _reason(exc: ValidationError) -> EventError:
     if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
         return EventError("event_type must be 'transaction' or 'market'", "event_type")
     field = loc or None
-    return EventError(f"{field or 'event'}: {err['msg']}", field)
+    hint = _HINTS.get((field, err["type"])) or _HINTS.get((None, err["type"]), "")
+    return EventError(f"{field or 'event'}: {err['msg']}{hint}", field)
+
+
+# What to do about the errors a producer most often makes, said once in the reason.
+_HINTS = {
+    (None, "timezone_aware"): " (write the time with its offset, e.g. 2026-11-01T08:00:00Z or "
+                              "2026-11-01T16:00:00+08:00)",
+    ("amount", "greater_than"): " (amounts are positive; `direction` says debit or credit)",
+    ("currency", "string_pattern_mismatch"): " (an ISO 4217 code in capitals, e.g. USD)",
+}
 
 
 @overload

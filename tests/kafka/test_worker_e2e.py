@@ -36,7 +36,8 @@ def test_large_transaction_warns_and_bad_input_is_dead_lettered(settings, start_
     letters = [DeadLetter.model_validate(d) for d in dead]
     by_reason = {d.field: d for d in letters}
     assert "JSON" in by_reason[None].reason and by_reason[None].offset == 1
-    assert by_reason["amount"].reason == "amount: Input should be greater than 0"
+    assert by_reason["amount"].reason == ("amount: Input should be greater than 0 "
+                                          "(amounts are positive; `direction` says debit or credit)")
     assert by_reason["amount"].event_id == negative["event_id"]
     assert all(d.source_topic == settings.topic(TRANSACTIONS) for d in letters)
 

@@ -300,6 +300,20 @@ def test_labels_written_by_other_tools_read_as_0_and_1(
     assert out["events"]["invalid"] == 1 and out["events"]["invalid_by_field"] == {"label": 1}
 
 
+def test_evaluate_says_once_why_lines_were_refused_and_what_to_do(
+    stream: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    naive = [{**e, "ts": e["ts"][:19]} if i % 3 == 0 else e for i, e in enumerate(stream)]
+    write_jsonl(naive, tmp_path / "naive.jsonl")
+    assert main(["evaluate", str(tmp_path / "naive.jsonl")]) == 0
+    out = capsys.readouterr().out
+    refused = sum(1 for i in range(len(stream)) if i % 3 == 0)
+    assert out.count("timezone info") == 1, out
+    assert f"{refused:,} invalid in ts, the first at line 1: ts: Input should have timezone info (write the time " \
+           "with its offset, e.g. 2026-11-01T08:00:00Z" in out
+    assert "--deadletter FILE" in out
+
+
 def test_partition_of_a_key_matches_kafkas_murmur2() -> None:
     """Replay's own murmur2 (word at a time, and in bulk with numpy) gives Kafka's partitioner's partitions."""
     from kafka.partitioner.default import murmur2 as kafka_murmur2
