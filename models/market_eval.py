@@ -141,7 +141,8 @@ def gbm_ticks(*, seed: int = 1, instruments: int = 10, hours: float = 12.0, step
     """Seeded random walks ticking about every `step` seconds (jittered, asynchronous), with one crash.
 
     At `crash_at` of the span, 40-70% of the instruments fall by `depth` (a fraction, drawn per
-    instrument) over 5 to 15 minutes, as models.synth's crashes do, but shallower by default: falls
+    instrument) over 5 to 15 minutes (one to three bars when bars are longer than 5 minutes), as
+    models.synth's crashes do, but shallower by default: falls
     of 6-12% are below the 10% per-instrument crash rule. With `sigmas`, each fall is instead that
     many of the instrument's own sigmas over the fall's span: a slide no single tick of which is
     unusual (10 sigmas over 10 minutes of 5-second ticks are 0.9 sigma a tick), the hardest case.
@@ -159,7 +160,8 @@ def gbm_ticks(*, seed: int = 1, instruments: int = 10, hours: float = 12.0, step
         fall = None
         if j in hit:
             fs = tc + rng.uniform(0, 180)
-            fe = fs + rng.uniform(5, 15) * 60
+            span = rng.uniform(5, 15)
+            fe = fs + max(span * 60, span / 5 * step)  # minutes on ticks, bars when bars are longer
             if sigmas is None:
                 size = math.log(1 - rng.uniform(*depth))
             else:
@@ -265,6 +267,13 @@ def main() -> None:
     for seed in (1, 2, 3):
         for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed))):
             print(line)
+    for what, step, days in (("5-minute", 300.0, 60), ("hourly", 3600.0, 60)):
+        print(f"Generated {what} bars (gbm_ticks, 10 instruments, {days} days, falls of 6-12% over 1-3 bars, "
+              "seeds 1-3):")
+        for seed in (1, 2, 3):
+            for line in _delays_text(evaluate_intraday(gbm_ticks(seed=seed, hours=24.0 * days, step=step,
+                                                                 crash_at=0.8))):
+                print(line)
     print("Generated minute bars in sessions, nights moving every instrument ~20 minute-sigmas (10 days, seeds 1-3):")
     for seed in (1, 2, 3):
         night = evaluate_intraday(session_minute_bars(seed=seed))

@@ -58,6 +58,16 @@ def test_five_second_ticks_crash_warns_within_minutes(seed: int) -> None:
     assert report.false_stress == 0
 
 
+@pytest.mark.parametrize("step", [300.0, 3600.0])
+def test_five_minute_and_hourly_bar_crashes_warn_and_calm_bars_do_not(step: float) -> None:
+    # Sixty days of bars, the crash on day 48: the falling instruments' own sigmas are per bar.
+    report = me.evaluate_intraday(me.gbm_ticks(seed=2, hours=24.0 * 60, step=step, crash_at=0.8))
+    [window] = report.delays.values()
+    assert window["stress"] is not None and window["stress"] <= 2 * step
+    assert all(d is not None for d in window["instruments"].values())
+    assert report.false_stress == 0 and report.hours > 1400
+
+
 def test_calm_five_second_ticks_raise_no_market_stress() -> None:
     report = me.evaluate_intraday(me.gbm_ticks(seed=4, hours=3.0, crash_at=2.0))  # the crash never comes
     assert report.delays == {} and report.false_stress == 0
