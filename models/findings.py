@@ -115,7 +115,8 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-def to_alert(finding: Finding, alert_id: str, event_ids: list[str], created_at: float, event_ts: float) -> Alert:
+def to_alert(finding: Finding, alert_id: str, event_ids: list[str], created_at: float, event_ts: float,
+             txn_type: str | None = None) -> Alert:
     """Build the contract Alert for a finding; both times are epoch seconds taken from event time."""
     return Alert(
         alert_id=alert_id,
@@ -129,6 +130,7 @@ def to_alert(finding: Finding, alert_id: str, event_ids: list[str], created_at: 
         reasons=list(finding.reasons),
         event_ids=list(event_ids),
         detector=finding.detector,
+        txn_type=txn_type,  # type: ignore[arg-type]  # pydantic checks the Literal
     )
 
 

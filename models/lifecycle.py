@@ -131,6 +131,8 @@ class Lifecycle(BaseModel):
     category: str = ""
     level: Level = "low"
     detector: str = ""
+    txn_type: str = Field("", description="an account warning's transaction type when raised; empty for others and "
+                                          "in records written before it was kept")
     codes: list[str] = Field(default_factory=list, description="reason codes when raised, lead first; empty in "
                                                                 "records written before verdict feedback")
     summary: str = ""
@@ -276,7 +278,8 @@ def on_alert(state: Lifecycle | None, alert: Any, plans: PlanCatalogue, now: flo
     if state is None or not state.known:
         early = list(state.early) if state is not None else []
         s = Lifecycle(alert_id=a["alert_id"], entity_type=a["entity_type"], entity_id=a["entity_id"],
-                      category=a["category"], level=level, detector=a.get("detector", ""), codes=_codes(a),
+                      category=a["category"], level=level, detector=a.get("detector", ""),
+                      txn_type=a.get("txn_type") or "", codes=_codes(a),
                       summary=a.get("summary", ""), created_at=float(a["created_at"]), updated_at=now)
         plan = plans.select(s.category, level)
         if plan is not None:

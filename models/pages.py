@@ -31,7 +31,7 @@ class Page(BaseModel):
 def page_labels(s: Lifecycle, stage: str) -> dict[str, str]:
     """Alertmanager labels of a page: what routes, groups and inhibits it (deploy/alertmanager)."""
     escalation = stage == "escalation" and s.plan is not None
-    return {
+    labels = {
         "alertname": "RiskwatchWarning",
         "alert_id": s.alert_id,
         "category": s.category,
@@ -42,6 +42,10 @@ def page_labels(s: Lifecycle, stage: str) -> dict[str, str]:
         "team": (s.plan.escalation_team if escalation else s.plan.owner_team) if s.plan else "",
         "stage": stage,
     }
+    if s.txn_type:
+        # Only when known: a record from before it was kept keeps the labels its pages were sent with.
+        labels["txn_type"] = s.txn_type
+    return labels
 
 
 def sync_pages(s: Lifecycle, min_level: str | None, now: float) -> bool:

@@ -174,6 +174,10 @@ class Alert(BaseModel):
     reasons: list[Reason]
     event_ids: list[str]
     detector: str
+    # Came later: consumers that ignore unknown fields are unaffected, and a warning written before
+    # it (or a platform or market one) has none.
+    txn_type: TxnType | None = Field(None, description="An account warning's transaction type, of the event that "
+                                                       "produced this version")
 
 
 class DeadLetter(BaseModel):

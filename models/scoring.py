@@ -632,7 +632,7 @@ class TransactionScorer:
             del recent[0]
         out = TxnOutcome(event_id, score, raw, findings, [], [], [], False, late)
         if findings:
-            self._alerts(out, state, ts, event_id)
+            self._alerts(out, state, ts, event_id, txn.txn_type)
         return out
 
     @property
@@ -690,7 +690,7 @@ class TransactionScorer:
             del state.recent_ids[0]
         out = TxnOutcome(txn.event_id, score, raw, findings, late=late)
         if findings:
-            self._alerts(out, state, ts, txn.event_id)
+            self._alerts(out, state, ts, txn.event_id, txn.txn_type)
         return out
 
     def _learn_reference(self, txn: TransactionFields, state: AccountState, f: TxnFeatures, raw: float,
@@ -762,7 +762,7 @@ class TransactionScorer:
         return Finding(category=category, level=level, score=cal, detector=MODEL_DETECTOR,
                        reasons=reasons, entity_type="account", entity_id=txn.account_id)
 
-    def _alerts(self, out: TxnOutcome, state: AccountState, ts: float, event_id: str) -> None:
+    def _alerts(self, out: TxnOutcome, state: AccountState, ts: float, event_id: str, txn_type: str) -> None:
         for fd in out.findings:
             if self.on_finding is not None:
                 self.on_finding(fd)
@@ -782,7 +782,7 @@ class TransactionScorer:
                 if fd.detector == MODEL_DETECTOR:
                     # The budget is spent by the warnings a person must open, not by every event scored.
                     self.detector.spend(fd.category, self._budgets, self._global_warmup)
-            out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts))
+            out.alerts.append(to_alert(fd, alert_id, ids, created_at=ts, event_ts=ts, txn_type=txn_type))
 
 
 def _covered(findings: list[Finding]) -> bool:

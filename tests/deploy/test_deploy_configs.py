@@ -362,6 +362,50 @@ def test_critical_warning_inhibits_medium_and_low_warnings_on_the_same_entity(al
     assert states == expected
 
 
+def test_a_liquidity_run_holds_back_account_pages_on_withdrawals_and_redemptions_only(alertmanager: str) -> None:
+    from models.lifecycle import Lifecycle
+    from models.pages import page_labels
+
+    def page(alert_id: str, category: str, level: str, txn_type: str = "", entity_type: str = "account",
+             entity_id: str = "acc-1") -> dict[str, Any]:
+        # The labels the pager sends for such a warning (models.pages), not a hand-written copy.
+        s = Lifecycle(alert_id=alert_id, entity_type=entity_type, entity_id=entity_id, category=category,
+                      level=level, txn_type=txn_type)  # type: ignore[arg-type]
+        return {"labels": page_labels(s, "plan"), "annotations": {"summary": "test"}}
+
+    def post(alerts: list[dict[str, Any]]) -> None:
+        request = urllib.request.Request(f"{alertmanager}/alerts", data=json.dumps(alerts).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=5).close()
+
+    def states(expected: dict[str, str]) -> dict[str, str]:
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"{alertmanager}/alerts", timeout=5) as response:
+                got = {a["labels"]["alert_id"]: a["status"]["state"] for a in json.load(response)}
+            if got == expected or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    accounts = [
+        page("spike-withdrawal", "amount_spike", "high", "withdrawal"),
+        page("spike-redemption", "amount_spike", "high", "redemption", entity_id="acc-2"),
+        page("odd-withdrawal", "anomaly", "medium", "withdrawal", entity_id="acc-3"),
+        page("spike-payment", "amount_spike", "high", "payment", entity_id="acc-4"),
+        page("large-withdrawal", "large_transaction", "medium", "withdrawal", entity_id="acc-5"),
+        page("velocity-withdrawal", "velocity", "high", "withdrawal", entity_id="acc-6"),
+        page("spike-unknown-type", "amount_spike", "high", entity_id="acc-7"),  # raised before txn_type was kept
+    ]
+    post(accounts)
+    quiet = {a["labels"]["alert_id"]: "active" for a in accounts}
+    assert states(quiet) == quiet, "without a run every account warning pages"
+
+    post([page("run", "liquidity_run", "critical", entity_type="platform", entity_id="platform")])
+    held = {**quiet, "run": "active", "spike-withdrawal": "suppressed", "spike-redemption": "suppressed",
+            "odd-withdrawal": "suppressed"}
+    assert states(held) == held
+
+
 # --------------------------------------------------------------------------- Grafana
 def test_dashboard_panels_are_well_formed() -> None:
     dashboard = _dashboard()

@@ -209,6 +209,8 @@ def test_fund_isolation_is_paged_acknowledged_escalated_once_across_a_kill_and_r
     assert {k: page["labels"][k] for k in ("category", "level", "entity_id", "plan", "team")} == {
         "category": "fund_isolation", "level": "critical", "entity_id": "custody-A",
         "plan": "fund-isolation-breach", "team": "compliance"}
+    # The transaction type travels from the warning to the page (what a liquidity run's inhibition matches).
+    assert alert_of["custody-A"]["txn_type"] == page["labels"]["txn_type"] == "transfer"
     assert page["annotations"]["reasons"] == "; ".join(r["message"] for r in alert_of["custody-A"]["reasons"])
     assert page["annotations"]["runbook"] == "docs/disposal.md#fund-isolation-breach"
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.errors import EventError, RiskwatchError
+from models.features import AccountState
 from models.lifecycle import (
     AckEvent,
     Lifecycle,
@@ -185,6 +186,34 @@ def test_pages_follow_the_state() -> None:
     assert [(p.stage, p.active, p.sent) for p in s.pages] == [("plan", False, True)] and pending_pages(s)
     s.pages[0].end_sent = True
     assert sync_pages(s, "high", T0 + 71) and s.pages == [] and not pending_pages(s)
+
+
+def test_an_account_page_names_the_transaction_type_that_raised_it() -> None:
+    # What deploy/alertmanager inhibits on during a liquidity run (withdrawals and redemptions).
+    s = on_alert(None, alert(txn_type="withdrawal"), PLANS, T0).state
+    assert s is not None and sync_pages(s, "high", T0)
+    assert s.pages[0].labels["txn_type"] == "withdrawal"
+    # A later version raised by a payment does not move the page to new labels.
+    s = on_alert(s, alert(txn_type="payment"), PLANS, T0 + 1).state
+    assert not sync_pages(s, "high", T0 + 1) and s.pages[0].labels["txn_type"] == "withdrawal"
+    # A record written before the type was kept pages with the labels it had: no txn_type at all.
+    old = Lifecycle.model_validate_json(opened().model_dump_json(exclude={"txn_type"}))
+    assert sync_pages(old, "high", T0) and "txn_type" not in old.pages[0].labels
+
+
+def test_an_account_warning_carries_its_transaction_type() -> None:
+    from models.rules import load_catalogue
+    from models.schemas import Transaction
+    from models.scoring import TransactionScorer
+
+    scorer = TransactionScorer(load_catalogue("deploy/rules.yaml"))
+    state = AccountState()
+    txn = Transaction.model_validate({
+        "event_id": "w1", "ts": "2026-11-01T10:00:00Z", "account_id": "acct-1", "counterparty_id": "BANK-1",
+        "amount": 80_000.0, "currency": "CNY", "direction": "debit", "txn_type": "withdrawal", "channel": "app"})
+    out = scorer.process(txn, state)
+    assert out.alerts and {a.txn_type for a in out.alerts} == {"withdrawal"}
+    assert '"txn_type":"withdrawal"' in out.alerts[0].model_dump_json()
 
 
 def test_a_level_rise_replaces_the_page_labels() -> None:
