@@ -368,6 +368,9 @@ class LiquidityParams(_WindowParams):
     exclude_largest: int = Field(default=3, ge=0, le=LARGEST_KEPT,
                                  description="The window's largest outflows left out before judging (0: none)")
     currency: str = Field(default="CNY", pattern=r"^[A-Z]{3}$", description="Label of the amounts in reasons")
+    fx_rates: dict[Annotated[str, Field(pattern=r"^[A-Z]{3}$")], Annotated[float, Field(gt=0, lt=1e9)]] = Field(
+        default_factory=dict, description="Units of `currency` per unit of another currency; flows in a currency "
+                                          "without a rate are added as they are (logged once)")
 
     @model_validator(mode="after")
     def _ordered(self) -> LiquidityParams:
@@ -664,7 +667,12 @@ class LiquidityMonitor(_Monitor):
         p = self.params
         med, spread = self.usual()
         usual = max(med, spread, 0.0)
+        if 0 < len(self.baseline) < p.baseline_windows:
+            # Warming up: a few hours say little of a platform's usual day (the night before its
+            # morning), so until a day of windows is in, the usual is at least the largest of them.
+            usual = max(usual, max(self.baseline))
         high = max(p.min_net_outflow, p.high_ratio * usual)
+        critical = max(p.min_net_outflow * p.critical_ratio / p.high_ratio, p.critical_ratio * usual)
         # Learn after judging, and only from windows fully inside the data seen.
         learn = (b + p.bucket_seconds) % p.window_seconds == 0 and self.min_bucket is not None \
             and b - self.min_bucket >= p.window_seconds - p.bucket_seconds
@@ -682,7 +690,6 @@ class LiquidityMonitor(_Monitor):
         inn = reduce(add, map(_IN, payloads), 0.0)
         net = out - inn
         raised: list[Raised] = []
-        critical = max(p.min_net_outflow * p.critical_ratio / p.high_ratio, p.critical_ratio * usual)
         # The window's largest outflows are among its buckets' largest: what is left without them
         # is the outflow of many customers, which a run is.
         big = sum(heapq.nlargest(p.exclude_largest, chain.from_iterable(map(_LARGEST, payloads)))) \

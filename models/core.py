@@ -26,10 +26,19 @@ True
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-from models.aggregates import FlowAccumulator, FlowTotals, MarketAccumulator, MarketPartial
+from models.aggregates import (
+    INFLOW_TYPES,
+    OUTFLOW_TYPES,
+    FlowAccumulator,
+    FlowTotals,
+    LiquidityParams,
+    MarketAccumulator,
+    MarketPartial,
+)
 from models.features import AccountState
 from models.findings import Finding, Raised, track
 from models.market import InstrumentState, MarketOutcome, MarketParams, score_tick
@@ -38,6 +47,7 @@ from models.schemas import MarketTick, TransactionFields
 from models.scoring import TransactionScorer, TxnOutcome
 
 S = TypeVar("S")
+log = logging.getLogger(__name__)
 
 
 class StateStore(Protocol[S]):
@@ -172,6 +182,12 @@ class TxnCore:
         self.store = store
         self.eviction = eviction
         self.flows_of = flows_of
+        # The liquidity monitor's currency and rates (models.aggregates.LiquidityParams), taken from the
+        # catalogue they came with; the currencies without a rate already logged.
+        self._fx_of: Catalogue | None = None
+        self._fx_label = ""
+        self._fx: dict[str, float] = {}
+        self._fx_missing: set[str] = set()
 
     def step(self, txn: TransactionFields, ts: float, partition: int,
              offset: int = -1) -> tuple[TxnOutcome | None, list[FlowTotals]]:
@@ -189,16 +205,39 @@ class TxnCore:
             state = AccountState()
             store.put(partition, key, state)
         flows = self.flows_of(partition)
+        if self.scorer.catalogue is not self._fx_of:
+            self._fx_from(self.scorer.catalogue)
+        amount = txn.amount
+        if txn.currency != self._fx_label and (txn.txn_type in OUTFLOW_TYPES or txn.txn_type in INFLOW_TYPES):
+            amount = self._converted(txn)
         if offset >= 0:
             if offset <= state.offset:
-                return None, flows.add_counted(ts, txn.txn_type, txn.amount, txn.event_id, txn.account_kind, offset)
+                return None, flows.add_counted(ts, txn.txn_type, amount, txn.event_id, txn.account_kind, offset)
             state.offset = offset  # before scoring: the shift step it takes is logged under it
         out = self.scorer.process(txn, state, ts)
         if out.duplicate:
             return out, []
         self.eviction.touch(key, ts, partition)
-        return out, flows.add_counted(ts, txn.txn_type, txn.amount, txn.event_id, txn.account_kind,
+        return out, flows.add_counted(ts, txn.txn_type, amount, txn.event_id, txn.account_kind,
                                       offset if offset >= 0 else None)
+
+    def _fx_from(self, catalogue: Catalogue) -> None:
+        p = catalogue.params("liquidity_run", LiquidityParams)
+        self._fx_of, self._fx_label, self._fx = catalogue, p.currency, dict(p.fx_rates)
+
+    def _converted(self, txn: TransactionFields) -> float:
+        # A platform flow in another currency than the liquidity monitor's, in the monitor's currency.
+        rate = self._fx.get(txn.currency)
+        if rate is not None:
+            return txn.amount * rate
+        if txn.currency not in self._fx_missing:
+            self._fx_missing.add(txn.currency)
+            label = self._fx_label
+            log.warning("liquidity_run has no rate for %s: its deposits, withdrawals, investments and redemptions are "
+                        "added to the platform's net outflow as if they were %s. Set rules.liquidity_run.params."
+                        "fx_rates.%s (%s per %s), or currency: %s if the platform settles in %s",
+                        txn.currency, label, txn.currency, label, txn.currency, txn.currency, txn.currency)
+        return txn.amount
 
     def evict(self, budget: int = 10_000) -> list[tuple[bytes, int]]:
         """Delete the accounts idle past the TTL from the store (at most `budget`); return their (key, partition)."""

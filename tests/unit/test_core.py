@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from models.aggregates import FlowAccumulator
 from models.core import IdleEviction, MemoryStore, TxnCore
@@ -48,6 +51,23 @@ def test_an_event_id_seen_again_under_a_new_offset_is_a_duplicate_and_not_counte
     out, closed = core.step(a, a.ts.timestamp(), 0, 2)
     assert out is not None and out.duplicate and closed == []
     assert core.store.get(0, b"A1").n == 1
+
+
+def test_platform_flows_count_in_the_liquidity_monitors_currency(caplog: pytest.LogCaptureFixture) -> None:
+    core = _core()  # the shipped catalogue: CNY, with a rate for USD and none for KRW
+    flows = core.flows_of(0)
+    offsets = itertools.count()
+
+    def outflow(event_id: str, minute: int, currency: str) -> float:
+        txn = _txn(event_id, f"2026-11-01T10:{minute:02d}:00Z", amount=100.0).model_copy(update={"currency": currency})
+        core.step(txn, txn.ts.timestamp(), 0, next(offsets))
+        return flows.buckets[int(txn.ts.timestamp()) // 60 * 60][0]
+
+    assert outflow("c1", 0, "CNY") == 100.0
+    assert outflow("u1", 1, "USD") == pytest.approx(710.0)  # 7.1 CNY per USD
+    assert outflow("k1", 2, "KRW") == outflow("k2", 2, "KRW") / 2 == 100.0  # no rate: as it is, said once
+    said = [r.getMessage() for r in caplog.records if "liquidity_run has no rate" in r.getMessage()]
+    assert len(said) == 1 and "no rate for KRW" in said[0] and "fx_rates.KRW (CNY per KRW)" in said[0]
 
 
 def test_idle_accounts_leave_the_store() -> None:
