@@ -583,7 +583,8 @@ class LiquidityMonitor(_Monitor):
     High needs max(min_net_outflow, high_ratio * usual); critical needs critical_ratio * usual,
     and at least min_net_outflow scaled by critical_ratio / high_ratio while there is no baseline.
     Both are judged on the net outflow without the window's `exclude_largest` largest outflows, so
-    a few big withdrawals (a wealthy customer's, covered by the account rules) are not a run.
+    a few big withdrawals (a wealthy customer's, covered by the account rules) are not a run. Until
+    `baseline_windows` windows are in, the usual level is at least the largest of them.
     """
 
     __slots__ = ("_run", "_usual", "baseline")
