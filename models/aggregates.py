@@ -364,7 +364,7 @@ class LiquidityParams(_WindowParams):
     baseline_windows: int = Field(default=24, ge=MIN_BASELINE, description="Past windows the usual level is taken from")
     # A run is many customers leaving. Measured (docs/evaluation.md): on an independent stream with
     # heavy-tailed withdrawals, 1-9 hours a week went past 3x the usual on two or three large
-    # withdrawals alone; leaving out the 3 largest kept every generated run, 1-11 minutes later.
+    # withdrawals alone; leaving out the 3 largest kept every generated run, a few minutes later.
     exclude_largest: int = Field(default=3, ge=0, le=LARGEST_KEPT,
                                  description="The window's largest outflows left out before judging (0: none)")
     currency: str = Field(default="CNY", pattern=r"^[A-Z]{3}$", description="Label of the amounts in reasons")
