@@ -118,6 +118,21 @@ def test_fast_decoder_agrees_with_pydantic_on_edge_cases(raw: bytes) -> None:
     assert_agrees(raw)
 
 
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"ts": "2026-10-31T16:00:02"}, "ts: Input should have timezone info (write the time with its offset, e.g. "
+                                    "2026-11-01T08:00:00Z or 2026-11-01T16:00:00+08:00)"),
+    ({"amount": -52.31}, "amount: Input should be greater than 0 (amounts are positive; `direction` says debit "
+                         "or credit)"),
+    ({"currency": "usd"}, "(an ISO 4217 code in capitals, e.g. USD)"),
+    ({"channel": ...}, "channel: Field required"),  # no hint where the reason says it all
+])
+def test_common_producer_mistakes_are_refused_with_what_to_do(change: dict[str, Any], reason: str) -> None:
+    for decode in (decode_transaction, lambda raw: decode_event(raw, Transaction)):  # the worker's, the contract's
+        with pytest.raises(EventError) as exc:
+            decode(variant(**change))
+        assert reason in exc.value.reason and exc.value.reason.count("(") <= 1
+
+
 def test_the_common_case_takes_the_fast_path() -> None:
     # If msgspec refused the canonical form, every event would silently pay for both decoders.
     assert type(decode_transaction(variant())[0]) is TransactionRecord
