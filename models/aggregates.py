@@ -583,8 +583,7 @@ class LiquidityMonitor(_Monitor):
     High needs max(min_net_outflow, high_ratio * usual); critical needs critical_ratio * usual,
     and at least min_net_outflow scaled by critical_ratio / high_ratio while there is no baseline.
     Both are judged on the net outflow without the window's `exclude_largest` largest outflows, so
-    a few big withdrawals (a wealthy customer's, covered by the account rules) are not a run. Until
-    `baseline_windows` windows are in, the usual level is at least the largest of them.
+    a few big withdrawals (a wealthy customer's, covered by the account rules) are not a run.
     """
 
     __slots__ = ("_run", "_usual", "baseline")
@@ -668,10 +667,6 @@ class LiquidityMonitor(_Monitor):
         p = self.params
         med, spread = self.usual()
         usual = max(med, spread, 0.0)
-        if 0 < len(self.baseline) < p.baseline_windows:
-            # Warming up: a few hours say little of a platform's usual day (the night before its
-            # morning), so until a day of windows is in, the usual is at least the largest of them.
-            usual = max(usual, max(self.baseline))
         high = max(p.min_net_outflow, p.high_ratio * usual)
         critical = max(p.min_net_outflow * p.critical_ratio / p.high_ratio, p.critical_ratio * usual)
         # Learn after judging, and only from windows fully inside the data seen.
