@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from models.schemas import LEVELS, Alert, Reason
@@ -99,13 +99,20 @@ def open_or_update(alerts: AlertMemory, finding: Finding, ts: float, event_id: s
 
 def track(alerts: AlertMemory, findings: Iterable[Finding], ts: float, event_id: str,
           cooldown: float = 1800.0, max_ids: int = 50, more_ids: Iterable[str] = ()) -> list[Raised]:
-    """Run open_or_update on each finding and report which alerts opened or rose in level."""
+    """Run open_or_update on each finding and report which alerts opened or rose in level.
+
+    An update carries the level the alert reached, as the contract promises (an update never lowers
+    it): a run that eases from critical to high for a minute is still a critical run.
+    """
     extra = tuple(more_ids)
     out: list[Raised] = []
     for f in findings:
         before = alerts.get(f.category)
         alert_id, ids, is_new = open_or_update(alerts, f, ts, event_id, cooldown, max_ids, extra)
         escalated = before is not None and not is_new and _RANK.get(f.level, -1) > _RANK.get(before[3], -1)
+        reached = alerts[f.category][3]
+        if reached != f.level:
+            f = replace(f, level=reached)
         out.append(Raised(f, alert_id, ids, is_new, escalated, ts))
     return out
 

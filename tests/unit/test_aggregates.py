@@ -119,6 +119,22 @@ def test_buckets_of_the_previous_version_count_their_outflow_whole(run_events: l
     assert summary(run_monitor(old)) == summary(run_monitor(partials(run_events, 1), whole))
 
 
+def test_a_run_that_eases_keeps_the_level_it_reached() -> None:
+    # Critical for an hour, then a slower outflow that alone is only high: every later version of the
+    # same warning still says critical (the contract: an update never lowers the level).
+    steady = list(flows(10))
+    run = [(T0 + m * MIN + 45, "withdrawal", "debit", 60_000.0 if m < 7 * 60 else 12_000.0, f"r{m:05d}")
+           for m in range(6 * 60, 9 * 60)]
+    raised = run_monitor(partials(steady + run, 1))
+    assert len({r.alert_id for r in raised}) == 1
+    levels = [r.finding.level for r in raised]
+    first_critical = levels.index("critical")
+    assert levels[first_critical:] == ["critical"] * (len(levels) - first_critical)
+    assert [r.to_alert().level for r in raised][first_critical:] == levels[first_critical:]
+    # The eased hour did publish versions: without them the test would prove nothing.
+    assert any(r.event_ts >= T0 + 8 * 3600 for r in raised[first_critical:])
+
+
 def test_four_sources_sum_like_one(run_events: list) -> None:
     one, four = summary(run_monitor(partials(run_events, 1))), summary(run_monitor(partials(run_events, 4)))
     # Same buckets judged, same levels, same wording, same ids (samples keep the smallest ids).
