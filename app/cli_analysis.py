@@ -201,7 +201,7 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
         f"(scoring alone {_fmt(t['scoring_events_per_second'], ',.0f')} events/s)"
     )
     print(f"  invalid {ev['invalid']:,} (dead-lettered)   duplicates {ev['duplicates']:,} (not scored again)")
-    for line in dead.first:
+    for line in dead.summary():
         print(f"    {line}")
     levels = ", ".join(f"{lv} {w['by_level'][lv]:,}" for lv in reversed(LEVELS))
     print(f"  warnings: {w['total']:,} ({levels}); {w['versions_published']:,} versions published")
@@ -305,9 +305,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{ev['threshold']:g}; {dead.count:,} invalid lines skipped"
     )
     if dead.count:
-        # Why, once per kind: a file whose times lack an offset loses every event to the same reason.
-        for field, n in dead.reasons.most_common():
-            print(f"  {n:,} invalid in {field}, the first at {dead.example[field]}")
+        for line in dead.summary():
+            print(f"  {line}")
         print(f"  (every invalid line with its reason: riskwatch replay {args.input} --deadletter FILE)")
     print(f"{'':26}{'ROC AUC':>9}{'AP':>8}{'recall':>8}{'precision':>11}{'alert rate (normal)':>21}")
     for key, name in (("transactions", "all transactions"), ("account_scenarios", "account-level scenarios")):

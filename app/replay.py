@@ -87,7 +87,6 @@ class DeadLetters:
                 raise ReplayError(f"cannot replace {path}: {exc.strerror}; choose another --deadletter") from None
         self.count = 0
         self.reasons: Counter[str] = Counter()
-        self.first: list[str] = []
         self.example: dict[str, str] = {}  # per field of self.reasons, the first input refused for it
 
     def add(self, where: dict[str, Any], exc: EventError, payload: bytes | str, event_id: str | None = None) -> None:
@@ -95,8 +94,6 @@ class DeadLetters:
         self.count += 1
         field = exc.field.split(".")[0] if exc.field else "invalid_json"
         self.reasons[field] += 1
-        if len(self.first) < 5:
-            self.first.append(f"{_where(where)}: {exc.reason}")
         if field not in self.example:
             self.example[field] = f"{_where(where)}: {exc.reason}"
         if self.path is None:
@@ -123,6 +120,12 @@ class DeadLetters:
             "payload_truncated": len(raw) > DEADLETTER_PAYLOAD_BYTES,
         }
         self._out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def summary(self) -> list[str]:
+        """Why inputs were refused, once per field, most common first, each with the first one refused."""
+        # A file whose times lack an offset loses every event to the same reason: say it once.
+        return [f"{n:,} invalid in {field}, the first at {self.example[field]}"
+                for field, n in self.reasons.most_common()]
 
     def close(self) -> None:
         """Flush and close the file."""

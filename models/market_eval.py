@@ -142,8 +142,8 @@ def gbm_ticks(*, seed: int = 1, instruments: int = 10, hours: float = 12.0, step
 
     At `crash_at` of the span, 40-70% of the instruments fall by `depth` (a fraction, drawn per
     instrument) over 5 to 15 minutes (one to three bars when bars are longer than 5 minutes), as
-    models.synth's crashes do, but shallower by default: falls
-    of 6-12% are below the 10% per-instrument crash rule. With `sigmas`, each fall is instead that
+    models.synth's crashes do, but shallower by default: falls of 6-12% are below the 10%
+    per-instrument crash rule. With `sigmas`, each fall is instead that
     many of the instrument's own sigmas over the fall's span: a slide no single tick of which is
     unusual (10 sigmas over 10 minutes of 5-second ticks are 0.9 sigma a tick), the hardest case.
     Labelled like models.synth (scenario market_crash, instance "market_crash:<name>#1").

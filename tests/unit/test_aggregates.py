@@ -379,6 +379,22 @@ def test_flow_buckets_are_split_to_fit_a_kafka_message_and_validated() -> None:
             PARTIAL.validate_json(bad)
 
 
+def test_a_buckets_largest_outflows_travel_in_both_message_forms() -> None:
+    # What stage two excludes must reach it: one partial per bucket, or a batched FlowBuckets message.
+    from models.pipeline import PARTIAL
+
+    acc = FlowAccumulator("p2")
+    amounts = [120.0, 9_000.0, 35.0, 4_000.0, 77.0, 15_000.0, 800.0]
+    closed = [t for k, a in enumerate(amounts) for t in acc.add_counted(T0 + k, "withdrawal", a, f"e{k}")]
+    closed += acc.add_counted(T0 + 61, "deposit", 1.0, "next")  # closes the first bucket
+    [totals] = closed
+    assert totals[5] == (120.0, 800.0, 4_000.0, 9_000.0, 15_000.0)  # the 5 largest of 7, smallest first
+    [message] = flow_buckets_json("p2", 60, closed)
+    assert list(PARTIAL.validate_json(message).buckets[0][5]) == list(totals[5])
+    single = PARTIAL.validate_json(acc.partial(totals).model_dump_json())
+    assert single.largest == list(totals[5])
+
+
 def test_a_source_behind_the_others_holds_the_watermark_back(run_events: list) -> None:
     # A backlog read by one worker: a batch carries one partition's hours before the next one's.
     parts = partials(run_events, 4)
