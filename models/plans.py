@@ -43,6 +43,7 @@ from models.yamlconf import parse_yaml_model, read_text
 # surface as an action nobody recognises in the middle of an incident.
 ACTIONS: frozenset[str] = frozenset({
     "freeze_account",
+    "block_card",
     "hold_withdrawals",
     "notify_compliance",
     "file_large_transaction_report",

@@ -28,6 +28,7 @@ RAISED = {
     "large_transaction": ["medium"],
     "structuring": ["high"],
     "velocity": ["high"],
+    "card_testing": ["high"],
     "anomaly": ["medium", "high"],
     "liquidity_run": ["high", "critical"],
     "market_anomaly": ["medium", "high"],
@@ -177,12 +178,13 @@ def test_plans_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rows = [line.split() for line in out.splitlines()]
     assert ["fund_isolation", "critical", "fund-isolation-breach", "compliance"] in rows
     assert ["liquidity_run", "critical", "liquidity-run-critical", "treasury"] in rows
-    assert out.rstrip().endswith("20 plans: OK")
+    assert out.rstrip().endswith("21 plans: OK")
     no_fallback = tmp_path / "plans.yaml"
     no_fallback.write_text(plan_yaml())
     assert main(["plans", "check", str(no_fallback)]) == 2
     err = capsys.readouterr().err
-    assert "no plan answers access_control, amount_spike, anomaly, block_list, dormant_account, fund_isolation" in err
+    assert ("no plan answers access_control, amount_spike, anomaly, block_list, card_testing, dormant_account, "
+            "fund_isolation") in err
     assert "list_match" not in err, "the lists rule raises in its lists' categories, not its own"
 
 

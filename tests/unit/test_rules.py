@@ -11,7 +11,8 @@ from models.rules import DEFAULT_RULES, LargeTransactionParams, load_catalogue, 
 def test_shipped_catalogue_has_every_default_rule():
     cat = load_catalogue(DEFAULT_RULES)
     expected = {"large_transaction": "medium", "structuring": "high", "fund_isolation": "critical",
-                "velocity": "high", "liquidity_run": "high", "market_crash": "high", "market_stress": "high",
+                "velocity": "high", "card_testing": "high", "liquidity_run": "high", "market_crash": "high",
+                "market_stress": "high",
                 "anomaly": "medium", "market_anomaly": "medium", "lists": "high", "pass_through": "high",
                 "amount_spike": "high", "dormant_reactivation": "high",
                 "platform_account_new_device": "high"}

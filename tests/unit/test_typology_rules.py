@@ -1,4 +1,4 @@
-"""The account-level typology rules: money-mule pass-through, dormant reactivation and amount spikes."""
+"""The account-level typology rules: money-mule pass-through, dormant reactivation, amount spikes and card testing."""
 
 from __future__ import annotations
 
@@ -155,3 +155,46 @@ def test_confirmed_verdicts_lower_a_typology_rules_threshold_within_bounds(make_
 
     assert ("rule:amount_spike", "amount_spike") not in spike(None), "7x the usual: below the default 10x"
     assert ("rule:amount_spike", "amount_spike") in spike(Confirmed()), "confirmed ones ask for 5x"
+
+
+def _probes(sc: TransactionScorer, make_txn: Make, st: AccountState, t: float, amounts: Sequence[float], *,
+            shops: Sequence[str] | None = None, currency: str = "CNY") -> list[list[tuple[str, str]]]:
+    """Tiny payments 40 seconds apart, to new shops unless `shops` names them; each event's rule hits."""
+    return [_rules(sc.process(_txn(make_txn, account_id="acct-1", amount=float(a), currency=currency,
+                                   counterparty_id=shops[k] if shops else f"probe-{k}", minutes=t + k * 40 / 60), st))
+            for k, a in enumerate(amounts)]
+
+
+def test_three_tiny_debits_to_new_merchants_in_minutes_are_card_testing_at_the_third(sc, make_txn) -> None:
+    st = AccountState()
+    t = _habit(sc, make_txn, st, days=1.0)
+    hits = _probes(sc, make_txn, st, t, (1.10, 2.95, 0.80, 3.40))
+    hit = ("rule:card_testing", "card_testing")
+    assert [hit in h for h in hits] == [False, False, True, True]
+    out = sc.process(_txn(make_txn, account_id="acct-1", amount=1.5, counterparty_id="probe-9", minutes=t + 4), st)
+    msg = next(f for f in out.findings if f.category == "card_testing").reasons[0].message
+    assert msg.startswith("5 debits under CNY 5 in 4 min, this one (1.50) to a payee the account never paid"), msg
+    assert out.alerts and {a.category for a in out.alerts} >= {"card_testing"}
+
+
+def test_tiny_debits_at_known_shops_slow_ones_and_a_tiny_habit_are_not_card_testing(sc, make_txn) -> None:
+    hit = ("rule:card_testing", "card_testing")
+    # Three tiny payments at shops the account already uses (a transit tap, a vending machine).
+    st = AccountState()
+    t = _habit(sc, make_txn, st, days=1.0)
+    known = ("shop-0", "shop-1", "shop-2")
+    assert not any(hit in h for h in _probes(sc, make_txn, st, t, (1.0, 2.0, 3.0), shops=known))
+    # Three tiny payments to new shops over half an hour: not within ten minutes.
+    st2 = AccountState()
+    t2 = _habit(sc, make_txn, st2, days=1.0)
+    spaced = [_rules(sc.process(_txn(make_txn, account_id="acct-1", amount=2.0, counterparty_id=f"new-{k}",
+                                     minutes=t2 + 12 * k), st2)) for k in range(3)]
+    assert not any(hit in h for h in spaced)
+    # An account whose usual payment is 3 CNY: tiny is its habit, not a probe.
+    st3 = AccountState()
+    t3 = _habit(sc, make_txn, st3, days=1.0, amounts=(2.5, 3.0, 3.5, 2.8, 3.2, 3.0))
+    assert not any(hit in h for h in _probes(sc, make_txn, st3, t3, (1.0, 2.0, 3.0, 1.5)))
+    # 100 yen is tiny (the yen's ceiling is 500): the same probes in JPY are card testing.
+    st4 = AccountState()
+    t4 = _habit(sc, make_txn, st4, days=1.0, amounts=(8_000, 9_500, 11_000, 12_000, 10_000, 9_000))
+    assert hit in _probes(sc, make_txn, st4, t4, (100, 250, 120), currency="JPY")[-1]
