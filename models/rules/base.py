@@ -9,7 +9,7 @@ and two sets of parameters.
 
 >>> from models.rules import REGISTRY
 >>> sorted(REGISTRY)[:3]
-['amount_spike', 'dormant_reactivation', 'fund_isolation']
+['amount_spike', 'card_testing', 'dormant_reactivation']
 """
 
 from __future__ import annotations
@@ -103,6 +103,10 @@ class TxnRule:
     def check(self, ev: Event) -> list[Reason] | None:
         """The reasons of a hit on this event, or None."""
         raise NotImplementedError
+
+    def level_for(self, ev: Event) -> str | None:
+        """The level of this event's hit when the rule lowers it (after a hit); None keeps the catalogue's."""
+        return None
 
     def learn(self, ev: Event) -> None:
         """Update this rule's own part of the account's state after an event that passed its gate (when `learns`)."""
