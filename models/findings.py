@@ -26,6 +26,9 @@ class Finding:
     reasons: list[Reason]
     entity_type: str
     entity_id: str
+    # A rule whose catalogue level is high or critical hit, whatever level this finding carries: the
+    # model opens no second case for the event (a hit the rule lowered to medium is still its case).
+    covers: bool = False
 
 
 @dataclass(slots=True)

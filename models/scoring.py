@@ -275,7 +275,7 @@ class TransactionScorer:
                     learning.append(rule)
                 reasons = rule.check(ev)
                 if reasons:
-                    out.append(self._finding(rule.id, ev.txn.account_id, reasons))
+                    out.append(self._finding(rule.id, ev.txn.account_id, reasons, rule.level_for(ev)))
         return out
 
     @property
@@ -718,11 +718,14 @@ class TransactionScorer:
         for rule in self._learning:
             rule.learn(self._ev)
 
-    def _finding(self, rule_id: str, entity_id: str, reasons: list[Reason]) -> Finding:
+    def _finding(self, rule_id: str, entity_id: str, reasons: list[Reason], level: str | None = None) -> Finding:
         r = self.catalogue.rules[rule_id]
+        # The score is the rule's evidence (its catalogue level); `level`, when the rule lowers it for
+        # this hit, is how urgently people must act on it.
         score = 1.0 if r.level == "critical" else LEVEL_SCORE.get(r.level, 1.0 - (1.0 - self._threshold) / 2)
-        return Finding(category=r.category, level=r.level, score=score, detector=f"rule:{rule_id}",
-                       reasons=reasons, entity_type="account", entity_id=entity_id)
+        return Finding(category=r.category, level=level or r.level, score=score, detector=f"rule:{rule_id}",
+                       reasons=reasons, entity_type="account", entity_id=entity_id,
+                       covers=r.level == "high" or r.level == "critical")
 
     def _list_findings(self, hits: list[Hit], account: str) -> list[Finding]:
         out = []
@@ -789,7 +792,7 @@ def _covered(findings: list[Finding]) -> bool:
     """True when a high or critical rule already warns this event: a model warning beside it would be
     a second case for one event, and would spend the model's budget on what is already seen."""
     for fd in findings:
-        if fd.level == "high" or fd.level == "critical":
+        if fd.covers or fd.level == "high" or fd.level == "critical":
             return True
     return False
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from models.features import AccountState
-from models.rules import load_catalogue
+from models.rules import DEFAULT_RULES, load_catalogue, parse_catalogue
 from models.schemas import Transaction
 from models.scoring import TransactionScorer
 
@@ -198,3 +198,28 @@ def test_tiny_debits_at_known_shops_slow_ones_and_a_tiny_habit_are_not_card_test
     st4 = AccountState()
     t4 = _habit(sc, make_txn, st4, days=1.0, amounts=(8_000, 9_500, 11_000, 12_000, 10_000, 9_000))
     assert hit in _probes(sc, make_txn, st4, t4, (100, 250, 120), currency="JPY")[-1]
+
+
+def test_a_spike_to_a_known_payee_from_the_accounts_own_device_is_a_medium_warning_and_still_one_case(
+        make_txn) -> None:
+    def spike(catalogue: Any = None, **kw: Any) -> Any:
+        sc = TransactionScorer(catalogue or load_catalogue())
+        st = AccountState()
+        t = _habit(sc, make_txn, st, days=1.0)
+        if kw.pop("fresh", False):  # a device first seen ten minutes before, at a usual amount and shop
+            sc.process(_txn(make_txn, account_id="acct-1", amount=100.0, counterparty_id="shop-1",
+                            device_id="dev-9", minutes=t - 10), st)
+        out = sc.process(_txn(make_txn, account_id="acct-1", amount=2_400.0, minutes=t, **kw), st)
+        return next(f for f in out.findings if f.category == "amount_spike"), out
+
+    familiar, out = spike(counterparty_id="shop-2")
+    assert familiar.level == "medium"
+    assert familiar.reasons[0].message.endswith("to a payee it paid before from its own device")
+    assert not [f for f in out.findings if f.detector == "surprise"], "the rule's case all the same: no model case"
+    assert [a.level for a in out.alerts if a.category == "amount_spike"] == ["medium"]
+    assert spike(counterparty_id="new-shop")[0].level == "high"
+    assert spike(counterparty_id="shop-2", device_id="dev-2")[0].level == "high", "a new device"
+    assert spike(counterparty_id="shop-2", device_id="dev-9", fresh=True)[0].level == "high", "a device first seen now"
+    assert spike(counterparty_id="shop-2", device_id=None)[0].level == "high", "no device to call its own"
+    text = DEFAULT_RULES.read_text().replace("familiar_level: medium", "familiar_level: null")
+    assert spike(parse_catalogue(text), counterparty_id="shop-2")[0].level == "high", "turned off"
