@@ -61,7 +61,8 @@ class AnomalyParams(RuleParams):
                                           "a category not listed gets budget_per_1000")
     min_evidence: float = Field(0.0, ge=0, description="nats of surprise a warning needs at least (0: the budget "
                                                        "alone decides; docs/evaluation.md measures why)")
-    high_evidence: float = Field(8.0, ge=0, description="nats of surprise that make a model warning 'high'")
+    high_evidence: float = Field(6.0, ge=0, description="nats of surprise that make a model warning 'high' "
+                                                        "(docs/evaluation.md measures 5 to 8)")
     calibrate_below: float = Field(7.0, ge=0, description="nats of surprise from which an event is too unusual "
                                                          "to teach the calibration (docs/evaluation.md: 6, 7, 8)")
     entity_warmup: int = Field(3, ge=0, description="transactions an account needs before model warnings")

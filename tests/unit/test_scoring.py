@@ -10,7 +10,7 @@ import pytest
 
 from models.detector import Calibrator, SurpriseDetector
 from models.features import AccountState
-from models.rules import load_catalogue, parse_catalogue
+from models.rules import DEFAULT_RULES, load_catalogue, parse_catalogue
 from models.schemas import Transaction
 from models.scoring import TransactionScorer
 
@@ -393,3 +393,24 @@ def test_median_mad_equals_sorting_the_deviations():
         mad = _median([abs(v - med) for v in vals])
         got_med, got_mad = median_mad(sorted(vals))
         assert (repr(got_med), abs(got_mad)) == (repr(med), mad), vals
+
+
+def test_a_new_device_and_a_new_payee_together_page_as_a_takeover_would(make_txn: Make) -> None:
+    """Model warnings of 6 nats or more are high (paged): a takeover's first debit, measured in docs/evaluation.md."""
+    def txn(**kw: Any) -> Transaction:
+        return Transaction.model_validate(make_txn(**kw))
+
+    def first_debit_of_a_takeover(catalogue: Any) -> tuple[float, list[tuple[str, str]]]:
+        sc, st = TransactionScorer(catalogue), AccountState()
+        amounts = (80, 95, 110, 120, 100, 90)
+        for i in range(300):  # 6 days of payments at three shops; a new phone every 25 of them
+            sc.process(txn(minutes=i * 30, amount=float(amounts[i % 6]), counterparty_id=f"shop-{i % 3}",
+                           device_id=f"dev-{i // 25}"), st)
+        out = sc.process(txn(minutes=9_000, amount=100.0, counterparty_id="stranger", device_id="attacker"), st)
+        return out.raw, [(f.detector, f.level) for f in out.findings]
+
+    raw, findings = first_debit_of_a_takeover(load_catalogue())
+    assert 6.0 <= raw < 8.0, raw
+    assert findings == [("surprise", "high")]
+    text = DEFAULT_RULES.read_text().replace("high_evidence: 6.0", "high_evidence: 8.0")
+    assert first_debit_of_a_takeover(parse_catalogue(text))[1] == [("surprise", "medium")], "the earlier default"
