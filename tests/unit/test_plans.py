@@ -34,7 +34,7 @@ RAISED = {
     "market_anomaly": ["medium", "high"],
     "market_crash": ["high", "critical"],
     "market_stress": ["high", "critical"],
-    "amount_spike": ["high"],
+    "amount_spike": ["medium", "high"],
     "money_mule": ["high"],
     "dormant_account": ["high"],
     "access_control": ["high"],

@@ -14,7 +14,7 @@ def test_shipped_catalogue_has_every_default_rule():
                 "velocity": "high", "card_testing": "high", "liquidity_run": "high", "market_crash": "high",
                 "market_stress": "high",
                 "anomaly": "medium", "market_anomaly": "medium", "lists": "high", "pass_through": "high",
-                "amount_spike": "high", "dormant_reactivation": "high",
+                "amount_spike": "high", "new_account_spike": "medium", "dormant_reactivation": "high",
                 "platform_account_new_device": "high"}
     assert {k: r.level for k, r in cat.rules.items()} == expected
     assert all(r.description for r in cat.rules.values())

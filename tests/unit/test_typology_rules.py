@@ -223,3 +223,19 @@ def test_a_spike_to_a_known_payee_from_the_accounts_own_device_is_a_medium_warni
     assert spike(counterparty_id="shop-2", device_id=None)[0].level == "high", "no device to call its own"
     text = DEFAULT_RULES.read_text().replace("familiar_level: medium", "familiar_level: null")
     assert spike(parse_catalogue(text), counterparty_id="shop-2")[0].level == "high", "turned off"
+
+
+def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_spike(sc, make_txn) -> None:
+    def third(amounts: Sequence[float], last: float) -> list[tuple[str, str, str]]:
+        st = AccountState()
+        for i, a in enumerate(amounts):
+            sc.process(_txn(make_txn, account_id="acct-1", amount=float(a), minutes=i * 600), st)
+        out = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=last,
+                              counterparty_id="new-1", minutes=len(amounts) * 600), st)
+        return [(f.detector, f.category, f.level) for f in out.findings if f.detector.startswith("rule:")]
+
+    hit = ("rule:new_account_spike", "amount_spike", "medium")
+    assert third((100.0, 120.0), 3_000.0) == [hit], "25x the larger of two debits"
+    assert third((100.0, 120.0), 1_500.0) == [], "12.5x: a new customer's first real purchase"
+    assert third((100.0,), 3_000.0) == [], "one earlier debit says nothing of a habit"
+    assert hit not in third((100.0, 120.0, 110.0), 3_000.0), "three debits: amount_spike's to judge"
