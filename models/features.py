@@ -595,13 +595,15 @@ def _debit_counts(state: AccountState, ts: float, tiny: float = TINY_AMOUNT) -> 
     k = len(dts)
     # Debit times are appended in event order, so window counts are binary searches, not loops.
     first10 = bisect_left(dts, ts - VELOCITY_WINDOW)
-    n_tiny = 0
-    if first10 < k:
-        amts = state.debit_amt
-        for i in range(first10, k):
-            if amts[i] < tiny:
-                n_tiny += 1
+    n_tiny = len(tiny_debit_times(state, ts, tiny)) if first10 < k else 0
     return k - bisect_left(dts, ts - DAY), k - bisect_left(dts, ts - HOUR), k - first10, n_tiny
+
+
+def tiny_debit_times(state: AccountState, ts: float, tiny: float = TINY_AMOUNT) -> list[float]:
+    """Times of the debits under `tiny` before `ts` in the velocity window, oldest first (card-testing probes)."""
+    dts = state.debit_ts
+    first = bisect_left(dts, ts - VELOCITY_WINDOW)
+    return [t for t, a in zip(dts[first:], state.debit_amt[first:], strict=True) if a < tiny]
 
 
 def p_new_payee(state: AccountState) -> float:
@@ -741,4 +743,5 @@ __all__ = [
     "p_new_device",
     "stable_hash",
     "tiny_amount",
+    "tiny_debit_times",
 ]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 
 from pydantic import Field
 
-from models.features import VELOCITY_WINDOW, tiny_amount
+from models.features import tiny_amount, tiny_debit_times
 from models.rules.base import Event, RuleParams, TxnRule, register, span
 from models.schemas import Reason
 
@@ -45,14 +44,12 @@ class CardTesting(TxnRule):
         cut = tiny_amount(txn.currency)
         if ev.history >= 3 and ev.usual < self.p.min_usual_over_tiny * cut:
             return None
-        dts = st.debit_ts
-        first = bisect_left(dts, ev.ts - VELOCITY_WINDOW)
-        tiny = [(t, a) for t, a in zip(dts[first:], st.debit_amt[first:], strict=True) if a < cut]
+        tiny = tiny_debit_times(st, ev.ts, cut)
         n = len(tiny) + 1
         need = math.ceil(self.need(float(self.p.min_debits)))
         if n < need:
             return None
-        since = ev.ts - tiny[0][0] if tiny else 0.0
+        since = ev.ts - tiny[0] if tiny else 0.0
         return [Reason(code="card_testing",
                        message=f"{n} debits under {txn.currency} {cut:,.0f} in {span(max(since, 60.0))}, this one "
                                f"({txn.amount:,.2f}) to a payee the account never paid: a card being tested",
