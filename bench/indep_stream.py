@@ -131,6 +131,51 @@ for k in range(STRUCT):
             emit(ts, a, counterparty_id=rng.choice(a["payees"] + [f"BANK-{a['id']}"]), amount=amt, direction="debit",
                  txn_type=rng.choice(["transfer", "withdrawal"]), channel="app", device_id=a["devices"][0], ip=a["ip"],
                  country=a["country"], **lab("structuring", f"st:{a['id']}"))
+# Money mules and dormant accounts (0 by default, so the streams measured before stay as they were).
+MULE = int(os.environ.get("MULE", "0"))
+for k in range(MULE):
+    a = pool.pop()
+    ts = T0 + rng.uniform(1.5, DAYS - 0.5) * 86400
+    got = 0.0
+    for j in range(rng.randint(3, 8)):  # victims' money in, from people it never dealt with
+        ts += rng.uniform(0.05, 0.8) * 3600
+        amt = round(math.exp(a["mu"]) * rng.uniform(1, 6), 2)
+        got += amt
+        emit(ts, a, counterparty_id=f"X{rng.randrange(10**8):08d}", amount=amt, direction="credit", txn_type="transfer",
+             channel="app", **lab("mule", f"mule:{a['id']}"))
+    left = got * rng.uniform(0.7, 0.95)
+    parts = rng.randint(1, 3)
+    for j in range(parts):
+        ts += rng.uniform(5, 90) * 60
+        how = rng.random()
+        if how < 0.5:
+            kw = dict(counterparty_id=f"P{rng.randrange(10**7):07d}", txn_type="transfer", channel="app")
+        elif how < 0.8:
+            kw = dict(counterparty_id=f"BANK-{a['id']}", txn_type="withdrawal", channel="app")
+        else:  # bought crypto at an exchange it never used
+            kw = dict(counterparty_id=f"M{rng.randrange(20000, 99999)}", txn_type="payment", channel="card")
+        emit(ts, a, amount=round(left / parts, 2), direction="debit", device_id=a["devices"][0], ip=a["ip"],
+             country=a["country"], **kw, **lab("mule", f"mule:{a['id']}"))
+DORMANT = int(os.environ.get("DORMANT", "0"))
+busy = [a for a in pool if a["rate"] > 2.0]
+for k in range(min(DORMANT, len(busy))):
+    a = busy.pop()
+    pool.remove(a)
+    # Quiet after a history of its own (its eighth event at least), until well into the stream.
+    own = sorted(x[0] for x in events if x[1]["account_id"] == a["id"])
+    lo = max(T0 + rng.uniform(0.5, 1.5) * 86400, own[min(7, len(own) - 1)] + 1)
+    wake = lo + rng.uniform(0.5, 0.7) * max(END - 86400 - lo, 2 * 86400)
+    events[:] = [x for x in events if not (x[1]["account_id"] == a["id"] and lo <= x[0] < wake + 6 * 3600)]
+    ts = wake
+    dev = f"dz-{seed}-{k}" if rng.random() < 0.5 else a["devices"][0]
+    for j in range(rng.randint(1, 4)):
+        if rng.random() < 0.6:
+            kw = dict(counterparty_id=f"P{rng.randrange(10**7):07d}", txn_type="transfer")
+        else:
+            kw = dict(counterparty_id=f"BANK-{a['id']}", txn_type="withdrawal")
+        emit(ts, a, amount=round(math.exp(a["mu"]) * rng.uniform(2, 10), 2), direction="debit", channel="app",
+             device_id=dev, ip=a["ip"], country=a["country"], **kw, **lab("dormant", f"dormant:{a['id']}"))
+        ts += rng.uniform(2, 40) * 60
 events.sort(key=lambda x: x[0])
 with gzip.open(out, "wt") as f:
     for _, e in events:

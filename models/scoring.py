@@ -52,6 +52,7 @@ from models.features import (
     learn,
     log_shift_step,
     median_mad,
+    note_payer,
     observe,
     p_new_device,
     p_new_payee,
@@ -625,6 +626,7 @@ class TransactionScorer:
                 state.in_sent = faded(state.in_sent, ts - state.in_ts, INFLOW_SECONDS)
                 state.in_new = inflow + amount
                 state.in_ts = ts
+                note_payer(state, ts, amount)
             for rule in self._learning:
                 rule.learn(ev)
         recent.append(eid)

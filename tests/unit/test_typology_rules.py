@@ -51,6 +51,7 @@ def test_money_received_from_new_payers_and_sent_straight_on_is_a_mule_pass_thro
     assert "passes on money received in the last hours from counterparties this account never dealt with" \
         in reason.message
     assert out.alerts and {a.category for a in out.alerts} >= {"money_mule"}
+    assert next(a for a in out.alerts if a.category == "money_mule").level == "high"
 
 
 def test_a_pass_through_split_into_debits_each_under_the_bar_is_judged_on_the_sum(sc, make_txn) -> None:
@@ -74,6 +75,76 @@ def test_a_pass_through_split_into_debits_each_under_the_bar_is_judged_on_the_su
                                      "lately has gone on, in this transfer and earlier debits (")
     # The same money spent at shops is spending, not passing on.
     spent = run(["payment", "payment", "payment"], "spender")
+    assert not any(("rule:pass_through", "money_mule") in _rules(o) for o in spent)
+
+
+def test_the_last_part_of_a_split_pass_through_may_outrun_what_is_left_of_the_inflow(sc, make_txn) -> None:
+    # 1,200 from three strangers; 420 goes to the bank (under the 5x bar), the account spends 600 at
+    # shops, then 450 goes on to a payee it never paid. Only 180 of the inflow is left for that last part,
+    # well under half of it: the parts are still that money, and the sum (600, all of what was left to
+    # pass on) is judged. Seen on an independent stream: mules cashing out in uneven parts.
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    for k in range(3):
+        sc.process(_txn(make_txn, account_id="acct-1", direction="credit", txn_type="transfer", amount=400.0,
+                        counterparty_id=f"payer-{k}", minutes=t + 5 * k), st)
+    parts = [("withdrawal", 420.0, "bank-1"), ("payment", 300.0, "shop-1"), ("payment", 300.0, "shop-2"),
+             ("transfer", 450.0, "onward-1")]
+    outs = [sc.process(_txn(make_txn, account_id="acct-1", txn_type=kind, amount=a, counterparty_id=cp,
+                            minutes=t + 30 + 5 * i), st) for i, (kind, a, cp) in enumerate(parts)]
+    assert [("rule:pass_through", "money_mule") in _rules(o) for o in outs] == [False, False, False, True]
+    (reason,) = next(f for f in outs[3].findings if f.detector == "rule:pass_through").reasons
+    assert reason.message.startswith("100% of the money counterparties this account never dealt with paid in "
+                                     "lately has gone on, in this transfer and earlier debits (")
+
+
+def _payers(sc: TransactionScorer, make_txn: Make, st: AccountState, acct: str, amounts: Sequence[float],
+            t: float) -> None:
+    for k, a in enumerate(amounts):  # people it never dealt with pay in, a quarter of an hour apart
+        sc.process(_txn(make_txn, account_id=acct, direction="credit", txn_type="transfer", amount=a,
+                        counterparty_id=f"{acct}-payer-{k}", minutes=t + 15 * k), st)
+
+
+def test_many_strangers_paying_in_and_most_of_it_sent_on_is_a_mule_even_at_small_amounts(sc, make_txn) -> None:
+    # Usual debit about 100, so 400 is under the 5x bar; but three people it never dealt with paid
+    # in 450 within the hour and 400 of it goes straight on: the pattern, at 2x the usual.
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    _payers(sc, make_txn, st, "acct-1", (150.0, 150.0, 150.0), t)
+    out = sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=400.0,
+                          counterparty_id="onward-1", minutes=t + 60), st)
+    (reason,) = next(f for f in out.findings if f.detector == "rule:pass_through").reasons
+    assert reason.message.startswith("100% of the CNY 450.00 that 3 counterparties this account never dealt with "
+                                     "paid in over the last hours has gone on, in this transfer (4.")
+    assert out.alerts[0].level == "medium", "found by the count alone: reviewed, not paged"
+    # Two payers are a refund and a friend, not many: the usual 5x bar holds.
+    st2 = AccountState()
+    t = _habit(sc, lambda **kw: make_txn(**{**kw, "account_id": "acct-2"}), st2)
+    _payers(sc, make_txn, st2, "acct-2", (225.0, 225.0), t)
+    out = sc.process(_txn(make_txn, account_id="acct-2", txn_type="transfer", amount=400.0,
+                          counterparty_id="onward-1", minutes=t + 60), st2)
+    assert ("rule:pass_through", "money_mule") not in _rules(out)
+
+
+def test_a_new_account_that_passes_on_what_many_strangers_paid_in_is_a_mule(sc, make_txn) -> None:
+    # Mule accounts are often opened for the job: one small payment, then four strangers pay in 1,300
+    # and it leaves in two parts. No usual amount to compare with; the count and the share decide.
+    def run(acct: str, payers: Sequence[float], out: Sequence[tuple[str, float]]) -> list[Any]:
+        st = AccountState()
+        sc.process(_txn(make_txn, account_id=acct, amount=80.0, counterparty_id="shop-1", minutes=0), st)
+        _payers(sc, make_txn, st, acct, payers, 600)
+        return [sc.process(_txn(make_txn, account_id=acct, txn_type=kind, amount=a, counterparty_id=f"away-{i}",
+                                minutes=700 + 10 * i), st) for i, (kind, a) in enumerate(out)]
+
+    outs = run("new-1", (300.0, 250.0, 400.0, 350.0), [("transfer", 700.0), ("withdrawal", 550.0)])
+    assert [("rule:pass_through", "money_mule") in _rules(o) for o in outs] == [False, True]
+    (reason,) = next(f for f in outs[1].findings if f.detector == "rule:pass_through").reasons
+    assert reason.message == ("100% of the CNY 1,300.00 that 4 counterparties this account never dealt with paid "
+                              "in over the last hours has gone on, in this withdrawal and earlier debits (on an "
+                              "account with no usual amount yet)")
+    # Two payers: nothing to judge a new account on. Most of it spent at shops, the rest withdrawn: spending.
+    assert not any(_rules(o) for o in run("new-2", (650.0, 650.0), [("transfer", 700.0), ("withdrawal", 550.0)]))
+    spent = run("new-3", (300.0, 250.0, 400.0, 350.0), [("payment", 500.0), ("payment", 400.0), ("withdrawal", 350.0)])
     assert not any(("rule:pass_through", "money_mule") in _rules(o) for o in spent)
 
 
