@@ -48,6 +48,10 @@ SESSION_FLOOR = 1.0
 # what a mule account sends on within hours.
 INFLOW_SECONDS = 6 * 3600.0
 IN_PAYERS = 16  # payers remembered within that window: "many" is a handful
+# Most accounts never hear from a stranger: they all share this empty list for both of AccountState's
+# payer arrays (an empty array costs 80 bytes, and memory per account has a budget); note_payer gives
+# an account arrays of its own before its first write, and nothing else writes them.
+_NO_PAYERS = array("d")
 # An account is dormant when its silence is both DORMANT_FACTOR times its usual gap between debits
 # (a geometric mean, about half the arithmetic one for Poisson-like activity) and at least
 # DORMANT_MIN_SECONDS: an account that pays every few hours and then says nothing for three days is
@@ -155,8 +159,7 @@ class AccountState:
         self.in_sent = 0.0
         # When counterparties it never dealt with paid in within the last INFLOW_SECONDS, and how much
         # (at most IN_PAYERS): "many payers" is what tells a mule from a customer paid back by one friend.
-        self.in_payers = array("d")
-        self.in_paid = array("d")
+        self.in_payers = self.in_paid = _NO_PAYERS
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -176,7 +179,7 @@ class AccountState:
         if len(state) == full - 3:  # pickled before the money passed on was kept
             state = (*state, 0.0)
         if len(state) == full - 2:  # pickled before the payers were kept
-            state = (*state, array("d"), array("d"))
+            state = (*state, _NO_PAYERS, _NO_PAYERS)
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
@@ -263,8 +266,8 @@ class AccountState:
             setattr(st, name, a)
             off = end
         st.alerts = _alerts_from_json(view[off:]) if off < size else {}
-        if head is not _HEAD:
-            st.in_payers, st.in_paid = array("d"), array("d")
+        if head is not _HEAD or (not st.in_payers and not st.in_paid):
+            st.in_payers = st.in_paid = _NO_PAYERS
         elif len(st.in_paid) != len(st.in_payers):
             raise StateCodecError(f"AccountState blob has {len(st.in_payers)} payer times but "
                                   f"{len(st.in_paid)} amounts")
@@ -685,6 +688,9 @@ def carry(state: AccountState, f: TxnFeatures, own: float, txn_type: str) -> Non
 def note_payer(state: AccountState, ts: float, amount: float) -> None:
     """Remember that a counterparty the account never dealt with paid `amount` in at `ts` (the window's only)."""
     times = state.in_payers
+    if times is _NO_PAYERS:
+        times = state.in_payers = array("d")
+        state.in_paid = array("d")
     cut = ts - INFLOW_SECONDS
     if times and (times[0] < cut or len(times) >= IN_PAYERS):
         first = max(bisect_left(times, cut), len(times) - IN_PAYERS + 1)

@@ -223,3 +223,17 @@ def test_a_blob_whose_payee_counts_do_not_match_its_payees_is_refused(
     st.in_payers, st.in_paid = array("d", [1.7e9, 1.7e9 + 60]), array("d", [100.0])
     with pytest.raises(StateCodecError, match="2 payer times but 1 amounts"):
         AccountState.from_bytes(st.to_bytes())
+
+
+def test_accounts_share_an_empty_payer_list_until_a_stranger_pays_one_of_them() -> None:
+    from models.features import note_payer, payers_since
+
+    quiet, paid = AccountState(), AccountState()
+    assert quiet.in_payers is paid.in_payers, "one empty list for all: memory per account has a budget"
+    note_payer(paid, 1.7e9, 450.0)
+    note_payer(paid, 1.7e9 + 600, 50.0)
+    assert len(quiet.in_payers) == len(quiet.in_paid) == 0 and quiet.in_payers is not paid.in_payers
+    assert payers_since(paid, 1.7e9 + 600)[:2] == (2, 500.0) and payers_since(quiet, 1.7e9) == (0, 0.0, 0.0)
+    # Read back, an account that never heard from a stranger shares the empty list again.
+    assert AccountState.from_bytes(quiet.to_bytes()).in_payers is AccountState().in_payers
+    assert list(AccountState.from_bytes(paid.to_bytes()).in_paid) == [450.0, 50.0]
