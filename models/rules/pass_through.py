@@ -56,7 +56,7 @@ class PassThrough(TxnRule):
         sent = min(ev.txn.amount, ev.inflow)
         found = self._against_usual(ev, sent) if ev.history >= 3 else None
         self._by_count = False
-        if found is None and self._many(ev):
+        if found is None:
             found = self._many_payers(ev, sent)
             self._by_count = found is not None
         return found
@@ -102,9 +102,11 @@ class PassThrough(TxnRule):
         usual, or at any amount on an account too young for a usual one (mule accounts are often opened
         for the job)."""
         p, txn, st = self.p, ev.txn, ev.state
-        if txn.txn_type not in ONWARD_TYPES:
+        if p.min_payers is None or txn.txn_type not in ONWARD_TYPES:
             return None  # card payments spend received money
-        n, paid, faded_paid = payers_since(st, ev.ts)
+        n, paid, faded_paid = payers_since(st, ev.ts)  # scanned once per checked debit
+        if n < p.min_payers:
+            return None
         before = faded(st.in_sent, ev.ts - st.in_ts, INFLOW_SECONDS)
         total = before + sent
         # Most of what is left of it, and most of all of it (money spent at shops meanwhile shrinks what
