@@ -26,7 +26,7 @@ TINY_AMOUNT = 5.0  # major units: below this, a debit is a card-testing probe ra
 # The same probe in currencies whose unit is worth far less (a few US dollars' worth, rounded): 5 yen
 # or 5 won is no purchase at all, and a card tester's 100-yen probes would never count as tiny.
 TINY_AMOUNTS: dict[str, float] = {
-    "JPY": 500.0, "KRW": 5000.0, "INR": 300.0, "IDR": 50000.0, "VND": 100000.0, "THB": 150.0, "PHP": 250.0,
+    "CNY": 30.0, "JPY": 500.0, "KRW": 5000.0, "INR": 300.0, "IDR": 50000.0, "VND": 100000.0, "THB": 150.0, "PHP": 250.0,
     "TWD": 150.0, "HKD": 40.0, "MYR": 20.0, "HUF": 1500.0, "CZK": 100.0, "PLN": 20.0, "SEK": 50.0, "NOK": 50.0,
     "DKK": 35.0, "RUB": 300.0, "TRY": 100.0, "BRL": 25.0, "MXN": 75.0, "ZAR": 75.0, "CLP": 4000.0,
     "COP": 20000.0, "ARS": 5000.0, "NGN": 5000.0, "PKR": 1000.0, "BDT": 500.0, "LKR": 1500.0, "EGP": 200.0,

@@ -244,7 +244,7 @@ def test_three_tiny_debits_to_new_merchants_in_minutes_are_card_testing_at_the_t
     assert [hit in h for h in hits] == [False, False, True, True]
     out = sc.process(_txn(make_txn, account_id="acct-1", amount=1.5, counterparty_id="probe-9", minutes=t + 4), st)
     msg = next(f for f in out.findings if f.category == "card_testing").reasons[0].message
-    assert msg.startswith("5 debits under CNY 5 in 4 min, this one (1.50) to a payee the account never paid"), msg
+    assert msg.startswith("5 debits under CNY 30 in 4 min, this one (1.50) to a payee the account never paid"), msg
     assert out.alerts and {a.category for a in out.alerts} >= {"card_testing"}
 
 
@@ -269,6 +269,15 @@ def test_tiny_debits_at_known_shops_slow_ones_and_a_tiny_habit_are_not_card_test
     st4 = AccountState()
     t4 = _habit(sc, make_txn, st4, days=1.0, amounts=(8_000, 9_500, 11_000, 12_000, 10_000, 9_000))
     assert hit in _probes(sc, make_txn, st4, t4, (100, 250, 120), currency="JPY")[-1]
+
+
+def test_yuan_probes_of_ten_to_twenty_five_are_tiny_and_card_testing_at_the_third(sc, make_txn) -> None:
+    # A yuan is worth about a seventh of a dollar: a card tester's 12-25 yuan probes are the 2-4 dollar
+    # probes of a dollar card, and the yuan's ceiling (30) must count them as tiny like the yen's 500.
+    st = AccountState()
+    t = _habit(sc, make_txn, st, days=1.0, amounts=(180, 210, 240, 200, 190, 230))
+    hits = _probes(sc, make_txn, st, t, (12.0, 25.0, 18.0))
+    assert [("rule:card_testing", "card_testing") in h for h in hits] == [False, False, True]
 
 
 def test_a_spike_to_a_known_payee_from_the_accounts_own_device_is_a_medium_warning_and_still_one_case(
