@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from models.features import AccountState
+from models.features import TINY_AMOUNTS, AccountState, tiny_amount
 from models.rules import DEFAULT_RULES, load_catalogue, parse_catalogue
 from models.schemas import Transaction
 from models.scoring import TransactionScorer
@@ -319,3 +319,23 @@ def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_sp
     assert third((100.0, 120.0), 1_500.0) == [], "12.5x: a new customer's first real purchase"
     assert third((100.0,), 3_000.0) == [], "one earlier debit says nothing of a habit"
     assert hit not in third((100.0, 120.0, 110.0), 3_000.0), "three debits: amount_spike's to judge"
+
+
+# Rough units per US dollar (late 2026), only to check the table's own rule: every ceiling is "a few
+# dollars' worth". A currency added to TINY_AMOUNTS must be added here, so its ceiling gets this check.
+_PER_USD = {
+    "CNY": 7.1, "CNH": 7.1, "JPY": 150, "KRW": 1350, "INR": 84, "IDR": 16000, "VND": 25000, "THB": 35, "PHP": 57,
+    "TWD": 32, "HKD": 7.8, "MYR": 4.5, "HUF": 360, "CZK": 23, "PLN": 4.0, "SEK": 10.5, "NOK": 10.8, "DKK": 6.9,
+    "RUB": 90, "TRY": 34, "BRL": 5.5, "MXN": 18, "ZAR": 18, "CLP": 950, "COP": 4000, "ARS": 1000, "NGN": 1600,
+    "PKR": 280, "BDT": 120, "LKR": 300, "EGP": 49, "KZT": 480, "UAH": 41, "KES": 129, "TZS": 2600, "UGX": 3700,
+    "GHS": 15, "XOF": 600, "XAF": 600, "MAD": 10, "AED": 3.67, "SAR": 3.75, "QAR": 3.64, "ILS": 3.7, "PEN": 3.75,
+    "RON": 4.6, "ISK": 138, "NPR": 134, "MMK": 2100,
+    "USD": 1.0, "EUR": 0.93, "GBP": 0.79, "CHF": 0.89, "SGD": 1.35, "AUD": 1.5, "CAD": 1.38,
+}
+
+
+@pytest.mark.parametrize("currency", sorted(set(TINY_AMOUNTS) | {"USD", "EUR", "GBP", "CHF", "SGD", "AUD", "CAD"}))
+def test_every_probe_ceiling_is_a_few_dollars_worth(currency: str) -> None:
+    assert currency in _PER_USD, f"{currency} has a probe ceiling; add its rough rate to _PER_USD"
+    usd = tiny_amount(currency) / _PER_USD[currency]
+    assert 2.5 <= usd <= 7.5, f"{currency}: a ceiling of {tiny_amount(currency):,.0f} is about {usd:.1f} dollars"
