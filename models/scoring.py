@@ -17,6 +17,7 @@ from models.detector import (
     CAP,
     SHIFT_LIMIT,
     SHIFT_STEP,
+    TIE_BREAK,
     Calibrator,
     SurpriseDetector,
     _pass_through,
@@ -456,7 +457,7 @@ class TransactionScorer:
             else:
                 counts = cal_.counts
                 cal = (sum(counts[:bin_]) + counts[bin_] * (pos - bin_)) / total
-                cal = 1.0 if cal > 1.0 else (0.0 if 0.0 > cal else cal)
+                cal = 1.0 - TIE_BREAK * (1.0 - pos / cal_.bins) if cal >= 1.0 else (0.0 if 0.0 > cal else cal)
         else:
             bin_ = 0
             cal = 0.5 if total <= 0 else 0.0
