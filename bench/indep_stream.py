@@ -83,6 +83,14 @@ for a in accounts:
              txn_type="deposit", channel="bank")
         day += 7 * 86400
 
+def start(lo, margin):
+    """An episode's start: between day `lo` and `margin` days before the end; in a stream too short
+    for that, in its second half (the plain range would fall after the stream's traffic ends)."""
+    hi = DAYS - margin
+    if hi < lo:
+        lo, hi = DAYS * 0.5, DAYS - 0.05
+    return T0 + rng.uniform(lo, hi) * 86400
+
 def lab(scen, inst):
     return {"label": 1, "scenario": scen, "scenario_instance": inst}
 
@@ -93,7 +101,7 @@ pool = [a for a in accounts if history_ok(a)]
 rng.shuffle(pool)
 for k in range(EP):
     a = pool.pop()
-    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    ts = start(2.5, 0.3)
     dev, ip = f"atk-{seed}-{k}", f"185.{rng.randrange(250)}.{rng.randrange(250)}.9"
     for j in range(rng.randint(2, 6)):
         ts += rng.uniform(40, 600)
@@ -102,7 +110,7 @@ for k in range(EP):
              device_id=dev, ip=ip, country=rng.choice(["RU", "NG", "BR", "US"]), **lab("account_takeover", f"ato:{a['id']}"))
 for k in range(EP):
     a = pool.pop()
-    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    ts = start(2.5, 0.3)
     for j in range(rng.randint(5, 14)):
         ts += rng.uniform(5, 90)
         emit(ts, a, counterparty_id=f"M{rng.randrange(20000, 99999)}", amount=round(rng.uniform(0.5, 4.0), 2),
@@ -110,7 +118,7 @@ for k in range(EP):
              country=a["country"], **lab("card_testing", f"ct:{a['id']}"))
 for k in range(EP):
     a = pool.pop()
-    ts = T0 + rng.uniform(2.5, DAYS - 0.3) * 86400
+    ts = start(2.5, 0.3)
     typ = rng.choice(["payment", "transfer", "withdrawal"])
     cp = rng.choice(a["merchants"]) if typ == "payment" else (rng.choice(a["payees"]) if typ == "transfer" else f"BANK-{a['id']}")
     emit(ts, a, counterparty_id=cp, amount=round(math.exp(a["mu"]) * rng.uniform(8, 40), 2), direction="debit",
@@ -119,7 +127,7 @@ for k in range(EP):
 STRUCT = int(os.environ.get("STRUCT", "0"))  # structuring episodes (0: none, as in the streams first measured)
 for k in range(STRUCT):
     a = pool.pop()
-    ts = T0 + rng.uniform(2.5, DAYS - 1.0) * 86400
+    ts = start(2.5, 1.0)
     inward = rng.random() < 0.5  # cash or top-ups split on the way in, or transfers and withdrawals out
     for j in range(rng.randint(3, 5)):
         ts += rng.uniform(0.3, 5) * 3600
@@ -135,7 +143,7 @@ for k in range(STRUCT):
 MULE = int(os.environ.get("MULE", "0"))
 for k in range(MULE):
     a = pool.pop()
-    ts = T0 + rng.uniform(1.5, DAYS - 0.5) * 86400
+    ts = start(1.5, 0.5)
     got = 0.0
     for j in range(rng.randint(3, 8)):  # victims' money in, from people it never dealt with
         ts += rng.uniform(0.05, 0.8) * 3600
