@@ -54,6 +54,9 @@ IN_PAYERS = 16  # payers remembered within that window: "many" is a handful
 # payer arrays (an empty array costs 80 bytes, and memory per account has a budget); note_payer gives
 # an account arrays of its own before its first write, and nothing else writes them.
 _NO_PAYERS = array("d")
+# Likewise the times of money sent on to new payees (AccountState.fan_ts): note_fanout alone writes it.
+_NO_FANOUT = array("d")
+FANOUT_MAX = 8  # times kept: the payee_fanout rule counts at most this many in its window
 # An account is dormant when its silence is both DORMANT_FACTOR times its usual gap between debits
 # (a geometric mean, about half the arithmetic one for Poisson-like activity) and at least
 # DORMANT_MIN_SECONDS: an account that pays every few hours and then says nothing for three days is
@@ -110,6 +113,7 @@ class AccountState:
         "in_sent",
         "in_payers",
         "in_paid",
+        "fan_ts",
     )
 
     def __init__(self) -> None:
@@ -162,26 +166,32 @@ class AccountState:
         # When counterparties it never dealt with paid in within the last INFLOW_SECONDS, and how much
         # (at most IN_PAYERS): "many payers" is what tells a mule from a customer paid back by one friend.
         self.in_payers = self.in_paid = _NO_PAYERS
+        # When it last sent money on (transfer or withdrawal) to a payee it never paid before (at most
+        # FANOUT_MAX, the payee_fanout rule's): three strangers paid within minutes is a takeover's
+        # cash-out whatever the account's history, and the one thing a first-seen account shows.
+        self.fan_ts = _NO_FANOUT
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         full = len(self.__slots__)
-        if len(state) == full - 11:  # pickled before `offset` existed
+        if len(state) == full - 12:  # pickled before `offset` existed
             state = (*state, -1)
-        if len(state) == full - 10:  # pickled before the session fields existed
+        if len(state) == full - 11:  # pickled before the session fields existed
             state = (*state, 0.0, 0.0, 0.0, 0.0)
-        if len(state) == full - 6:  # pickled before payees were counted: each counts once
+        if len(state) == full - 7:  # pickled before payees were counted: each counts once
             state = (*state, array("H", [1] * len(state[_CP_SLOT])))
-        if len(state) == full - 5:  # pickled before the shift log
+        if len(state) == full - 6:  # pickled before the shift log
             state = (*state, array("q"))
-        if len(state) == full - 4:  # pickled before countries were kept
+        if len(state) == full - 5:  # pickled before countries were kept
             state = (*state, array("q"))
-        if len(state) == full - 3:  # pickled before the money passed on was kept
+        if len(state) == full - 4:  # pickled before the money passed on was kept
             state = (*state, 0.0)
-        if len(state) == full - 2:  # pickled before the payers were kept
+        if len(state) == full - 3:  # pickled before the payers were kept
             state = (*state, _NO_PAYERS, _NO_PAYERS)
+        if len(state) == full - 1:  # pickled before new payees' times were kept
+            state = (*state, _NO_FANOUT)
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
@@ -231,7 +241,7 @@ class AccountState:
             raise StateCodecError(f"not an AccountState blob of version 1 to {_VERSION} "
                                   f"(starts with {bytes(blob[:2])!r})")
         st = cls.__new__(cls)
-        if head is _HEAD or head is _HEAD_V6:
+        if head is _HEAD or head is _HEAD_V7 or head is _HEAD_V6:
             (st.n, st.n_debits, st.new_cp, st.new_dev, st.burst_max, st.fresh_dev, st.offset, st.first_ts,
              st.last_ts, st.log_med, st.log_spread, st.gap_ew, st.fresh_dev_ts, st.day_start, st.day_in,
              st.day_out, st.day_out_ew, st.ev_sum, st.ev_ts, st.in_new, st.in_ts, st.in_sent) = fields[2:24]
@@ -268,43 +278,50 @@ class AccountState:
             setattr(st, name, a)
             off = end
         st.alerts = _alerts_from_json(view[off:]) if off < size else {}
-        if head is not _HEAD or (not st.in_payers and not st.in_paid):
-            st.in_payers = st.in_paid = _NO_PAYERS
-        elif len(st.in_paid) != len(st.in_payers):
-            raise StateCodecError(f"AccountState blob has {len(st.in_payers)} payer times but "
-                                  f"{len(st.in_paid)} amounts")
-        if head is not _HEAD and head is not _HEAD_V6 and head is not _HEAD_V5 and head is not _HEAD_V4:
-            st.shift_log = array("q")
-        if head is not _HEAD and head is not _HEAD_V6 and head is not _HEAD_V5:
-            st.countries = array("q")
-        if head is _HEAD_V2 or head is _HEAD_V1:
-            st.cp_counts = array("H", [1] * len(st.counterparties))  # not counted before version 3: once each
-        elif len(st.cp_counts) != len(st.counterparties):
-            raise StateCodecError(f"AccountState blob counts {len(st.cp_counts)} payees but holds "
-                                  f"{len(st.counterparties)}")
+        _complete(st, head)
         return st
+
+
+def _complete(st: AccountState, head: struct.Struct) -> None:
+    """Give a state read from a blob of an earlier version the fields that version lacked; check the pairs."""
+    if head is not _HEAD or not st.fan_ts:
+        st.fan_ts = _NO_FANOUT
+    if (head is not _HEAD and head is not _HEAD_V7) or (not st.in_payers and not st.in_paid):
+        st.in_payers = st.in_paid = _NO_PAYERS
+    elif len(st.in_paid) != len(st.in_payers):
+        raise StateCodecError(f"AccountState blob has {len(st.in_payers)} payer times but "
+                              f"{len(st.in_paid)} amounts")
+    if head is _HEAD_V3 or head is _HEAD_V2 or head is _HEAD_V1:
+        st.shift_log = array("q")
+    if head is _HEAD_V4 or head is _HEAD_V3 or head is _HEAD_V2 or head is _HEAD_V1:
+        st.countries = array("q")
+    if head is _HEAD_V2 or head is _HEAD_V1:
+        st.cp_counts = array("H", [1] * len(st.counterparties))  # not counted before version 3: once each
+    elif len(st.cp_counts) != len(st.counterparties):
+        raise StateCodecError(f"AccountState blob counts {len(st.cp_counts)} payees but holds "
+                              f"{len(st.counterparties)}")
 
 
 class StateCodecError(ValueError):
     """A state that the compact codec cannot write, or a blob it refuses to read."""
 
 
-# STATE_FORMAT, version 7, little-endian: magic 0xA5, version byte, then five uint32 counts
+# STATE_FORMAT, version 8, little-endian: magic 0xA5, version byte, then five uint32 counts
 # (n, n_debits, new_cp, new_dev, burst_max), fresh_dev and offset as int64, fifteen float64 scalars
 # (_FLOAT_FIELDS order), one uint8 length per array (_ARRAYS order), the arrays' raw items, and last, only
 # when the account has open alerts, their JSON (a list of [category, alert_id, last_ts, ids, level]).
 # Versions 1 (no offset), 2 (no ev_sum, ev_ts, in_new, in_ts, cp_counts), 3 (no shift_log), 4 (no
-# countries), 5 (no in_sent) and 6 (no in_payers, in_paid) are still read. Pickle blobs start with 0x80
+# countries), 5 (no in_sent), 6 (no in_payers, in_paid) and 7 (no fan_ts) are still read. Pickle blobs start with 0x80
 # (protocol >= 2), so the two formats are told apart by the first byte.
 _MAGIC = 0xA5
-_VERSION = 7
+_VERSION = 8
 _INT_FIELDS = ("n", "n_debits", "new_cp", "new_dev", "burst_max", "fresh_dev", "offset")
 _FLOAT_FIELDS = ("first_ts", "last_ts", "log_med", "log_spread", "gap_ew", "fresh_dev_ts", "day_start", "day_in",
                  "day_out", "day_out_ew", "ev_sum", "ev_ts", "in_new", "in_ts", "in_sent")
 _ARRAYS = (("log_amounts", "f"), ("debit_ts", "d"), ("debit_amt", "f"), ("counterparties", "q"),
            ("devices", "q"), ("hours", "H"), ("near_ts", "d"), ("recent_ids", "q"), ("cp_counts", "H"),
            ("shift_log", "q"), ("countries", "q"), ("in_payers", "d"),
-           ("in_paid", "d"))
+           ("in_paid", "d"), ("fan_ts", "d"))
 _ITEMSIZE = {code: array(code).itemsize for _, code in _ARRAYS}
 # The head's scalars in their order (_INT_FIELDS, then _FLOAT_FIELDS), and the arrays, read at once.
 _get_scalars = attrgetter(*_INT_FIELDS, *_FLOAT_FIELDS)
@@ -312,20 +329,21 @@ _get_arrays = attrgetter(*(name for name, _ in _ARRAYS))
 _SCALAR_TYPES = (int,) * len(_INT_FIELDS) + (float,) * len(_FLOAT_FIELDS)
 _ARRAY_TYPES = (array,) * len(_ARRAYS)
 _ARRAY_CODES = [code for _, code in _ARRAYS]
-_HEAD = struct.Struct("<BB5Iqq15d13B")
+_HEAD = struct.Struct("<BB5Iqq15d14B")
+_HEAD_V7 = struct.Struct("<BB5Iqq15d13B")
 _HEAD_V6 = struct.Struct("<BB5Iqq15d11B")
 _HEAD_V5 = struct.Struct("<BB5Iqq14d11B")
 _HEAD_V4 = struct.Struct("<BB5Iqq14d10B")
 _HEAD_V3 = struct.Struct("<BB5Iqq14d9B")
 _HEAD_V2 = struct.Struct("<BB5Iqq10d8B")
 _HEAD_V1 = struct.Struct("<BB5Iq10d8B")
-_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD_V4, 5: _HEAD_V5, 6: _HEAD_V6, 7: _HEAD}
-_N_ARRAYS = {_HEAD: 13, _HEAD_V6: 11, _HEAD_V5: 11, _HEAD_V4: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
+_HEADS = {1: _HEAD_V1, 2: _HEAD_V2, 3: _HEAD_V3, 4: _HEAD_V4, 5: _HEAD_V5, 6: _HEAD_V6, 7: _HEAD_V7, 8: _HEAD}
+_N_ARRAYS = {_HEAD: 14, _HEAD_V7: 13, _HEAD_V6: 11, _HEAD_V5: 11, _HEAD_V4: 10, _HEAD_V3: 9, _HEAD_V2: 8, _HEAD_V1: 8}
 _BIG_ENDIAN = sys.byteorder == "big"
 # Where last_ts sits in the head: after the counts, fresh_dev, offset (from version 2) and first_ts.
 _LAST_TS_AT = {1: struct.calcsize("<BB5Iqd"), 2: struct.calcsize("<BB5Iqqd"), 3: struct.calcsize("<BB5Iqqd"),
                4: struct.calcsize("<BB5Iqqd"), 5: struct.calcsize("<BB5Iqqd"), 6: struct.calcsize("<BB5Iqqd"),
-               7: struct.calcsize("<BB5Iqqd")}
+               7: struct.calcsize("<BB5Iqqd"), 8: struct.calcsize("<BB5Iqqd")}
 _F64 = struct.Struct("<d")
 
 
@@ -701,6 +719,16 @@ def note_payer(state: AccountState, ts: float, amount: float) -> None:
     at = bisect_right(times, ts)  # a late event keeps its place: the window is cut by time
     times.insert(at, ts)
     state.in_paid.insert(at, amount)
+
+
+def note_fanout(state: AccountState, ts: float, window: float) -> None:
+    """Remember money sent on to a payee the account never paid, at `ts`; forget times over `window` old."""
+    times = state.fan_ts
+    if times is _NO_FANOUT:
+        times = state.fan_ts = array("d")
+    times.insert(bisect_right(times, ts), ts)  # a late event keeps its place: the window is cut by time
+    while times[-1] - times[0] > window or len(times) > FANOUT_MAX:
+        del times[0]
 
 
 def payers_since(state: AccountState, ts: float) -> tuple[int, float, float]:

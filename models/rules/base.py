@@ -117,6 +117,12 @@ class TxnRule:
             return base / self.feedback.factor(self.detector, (self.type,))
         return base
 
+    def need_count(self, base: int, floor: int = 1) -> int:
+        """A count-style threshold after analysts' verdicts, rounded up and never under `floor`."""
+        if self.adaptive and self.feedback is not None:
+            return max(floor, math.ceil(self.need(base)))
+        return base
+
 
 R = TypeVar("R", bound="type[TxnRule]")
 REGISTRY: dict[str, type[TxnRule]] = {}

@@ -35,9 +35,7 @@ class Velocity(TxnRule):
     def check(self, ev: Event) -> list[Reason] | None:
         p = self.p
         n, expected = ev.debits_10m, ev.expected_10m
-        need = p.min_debits
-        if self.feedback is not None:
-            need = math.ceil(need / self.feedback.factor(self.detector, (self.type,)))
+        need = self.need_count(p.min_debits)
         if n < need or n < p.min_ratio * expected:
             return None
         usual = max(1, math.ceil(expected))

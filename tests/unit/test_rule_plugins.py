@@ -46,7 +46,7 @@ def test_every_rule_module_in_the_package_is_registered_and_its_sets_are_derived
     assert modules == set(REGISTRY), "one module per rule type, named as the type"
     assert REQUIRED_RULES == {"fund_isolation", "large_transaction", "structuring"}
     assert ADAPTIVE_RULES == {"velocity", "card_testing", "pass_through", "dormant_reactivation", "amount_spike",
-                              "new_account_spike"}
+                              "new_account_spike", "payee_fanout"}
     shipped = load_catalogue()
     assert {r.type for r in shipped.txn_rules()} == set(REGISTRY), "the shipped catalogue runs every rule type"
 

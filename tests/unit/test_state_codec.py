@@ -148,19 +148,23 @@ def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_
     st.shift_log = array("q", [(123_456_789_000 << 2) | 2, (123_456_789_012 << 2) | 0])
     st.countries = array("q", [stable_hash("CN"), stable_hash("JP")])
     st.in_payers, st.in_paid = array("d", [1.7e9 + 10, 1.7e9 + 50]), array("d", [450.0, 380.5])
+    st.fan_ts = array("d", [1.7e9 + 100, 1.7e9 + 400])
     back = AccountState.from_bytes(st.to_bytes())
     assert back.offset == 123_456_789_012 and back.shift_log == st.shift_log and back.countries == st.countries
     assert back.in_sent == 321.5 and back.in_payers == st.in_payers and back.in_paid == st.in_paid
-    v7 = st.to_bytes()
-    fields = list(features._HEAD.unpack_from(v7))
+    assert back.fan_ts == st.fan_ts
+    v8 = st.to_bytes()
+    fields = list(features._HEAD.unpack_from(v8))[:-1]  # as version 7 had them: no fan_ts length
     # fields: magic, version, 5 counts, fresh_dev, offset (2-8), 15 floats (9-23, in_sent last), array lengths.
-    # Earlier versions had no in_payers (version 6), no in_sent (5), no countries (4), no shift log (3), nor
-    # payee counts (1 and 2): their arrays are the first ones, then the alerts.
+    # Earlier versions had no fan_ts (version 7), no in_payers (6), no in_sent (5), no countries (4), no shift
+    # log (3), nor payee counts (1 and 2): their arrays are the first ones, then the alerts.
     alerts = features._alerts_to_json(st.alerts) if st.alerts else b""
-    arrays6 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-2]) + alerts
-    arrays4 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-3]) + alerts
-    arrays3 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-4]) + alerts
-    arrays = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-5]) + alerts
+    arrays7 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-1]) + alerts
+    arrays6 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-3]) + alerts
+    arrays4 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-4]) + alerts
+    arrays3 = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-5]) + alerts
+    arrays = b"".join(getattr(st, name).tobytes() for name, _ in features._ARRAYS[:-6]) + alerts
+    v7 = features._HEAD_V7.pack(fields[0], 7, *fields[2:]) + arrays7
     v6 = features._HEAD_V6.pack(fields[0], 6, *fields[2:24], *fields[24:-2]) + arrays6
     v5 = features._HEAD_V5.pack(fields[0], 5, *fields[2:23], *fields[24:-2]) + arrays6
     v4 = features._HEAD_V4.pack(fields[0], 4, *fields[2:23], *fields[24:-3]) + arrays4
@@ -169,23 +173,27 @@ def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_
     v2 = features._HEAD_V2.pack(fields[0], 2, *fields[2:19], *fields[24:-5]) + arrays
     # Version 1, as the release before it wrote it: no offset either.
     v1 = features._HEAD_V1.pack(fields[0], 1, *fields[2:8], *fields[9:19], *fields[24:-5]) + arrays
+    old7 = AccountState.from_bytes(v7)
+    assert len(old7.fan_ts) == 0 and old7.in_payers == st.in_payers and old7.countries == st.countries
+    old7.fan_ts = st.fan_ts
+    assert _fingerprint(old7) == _fingerprint(st)
     old6 = AccountState.from_bytes(v6)
     assert old6.in_sent == st.in_sent and len(old6.in_payers) == len(old6.in_paid) == 0
-    old6.in_payers, old6.in_paid = st.in_payers, st.in_paid
+    old6.in_payers, old6.in_paid, old6.fan_ts = st.in_payers, st.in_paid, st.fan_ts
     assert _fingerprint(old6) == _fingerprint(st)
     old5 = AccountState.from_bytes(v5)
     assert old5.in_sent == 0.0 and old5.countries == st.countries
-    old5.in_sent, old5.in_payers, old5.in_paid = st.in_sent, st.in_payers, st.in_paid
+    old5.in_sent, old5.in_payers, old5.in_paid, old5.fan_ts = st.in_sent, st.in_payers, st.in_paid, st.fan_ts
     assert _fingerprint(old5) == _fingerprint(st)
     old4 = AccountState.from_bytes(v4)
     assert len(old4.countries) == 0 and old4.shift_log == st.shift_log and old4.in_sent == 0.0
     old4.countries, old4.in_sent = st.countries, st.in_sent
-    old4.in_payers, old4.in_paid = st.in_payers, st.in_paid
+    old4.in_payers, old4.in_paid, old4.fan_ts = st.in_payers, st.in_paid, st.fan_ts
     assert _fingerprint(old4) == _fingerprint(st)
     old3 = AccountState.from_bytes(v3)
     assert len(old3.shift_log) == 0 and len(old3.countries) == 0
     old3.shift_log, old3.countries, old3.in_sent = st.shift_log, st.countries, st.in_sent
-    old3.in_payers, old3.in_paid = st.in_payers, st.in_paid
+    old3.in_payers, old3.in_paid, old3.fan_ts = st.in_payers, st.in_paid, st.fan_ts
     assert _fingerprint(old3) == _fingerprint(st)
     for blob, offset in ((v2, st.offset), (v1, -1)):
         old = AccountState.from_bytes(blob)
@@ -194,21 +202,22 @@ def test_the_input_offset_round_trips_and_version_1_blobs_and_old_pickles_still_
         assert list(old.cp_counts) == [1] * len(st.counterparties), "each known payee counted once"
         old.offset, old.ev_sum, old.ev_ts, old.in_new, old.in_ts = st.offset, st.ev_sum, st.ev_ts, st.in_new, st.in_ts
         old.cp_counts, old.shift_log, old.countries, old.in_sent = st.cp_counts, st.shift_log, st.countries, st.in_sent
-        old.in_payers, old.in_paid = st.in_payers, st.in_paid
+        old.in_payers, old.in_paid, old.fan_ts = st.in_payers, st.in_paid, st.fan_ts
         assert _fingerprint(old) == _fingerprint(st)
-    # Pickles from before the slots existed: two values fewer (the payers), three (in_sent too), four
-    # (countries too), five (the shift log too), six (payee counts too), ten (the session fields too), or
-    # eleven (no offset either).
-    for missing in (2, 3, 4, 5, 6, 10, 11):
+    # Pickles from before the slots existed: one value fewer (fan_ts), three (the payers too), four (in_sent
+    # too), five (countries too), six (the shift log too), seven (payee counts too), eleven (the session fields
+    # too), or twelve (no offset either).
+    for missing in (1, 3, 4, 5, 6, 7, 11, 12):
         legacy = pickle.loads(pickle.dumps(st))
         legacy.__setstate__(tuple(getattr(st, name) for name in AccountState.__slots__[:-missing]))
-        assert legacy.n == st.n and len(legacy.in_payers) == len(legacy.in_paid) == 0
-        assert legacy.in_sent == (st.in_sent if missing == 2 else 0.0)
-        assert len(legacy.countries) == (len(st.countries) if missing <= 3 else 0)
-        assert len(legacy.shift_log) == (len(st.shift_log) if missing <= 4 else 0)
-        assert list(legacy.cp_counts) == (list(st.cp_counts) if missing <= 5 else [1] * len(st.counterparties))
-        assert (legacy.ev_sum, legacy.in_new) == ((0.0, 0.0) if missing > 6 else (st.ev_sum, st.in_new))
-        assert legacy.offset == (-1 if missing == 11 else st.offset)
+        assert legacy.n == st.n and len(legacy.fan_ts) == 0
+        assert len(legacy.in_payers) == len(legacy.in_paid) == (2 if missing == 1 else 0)
+        assert legacy.in_sent == (st.in_sent if missing <= 3 else 0.0)
+        assert len(legacy.countries) == (len(st.countries) if missing <= 4 else 0)
+        assert len(legacy.shift_log) == (len(st.shift_log) if missing <= 5 else 0)
+        assert list(legacy.cp_counts) == (list(st.cp_counts) if missing <= 6 else [1] * len(st.counterparties))
+        assert (legacy.ev_sum, legacy.in_new) == ((0.0, 0.0) if missing > 7 else (st.ev_sum, st.in_new))
+        assert legacy.offset == (-1 if missing == 12 else st.offset)
 
 
 def test_a_blob_whose_payee_counts_do_not_match_its_payees_is_refused(

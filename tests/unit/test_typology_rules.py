@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -319,6 +320,67 @@ def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_sp
     assert third((100.0, 120.0), 1_500.0) == [], "12.5x: a new customer's first real purchase"
     assert third((100.0,), 3_000.0) == [], "one earlier debit says nothing of a habit"
     assert hit not in third((100.0, 120.0, 110.0), 3_000.0), "three debits: amount_spike's to judge"
+
+
+def _fanout(sc: TransactionScorer, make_txn: Make, st: AccountState, sends: Sequence[tuple[float, str, str]],
+            device: str = "dev-9") -> list[tuple[str, str, str]]:
+    """(detector, category, level) of the rule hits on each debit of `sends`: (minute, txn_type, payee)."""
+    out = []
+    for minute, txn_type, payee in sends:
+        o = sc.process(_txn(make_txn, account_id="acct-1", txn_type=txn_type, amount=400.0, counterparty_id=payee,
+                            minutes=minute, device_id=device), st)
+        out.append([(f.detector, f.category, f.level) for f in o.findings if f.detector == "rule:payee_fanout"])
+    return out
+
+
+def test_a_third_new_payee_paid_within_half_an_hour_is_a_fanout_even_on_an_account_first_seen(sc, make_txn) -> None:
+    hit = [("rule:payee_fanout", "velocity", "high")]
+    sends = [(0, "transfer", "mule-1"), (6, "withdrawal", "mule-2"), (13, "transfer", "mule-3")]
+    assert _fanout(sc, make_txn, AccountState(), sends) == [[], [], hit], "nothing else is known of this account"
+    # From the phone it has paid from for days: most often the customer paying new people, reviewed, not paged.
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    after = [(t + m, k, p) for m, k, p in sends]
+    assert _fanout(sc, make_txn, st, after, device="dev-1")[-1] == [("rule:payee_fanout", "velocity", "medium")]
+    st = AccountState()
+    t = _habit(sc, make_txn, st)
+    assert _fanout(sc, make_txn, st, [(t + m, k, p) for m, k, p in sends], device="dev-new")[-1] == hit
+
+
+class _Verdicts:
+    """Analysts' verdicts as scoring sees them: one factor for every rule."""
+
+    def __init__(self, factor: float) -> None:
+        self.max_factor = factor
+
+    def factor(self, detector: str, codes: Sequence[str]) -> float:
+        return self.max_factor
+
+
+def test_verdicts_move_the_fanout_count_but_never_under_two_payees(make_txn) -> None:
+    sends = [(0, "transfer", "mule-1"), (6, "transfer", "mule-2"), (13, "transfer", "mule-3"), (20, "transfer", "m-4")]
+    hits = {}
+    for factor in (0.8, 1.0, 1.5, 50.0):
+        sc = TransactionScorer(load_catalogue())
+        sc.set_feedback(_Verdicts(factor))
+        hits[factor] = [bool(h) for h in _fanout(sc, make_txn, AccountState(), sends)]
+    assert hits[1.0] == [False, False, True, True]
+    assert hits[0.8] == [False, False, False, True], "false positives: a fourth payee is needed"
+    assert hits[1.5] == hits[50.0] == [False, True, True, True], "confirmed: the second, and no fewer"
+
+
+def test_card_payments_repeat_payees_and_spread_out_sends_are_no_fanout(sc, make_txn) -> None:
+    assert _fanout(sc, make_txn, AccountState(), [(0, "payment", "shop-a"), (5, "payment", "shop-b"),
+                                                   (9, "payment", "shop-c")]) == [[], [], []], "shopping"
+    assert _fanout(sc, make_txn, AccountState(), [(0, "transfer", "p-1"), (5, "transfer", "p-1"),
+                                                   (9, "transfer", "p-2")]) == [[], [], []], "two payees"
+    assert _fanout(sc, make_txn, AccountState(), [(0, "transfer", "p-1"), (20, "transfer", "p-2"),
+                                                   (45, "transfer", "p-3")]) == [[], [], []], "over 45 minutes"
+    st = AccountState()
+    assert st.fan_ts is AccountState().fan_ts, "one empty list for all until an account pays a stranger"
+    _fanout(sc, make_txn, st, [(0, "transfer", "p-1")])
+    assert list(AccountState.from_bytes(st.to_bytes()).fan_ts) == [st.fan_ts[0]]
+    assert AccountState().fan_ts == array("d") and st.fan_ts is not AccountState().fan_ts
 
 
 # Rough units per US dollar (late 2026), only to check the table's own rule: every ceiling is "a few
