@@ -20,6 +20,9 @@ class PayeeFanoutParams(RuleParams):
     familiar_level: Level | None = Field("medium", description="the level when this debit comes from a device "
                                                                "the account used before the last hour (None: "
                                                                "the rule's level)")
+    account_kinds: list[str] = Field(default_factory=lambda: ["customer"],
+                                     description="kinds of account it is looked for on: the platform's custody "
+                                                 "and own accounts pay out to new payees all day")
 
 
 @register
@@ -43,6 +46,7 @@ class PayeeFanout(TxnRule):
 
     def setup(self) -> None:
         self.cooldown_seconds = self.p.window_seconds
+        self.account_kinds = frozenset(self.p.account_kinds)
 
     def gate(self, ev: Event) -> bool:
         return ev.new_payee and ev.txn.txn_type in ONWARD_TYPES
