@@ -349,6 +349,8 @@ def _precision_and_load(prec: dict[str, Any], load: dict[str, Any]) -> None:
 
     kinds = ", ".join(f"{k} {share(p)}" for k, p in prec["by_detector"].items())
     print(f"warning precision (share naming a risky event): {share(prec['overall'])}; {kinds}")
+    if prec.get("by_rule"):
+        print("  by rule: " + ", ".join(f"{r} {share(p)}" for r, p in prec["by_rule"].items()))
     for name, g in (("all warnings", load["all"]), ("model warnings", load["model"])):
         print(
             f"{name:15} per 1,000 normal transactions {_fmt(g['per_1000_normal'])} "

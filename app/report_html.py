@@ -269,9 +269,11 @@ def _events(x: float | None) -> str:
 
 
 def _precision_load_html(ev: dict[str, Any]) -> str:
-    """Warning precision by detector kind beside the warning load, per 1,000 normal transactions and account-days."""
+    """Warning precision by detector kind and by rule beside the warning load, per 1,000 normal transactions and
+    account-days."""
     prec, load = ev["warnings"], ev["load"]
-    kinds = [("all", prec["overall"]), *prec["by_detector"].items()]
+    kinds = [("all", prec["overall"]), *prec["by_detector"].items(),
+             *((f"rule: {r}", p) for r, p in prec.get("by_rule", {}).items())]
     return (
         "<div class=row>"
         + _table(

@@ -241,6 +241,7 @@ class _Version:
     category: str
     kind: str
     event_ids: Sequence[str]
+    detector: str = ""
 
 
 def _versions(warnings: Iterable[Any]) -> Iterator[_Version]:
@@ -248,8 +249,9 @@ def _versions(warnings: Iterable[Any]) -> Iterator[_Version]:
         stamp = _get(a, "event_ts") or _get(a, "created_at")
         if stamp is None:
             raise ValueError(f"alert {_get(a, 'alert_id')!r} has neither event_ts nor created_at")
+        detector = str(_get(a, "detector") or "")
         yield _Version(str(_get(a, "alert_id")), _seconds(stamp), str(_get(a, "category")),
-                       detector_kind(str(_get(a, "detector") or "")), _get(a, "event_ids") or ())
+                       detector_kind(detector), _get(a, "event_ids") or (), detector)
 
 
 def _risky(labelled: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -370,8 +372,8 @@ def _share(true: int, n: int) -> dict[str, Any]:
 
 
 def warning_precision(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> dict[str, Any]:
-    """Share of warnings (final version per alert_id) naming at least one risky event: overall, by category
-    and by detector kind.
+    """Share of warnings (final version per alert_id) naming at least one risky event: overall, by category,
+    by detector kind, and by rule (a backtest's question: which rule earns its warnings).
 
     >>> lab = [{"event_id": "r", "ts": "2026-11-01T00:00:00Z", "label": 1}]
     >>> ws = [{"alert_id": i, "event_ts": "2026-11-01T00:00:00Z", "category": "velocity", "detector": d,
@@ -380,6 +382,8 @@ def warning_precision(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[
     >>> p = warning_precision(lab, ws)
     >>> p["overall"], p["by_detector"]["model"]["precision"]
     ({'warnings': 3, 'true': 2, 'precision': 0.6666666666666666}, 0.5)
+    >>> p["by_rule"]
+    {'velocity': {'warnings': 1, 'true': 1, 'precision': 1.0}}
     """
     final, true, _, _ = _judge(labelled, warnings)
     out: dict[str, Any] = {"overall": _share(len(true), len(final))}
@@ -387,6 +391,11 @@ def warning_precision(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[
         n: Counter[str] = Counter(getattr(v, attr) for v in final.values())
         t: Counter[str] = Counter(getattr(final[a], attr) for a in true)
         out[name] = {g: _share(t[g], n[g]) for g in sorted(n)}
+    # A warning is its rule's when the rule opened it (its `detector`); category warnings several rules
+    # feed are counted once, under that one.
+    rules: Counter[str] = Counter(v.detector[5:] for v in final.values() if v.kind == "rule")
+    hits: Counter[str] = Counter(final[a].detector[5:] for a in true if final[a].kind == "rule")
+    out["by_rule"] = {r: _share(hits[r], rules[r]) for r in sorted(rules)}
     return out
 
 

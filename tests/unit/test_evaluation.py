@@ -250,6 +250,7 @@ def test_precision_uses_the_final_version_and_every_version_s_events() -> None:
         "rule": {"warnings": 1, "true": 1, "precision": 1.0},
     }
     assert p["by_category"]["velocity"]["true"] == 1 and p["by_category"]["anomaly"]["warnings"] == 2
+    assert p["by_rule"] == {"velocity": {"warnings": 1, "true": 1, "precision": 1.0}}, "the model is no rule"
     assert warning_precision(TAKEOVER, [])["overall"]["precision"] is None
 
 
