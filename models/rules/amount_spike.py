@@ -6,7 +6,6 @@ import math
 
 from pydantic import Field
 
-from models.features import HOUR, stable_hash
 from models.rules.base import Event, RuleParams, TxnRule, register
 from models.schemas import Level, Reason
 
@@ -58,11 +57,7 @@ class AmountSpike(TxnRule):
                        value=round(to_usual, 4), threshold=need)]
 
     def _familiar(self, ev: Event) -> bool:
-        # A device first seen within the hour is a takeover's as often as the customer's: not familiar.
-        device, st = ev.txn.device_id, ev.state
-        if self.p.familiar_level is None or ev.new_payee or not device or ev.new_device:
-            return False
-        return not (st.fresh_dev == stable_hash(device) and ev.ts - st.fresh_dev_ts < HOUR)
+        return self.p.familiar_level is not None and not ev.new_payee and ev.own_device
 
     def level_for(self, ev: Event) -> str | None:
         """`familiar_level` for a spike to a known payee from the account's own device.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from models.features import DAY, HOUR, AccountState
+from models.features import DAY, HOUR, AccountState, stable_hash
 from models.schemas import Reason, TransactionFields
 
 if TYPE_CHECKING:  # the scorer's Protocol; imported for types only (scoring imports this package)
@@ -63,6 +63,18 @@ class Event:
     def usual(self) -> float:
         """The account's usual amount for this transaction's type."""
         return math.exp(self.state.log_med + self.shift)
+
+    @property
+    def own_device(self) -> bool:
+        """True when the transaction comes from a device the account used before the last hour.
+
+        A device first seen within the hour is a takeover's as often as the customer's: not its own yet.
+        """
+        device = self.txn.device_id
+        if not device or self.new_device:
+            return False
+        st = self.state
+        return not (st.fresh_dev == stable_hash(device) and self.ts - st.fresh_dev_ts < HOUR)
 
 
 class TxnRule:

@@ -6,7 +6,7 @@ from bisect import bisect_left
 
 from pydantic import Field
 
-from models.features import FANOUT_MAX, HOUR, ONWARD_TYPES, note_fanout, stable_hash
+from models.features import FANOUT_MAX, ONWARD_TYPES, note_fanout
 from models.rules.base import Event, RuleParams, TxnRule, register
 from models.schemas import Level, Reason
 
@@ -73,12 +73,7 @@ class PayeeFanout(TxnRule):
         Then it is most often the customer paying new people (bills, a trip's shares, a scam's victim
         rather than a takeover); from a device new to it, or on an account first seen, it pages.
         """
-        device, st = ev.txn.device_id, ev.state
-        if self.p.familiar_level is None or not device or ev.new_device:
-            return None
-        if st.fresh_dev == stable_hash(device) and ev.ts - st.fresh_dev_ts < HOUR:
-            return None
-        return self.p.familiar_level
+        return self.p.familiar_level if self.p.familiar_level is not None and ev.own_device else None
 
 
 def _ordinal(n: int) -> str:
