@@ -56,7 +56,9 @@ IN_PAYERS = 16  # payers remembered within that window: "many" is a handful
 _NO_PAYERS = array("d")
 # Likewise the times of money sent on to new payees (AccountState.fan_ts): note_fanout alone writes it.
 _NO_FANOUT = array("d")
-FANOUT_MAX = 8  # times kept: the payee_fanout rule counts at most this many in its window
+# Times kept: the payee_fanout rule counts at most this many before the current debit, enough for its
+# default count moved by the most false-positive verdicts can ask (3 / MIN_FACTOR = 12).
+FANOUT_MAX = 16
 # An account is dormant when its silence is both DORMANT_FACTOR times its usual gap between debits
 # (a geometric mean, about half the arithmetic one for Poisson-like activity) and at least
 # DORMANT_MIN_SECONDS: an account that pays every few hours and then says nothing for three days is

@@ -367,6 +367,13 @@ def test_verdicts_move_the_fanout_count_but_never_under_two_payees(make_txn) -> 
     assert hits[1.0] == [False, False, True, True]
     assert hits[0.8] == [False, False, False, True], "false positives: a fourth payee is needed"
     assert hits[1.5] == hits[50.0] == [False, True, True, True], "confirmed: the second, and no fewer"
+    # The most false positives can ask (models.feedback.MIN_FACTOR) still leaves a count the state can reach.
+    from models.feedback import MIN_FACTOR
+
+    sc = TransactionScorer(load_catalogue())
+    sc.set_feedback(_Verdicts(MIN_FACTOR))
+    many = [(k * 2, "transfer", f"mule-{k}") for k in range(12)]
+    assert [bool(h) for h in _fanout(sc, make_txn, AccountState(), many)] == [False] * 11 + [True]
 
 
 def test_card_payments_repeat_payees_and_spread_out_sends_are_no_fanout(sc, make_txn) -> None:
