@@ -89,7 +89,8 @@ class TxnRule:
     debit_only: ClassVar[bool] = True  # the gate is not even asked for credits
     external_only: ClassVar[bool] = False  # ... nor for debits that stay on the platform
     # Account kinds whose transactions the gate is asked about (None: every kind); set per instance
-    # from the parameters. With the two flags above, the scorer skips the gate without a call.
+    # from the parameters' `account_kinds` when they have one (a rule may set it in `setup` instead).
+    # With the two flags above, the scorer skips the gate without a call.
     account_kinds: frozenset[str] | None = None
     required: ClassVar[bool] = False  # a regulator requires it: verdicts never loosen or suppress it
     adaptive: ClassVar[bool] = False  # analysts' verdicts move its threshold (models.feedback)
@@ -103,6 +104,9 @@ class TxnRule:
         self.feedback = feedback
         # The most a verdict can loosen a threshold: gates must let through what the check may accept.
         self.fb_max = 1.0 if feedback is None else max(1.0, feedback.max_factor)
+        kinds = getattr(params, "account_kinds", None)
+        if kinds is not None:
+            self.account_kinds = frozenset(kinds)
         self.setup()
 
     def setup(self) -> None:

@@ -46,7 +46,6 @@ class PayeeFanout(TxnRule):
 
     def setup(self) -> None:
         self.cooldown_seconds = self.p.window_seconds
-        self.account_kinds = frozenset(self.p.account_kinds)
 
     def gate(self, ev: Event) -> bool:
         return ev.new_payee and ev.txn.txn_type in ONWARD_TYPES

@@ -33,9 +33,6 @@ class PlatformAccountNewDevice(TxnRule):
     Params = PlatformAccountNewDeviceParams
     order = 80
 
-    def setup(self) -> None:
-        self.account_kinds = frozenset(self.p.account_kinds)
-
     def gate(self, ev: Event) -> bool:
         return ev.new_device
 

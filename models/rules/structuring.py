@@ -40,7 +40,6 @@ class Structuring(TxnRule):
     def setup(self) -> None:
         self.cooldown_seconds = self.p.window_seconds  # a day-long pattern: debits hours apart are one case
         self.lower = self.p.lower_fraction
-        self.account_kinds = frozenset(self.p.account_kinds)
 
     def gate(self, ev: Event) -> bool:
         t = ev.reporting_threshold
