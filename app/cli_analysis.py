@@ -159,7 +159,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             on_alert=on_alert,
             verdicts=verdicts,
         )
-    rep = rp.build(result, input_name=source, traffic=traffic)
+    rep = rp.build(result, input_name=source, traffic=traffic, page_min_level=s.page_min_level)
     if args.report:
         wrote.extend(rp.write(args.report, result, rep))
     if dead.path is not None and dead.count:
@@ -205,6 +205,7 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
         print(f"    {line}")
     levels = ", ".join(f"{lv} {w['by_level'][lv]:,}" for lv in reversed(LEVELS))
     print(f"  warnings: {w['total']:,} ({levels}); {w['versions_published']:,} versions published")
+    print(f"  {_pages(rep['alert_rate'])}")
     cats = {c: sum(v.values()) for c, v in w["by_category"].items()}
     if cats:
         print("  by category: " + ", ".join(f"{c} {n:,}" for c, n in cats.items()))
@@ -220,8 +221,9 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
         print(f"  median detection delay {_fmt(ev_['detection']['median_delay_seconds'], ',.0f')} s")
         ep, prec = ev_["episodes"]["overall"], ev_["warnings"]["overall"]
         print(
-            f"  episodes warned {ep['warned']:,} of {ep['episodes']:,} (recall {_fmt(ep['recall'])}), median delay "
-            f"{_fmt(ep['median_delay_events'], 'g')} risky events; warning precision {_fmt(prec['precision'])}"
+            f"  episodes warned {ep['warned']:,} of {ep['episodes']:,} (recall {_fmt(ep['recall'])}; paged "
+            f"{ep['paged']:,}), median delay {_fmt(ep['median_delay_events'], 'g')} risky events; warning "
+            f"precision {_fmt(prec['precision'])}"
         )
     _feedback_summary(res)
     comp = rep["comparison"]
@@ -236,6 +238,16 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
                     f"    {name.replace('_', ' ')}: "
                     + ", ".join(f"{c} {n:,}" for c, n in comp[name]["by_category"].items())
                 )
+
+
+def _pages(rate: dict[str, Any]) -> str:
+    level = rate["page_min_level"]
+    if level not in LEVELS:
+        return "pages: none (no page level set)"
+    return (
+        f"pages (warnings reaching {level} or above, RISKWATCH_PAGE_MIN_LEVEL): {rate['pages']:,}, "
+        f"{_fmt(rate['pages_per_day'], ',.1f')} a day over the events' time span"
+    )
 
 
 def _feedback_summary(res: Result) -> None:
@@ -285,7 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ttl=s.state_ttl_seconds,
         progress=sys.stderr.isatty(),
     )
-    rep = rp.build(result, input_name=str(args.input), traffic=traffic)
+    rep = rp.build(result, input_name=str(args.input), traffic=traffic, page_min_level=s.page_min_level)
     ev = rep["evaluation"]
     if ev is None or ev["transactions"]["n"] == 0:
         raise ReplayError(
@@ -333,12 +345,15 @@ def _episode_table(eps: dict[str, Any]) -> None:
     rows = [*eps["per_scenario"].items(), ("all", {**eps["overall"], "level": ""})]
     # Scenario names are the stream's own (another generator's `account_takeover`): the column fits them.
     w = max(16, *(len(scen) + 1 for scen, _ in rows))
-    print(f"{'':{w + 21}}{'delay, risky events':>20}{'delay, seconds':>20}")
-    print(f"{'scenario':{w}}{'level':9}{'warned':>9}{'recall':>7}{'median':>10}{'p90':>10}{'median':>10}{'p90':>10}")
+    print(f"{'':{w + 28}}{'delay, risky events':>20}{'delay, seconds':>20}")
+    print(
+        f"{'scenario':{w}}{'level':9}{'warned':>9}{'recall':>7}{'paged':>7}{'median':>10}{'p90':>10}{'median':>10}"
+        f"{'p90':>10}"
+    )
     for scen, r in rows:
         print(
             f"{scen:{w}}{r['level']:9}{r['warned']:>4} of {r['episodes']:<3}{_fmt(r['recall'], '.2f'):>6}"
-            f"{_fmt(r['median_delay_events'], 'g'):>10}{_fmt(r['p90_delay_events'], '.3g'):>10}"
+            f"{r['paged']:>7}{_fmt(r['median_delay_events'], 'g'):>10}{_fmt(r['p90_delay_events'], '.3g'):>10}"
             f"{_fmt(r['median_delay_seconds'], ',.0f'):>10}{_fmt(r['p90_delay_seconds'], ',.0f'):>10}"
         )
 
@@ -351,7 +366,8 @@ def _precision_and_load(prec: dict[str, Any], load: dict[str, Any]) -> None:
     print(f"warning precision (share naming a risky event): {share(prec['overall'])}; {kinds}")
     if prec.get("by_rule"):
         print("  by rule: " + ", ".join(f"{r} {share(p)}" for r, p in prec["by_rule"].items()))
-    for name, g in (("all warnings", load["all"]), ("model warnings", load["model"])):
+    groups = (("all warnings", load["all"]), ("model warnings", load["model"]), ("paged warnings", load["paged"]))
+    for name, g in groups:
         print(
             f"{name:15} per 1,000 normal transactions {_fmt(g['per_1000_normal'])} "
             f"(false {_fmt(g['false_per_1000_normal'])}), "

@@ -22,6 +22,7 @@ from models.evaluation import (
     evaluate_scores,
     instance_key,
     median_detection_delay,
+    paged_alerts,
     warning_load,
     warning_precision,
 )
@@ -115,12 +116,17 @@ def _metrics(labels: npt.NDArray[Any], scores: npt.NDArray[Any], threshold: floa
 
 
 def evaluation(
-    res: Result, outcome: Outcome | None = None, *, traffic: dict[str, int] | None = None
+    res: Result,
+    outcome: Outcome | None = None,
+    *,
+    traffic: dict[str, int] | None = None,
+    page_min_level: str | None = "high",
 ) -> dict[str, Any] | None:
     """Label metrics (None without labelled transactions), detection delays and episode metrics.
 
     `traffic` (from `traffic(loaded)` before the replay) gives the active account-days the load per
-    account is measured against; without it those rates are None.
+    account is measured against; without it those rates are None. Warnings reaching `page_min_level`
+    (RISKWATCH_PAGE_MIN_LEVEL) are counted as pages too: episodes paged and the paged load.
     """
     a = arrays(res)
     txn = ~a["market"] & (a["labels"] >= 0)
@@ -145,7 +151,7 @@ def evaluation(
         row["detected"] += d is not None
     for scen, row in per.items():
         row["median_delay_seconds"] = median_detection_delay(delays, scen)
-    eps = episodes(res.loaded.labelled, published)
+    eps = episodes(res.loaded.labelled, published, page_min_level=page_min_level)
     for scen, row in eps["per_scenario"].items():
         row["level"] = "platform" if scen in PLATFORM_SCENARIOS else "account"
     load = warning_load(
@@ -153,6 +159,7 @@ def evaluation(
         published,
         normal_transactions=int((~a["market"] & (a["labels"] == 0)).sum()),
         account_days=(traffic or {}).get("account_days"),
+        page_min_level=page_min_level,
     )
     load["days"] = (traffic or {}).get("days")
     return {
@@ -204,11 +211,21 @@ def _iso(ts: float | None) -> str | None:
 
 
 def build(
-    res: Result, *, input_name: str, timings: dict[str, float] | None = None, traffic: dict[str, int] | None = None
+    res: Result,
+    *,
+    input_name: str,
+    timings: dict[str, float] | None = None,
+    traffic: dict[str, int] | None = None,
+    page_min_level: str | None = "high",
 ) -> dict[str, Any]:
-    """Everything report.json holds, for the first configuration (and the comparison when there are two)."""
+    """Everything report.json holds, for the first configuration (and the comparison when there are two).
+
+    `page_min_level` is the lowest level the worker pages at (RISKWATCH_PAGE_MIN_LEVEL): the report
+    counts the warnings that would have paged on-call beside all of them.
+    """
     main = res.outcomes[0]
     final = list(main.final().values())
+    pages = len(paged_alerts(main.published, page_min_level))
     by_level: Counter[str] = Counter(x.level for x in final)
     a = arrays(res)
     txn = ~a["market"]
@@ -242,12 +259,15 @@ def build(
             "threshold": res.threshold,
             "warnings_per_1000_events": 1000.0 * len(final) / res.events if res.events else None,
             "warnings_per_day": len(final) / span_days if span_days > 0 else None,
+            "page_min_level": page_min_level,
+            "pages": pages,
+            "pages_per_day": pages / span_days if span_days > 0 else None,
             "transactions_at_or_above_threshold": float((a["scores"][txn] >= res.threshold).mean())
             if txn.any()
             else None,
         },
         "throughput": _throughput(res, timings),
-        "evaluation": evaluation(res, traffic=traffic),
+        "evaluation": evaluation(res, traffic=traffic, page_min_level=page_min_level),
         "comparison": comparison(res.outcomes[0], res.outcomes[1]) if len(res.outcomes) > 1 else None,
         "alerts": [json.loads(x.model_dump_json()) for x in sorted(final, key=_rank)],
     }

@@ -290,7 +290,8 @@ def _precision_load_html(ev: dict[str, Any]) -> str:
                     g["per_1000_account_days"],
                     g["false_per_1000_account_days"],
                 ]
-                for name, g in (("all warnings", load["all"]), ("model warnings", load["model"]))
+                for name, g in (("all warnings", load["all"]), ("model warnings", load["model"]),
+                                ("paged warnings", load["paged"]))
             ],
         )
         + "</div>"
@@ -305,7 +306,8 @@ def _episodes_html(ev: dict[str, Any]) -> str:
     named = "—" if share is None else f"{share:.4%}"
     return (
         "<h2>Episodes: labelled risky runs, one entity and scenario each</h2><p class=muted>An episode is warned "
-        "when a published warning names any of its events. Delay runs from its first risky event to that "
+        "when a published warning names any of its events, paged when such a warning reached the page level. "
+        "Delay runs from its first risky event to that "
         "warning: in risky events (1 = warned at the first) and in event-time seconds. docs/episode-metrics.md "
         "defines each figure.</p>"
         + _table(
@@ -315,6 +317,7 @@ def _episodes_html(ev: dict[str, Any]) -> str:
                 "warned",
                 "episodes",
                 "recall",
+                "paged",
                 "median delay, events",
                 "p90, events",
                 "median delay",
@@ -328,6 +331,7 @@ def _episodes_html(ev: dict[str, Any]) -> str:
                     r["warned"],
                     r["episodes"],
                     r["recall"],
+                    r["paged"],
                     _events(r["median_delay_events"]),
                     _events(r["p90_delay_events"]),
                     _duration(r["median_delay_seconds"]),
@@ -384,6 +388,8 @@ def _summary_html(report: dict[str, Any], img: dict[str, str]) -> list[str]:
                 *[[_chip(lv), n] for lv, n in w["by_level"].items()],
                 ["per 1,000 events", report["alert_rate"]["warnings_per_1000_events"]],
                 ["per day", report["alert_rate"]["warnings_per_day"]],
+                [f"paged ({_e(str(report['alert_rate']['page_min_level']))} and above) per day",
+                 report["alert_rate"]["pages_per_day"]],
             ],
         ),
         _table(

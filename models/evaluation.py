@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import rankdata
 
+from models.schemas import LEVELS
+
 MAX_CURVE_POINTS = 200
 # Warnings per 1,000 normal transactions: from one in 4,000 (a small team) to one in 62 (a noisy rule set).
 BUDGETS_PER_1000 = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -242,6 +244,7 @@ class _Version:
     kind: str
     event_ids: Sequence[str]
     detector: str = ""
+    level: str = ""
 
 
 def _versions(warnings: Iterable[Any]) -> Iterator[_Version]:
@@ -251,7 +254,25 @@ def _versions(warnings: Iterable[Any]) -> Iterator[_Version]:
             raise ValueError(f"alert {_get(a, 'alert_id')!r} has neither event_ts nor created_at")
         detector = str(_get(a, "detector") or "")
         yield _Version(str(_get(a, "alert_id")), _seconds(stamp), str(_get(a, "category")),
-                       detector_kind(detector), _get(a, "event_ids") or (), detector)
+                       detector_kind(detector), _get(a, "event_ids") or (), detector, str(_get(a, "level") or ""))
+
+
+def paged_alerts(warnings: Iterable[Any], min_level: str | None) -> set[str]:
+    """Alert ids that reached `min_level` or above in any version: what Alertmanager would have been sent.
+
+    The pager sends a warning once any of its versions is at the page level (a medium warning raised to
+    high pages then); None or an unknown level pages nothing.
+
+    >>> ws = [{"alert_id": "1", "event_ts": "2026-11-01T00:00:00Z", "level": "medium"},
+    ...       {"alert_id": "1", "event_ts": "2026-11-01T00:05:00Z", "level": "high"},
+    ...       {"alert_id": "2", "event_ts": "2026-11-01T00:00:00Z", "level": "medium"}]
+    >>> sorted(paged_alerts(ws, "high")), sorted(paged_alerts(ws, "medium")), paged_alerts(ws, None)
+    (['1'], ['1', '2'], set())
+    """
+    if min_level not in LEVELS:
+        return set()
+    floor = LEVELS.index(min_level)
+    return {v.alert_id for v in _versions(warnings) if v.level in LEVELS and LEVELS.index(v.level) >= floor}
 
 
 def _risky(labelled: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -282,6 +303,7 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "episodes": len(rows),
         "warned": len(warned),
         "recall": len(warned) / len(rows) if rows else None,
+        "paged": sum(1 for r in warned if r.get("paged")),
         "median_delay_events": med_e,
         "p90_delay_events": p90_e,
         "median_delay_seconds": med_s,
@@ -291,13 +313,16 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> dict[str, Any]:
+def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any], *,
+             page_min_level: str | None = None) -> dict[str, Any]:
     """Which episodes (scenario instances, `instance_key`) were warned, how late, and by what.
 
     `warnings` are every published version (mappings or `Alert`s): a version counts from its own
     `event_ts`. An episode's delay runs from its first risky event to the first version naming
     any of its events, in seconds and in risky events: how many of its events had happened by
-    then (1 = warned at its first). Returns {"overall", "per_scenario", "instances"}.
+    then (1 = warned at its first). With `page_min_level`, an episode is also `paged` when a warning
+    naming any of its events reached that level (`paged_alerts`): on-call was called for it, not only
+    the console. Returns {"overall", "per_scenario", "instances"}.
 
     >>> ev = lambda i: {"event_id": f"e{i}", "ts": f"2026-11-01T00:0{i}:00+00:00", "label": 1,
     ...                 "scenario": "takeover", "account_id": "A1"}
@@ -306,8 +331,10 @@ def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> 
     >>> r = episodes([ev(1), ev(2), ev(3)], [w])
     >>> r["instances"]["takeover:A1"]["delay_events"], r["instances"]["takeover:A1"]["delay_seconds"]
     (2, 60.0)
-    >>> r["overall"]["warned"], r["overall"]["caught_by_detector"]
-    (1, {'rule': 1})
+    >>> r["overall"]["warned"], r["overall"]["caught_by_detector"], r["overall"]["paged"]
+    (1, {'rule': 1}, 0)
+    >>> episodes([ev(1)], [{**w, "level": "high"}], page_min_level="high")["overall"]["paged"]
+    1
     """
     times: dict[str, list[float]] = {}
     scenario: dict[str, str] = {}
@@ -319,12 +346,16 @@ def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> 
         owner[str(ev["event_id"])] = key
     first: dict[str, float] = {}
     caught: dict[str, tuple[set[str], set[str]]] = {}
+    named: dict[str, set[str]] = {}  # alert_id -> episodes any of its versions named
+    warnings = list(warnings)
     for v in _versions(warnings):
         for key in {owner[e] for e in v.event_ids if e in owner}:
             first[key] = min(first.get(key, v.t), v.t)
             cats, kinds = caught.setdefault(key, (set(), set()))
             cats.add(v.category)
             kinds.add(v.kind)
+            named.setdefault(v.alert_id, set()).add(key)
+    paged = {key for a in paged_alerts(warnings, page_min_level) for key in named.get(a, ())}
     rows: dict[str, dict[str, Any]] = {}
     for key, ts in sorted(times.items()):
         t = np.sort(np.asarray(ts))
@@ -339,6 +370,7 @@ def episodes(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any]) -> 
             "delay_events": None if w is None else max(1, int(np.searchsorted(t, w, side="right"))),
             "categories": sorted(cats),
             "detectors": sorted(kinds),
+            "paged": key in paged,
         }
     per: dict[str, list[dict[str, Any]]] = {}
     for r in rows.values():
@@ -416,23 +448,32 @@ def _per(n: int, base: int | None) -> float | None:
 
 
 def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any], *, normal_transactions: int,
-                 account_days: int | None = None) -> dict[str, Any]:
-    """Warnings per 1,000 normal transactions and per 1,000 active accounts per day, all and model-only.
+                 account_days: int | None = None, page_min_level: str | None = None) -> dict[str, Any]:
+    """Warnings per 1,000 normal transactions and per 1,000 active accounts per day: all, model-only, paged.
 
     `false_*` counts only warnings naming no risky event: the noise normal traffic costs. A rate over
     account-days is warnings per day per 1,000 accounts active that day, weighted by each day's traffic.
-    `model_normal_named_share` is the share of normal transactions named by any model warning.
+    `paged` (with `page_min_level`) counts the warnings that reached the page level: the load on-call
+    is staffed for, where the others wait in the console. `model_normal_named_share` is the share of
+    normal transactions named by any model warning.
 
     >>> lab = [{"event_id": "r", "ts": "2026-11-01T00:00:00Z", "label": 1}]
     >>> ws = [{"alert_id": i, "event_ts": "2026-11-01T00:00:00Z", "category": "c", "detector": d, "event_ids": ids}
     ...       for i, d, ids in (("1", "surprise", ["r"]), ("2", "surprise", ["n1", "n2"]), ("3", "rule:x", ["n3"]))]
-    >>> load = warning_load(lab, ws, normal_transactions=4000, account_days=500)
+    >>> load = warning_load(lab, ws + [{**ws[2], "level": "high"}], normal_transactions=4000, account_days=500,
+    ...                     page_min_level="high")
     >>> load["all"]["false_per_1000_normal"], load["model"]["per_1000_account_days"], load["model_normal_named_share"]
     (0.5, 4.0, 0.0005)
+    >>> load["paged"]["warnings"], load["paged"]["false_per_1000_account_days"]
+    (1, 2.0)
     """
+    warnings = list(warnings)
     final, true, risky, model_named = _judge(labelled, warnings)
-    out: dict[str, Any] = {"normal_transactions": normal_transactions, "account_days": account_days}
-    for group, keep in (("all", lambda v: True), ("model", lambda v: v.kind == "model")):
+    paged = paged_alerts(warnings, page_min_level)
+    out: dict[str, Any] = {"normal_transactions": normal_transactions, "account_days": account_days,
+                           "page_min_level": page_min_level}
+    for group, keep in (("all", lambda v: True), ("model", lambda v: v.kind == "model"),
+                        ("paged", lambda v: v.alert_id in paged)):
         ids = [a for a, v in final.items() if keep(v)]
         n, false = len(ids), sum(a not in true for a in ids)
         out[group] = {
@@ -530,6 +571,7 @@ __all__ = [
     "evaluate_scores",
     "instance_key",
     "median_detection_delay",
+    "paged_alerts",
     "roc_auc",
     "warning_load",
     "warning_precision",

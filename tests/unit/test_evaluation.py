@@ -195,8 +195,33 @@ def test_delay_counts_the_risky_events_up_to_the_first_warning_and_its_seconds()
         "delay_events": 3,
         "categories": ["anomaly", "velocity"],
         "detectors": ["model", "rule"],
+        "paged": False,
     }
     assert r["spike:A2"]["warned"] is False and r["spike:A2"]["delay_events"] is None
+
+
+def test_an_episode_is_paged_when_a_warning_naming_it_reaches_the_page_level_in_any_version() -> None:
+    def level(w: dict[str, Any], lv: str) -> dict[str, Any]:
+        return {**w, "level": lv}
+
+    # The takeover's first warning is medium (console); its later version is high and names a later event.
+    first = level(warning("w1", "2026-11-01T02:00:00Z", ["t0"]), "medium")
+    raised = level(warning("w1", "2026-11-01T02:03:00Z", ["t3"]), "high")
+    # A high warning on normal traffic: a false page.
+    noise = level(warning("w9", "2026-11-01T03:00:00Z", ["n1"], detector="rule:amount_spike"), "high")
+    labelled = [*TAKEOVER, {"event_id": "n1", "ts": "2026-11-01T11:00:00+08:00", "label": 0, "account_id": "A7"}]
+    ws = [first, raised, noise]
+    eps = episodes(labelled, ws, page_min_level="high")
+    assert eps["instances"]["takeover:A1"]["paged"] is True
+    assert eps["per_scenario"]["takeover"]["paged"] == 1
+    assert episodes(labelled, [first], page_min_level="high")["overall"]["paged"] == 0, "medium only: the console"
+    assert episodes(labelled, ws, page_min_level="critical")["overall"]["paged"] == 0
+    assert episodes(labelled, ws)["overall"]["paged"] == 0, "no page level: nothing pages"
+    load = warning_load(labelled, ws, normal_transactions=1000, account_days=100, page_min_level="high")
+    assert (load["paged"]["warnings"], load["paged"]["false_warnings"]) == (2, 1)
+    assert load["paged"]["false_per_1000_account_days"] == 10.0
+    assert load["all"]["warnings"] == 2 and load["page_min_level"] == "high"
+    assert warning_load(labelled, ws, normal_transactions=1000, page_min_level="medium")["paged"]["warnings"] == 2
 
 
 def test_per_scenario_recall_median_and_p90() -> None:

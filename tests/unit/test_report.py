@@ -191,6 +191,16 @@ def test_report_episode_metrics_match_an_independent_computation(sample_report: 
     assert load["all"]["false_per_1000_normal"] == pytest.approx(1000 * (len(final) - len(true)) / len(normal))
     assert load["all"]["per_1000_account_days"] == pytest.approx(1000 * len(final) / len(days))
 
+    # Pages: warnings any version of which reached the page level (high by default), and the episodes
+    # such a warning named.
+    paged = {a.alert_id for a in alerts if a.level in ("high", "critical")}
+    assert load["page_min_level"] == "high" and load["paged"]["warnings"] == len(paged)
+    assert load["paged"]["false_warnings"] == len(paged - true)
+    paged_eps = {e["scenario_instance"] for a in alerts if a.alert_id in paged for e in risky
+                 if e["event_id"] in a.event_ids}
+    assert {k for k, row in eps["instances"].items() if row["paged"]} == paged_eps
+    assert 0 < eps["overall"]["paged"] <= eps["overall"]["warned"]
+
     # Recall at each budget, recomputed from the scores file: episodes of account-level scenarios with an
     # event at or above the threshold that lets through at most the budget's share of normal transactions.
     scores = {s["event_id"]: s["score"] for s in map(json.loads, (sample_report / "scores.jsonl").open())}
@@ -218,6 +228,8 @@ def test_report_html_has_the_episode_table_and_budget_plot(sample_report: Path) 
     row = ev["episodes"]["per_scenario"]["fund_isolation"]
     assert f'<td>fund_isolation</td><td>account</td><td class="n">{row["warned"]}</td>' in table
     assert "warnings by detector" in table and "per 1,000 active accounts a day" in table
+    assert f'<td class="n">{row["episodes"]}</td><td class="n">1.000</td><td class="n">{row["paged"]}</td>' in table
+    assert "<td>paged warnings</td>" in table and "paged (high and above) per day" in text
 
 
 def test_report_html_renders_its_images_in_chromium(sample_report: Path, tmp_path: Path) -> None:
