@@ -374,6 +374,12 @@ def _precision_and_load(prec: dict[str, Any], load: dict[str, Any]) -> None:
             f"per 1,000 active accounts per day {_fmt(g['per_1000_account_days'], '.2f')} "
             f"(false {_fmt(g['false_per_1000_account_days'], '.2f')})"
         )
+    by = load["paged"]["by_source"]
+    if by:
+        print(
+            "  pages by source, false of all: "
+            + ", ".join(f"{src} {n['false_warnings']:,} of {n['warnings']:,}" for src, n in by.items())
+        )
     print(f"normal transactions named by a model warning: {_fmt(load['model_normal_named_share'], '.4%')}")
 
 

@@ -294,6 +294,10 @@ def _precision_load_html(ev: dict[str, Any]) -> str:
                                 ("paged warnings", load["paged"]))
             ],
         )
+        + _table(
+            ["pages by source", "pages", "false"],
+            [[_e(src), n["warnings"], n["false_warnings"]] for src, n in load["paged"]["by_source"].items()],
+        )
         + "</div>"
     )
 

@@ -425,8 +425,8 @@ def warning_precision(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[
         out[name] = {g: _share(t[g], n[g]) for g in sorted(n)}
     # A warning is its rule's when the rule opened it (its `detector`); category warnings several rules
     # feed are counted once, under that one.
-    rules: Counter[str] = Counter(v.detector[5:] for v in final.values() if v.kind == "rule")
-    hits: Counter[str] = Counter(final[a].detector[5:] for a in true if final[a].kind == "rule")
+    rules: Counter[str] = Counter(_source(v) for v in final.values() if v.kind == "rule")
+    hits: Counter[str] = Counter(_source(final[a]) for a in true if final[a].kind == "rule")
     out["by_rule"] = {r: _share(hits[r], rules[r]) for r in sorted(rules)}
     return out
 
@@ -454,8 +454,9 @@ def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any],
     `false_*` counts only warnings naming no risky event: the noise normal traffic costs. A rate over
     account-days is warnings per day per 1,000 accounts active that day, weighted by each day's traffic.
     `paged` (with `page_min_level`) counts the warnings that reached the page level: the load on-call
-    is staffed for, where the others wait in the console. `model_normal_named_share` is the share of
-    normal transactions named by any model warning.
+    is staffed for, where the others wait in the console; its `by_source` splits them by rule (its
+    name), `model` and platform monitor, most false pages first. `model_normal_named_share` is the
+    share of normal transactions named by any model warning.
 
     >>> lab = [{"event_id": "r", "ts": "2026-11-01T00:00:00Z", "label": 1}]
     >>> ws = [{"alert_id": i, "event_ts": "2026-11-01T00:00:00Z", "category": "c", "detector": d, "event_ids": ids}
@@ -464,8 +465,8 @@ def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any],
     ...                     page_min_level="high")
     >>> load["all"]["false_per_1000_normal"], load["model"]["per_1000_account_days"], load["model_normal_named_share"]
     (0.5, 4.0, 0.0005)
-    >>> load["paged"]["warnings"], load["paged"]["false_per_1000_account_days"]
-    (1, 2.0)
+    >>> load["paged"]["warnings"], load["paged"]["false_per_1000_account_days"], load["paged"]["by_source"]
+    (1, 2.0, {'x': {'warnings': 1, 'false_warnings': 1}})
     """
     warnings = list(warnings)
     final, true, risky, model_named = _judge(labelled, warnings)
@@ -484,9 +485,21 @@ def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any],
             "per_1000_account_days": _per(n, account_days),
             "false_per_1000_account_days": _per(false, account_days),
         }
+    # Which rule or monitor pages, and how often for nothing: where a page budget is won or lost.
+    pages: Counter[str] = Counter(_source(final[a]) for a in paged)
+    false_pages: Counter[str] = Counter(_source(final[a]) for a in paged - true)
+    out["paged"]["by_source"] = {
+        src: {"warnings": n, "false_warnings": false_pages[src]}
+        for src, n in sorted(pages.items(), key=lambda kv: (-false_pages[kv[0]], -kv[1], kv[0]))
+    }
     named = len(model_named - risky)
     out["model_normal_named_share"] = named / normal_transactions if normal_transactions else None
     return out
+
+
+def _source(v: _Version) -> str:
+    """A warning's source as a person names it: the rule's name, `model`, or the platform monitor's id."""
+    return v.detector[5:] if v.kind == "rule" else v.kind if v.kind == "model" else v.detector
 
 
 def budget_threshold(sorted_normal: npt.NDArray[np.float64], per_1000: float) -> float:

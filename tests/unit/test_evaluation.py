@@ -220,6 +220,9 @@ def test_an_episode_is_paged_when_a_warning_naming_it_reaches_the_page_level_in_
     load = warning_load(labelled, ws, normal_transactions=1000, account_days=100, page_min_level="high")
     assert (load["paged"]["warnings"], load["paged"]["false_warnings"]) == (2, 1)
     assert load["paged"]["false_per_1000_account_days"] == 10.0
+    by = load["paged"]["by_source"]
+    assert list(by) == ["amount_spike", "model"], "the source of most false pages first"
+    assert by["amount_spike"] == {"warnings": 1, "false_warnings": 1} and by["model"]["false_warnings"] == 0
     assert load["all"]["warnings"] == 2 and load["page_min_level"] == "high"
     assert warning_load(labelled, ws, normal_transactions=1000, page_min_level="medium")["paged"]["warnings"] == 2
 

@@ -199,6 +199,10 @@ def test_report_episode_metrics_match_an_independent_computation(sample_report: 
     paged_eps = {e["scenario_instance"] for a in alerts if a.alert_id in paged for e in risky
                  if e["event_id"] in a.event_ids}
     assert {k for k, row in eps["instances"].items() if row["paged"]} == paged_eps
+    sources = Counter(
+        final[i].detector.removeprefix("rule:") if final[i].detector != "surprise" else "model" for i in paged
+    )
+    assert {src: n["warnings"] for src, n in load["paged"]["by_source"].items()} == dict(sources)
     assert 0 < eps["overall"]["paged"] <= eps["overall"]["warned"]
 
     # Recall at each budget, recomputed from the scores file: episodes of account-level scenarios with an
