@@ -230,7 +230,7 @@ def _summary(rep: dict[str, Any], res: Result, loaded: Loaded, dead: DeadLetters
     if comp is not None:
         print(
             f"  champion/challenger: only A {comp['only_a']['total']:,}, both {comp['both']['total']:,}, "
-            f"only B {comp['only_b']['total']:,}"
+            f"only B {comp['only_b']['total']:,}; pages A {comp['pages']['a']:,}, B {comp['pages']['b']:,}"
         )
         for name in ("only_a", "only_b"):
             if comp[name]["by_category"]:

@@ -187,8 +187,9 @@ def _by_category(alerts: Sequence[Alert]) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items()))
 
 
-def comparison(a: Outcome, b: Outcome) -> dict[str, Any]:
-    """Champion/challenger: warnings only under A, only under B and under both, matched by alert_id."""
+def comparison(a: Outcome, b: Outcome, page_min_level: str | None = "high") -> dict[str, Any]:
+    """Champion/challenger: warnings only under A, only under B and under both, matched by alert_id; and how
+    many of each side's warnings would have paged (`pages`), the cost a level change moves."""
     fa, fb = a.final(), b.final()
     groups = {
         "only_a": [fa[k] for k in fa if k not in fb],
@@ -203,6 +204,10 @@ def comparison(a: Outcome, b: Outcome) -> dict[str, Any]:
             "alert_ids": sorted(x.alert_id for x in alerts),
         }
     out["both"]["level_differs"] = sum(1 for x in groups["both"] if fb[x.alert_id].level != x.level)
+    out["pages"] = {
+        "a": len(paged_alerts(a.published, page_min_level)),
+        "b": len(paged_alerts(b.published, page_min_level)),
+    }
     return out
 
 
@@ -268,7 +273,7 @@ def build(
         },
         "throughput": _throughput(res, timings),
         "evaluation": evaluation(res, traffic=traffic, page_min_level=page_min_level),
-        "comparison": comparison(res.outcomes[0], res.outcomes[1]) if len(res.outcomes) > 1 else None,
+        "comparison": comparison(res.outcomes[0], res.outcomes[1], page_min_level) if len(res.outcomes) > 1 else None,
         "alerts": [json.loads(x.model_dump_json()) for x in sorted(final, key=_rank)],
     }
     return report

@@ -472,7 +472,8 @@ def _comparison_html(report: dict[str, Any], img: dict[str, str]) -> list[str]:
         parts.append(
             f"<h2>Champion / challenger</h2><p>A: {_e(comp['a'])} · B: {_e(comp['b'])}. Warnings are "
             "matched by alert_id (the same first event gives the same id); "
-            f"{comp['both']['level_differs']:,} of those in both end at a different level.</p>"
+            f"{comp['both']['level_differs']:,} of those in both end at a different level. Pages (warnings "
+            f"reaching the page level): A {comp['pages']['a']:,}, B {comp['pages']['b']:,}.</p>"
         )
         parts.append(
             _table(

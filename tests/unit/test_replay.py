@@ -257,6 +257,15 @@ def test_champion_challenger(stream: list[dict[str, Any]], tmp_path: Path, capsy
     assert large > 0 and comp["only_a"]["by_category"]["large_transaction"] == large
     assert not any(x.category == "large_transaction" for x in b.values())
     assert f"only A {comp['only_a']['total']:,}, both {comp['both']['total']:,}" in stdout
+    # Pages: warnings any version of which reached high; the challenger's rule changes move them.
+    paged = [
+        {x.alert_id for x in map(Alert.model_validate_json, lines(tmp_path / f)) if x.level in ("high", "critical")}
+        for f in ("a.jsonl", "b.jsonl")
+    ]
+    assert comp["pages"] == {"a": len(paged[0]), "b": len(paged[1])} and paged[0] != paged[1]
+    assert f"pages A {len(paged[0]):,}, B {len(paged[1]):,}" in stdout
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert f"A {len(paged[0]):,}, B {len(paged[1]):,}.</p>" in html
 
 
 def test_evaluate_prints_metrics_and_needs_labels(
