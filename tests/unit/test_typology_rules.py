@@ -281,7 +281,7 @@ def test_yuan_probes_of_ten_to_twenty_five_are_tiny_and_card_testing_at_the_thir
     assert [("rule:card_testing", "card_testing") in h for h in hits] == [False, False, True]
 
 
-def test_a_spike_to_a_known_payee_from_the_accounts_own_device_is_a_medium_warning_and_still_one_case(
+def test_a_spike_to_a_known_payee_or_a_shop_from_the_accounts_own_device_is_a_medium_warning_and_still_one_case(
         make_txn) -> None:
     def spike(catalogue: Any = None, **kw: Any) -> Any:
         sc = TransactionScorer(catalogue or load_catalogue())
@@ -298,12 +298,20 @@ def test_a_spike_to_a_known_payee_from_the_accounts_own_device_is_a_medium_warni
     assert familiar.reasons[0].message.endswith("to a payee it paid before from its own device")
     assert not [f for f in out.findings if f.detector == "surprise"], "the rule's case all the same: no model case"
     assert [a.level for a in out.alerts if a.category == "amount_spike"] == ["medium"]
-    assert spike(counterparty_id="new-shop")[0].level == "high"
+    # A card payment from its own phone at a shop it never used: the customer's big purchase, most often.
+    shop, _ = spike(counterparty_id="new-shop")
+    assert shop.level == "medium" and shop.reasons[0].message.endswith(", a card payment from its own device")
+    # A transfer to a new payee is where takeovers and scams send money: it pages from any device.
+    assert spike(counterparty_id="new-payee", txn_type="transfer")[0].level == "high"
+    assert spike(counterparty_id="new-shop", device_id="dev-2")[0].level == "high", "a new device"
     assert spike(counterparty_id="shop-2", device_id="dev-2")[0].level == "high", "a new device"
     assert spike(counterparty_id="shop-2", device_id="dev-9", fresh=True)[0].level == "high", "a device first seen now"
     assert spike(counterparty_id="shop-2", device_id=None)[0].level == "high", "no device to call its own"
     text = DEFAULT_RULES.read_text().replace("familiar_level: medium", "familiar_level: null")
     assert spike(parse_catalogue(text), counterparty_id="shop-2")[0].level == "high", "turned off"
+    text = DEFAULT_RULES.read_text().replace("shop_payments_familiar: true", "shop_payments_familiar: false")
+    assert spike(parse_catalogue(text), counterparty_id="new-shop")[0].level == "high", "shops turned off"
+    assert spike(parse_catalogue(text), counterparty_id="shop-2")[0].level == "medium", "known payees still"
 
 
 def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_spike(sc, make_txn) -> None:
