@@ -303,7 +303,7 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "episodes": len(rows),
         "warned": len(warned),
         "recall": len(warned) / len(rows) if rows else None,
-        "paged": sum(1 for r in warned if r.get("paged")),
+        "paged": sum(1 for r in warned if r["paged"]),
         "median_delay_events": med_e,
         "p90_delay_events": p90_e,
         "median_delay_seconds": med_s,
@@ -499,7 +499,9 @@ def warning_load(labelled: Iterable[Mapping[str, Any]], warnings: Iterable[Any],
 
 def _source(v: _Version) -> str:
     """A warning's source as a person names it: the rule's name, `model`, or the platform monitor's id."""
-    return v.detector[5:] if v.kind == "rule" else v.kind if v.kind == "model" else v.detector
+    if v.kind == "rule":
+        return v.detector.removeprefix("rule:")
+    return "model" if v.kind == "model" else v.detector
 
 
 def budget_threshold(sorted_normal: npt.NDArray[np.float64], per_1000: float) -> float:
