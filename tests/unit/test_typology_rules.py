@@ -178,6 +178,30 @@ def test_a_dormant_account_that_wakes_and_pays_a_new_payee_is_warned_and_a_short
     assert msg.startswith("woke after 3.0 days without a debit") and "to a payee it never paid" in msg
 
 
+def test_a_dormant_wake_paying_a_new_shop_from_its_own_device_or_none_is_medium_and_a_transfer_pages(
+        sc, make_txn) -> None:
+    def wake(**kw: Any) -> Any:
+        st = AccountState()
+        t = _habit(sc, make_txn, st) + 3 * 1440
+        out = sc.process(_txn(make_txn, account_id="acct-1", amount=420.0, minutes=t, **kw), st)
+        return next(f for f in out.findings if f.detector == "rule:dormant_reactivation")
+
+    # Back from a trip, shopping somewhere new: the console, not a page.
+    assert wake(counterparty_id="new-shop").level == "medium"
+    assert wake(counterparty_id="new-shop", device_id=None, channel="pos").level == "medium", "a card at a till"
+    # A new phone, or money sent on to a person: a sold or taken-over account.
+    assert wake(counterparty_id="new-shop", device_id="dev-7").level == "high"
+    assert wake(counterparty_id="new-payee", txn_type="transfer").level == "high"
+    assert wake(counterparty_id="new-payee", txn_type="withdrawal").level == "high"
+    text = DEFAULT_RULES.read_text().replace("             shop_level: medium}", "             shop_level: null}")
+    assert "shop_level: null" in text
+    st = AccountState()
+    sc2 = TransactionScorer(parse_catalogue(text))
+    t = _habit(sc2, make_txn, st) + 3 * 1440
+    out = sc2.process(_txn(make_txn, account_id="acct-1", amount=420.0, counterparty_id="new-shop", minutes=t), st)
+    assert next(f for f in out.findings if f.detector == "rule:dormant_reactivation").level == "high", "turned off"
+
+
 def test_a_wake_session_adds_up_and_a_customer_back_at_their_usual_shops_is_quiet(sc, make_txn) -> None:
     st = AccountState()
     t = _habit(sc, make_txn, st) + 3 * 1440
