@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from app.logs import setup_logging
 
-    setup_logging()
     try:
+        setup_logging()  # reads the settings: a bad one is said like any other error
         return int(args.func(args))
     except RiskwatchError as exc:
         print(f"riskwatch {args.command}: {exc}", file=sys.stderr)

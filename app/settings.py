@@ -6,10 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deploy import resource
+from models.errors import ConfigError
+from models.schemas import Level
 
 
 class Settings(BaseSettings):
@@ -55,7 +57,8 @@ class Settings(BaseSettings):
         "batched", description="Liquidity partials as one message per partition and batch, or one per bucket "
                                "(for a rolling upgrade from workers that read only the latter)")
     alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
-    page_min_level: str = Field("high", description="Lowest warning level pushed to Alertmanager")
+    # A level, checked at start: a misspelt one would page nothing, silently.
+    page_min_level: Level = Field("high", description="Lowest warning level pushed to Alertmanager")
     escalation_check_seconds: float = Field(
         5.0, gt=0, description="How often acknowledgement and resolution deadlines are checked")
     page_refresh_seconds: float = Field(
@@ -120,8 +123,26 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    """Return the process-wide settings, read once from the environment.
+
+    A value that cannot be used is a ConfigError naming the variable, what it holds (secrets withheld)
+    and what it may hold: said once at start, not a traceback.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        field = Settings.model_fields.get(name)
+        secret = field is not None and "SecretStr" in str(field.annotation)
+        shown = "(withheld)" if secret else repr(err.get("input"))
+        parts.append(f"RISKWATCH_{name.upper()}={shown}: {err['msg']}")
+    return "; ".join(parts) + ". Fix the environment variable (README.md, Settings) and start again."
 
 
 __all__ = ["Settings", "get_settings"]

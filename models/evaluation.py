@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import rankdata
 
-from models.schemas import LEVELS
+from models.plans import level_at_least
 
 MAX_CURVE_POINTS = 200
 # Warnings per 1,000 normal transactions: from one in 4,000 (a small team) to one in 62 (a noisy rule set).
@@ -269,10 +269,9 @@ def paged_alerts(warnings: Iterable[Any], min_level: str | None) -> set[str]:
     >>> sorted(paged_alerts(ws, "high")), sorted(paged_alerts(ws, "medium")), paged_alerts(ws, None)
     (['1'], ['1', '2'], set())
     """
-    if min_level not in LEVELS:
+    if min_level is None:
         return set()
-    floor = LEVELS.index(min_level)
-    return {v.alert_id for v in _versions(warnings) if v.level in LEVELS and LEVELS.index(v.level) >= floor}
+    return {v.alert_id for v in _versions(warnings) if level_at_least(v.level, min_level)}
 
 
 def _risky(labelled: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

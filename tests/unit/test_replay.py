@@ -360,3 +360,42 @@ def test_idle_accounts_are_evicted_and_scans_that_cannot_find_any_are_skipped() 
     for i in range(50_000, 100_000):  # the next scan comes 2 h later: "idle" goes, "busy" stays
         pipe.process(txn(i, "busy", t0 + 7200 + i * 0.001))
     assert pipe.evicted == 1 and set(pipe.accounts) == {"busy"}
+
+
+def test_the_page_level_comes_from_the_setting_and_a_misspelt_one_is_said_once(
+    stream: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    write_jsonl(stream, tmp_path / "in.jsonl")
+    try:
+        for level, counted in (("high", ("high", "critical")), ("critical", ("critical",))):
+            monkeypatch.setenv("RISKWATCH_PAGE_MIN_LEVEL", level)
+            get_settings.cache_clear()
+            code, out, _ = replay(capsys, tmp_path / "in.jsonl", "--alerts", tmp_path / f"{level}.jsonl")
+            paged = {a.alert_id for a in map(Alert.model_validate_json, lines(tmp_path / f"{level}.jsonl"))
+                     if a.level in counted}
+            assert code == 0 and paged
+            assert f"pages (warnings reaching {level} or above, RISKWATCH_PAGE_MIN_LEVEL): {len(paged):,}," in out
+        assert main(["evaluate", str(tmp_path / "in.jsonl")]) == 0
+        assert "pages by source, false of all: " in capsys.readouterr().out
+        # A level that does not exist would page nothing: it stops the command with one line instead.
+        monkeypatch.setenv("RISKWATCH_PAGE_MIN_LEVEL", "urgent")
+        get_settings.cache_clear()
+        assert main(["evaluate", str(tmp_path / "in.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "RISKWATCH_PAGE_MIN_LEVEL='urgent'" in err and "'critical'" in err
+    finally:
+        monkeypatch.delenv("RISKWATCH_PAGE_MIN_LEVEL")
+        get_settings.cache_clear()
+
+
+def test_a_bad_secret_setting_is_named_without_its_value() -> None:
+    from pydantic import ValidationError
+
+    from app.settings import Settings, _explain
+
+    with pytest.raises(ValidationError) as caught:
+        Settings(kafka_sasl_password=["hunter2"])  # type: ignore[arg-type]
+    text = _explain(caught.value)
+    assert "RISKWATCH_KAFKA_SASL_PASSWORD=(withheld)" in text and "hunter2" not in text
