@@ -179,7 +179,11 @@ def test_a_category_of_its_own_spends_its_own_budget(normal_stream):
             budget_per_1000=3.0, categories={"amount": "amount_anomaly"}, budgets={"amount_anomaly": amount_budget}))
 
     wide, narrow = run(2.0), run(0.25)
-    assert wide["anomaly"] == narrow["anomaly"], "one category's budget does not move another's"
+    # One category's budget does not move another's. Not to the warning: a warning of any category
+    # refreshes every category's upward drift (SurpriseDetector.spend), so with more of the other's the
+    # drift is applied sooner, at most BUDGET_REFRESH events early (a few % of the share), and an event
+    # at the hair of the operating point can land on the other side: 72 or 73 here, never a budget's worth.
+    assert abs(wide["anomaly"] - narrow["anomaly"]) <= max(1, 0.02 * narrow["anomaly"]), (wide, narrow)
     assert wide["amount_anomaly"] > 3 * narrow.get("amount_anomaly", 0), (wide, narrow)
     assert 1000.0 * wide["amount_anomaly"] / len(normal_stream) <= 1.5 * 2.0
 

@@ -338,6 +338,32 @@ def test_a_spike_to_a_known_payee_or_a_shop_from_the_accounts_own_device_is_a_me
     assert spike(parse_catalogue(text), counterparty_id="shop-2")[0].level == "medium", "known payees still"
 
 
+def test_one_earlier_outlier_does_not_hide_a_transfer_to_a_new_payee_which_is_warned_at_medium(make_txn) -> None:
+    def spike(catalogue: Any = None, rents: Sequence[float] = (900.0,), **kw: Any) -> list[tuple[str, str, str]]:
+        sc = TransactionScorer(catalogue or load_catalogue())
+        st = AccountState()
+        t = _habit(sc, make_txn, st, days=1.0)
+        for k, rent in enumerate(rents):  # 9x the usual 100, to the landlord: under amount_spike's bar
+            sc.process(_txn(make_txn, account_id="acct-1", txn_type="transfer", amount=rent,
+                            counterparty_id=f"landlord-{k}", minutes=t + k), st)
+        out = sc.process(_txn(make_txn, account_id="acct-1", amount=2_400.0, minutes=t + 30, **kw), st)
+        return [(f.detector, f.level, f.reasons[0].message) for f in out.findings if f.category == "amount_spike"]
+
+    # 24x the usual, 2.7x the rent: the largest recent debit alone would hide it.
+    ((detector, level, message),) = spike(txn_type="transfer", counterparty_id="new-payee")
+    assert (detector, level) == ("rule:amount_spike", "medium"), "weaker evidence: the console, not a page"
+    assert "x all but the largest of its recent debits" in message
+    assert spike(txn_type="withdrawal", counterparty_id="new-bank")[0][:2] == ("rule:amount_spike", "medium")
+    assert spike(txn_type="transfer", counterparty_id="new-payee", rents=(900.0, 850.0)) == [], \
+        "two earlier debits that large are a habit, not an outlier"
+    assert spike(txn_type="transfer", counterparty_id="shop-1") == [], "a payee it paid before"
+    assert spike(counterparty_id="new-shop") == [], "a card payment at a new shop: most often the customer's"
+    text = DEFAULT_RULES.read_text().replace("past_outlier_level: medium", "past_outlier_level: null")
+    assert spike(parse_catalogue(text), txn_type="transfer", counterparty_id="new-payee") == [], "turned off"
+    # Without the outlier the same transfer is a plain spike, and pages.
+    assert spike(rents=(), txn_type="transfer", counterparty_id="new-payee")[0][:2] == ("rule:amount_spike", "high")
+
+
 def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_spike(sc, make_txn) -> None:
     def third(amounts: Sequence[float], last: float) -> list[tuple[str, str, str]]:
         st = AccountState()
