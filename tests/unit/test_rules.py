@@ -15,7 +15,7 @@ def test_shipped_catalogue_has_every_default_rule():
                 "market_stress": "high",
                 "anomaly": "medium", "market_anomaly": "medium", "lists": "high", "pass_through": "high",
                 "amount_spike": "high", "new_account_spike": "medium", "dormant_reactivation": "high",
-                "platform_account_new_device": "high", "payee_fanout": "high"}
+                "platform_account_new_device": "high", "payee_fanout": "high", "new_access": "high"}
     assert {k: r.level for k, r in cat.rules.items()} == expected
     assert all(r.description for r in cat.rules.values())
     p = cat.params("large_transaction", LargeTransactionParams)

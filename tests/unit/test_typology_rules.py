@@ -364,6 +364,36 @@ def test_one_earlier_outlier_does_not_hide_a_transfer_to_a_new_payee_which_is_wa
     assert spike(rents=(), txn_type="transfer", counterparty_id="new-payee")[0][:2] == ("rule:amount_spike", "high")
 
 
+def test_a_young_account_sending_to_a_new_payee_from_a_new_device_and_country_is_a_high_new_access(
+        sc, make_txn) -> None:
+    def young(history: Sequence[dict[str, Any]], **last: Any) -> list[tuple[str, str, str]]:
+        st = AccountState()
+        for i, kw in enumerate(history):
+            sc.process(_txn(make_txn, account_id="acct-1", country="CN", minutes=i * 600, **kw), st)
+        kw = {"txn_type": "transfer", "counterparty_id": "mule-1", "amount": 200.0, "device_id": "atk-1",
+              "country": "RU", **last}
+        out = sc.process(_txn(make_txn, account_id="acct-1", minutes=len(history) * 600, **kw), st)
+        return [(f.detector, f.level, f.reasons[0].message) for f in out.findings if f.detector == "rule:new_access"]
+
+    one_payment = [{"counterparty_id": "shop-1", "amount": 80.0}]
+    ((detector, level, message),) = young(one_payment)
+    assert (detector, level) == ("rule:new_access", "high")
+    assert message == ("transfer of CNY 200.00 to a payee this young account never paid, from a device and a "
+                       "country (RU) it never used: its 1 earlier debit came from one other country and it was "
+                       "seen on one other device")
+    assert young(one_payment, txn_type="withdrawal", counterparty_id="bank-9")[0][:2] == ("rule:new_access", "high")
+    assert young(one_payment * 2)[0][:2] == ("rule:new_access", "high"), "two debits: still young"
+    assert not young(one_payment * 3), "three debits: the model judges it, with the account's habits"
+    assert not young(one_payment, country="CN"), "its own country: a new phone at home"
+    assert not young(one_payment, device_id="dev-1"), "its own device abroad: a trip"
+    assert not young(one_payment, counterparty_id="shop-1", txn_type="transfer"), "a payee it paid before"
+    assert not young(one_payment, txn_type="payment", counterparty_id="shop-2"), "a card payment: spending"
+    # Nothing to compare with: no earlier debit (a credit tells no country), or no device seen.
+    assert not young([{"direction": "credit", "txn_type": "transfer", "counterparty_id": "friend-1"}])
+    assert not young([{"counterparty_id": "shop-1", "amount": 80.0, "device_id": None}])
+    assert not young(one_payment, account_kind="custody"), "platform accounts have their own rule"
+
+
 def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_spike(sc, make_txn) -> None:
     def third(amounts: Sequence[float], last: float) -> list[tuple[str, str, str]]:
         st = AccountState()
