@@ -392,6 +392,24 @@ def test_a_young_account_sending_to_a_new_payee_from_a_new_device_and_country_is
     assert not young([{"direction": "credit", "txn_type": "transfer", "counterparty_id": "friend-1"}])
     assert not young([{"counterparty_id": "shop-1", "amount": 80.0, "device_id": None}])
     assert not young(one_payment, account_kind="custody"), "platform accounts have their own rule"
+    # A device first seen within the hour is not the account's own yet: its first debit came from the
+    # account's country, the next one from another.
+    st = AccountState()
+    sc.process(_txn(make_txn, counterparty_id="shop-1", amount=80.0, country="CN"), st)
+    first = sc.process(_txn(make_txn, txn_type="transfer", counterparty_id="mule-1", amount=200.0,
+                            device_id="atk-2", country="CN", minutes=600), st)
+    assert not [f for f in first.findings if f.detector == "rule:new_access"], "its own country"
+    second = sc.process(_txn(make_txn, txn_type="withdrawal", counterparty_id="bank-9", amount=200.0,
+                             device_id="atk-2", country="RU", minutes=602), st)
+    (hit,) = [f for f in second.findings if f.detector == "rule:new_access"]
+    assert "from a device first seen within the hour and a country (RU) it never used" in hit.reasons[0].message
+    later = AccountState()  # the same device an hour and more after it was first seen is the account's own
+    sc.process(_txn(make_txn, counterparty_id="shop-1", amount=80.0, country="CN"), later)
+    sc.process(_txn(make_txn, counterparty_id="shop-2", amount=90.0, device_id="dev-2", country="CN", minutes=600),
+               later)
+    out = sc.process(_txn(make_txn, txn_type="transfer", counterparty_id="mule-1", amount=200.0, device_id="dev-2",
+                          country="RU", minutes=700), later)
+    assert not [f for f in out.findings if f.detector == "rule:new_access"], "its own device abroad"
 
 
 def test_a_young_accounts_debit_twenty_times_its_two_earlier_ones_is_a_medium_spike(sc, make_txn) -> None:
