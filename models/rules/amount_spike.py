@@ -6,6 +6,7 @@ import math
 
 from pydantic import Field
 
+from models.features import ONWARD_TYPES
 from models.rules.base import Event, RuleParams, TxnRule, register
 from models.schemas import Level, Reason
 
@@ -81,7 +82,7 @@ class AmountSpike(TxnRule):
         Not card payments: a big purchase at a new shop is most often the customer's (see `level_for`).
         Four amounts at least, so that three remain beside the one set aside.
         """
-        return (self.p.past_outlier_level is not None and ev.new_payee and ev.txn.txn_type != "payment"
+        return (self.p.past_outlier_level is not None and ev.new_payee and ev.txn.txn_type in ONWARD_TYPES
                 and len(ev.state.log_amounts) >= 4)
 
     def _familiar(self, ev: Event) -> str:

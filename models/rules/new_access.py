@@ -51,7 +51,7 @@ class NewAccess(TxnRule):
         if not st.countries or not country or stable_hash(country) in st.countries:
             return None
         # A device first seen within the hour is not the account's own yet (Event.own_device): a
-        # takeover's first debit may come from the account's country, the next one from its own.
+        # takeover's first debit may come from the account's own country, the next one from another.
         others = len(st.devices) if ev.new_device else len(st.devices) - 1
         if others < 1:
             return None
