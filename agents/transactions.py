@@ -129,12 +129,15 @@ class PartitionModels:
             return
         dated = [(t, sh) for t, sh in versions if t is not None]
         if not dated:  # an earlier release's undated snapshot: the newest shifts, no steps taken again
-            det.shifts = versions[-1][1]
+            det.shifts = copy.deepcopy(versions[-1][1])
             return
         before = [v for v in dated if v[0] < first_offset]
         # Read from before every version (offsets rewound): the oldest one is the closest there is.
         through, shifts = before[-1] if before else dated[0]
-        det.shifts = shifts
+        # A copy: the version is handed on in this owner's snapshots as it was read. Learning into the
+        # version itself stored it with later shifts, and an owner dying before its first commit
+        # left the next one judging events with shifts from their future.
+        det.shifts = copy.deepcopy(shifts)
         self.through[partition] = through
         self.versions[partition] = [v for v in dated if v[0] <= through]
 
