@@ -64,6 +64,7 @@ def _land(proc: Any, writes: list[dict[tuple[str, int, bytes], bytes | None]]) -
 
 
 def _write(proc: Any) -> dict[tuple[str, int, bytes], bytes | None]:
+    """One snapshot: what the owner would send to its changelogs, by (table, partition, key)."""
     proc.write_state()
     return {(store.name, p, k): v for store in (proc.accounts, proc.models_store)
             for (p, k), v in store.take_pending().items()}
@@ -82,9 +83,7 @@ def test_a_crash_between_a_partial_state_write_and_its_commit_repeats_rule_warni
     for lo in range(0, crash_at, 100):
         published.update(_run(first, values[:lo + 100], lo, 100))
         if lo % 300 == 0:
-            first.write_state()
-            writes.append({(store.name, p, k): v for store in (first.accounts, first.models_store)
-                           for (p, k), v in store.take_pending().items()})
+            writes.append(_write(first))
             commits.append(first.read_through[0] + 1)
             if len(commits) >= 3:
                 first.committed[0] = commits[-3]  # commits run two writes behind the loop
