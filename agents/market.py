@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from agents.sink import Sink
+from agents.sink import Rekeying, Sink
 from app.faust_app import MARKET, Runtime, dumps, load_instrument
 from app.security import Ingest
 from models.aggregates import MarketAccumulator, bucket_of
@@ -43,6 +43,7 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     instruments = InstrumentTable(rt)
     # The step replay runs too (models.core): the instrument's state, redelivery, scoring, stress totals.
     core = TickCore(scorer, instruments, stress.of)
+    rekeying, partitions = Rekeying(rt, name, "instrument"), rt.settings.topic_partitions
 
     @rt.app.agent(topic, name="score-market", concurrency=1)
     async def score_market(stream: Any) -> None:
@@ -57,6 +58,12 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
                 tick = ingest.tick(decode_event(event.value, MarketTick))
             except EventError as exc:
                 await sink.dead_letter(event.value, name, msg.partition, msg.offset, exc.reason, exc.field)
+                continue
+            instrument = tick.instrument.encode()
+            if msg.key != instrument and rekeying.home(msg, instrument, partitions) is not None:
+                # Not keyed by its instrument: sent on keyed by it, placed by the producer's partitioner
+                # (the key's murmur2 over the topic's own partitions), where keyed ticks land.
+                await sink._send(MARKET, instrument, event.value)
                 continue
             t0 = time.perf_counter()
             ts = tick.ts.timestamp()

@@ -8,9 +8,11 @@ import logging
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 from app.faust_app import AGGREGATES, ALERTS, DEADLETTER, SCORES, Runtime
 from models.findings import Raised
+from models.pipeline import home_partition
 from models.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
 
 log = logging.getLogger("riskwatch.agents")
@@ -93,6 +95,31 @@ class Sink:
         self.m.events_published.labels(topic.get_topic_name()).inc()
 
 
+class Rekeying:
+    """Input records not keyed by their entity: where each belongs, counted, and told once per worker."""
+
+    def __init__(self, rt: Runtime, topic: str, field: str) -> None:
+        self.topic, self.field = topic, field
+        self.counter = rt.metrics.rekeyed.labels(topic)
+        self.told = False
+
+    def home(self, rec: Any, entity: bytes, partitions: int) -> int | None:
+        """The partition of `entity`'s state if `rec` (key, partition, offset) is not in it, counted; else None."""
+        home = home_partition(rec.key, entity, rec.partition, partitions)
+        if home is None:
+            return None
+        self.counter.inc()
+        if not self.told:
+            self.told = True
+            log.warning("%s partition %d offset %d: a record keyed %s, not by its %s; sent on, keyed by %s, to "
+                        "partition %d, where that state lives, and so will every such record be (counted in "
+                        "riskwatch_rekeyed_total, told once). Key the producer's records by %s to spare the "
+                        "extra hop", self.topic, rec.partition, rec.offset,
+                        "with no key" if rec.key is None else "by something else", self.field, self.field, home,
+                        self.field)
+        return home
+
+
 class BufferedSink(Sink):
     """A Sink that collects messages for the transaction engine to send with its own producer, batch by batch."""
 
@@ -103,6 +130,10 @@ class BufferedSink(Sink):
 
     async def _send(self, name: str, key: bytes, value: bytes, partition: int | None = None) -> None:
         self.out.append((self.names[name], key, value, partition))
+
+    def forward(self, topic: str, key: bytes, value: bytes, partition: int) -> None:
+        """Send an input record on, unchanged, to the partition of its entity's key (a mis-keyed input)."""
+        self.out.append((topic, key, value, partition))
 
     def take(self) -> list[tuple[str, bytes, bytes, int | None]]:
         """The messages collected since the last call: (topic, key, value, partition), counted as published."""
@@ -119,4 +150,4 @@ class BufferedSink(Sink):
         self.out = []
 
 
-__all__ = ["BufferedSink", "Sink"]
+__all__ = ["BufferedSink", "Rekeying", "Sink"]

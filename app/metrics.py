@@ -48,6 +48,9 @@ class Metrics:
             "riskwatch_redelivered_total", "Of riskwatch_duplicates_total: records read again after a crash or a "
             "partition move that the entity's state had already applied (recognised by offset, not scored again)",
             ["topic"], registry=r)
+        self.rekeyed = Counter(
+            "riskwatch_rekeyed_total", "Input records not keyed by their entity (no key, or another one) sent on, "
+            "keyed by it, to its partition, where its state lives; by topic", ["topic"], registry=r)
         self.late_events = Counter(
             "riskwatch_late_events_total", "Events older than the allowed lateness for their entity", ["topic"],
             registry=r)
@@ -216,6 +219,7 @@ class Metrics:
             self.events_scored.labels(topic)
             self.duplicates.labels(topic)
             self.redelivered.labels(topic)
+            self.rekeyed.labels(topic)
             self.late_events.labels(topic)
         for topic in outputs:
             self.events_published.labels(topic)

@@ -77,6 +77,32 @@ def partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+def home_partition(key: bytes | None, entity: bytes, partition: int, partitions: int) -> int | None:
+    """The partition a record not keyed by its entity belongs in (None: it is where it belongs).
+
+    A record keyed by its entity (the raw id, or the id as a JSON string) stays where the producer's
+    partitioner put it: every record of the entity is there, whatever hash that client uses. Any other
+    key (none, a per-event id) scatters an entity's records over partitions and its state with them,
+    so the record belongs in the partition of its entity's key, as Kafka's Java and Python clients
+    place it.
+
+    >>> home_partition(b"acct-1", b"acct-1", 3, 4) is None
+    True
+    >>> home_partition(b'"acct-1"', b"acct-1", 3, 4) is None
+    True
+    >>> home_partition(None, b"acct-1", 3, 4) == partition_of(b"acct-1", 4)
+    True
+    >>> home_partition(None, b"acct-1", partition_of(b"acct-1", 4), 4) is None
+    True
+    """
+    if key == entity or partitions < 2:
+        return None
+    if key is not None and len(key) == len(entity) + 2 and key[1:-1] == entity and key[:1] == key[-1:] == b'"':
+        return None
+    home = partition_of(entity, partitions)
+    return None if home == partition else home
+
+
 def partition_for(key: str, partitions: int) -> int:
     """partition_of() of a text key, as producers key our topics by account id."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
@@ -325,5 +351,5 @@ def _add(out: Scored, r: Raised) -> None:
         out.new_ids.append(r.alert_id)
 
 
-__all__ = ["PARTIAL", "IdleEviction", "MarketScorer", "Pipeline", "PlatformMonitors", "Scored", "partition_for",
-           "partition_of"]
+__all__ = ["PARTIAL", "IdleEviction", "MarketScorer", "Pipeline", "PlatformMonitors", "Scored", "home_partition",
+           "partition_for", "partition_of"]

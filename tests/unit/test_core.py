@@ -153,3 +153,29 @@ def test_iterating_the_account_table_leaves_an_undecodable_value_to_the_accounts
     assert [k for k, _ in proc.states.iterate(0)] == [b"A0"]
     assert counter._value.get() == before, "iterating sets nothing aside"
     assert proc.states.get(0, b"bad").n == 0 and counter._value.get() == before + 1, "the read sets it aside once"
+
+
+def test_a_transaction_not_keyed_by_its_account_is_sent_on_to_the_accounts_partition_and_told_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from models.pipeline import partition_of
+
+    proc = build_engine(tmp_path).processor
+    proc.input_partitions = 4
+    home = partition_of(b"A1", 4)
+    away = (home + 1) % 4
+    raw = [_txn(f"e{i}", f"2026-11-01T10:0{i}:00Z").model_dump_json().encode() for i in range(5)]
+    recs = [SimpleNamespace(topic="t", partition=away, offset=0, key=None, value=raw[0]),          # no key
+            SimpleNamespace(topic="t", partition=away, offset=1, key=b"evt-9f2", value=raw[1]),    # another key
+            SimpleNamespace(topic="t", partition=away, offset=2, key=b'"A1"', value=raw[2]),       # JSON-quoted id
+            SimpleNamespace(topic="t", partition=home, offset=0, key=None, value=raw[3]),          # no key, at home
+            SimpleNamespace(topic="t", partition=away, offset=3, key=b"A1", value=raw[4])]         # its own key
+    asyncio.run(proc.process(recs))
+    sent = [m for m in proc.sink.take() if m[0] == proc.topic_name]
+    assert sent == [(proc.topic_name, b"A1", raw[0], home), (proc.topic_name, b"A1", raw[1], home)]
+    assert proc.m.rekeyed.labels(proc.topic_name)._value.get() == 2
+    # The rest are scored where they are: keyed by the account (whatever partition its producer's
+    # hash chose) or unkeyed but already home.
+    assert proc.states.get(away, b"A1").n == 2 and proc.states.get(home, b"A1").n == 1
+    told = [r.getMessage() for r in caplog.records if "not by its account_id" in r.getMessage()]
+    assert len(told) == 1 and "with no key" in told[0] and "Key the producer's records by account_id" in told[0]
+    assert "A1" not in told[0].replace(proc.topic_name, ""), "no account id in the log"
