@@ -8,7 +8,10 @@ test of five tiny debits became one or two per partition and nobody saw the burs
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -17,14 +20,14 @@ from models.pipeline import Pipeline
 from models.rules import load_catalogue
 from models.schemas import Transaction
 from models.synth import generate
-from tests.conftest import consume, produce
+from tests.conftest import ROOT, consume, produce, settings_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 LABELS = ("label", "scenario", "scenario_instance")
 
 
-def test_an_unkeyed_producers_card_tests_and_takeovers_are_warned_as_if_keyed(settings, start_worker):
+def test_an_unkeyed_producers_card_tests_and_takeovers_are_warned_as_if_keyed(settings, start_worker, tmp_path):
     s = settings
     events = [e for e in generate(seed=31, accounts=300, days=1.0, instruments=0,
                                   scenarios=["card_testing", "takeover"]) if "account_id" in e]
@@ -37,6 +40,7 @@ def test_an_unkeyed_producers_card_tests_and_takeovers_are_warned_as_if_keyed(se
 
     worker = start_worker(s)
     topic = s.topic(TRANSACTIONS)
+    since = datetime.now(UTC) - timedelta(minutes=1)  # record times: the producer's clock
     # As live traffic comes: a slice of the day at a time, so a record sent on arrives within the
     # lateness the account's state allows (a backlog of a whole day sent on is hours late).
     plain = [{k: v for k, v in e.items() if k not in LABELS} for e in events]
@@ -54,6 +58,14 @@ def test_an_unkeyed_producers_card_tests_and_takeovers_are_warned_as_if_keyed(se
     rekeyed = worker.metric("riskwatch_rekeyed_total", topic=topic)
     assert 0.6 * n < rekeyed < 0.9 * n, f"{rekeyed} of {n} sent on: about three in four of four partitions"
     assert worker.tail().count("not by its account_id") == 1, "told once, not once per record"
+
+    # History holds each sent-on record twice (as sent, and keyed): a Kafka replay scores it once.
+    subprocess.run([sys.executable, "-m", "app.cli", "replay", "--from-kafka", "--since", since.isoformat(),
+                    "--run-id", "unkeyed", "--alerts", str(tmp_path / "alerts.jsonl"), "--report",
+                    str(tmp_path / "report")], cwd=ROOT, env=settings_env(s), check=True, capture_output=True,
+                   timeout=300)
+    read = json.loads((tmp_path / "report" / "report.json").read_text())["events"]
+    assert (read["records"], read["scored"], read["duplicates"]) == (n + rekeyed, n, rekeyed), read
 
     time.sleep(2.0)  # later versions of the same warnings are on the topic by now
     alerts = consume(s, ALERTS, lambda got: len(got) > 0, timeout=30)
