@@ -11,9 +11,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaProtocolError, TopicAlreadyExistsError
 
-from app.faust_app import ALL_TOPICS, COMPACTED, FEEDBACK, SINGLE_PARTITION
+from app.faust_app import ACKS, ALERTS_BY_ID, ALL_TOPICS, COMPACTED, FEEDBACK, MARKET, SINGLE_PARTITION, TRANSACTIONS
 from app.settings import Settings
-from models.errors import RiskwatchError
+from models.errors import ConfigError, RiskwatchError
 
 log = logging.getLogger("riskwatch.admin")
 
@@ -174,6 +174,48 @@ def ensure_changelogs(s: Settings, tables: tuple[str, ...]) -> list[str]:
     return _create_missing(s, [(s.changelog(t), s.topic_partitions, True, None) for t in tables])
 
 
+# Topics whose partition p must hold the same keys as the state kept for partition p: the inputs
+# (accounts, instruments) and the lifecycle's co-partitioned pair.
+PARTITIONED_AS_STATE = (TRANSACTIONS, MARKET, ACKS, ALERTS_BY_ID)
+
+
+def refuse_if_partitions_differ(s: Settings) -> None:
+    """Raise ConfigError, saying what to set, when an existing topic that state is partitioned by has another count.
+
+    State is kept per partition of the input topics, in changelogs created with `topic_partitions`
+    partitions. A pre-created risk.transactions of another count left the worker reading back a
+    changelog partition that does not exist, retrying forever without a word of why.
+    """
+    client = admin(s)
+    try:
+        existing = set(client.list_topics())
+        changelogs = sorted(t for t in existing if t.startswith(f"{s.deployment_id}-") and t.endswith("-changelog"))
+        wanted = [s.topic(t) for t in PARTITIONED_AS_STATE if s.topic(t) in existing] + changelogs
+        counts = {str(d.get("name") or d.get("topic")): len(d.get("partitions") or ())
+                  for d in (client.describe_topics(wanted) if wanted else ())}
+    finally:
+        client.close()
+    n = s.topic_partitions
+    # A single-partition table's changelog has one partition whatever the setting.
+    off = {t: c for t, c in counts.items() if c != n and not (t in changelogs and c == 1)}
+    if not off:
+        return
+    said = ", ".join(f"{t} has {c}" for t, c in sorted(off.items()))
+    why = (f"partition counts differ: {said} partitions, and RISKWATCH_TOPIC_PARTITIONS is {n}. Every "
+           f"account's state is kept per partition of the input topics, in changelogs of "
+           f"RISKWATCH_TOPIC_PARTITIONS partitions, so the counts must agree")
+    source = s.topic(TRANSACTIONS)
+    if source not in off:
+        raise ConfigError(f"{why}: give {', '.join(sorted(off))} {n} partitions.")
+    made = sorted(t for t, c in counts.items() if c == n)
+    if not made:
+        raise ConfigError(f"{why}: set RISKWATCH_TOPIC_PARTITIONS={off[source]}.")
+    # Kafka adds partitions but never takes them away: the state kept for n cannot follow.
+    raise ConfigError(f"{why}: set RISKWATCH_TOPIC_PARTITIONS={off[source]} and delete first {', '.join(made)}, "
+                      f"which have {n} (riskwatch created them; any state in them was kept for {n} partitions "
+                      f"and starts afresh).")
+
+
 def _topic_configs(compacted: bool, delete_after_ms: int | None) -> dict[str, str]:
     if not compacted:
         return {}
@@ -210,4 +252,5 @@ def consumer(s: Settings, *topics: str, **kw: Any) -> KafkaConsumer:
     return KafkaConsumer(*topics, **client_config(s), **kw)
 
 
-__all__ = ["admin", "aiokafka_config", "client_config", "consumer", "ensure_changelogs", "ensure_topics", "producer"]
+__all__ = ["PARTITIONED_AS_STATE", "admin", "aiokafka_config", "client_config", "consumer", "ensure_changelogs",
+           "ensure_topics", "producer", "refuse_if_partitions_differ"]

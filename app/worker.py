@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,11 +16,12 @@ from prometheus_client import start_http_server
 
 from agents import control, disclosure, feedback, health, lists, market, platform, transactions, web
 from agents.sink import Sink
-from app.admin import ensure_topics
+from app.admin import ensure_topics, refuse_if_partitions_differ
 from app.faust_app import Runtime, create_app
 from app.logs import flush_logging
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
+from models.errors import ConfigError
 from models.lists import ListIndex
 from models.rules import Catalogue, load_catalogue
 from models.scoring import TransactionScorer
@@ -145,10 +147,27 @@ class Worker(faust.Worker):  # type: ignore[misc]
         await super()._stop_on_signal(sig)
 
 
+def refuse_if_taken(host: str, port: int, variable: str) -> None:
+    """Raise ConfigError naming `variable` when `port` cannot be bound on `host` (another worker has it, say)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As the servers bind: a port another process listens on is refused, one in TIME_WAIT is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another worker on this "
+                              f"machine may have it; set {variable} to a free port") from None
+
+
 def run(settings: Settings | None = None) -> None:
     """Create topics, serve /metrics and run the worker until it is stopped."""
     s = settings or get_settings()
+    # Said before anything else is done: a taken port used to end the worker with a traceback (metrics)
+    # or after joining the group (web).
+    refuse_if_taken(s.web_host, s.metrics_port, "RISKWATCH_METRICS_PORT")
+    refuse_if_taken(s.web_host, s.web_port, "RISKWATCH_WEB_PORT")
     s.data_dir.mkdir(parents=True, exist_ok=True)
+    refuse_if_partitions_differ(s)  # before creating anything with a count that would not fit
     created = ensure_topics(s)
     if created:
         log.info("created topics: %s", ", ".join(created))
@@ -168,4 +187,4 @@ def run(settings: Settings | None = None) -> None:
         flush_logging()  # the last window's repeat counts
 
 
-__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "run"]
+__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "refuse_if_taken", "run"]
