@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-from kafka.admin import NewTopic
+from kafka.admin import NewPartitions, NewTopic
 
-from app.admin import admin
+from app.admin import admin, ensure_topics
 from app.faust_app import ALERTS, TRANSACTIONS
 from tests.conftest import ROOT, consume, produce, settings_env
 
@@ -60,3 +60,22 @@ def test_a_worker_refuses_a_foreign_partition_count_once_and_runs_when_told_it(s
     assert [a["event_ids"] for a in alerts if a["category"] == "large_transaction"] == [[big["event_id"]]]
     assert worker.metric("riskwatch_engine_phase", phase="running") == 1
     print(f"refused in {took:.1f} s; with RISKWATCH_TOPIC_PARTITIONS=6, {len(events)} events scored")
+
+
+def test_partitions_added_to_a_running_deployments_input_are_named_at_the_next_start(settings):
+    """The runbooks' advice: after partitions were added to risk.transactions, a restarted worker says what differs."""
+    s = settings
+    ensure_topics(s)  # a deployment that ran with 4
+    client = admin(s)
+    try:
+        client.create_partitions({s.topic(TRANSACTIONS): NewPartitions(total_count=6)})
+    finally:
+        client.close()
+    refused = subprocess.run([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=settings_env(s),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    said = refused.stderr.strip().splitlines()
+    assert len(said) == 1 and f"{s.topic(TRANSACTIONS)} has 6 partitions" in said[0], said
+    # The topics it made with 4 are named: their state cannot follow to 6.
+    assert "set RISKWATCH_TOPIC_PARTITIONS=6 and delete first" in said[0], said
+    assert all(s.topic(t) in said[0] for t in ("risk.acks", "risk.alerts.by-id", "risk.market")), said
