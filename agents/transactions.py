@@ -32,10 +32,10 @@ from app.faust_app import (
     DEADLETTER,
     TRANSACTIONS,
     Runtime,
+    compression,
     dump_account,
     dump_detector,
     dump_shifts,
-    has_lz4,
     load_account,
     load_detector,
     load_shifts,
@@ -839,12 +839,12 @@ class TransactionEngine:
             log.info("created changelog topics: %s", ", ".join(created))
         self.legacy_offsets = await asyncio.to_thread(_legacy_offsets, s)
         cfg = aiokafka_config(s)
-        lz4 = "lz4" if has_lz4() else None
+        codec = compression(s)
         # Two producers: aiokafka keeps one request in flight per broker and producer, and warnings
         # queued behind a large changelog request waited for it (the latency's p99, issue 8).
-        self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, compression_type=lz4)
+        self.producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=5, compression_type=codec)
         self.state_producer = AIOKafkaProducer(**cfg, acks="all", linger_ms=0, max_batch_size=512 * 1024,
-                                               compression_type=lz4)
+                                               compression_type=codec)
         self.restorer = AIOKafkaConsumer(**cfg, group_id=None, enable_auto_commit=False,
                                          auto_offset_reset="earliest")
         session_ms = int(s.kafka_session_timeout * 1000)

@@ -362,7 +362,7 @@ def _app_settings(s: Settings) -> dict[str, Any]:
         canonical_url=f"http://{s.instance_id}" if s.instance_id else None,
         consumer_auto_offset_reset="earliest",
         producer_linger=0.005,
-        producer_compression_type="lz4" if has_lz4() else None,
+        producer_compression_type=compression(s),
         table_cleanup_interval=30.0,
         # No standby replicas: with the memory store each would double a worker's RAM. Failover
         # replays the changelog. (Takeovers that "never committed again" were Faust's seek race,
@@ -410,16 +410,25 @@ def create_app(settings: Settings | None = None, metrics: Metrics | None = None)
     return Runtime(s, app, metrics, topics, instruments, quarantine)
 
 
-def has_lz4() -> bool:
-    """True when every Kafka client here handles lz4: aiokafka writes it (through cramjam), kafka-python reads it (lz4).
+CODECS = ("gzip", "snappy", "lz4", "zstd")
 
-    Checking only for the lz4 module let a worker start that aiokafka then refused to produce
-    with ("Compression library for lz4 not found").
+
+def missing_codecs() -> list[str]:
+    """Kafka compression codecs that aiokafka (the worker) or kafka-python (replay, the CLI) cannot read here.
+
+    Producers pick their codec, and Java's and librdkafka's are often snappy, lz4 or zstd: a worker
+    without the codec once retried the same batch for ever ("Libraries for snappy compression codec
+    not found"). They are dependencies, so this is empty unless an install left them out.
     """
-    from aiokafka.codec import has_lz4 as aiokafka_has_lz4
-    from kafka.codec import has_lz4 as kafka_python_has_lz4
+    import aiokafka.codec as aio
+    import kafka.codec as kp
 
-    return bool(aiokafka_has_lz4() and kafka_python_has_lz4())
+    return [c for c in CODECS if not (getattr(aio, f"has_{c}")() and getattr(kp, f"has_{c}")())]
+
+
+def compression(s: Settings) -> str | None:
+    """The codec the worker's producers write with (RISKWATCH_KAFKA_COMPRESSION), None for none."""
+    return None if s.kafka_compression == "none" else s.kafka_compression
 
 
 __all__ = [
@@ -428,16 +437,17 @@ __all__ = [
     "StateTable",
     "StateUnpickler",
     "check_detector",
+    "compression",
     "create_app",
     "credentials",
     "dump_account",
     "dump_detector",
     "dump_shifts",
     "dumps",
-    "has_lz4",
     "load_account",
     "load_detector",
     "load_instrument",
     "load_shifts",
+    "missing_codecs",
     "restricted_loads",
 ]

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     flow_partials: Literal["batched", "single"] = Field(
         "batched", description="Liquidity partials as one message per partition and batch, or one per bucket "
                                "(for a rolling upgrade from workers that read only the latter)")
+    # None by default: every consumer of the output topics can read it, whatever client and extras it has.
+    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Codec the worker's producers compress warnings, state and every other output with")
     alertmanager_url: str = Field("", description="Alertmanager base URL; empty disables paging")
     # A level, checked at start: a misspelt one would page nothing, silently.
     page_min_level: Level = Field("high", description="Lowest warning level pushed to Alertmanager")

@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from agents import control, disclosure, feedback, health, lists, market, platform, transactions, web
 from agents.sink import Sink
 from app.admin import ensure_topics, refuse_if_partitions_differ
-from app.faust_app import Runtime, create_app
+from app.faust_app import Runtime, create_app, missing_codecs
 from app.logs import flush_logging
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
@@ -159,6 +159,19 @@ def refuse_if_taken(host: str, port: int, variable: str) -> None:
                               f"machine may have it; set {variable} to a free port") from None
 
 
+def refuse_if_codecs_missing() -> None:
+    """Raise ConfigError when a Kafka compression codec cannot be read here (an install without our dependencies).
+
+    A producer picks its codec; the first batch of snappy, lz4 or zstd records would stop the engine
+    in a retry loop, so a worker that could not read them does not start.
+    """
+    missing = missing_codecs()
+    if missing:
+        raise ConfigError(f"the Kafka clients here cannot read records compressed with {', '.join(missing)}, "
+                          "which producers may send: install riskwatch with its dependencies "
+                          "(cramjam, python-snappy, lz4, zstandard)")
+
+
 def run(settings: Settings | None = None) -> None:
     """Create topics, serve /metrics and run the worker until it is stopped."""
     s = settings or get_settings()
@@ -166,6 +179,7 @@ def run(settings: Settings | None = None) -> None:
     # or after joining the group (web).
     refuse_if_taken(s.web_host, s.metrics_port, "RISKWATCH_METRICS_PORT")
     refuse_if_taken(s.web_host, s.web_port, "RISKWATCH_WEB_PORT")
+    refuse_if_codecs_missing()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     refuse_if_partitions_differ(s)  # before creating anything with a count that would not fit
     created = ensure_topics(s)
@@ -187,4 +201,4 @@ def run(settings: Settings | None = None) -> None:
         flush_logging()  # the last window's repeat counts
 
 
-__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "refuse_if_taken", "run"]
+__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "refuse_if_codecs_missing", "refuse_if_taken", "run"]

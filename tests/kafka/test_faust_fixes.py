@@ -193,18 +193,16 @@ def test_a_commit_never_moves_past_a_single_missing_record() -> None:
     assert RiskwatchConsumer._new_offset(consumer, tp) == 103
 
 
-def test_lz4_is_used_only_when_both_kafka_clients_can_handle_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lz4 module alone once made a worker that aiokafka refused to produce with (it needs cramjam)."""
+def test_a_codec_either_kafka_client_lacks_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lz4's module alone once made a worker that aiokafka refused to produce with (it needs cramjam)."""
     import aiokafka.codec
     import kafka.codec
 
-    from app.faust_app import has_lz4
+    from app.faust_app import missing_codecs
 
+    assert missing_codecs() == [], "the dependencies read every codec a producer may use"
     monkeypatch.setattr(aiokafka.codec, "cramjam", None)
-    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: True)
-    assert not has_lz4(), "aiokafka cannot write lz4 without cramjam"
-    monkeypatch.setattr(aiokafka.codec, "cramjam", object())
-    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: False)
-    assert not has_lz4(), "kafka-python tools could not read what the worker writes"
-    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: True)
-    assert has_lz4()
+    assert missing_codecs() == ["snappy", "lz4", "zstd"], "aiokafka reads all three through cramjam"
+    monkeypatch.undo()
+    monkeypatch.setattr(kafka.codec, "zstd", None)
+    assert missing_codecs() == ["zstd"], "Kafka replay and the CLI could not read zstd"

@@ -1,4 +1,4 @@
-"""A worker whose metrics or web port is taken says which setting to change, once, before contacting Kafka."""
+"""A worker that could not run (a port taken, a codec missing) says what to change, once, before contacting Kafka."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_a_taken_port_is_refused_with_the_setting_to_change(variable: str, tmp_p
     where = f"127.0.0.1:{ports[variable]}"
     assert len(said) == 1 and said[0].startswith(f"riskwatch worker: cannot listen on {where}"), said
     assert said[0].endswith(f"set {variable} to a free port"), said
+
+
+def test_a_worker_that_could_not_read_a_kafka_codec_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured: the first snappy batch stopped the engine in a retry loop; now the install is named at start."""
+    import aiokafka.codec
+
+    from app.worker import refuse_if_codecs_missing
+    from models.errors import ConfigError
+
+    refuse_if_codecs_missing()  # the dependencies read them all
+    monkeypatch.setattr(aiokafka.codec, "cramjam", None)
+    with pytest.raises(ConfigError, match=r"cannot read records compressed with snappy, lz4, zstd.*install riskwatch"):
+        refuse_if_codecs_missing()
