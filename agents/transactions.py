@@ -852,6 +852,9 @@ class TransactionEngine:
             **cfg, group_id=s.transactions_group, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_ms, heartbeat_interval_ms=min(3000, session_ms // 3),
             max_poll_records=s.batch_size,
+            # A transactional producer's aborted records never happened (a payment rolled back upstream),
+            # and an open transaction's may still be: score only what its producer committed.
+            isolation_level="read_committed",
             # Static membership: a worker restarted in place gets its partitions back at once (issue 17).
             group_instance_id=s.instance_id or None)
         await self.producer.start()
@@ -1252,6 +1255,10 @@ class TransactionEngine:
                     done = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
                 except (TimeoutError, KafkaError, AssertionError, IllegalStateError):
                     continue
+            else:
+                # Past the last record read: a transaction's commit marker, or aborted records skipped.
+                with contextlib.suppress(TimeoutError, KafkaError, AssertionError, IllegalStateError):
+                    done = max(done, await asyncio.wait_for(consumer.position(tp), timeout=1.0))
             out[(self.topic, tp.partition)] = max(end[tp] - done, 0)
         return out
 

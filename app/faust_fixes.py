@@ -83,6 +83,17 @@ TESTED_VERSIONS = ("0.15.",)
 STALL_CHECK_SECONDS = 1.0
 
 
+class ReadCommittedThread(faust_aiokafka.AIOKafkaConsumerThread):  # type: ignore[misc]
+    """Faust's consumer thread whose client reads only what transactional producers committed."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        # Faust reads read_committed only when it writes transactions itself; an upstream producer's
+        # aborted records (a market-data or case tool's rolled-back batch) never happened.
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"  # read when the client starts, which is later
+        return consumer
+
+
 class RiskwatchConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
     """Faust's aiokafka consumer whose fetch loop never skips a record across a seek, nor commits over one."""
 
@@ -90,6 +101,9 @@ class RiskwatchConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._seek_epoch = 0  # bumped by every seek: batches fetched before it are stale
         self._stalls: dict[Any, tuple[int, int]] = {}  # tp -> (committed, lowest acked) at the last check
+
+    def _new_consumer_thread(self) -> ReadCommittedThread:
+        return ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
 
     async def perform_seek(self) -> None:
         # riskwatch: a new epoch as the seek starts: whatever the fetch loop holds may now be stale.
@@ -336,5 +350,5 @@ def transport_scheme() -> str:
     return SCHEME
 
 
-__all__ = ["SCHEME", "TESTED_VERSIONS", "DrainingProducerBuffer", "RiskwatchConsumer", "RiskwatchProducer",
-           "RiskwatchTransport", "transport_scheme"]
+__all__ = ["SCHEME", "TESTED_VERSIONS", "DrainingProducerBuffer", "ReadCommittedThread", "RiskwatchConsumer",
+           "RiskwatchProducer", "RiskwatchTransport", "transport_scheme"]

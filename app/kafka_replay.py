@@ -68,6 +68,7 @@ def read_topics(
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=group_id(s, run_id),
+            isolation_level="read_committed",  # as the worker reads: no aborted or still-open transaction
         )
     except KafkaError as exc:
         raise ReplayError(

@@ -225,6 +225,16 @@ def consume(s: Settings, topic: str, until: Callable[[list[dict[str, Any]]], boo
     raise AssertionError(f"timed out after {timeout}s on {s.topic(topic)}; got {len(got)} messages: {got[-5:]}")
 
 
+def last_versions(alerts: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """alert_id -> what a reader acts on in its latest version (to compare a worker's warnings with replay's)."""
+    out = {}
+    for a in alerts:
+        out[a["alert_id"]] = (a["category"], a["level"], a["entity_type"], a["entity_id"], tuple(a["event_ids"]),
+                              a["detector"], round(a["score"], 6),
+                              tuple((r["code"], r["message"]) for r in a["reasons"]))
+    return out
+
+
 _START = datetime(2026, 11, 2, 9, 0, tzinfo=timezone(timedelta(hours=8)))
 
 

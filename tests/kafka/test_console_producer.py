@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,7 +22,7 @@ from app import kafka_local
 from app.admin import ensure_topics
 from app.faust_app import ALERTS, TRANSACTIONS
 from models.synth import generate
-from tests.conftest import ROOT, consume, settings_env
+from tests.conftest import ROOT, consume, last_versions, settings_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -43,16 +42,6 @@ def _events(path: Path) -> int:
     return n
 
 
-def _last_versions(alerts: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    """alert_id -> what a reader acts on in its latest version."""
-    out = {}
-    for a in alerts:
-        out[a["alert_id"]] = (a["category"], a["level"], a["entity_type"], a["entity_id"], tuple(a["event_ids"]),
-                              a["detector"], round(a["score"], 6),
-                              tuple((r["code"], r["message"]) for r in a["reasons"]))
-    return out
-
-
 def test_a_worker_fed_by_kafkas_console_producer_warns_as_a_file_replay(settings, start_worker, tmp_path):
     s = settings
     keyed = tmp_path / "keyed.txt"
@@ -65,7 +54,7 @@ def test_a_worker_fed_by_kafkas_console_producer_warns_as_a_file_replay(settings
     subprocess.run([sys.executable, "-m", "app.cli", "replay", str(plain), "--alerts", str(replayed),
                     "--partitions", str(s.topic_partitions)], cwd=ROOT, env=settings_env(s), check=True,
                    capture_output=True, timeout=300)
-    expected = _last_versions([json.loads(line) for line in replayed.read_text().splitlines()])
+    expected = last_versions([json.loads(line) for line in replayed.read_text().splitlines()])
     assert len({v[0] for v in expected.values()}) >= 4, f"too few kinds of warning to compare: {expected}"
 
     ensure_topics(s)
@@ -88,7 +77,7 @@ def test_a_worker_fed_by_kafkas_console_producer_warns_as_a_file_replay(settings
     got = consume(s, ALERTS, lambda msgs: set(expected) <= {m["alert_id"] for m in msgs}, timeout=60)
     time.sleep(2.0)  # later versions of the same warnings, if any, are on the topic by now
     got = consume(s, ALERTS, lambda msgs: len(msgs) >= len(got), timeout=30)
-    actual = _last_versions(got)
+    actual = last_versions(got)
 
     only_replay = {k: v for k, v in expected.items() if k not in actual}
     only_worker = {k: v for k, v in actual.items() if k not in expected}
