@@ -34,6 +34,7 @@ from models.schemas import (
     decode_event,
     decode_object,
     event_id_of,
+    unframe,
 )
 from models.schemas import Event as AnyEvent
 
@@ -201,7 +202,7 @@ class Collector:
         kept = ev if isinstance(raw, bytes) else decode_event(ev.model_dump_json())
         self._keep(kept, ev.ts.timestamp())
         if ev.label == 1:
-            extra = raw if isinstance(raw, dict) else json.loads(raw)
+            extra = raw if isinstance(raw, dict) else json.loads(unframe(raw))
             self.loaded.labelled.append(_labelled(ev, extra))
         return ev
 

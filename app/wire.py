@@ -27,6 +27,7 @@ from models.schemas import (
     TransactionFields,
     TxnType,
     decode_event,
+    unframe,
 )
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -81,6 +82,9 @@ def decode_transaction(raw: bytes) -> tuple[TransactionFields, float]:
             raise ValueError("may nest deeper than the contract allows")
         txn = _decode(raw)
     except Exception:  # noqa: BLE001 - whatever msgspec refuses (bad UTF-8, nesting, ...), pydantic decides
+        # Schema Registry's header (unframe): no cost to plain JSON, and framed JSON keeps the fast path.
+        if raw[:1] == b"\x00" and (inner := unframe(raw)) is not raw:
+            return decode_transaction(inner)
         slow = decode_event(raw, Transaction)
         return slow, slow.ts.timestamp()
     ts = txn.ts.timestamp()

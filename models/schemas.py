@@ -229,6 +229,36 @@ _HINTS = {
 }
 
 
+# Confluent Schema Registry's wire format: a zero byte, then the schema id as 4 bytes big-endian.
+_FRAME = 5
+
+
+def unframe(raw: bytes) -> bytes:
+    """The JSON inside Confluent Schema Registry's wire format (the JSON Schema serializer's), else `raw` unchanged.
+
+    Platforms on Confluent's stack often produce with KafkaJsonSchemaSerializer: JSON behind a 5-byte
+    header. The schema itself is not fetched: the contract is checked field by field as for any JSON.
+
+    >>> unframe(b'\\x00\\x00\\x00\\x00\\x07{"a": 1}')
+    b'{"a": 1}'
+    >>> unframe(b'{"a": 1}')
+    b'{"a": 1}'
+    >>> unframe(b'\\x00\\x00\\x00\\x00\\x07\\x02\\x08acct')  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    models.errors.EventError: Confluent Schema Registry framing (schema id 7) around a value that is not JSON (Avro...
+    """
+    if raw[:1] != b"\x00" or len(raw) <= _FRAME:
+        return raw
+    body = raw[_FRAME:].lstrip()
+    if body[:1] in (b"{", b"["):
+        return raw[_FRAME:]
+    schema = int.from_bytes(raw[1:_FRAME], "big")
+    raise EventError(f"Confluent Schema Registry framing (schema id {schema}) around a value that is not JSON "
+                     "(Avro or Protobuf?): riskwatch reads JSON events; produce with the JSON Schema serializer "
+                     "or plain JSON", None)
+
+
 @overload
 def decode_event(raw: bytes | str, kind: type[E]) -> E: ...
 
@@ -241,6 +271,8 @@ def decode_event(raw: bytes | str, kind: type[E] | None = None) -> Transaction |
     """Parse and validate one event; raise EventError naming the field and the problem."""
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise EventError(f"payload is {len(raw)} bytes, above the {MAX_PAYLOAD_BYTES} byte limit", None)
+    if isinstance(raw, bytes):
+        raw = unframe(raw)
     try:
         if kind is None:
             return _ANY_EVENT.validate_json(raw)
@@ -256,8 +288,8 @@ def event_id_of(raw: bytes | str) -> str | None:
     if len(raw) > DEADLETTER_PAYLOAD_BYTES:
         return None
     try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
+        value = json.loads(unframe(raw) if isinstance(raw, bytes) else raw)
+    except (ValueError, RecursionError, EventError):
         return None
     eid = value.get("event_id") if isinstance(value, dict) else None
     return eid[:128] if isinstance(eid, str) else None
@@ -291,4 +323,5 @@ __all__ = [
     "decode_event",
     "decode_object",
     "event_id_of",
+    "unframe",
 ]

@@ -399,3 +399,13 @@ def test_a_bad_secret_setting_is_named_without_its_value() -> None:
         Settings(kafka_sasl_password=["hunter2"])  # type: ignore[arg-type]
     text = _explain(caught.value)
     assert "RISKWATCH_KAFKA_SASL_PASSWORD=(withheld)" in text and "hunter2" not in text
+
+
+def test_a_kafka_replay_reads_labels_of_schema_registry_framed_events(make_txn) -> None:
+    """Kafka replay's evaluation keeps a framed event's labels (its scenario), as a plain one's."""
+    from app.replay import Collector, DeadLetters
+
+    col = Collector(DeadLetters(None), "kafka:test")
+    body = json.dumps(make_txn(label=1, scenario="takeover", scenario_instance="ato:1")).encode()
+    assert col.add({"offset": 0}, b"\x00\x00\x00\x00\x07" + body) is not None
+    assert col.dead.count == 0 and [x["scenario"] for x in col.loaded.labelled] == ["takeover"]

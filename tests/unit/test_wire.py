@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from app.wire import TransactionRecord, decode_transaction, replace
 from models.errors import EventError
-from models.schemas import MAX_JSON_DEPTH, Transaction, decode_event
+from models.schemas import MAX_JSON_DEPTH, Transaction, decode_event, event_id_of
 
 BASE: dict[str, Any] = {
     "event_id": "e1", "ts": "2026-10-31T16:00:02.426+08:00", "account_id": "A1", "counterparty_id": "M1",
@@ -110,6 +110,10 @@ EDGE_CASES = {
     "channel 33 characters": variant(channel="c" * 33),
     "long unknown field": variant(note="x" * 300),
     "escaped time": variant().replace(b"16:00:02.426", b"16:00:02.\\u00342\\u00361"),
+    "Schema Registry JSON": b"\x00\x00\x00\x00\x07" + variant(),
+    "Schema Registry Avro": b"\x00\x00\x00\x00\x07\x02\x04A1",
+    "Schema Registry header alone": b"\x00\x00\x00\x00\x07",
+    "a zero byte": b"\x00",
 }
 
 
@@ -137,6 +141,16 @@ def test_the_common_case_takes_the_fast_path() -> None:
     # If msgspec refused the canonical form, every event would silently pay for both decoders.
     assert type(decode_transaction(variant())[0]) is TransactionRecord
     assert type(decode_transaction(variant(amount="52.31"))[0]) is Transaction  # lax form: pydantic's path
+
+
+def test_schema_registry_json_is_read_on_the_fast_path_as_its_json() -> None:
+    """Confluent's JSON Schema serializer puts a zero byte and a 4-byte schema id before the JSON."""
+    framed = b"\x00\x00\x00\x01\x2c" + variant()
+    txn, ts = decode_transaction(framed)
+    assert type(txn) is TransactionRecord and (txn, ts) == decode_transaction(variant())
+    assert event_id_of(framed) == json.loads(variant())["event_id"], "a dead letter still names the event"
+    with pytest.raises(EventError, match=r"schema id 300\) around a value that is not JSON"):
+        decode_transaction(b"\x00\x00\x00\x01\x2c\x02\x04A1")
 
 
 def test_oversized_payloads_are_refused_before_parsing() -> None:
