@@ -94,11 +94,18 @@ def home_partition(key: bytes | None, entity: bytes, partition: int, partitions:
     True
     >>> home_partition(None, b"acct-1", partition_of(b"acct-1", 4), 4) is None
     True
+
+    Keys framed by Confluent's JSON Schema serializer (models.schemas.unframe) are keys by the entity too:
+
+    >>> home_partition(b'\\x00\\x00\\x00\\x00\\x07"acct-1"', b"acct-1", 3, 4) is None
+    True
     """
     if key == entity or partitions < 2:
         return None
     if key is not None and len(key) == len(entity) + 2 and key[1:-1] == entity and key[:1] == key[-1:] == b'"':
         return None
+    if key is not None and key[:1] == b"\x00" and len(key) > 5:
+        return home_partition(key[5:], entity, partition, partitions)
     home = partition_of(entity, partitions)
     return None if home == partition else home
 
