@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from agents.sink import Sink
 from app.admin import aiokafka_config
 from app.faust_app import RULES, Runtime
+from app.logs import Retries
 from models.errors import ConfigError
 from models.rules import Catalogue, parse_catalogue
 
@@ -95,13 +96,14 @@ def keep_running(rt: Runtime, name: str, run: Callable[[], Awaitable[None]]) -> 
     """Run a follower as a task of the app for the life of the worker, restarting it 2 s after a failure."""
 
     async def follower() -> None:
+        retries = Retries(log, f"{name} follower")
         while True:
             try:
                 await run()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("%s follower failed; retrying in 2 s", name)
+            except Exception as exc:  # noqa: BLE001 - any failure is told (Retries) and retried
+                retries.failed(exc, "retrying in 2 s")
                 await asyncio.sleep(2.0)
 
     follower.__name__ = follower.__qualname__ = f"follow_{name}"  # Faust names the task after the function

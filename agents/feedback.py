@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from app.admin import aiokafka_config
 from app.faust_app import FEEDBACK, Runtime
+from app.logs import Retries
 from models.feedback import Adaptation, FeedbackBook, VerdictNote
 from models.scoring import TransactionScorer
 
@@ -123,13 +124,14 @@ def attach(rt: Runtime, follower: FeedbackFollower) -> None:
 
     @rt.app.task
     async def follow_feedback() -> None:
+        retries = Retries(log, "feedback follower")
         while True:
             try:
                 await follower.run()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("feedback follower failed; retrying in 2 s")
+            except Exception as exc:  # noqa: BLE001 - any failure is told (Retries) and retried
+                retries.failed(exc, "retrying in 2 s")
                 await asyncio.sleep(2.0)
 
 

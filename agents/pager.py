@@ -23,6 +23,7 @@ import aiohttp
 
 from agents.disposal import Disposal
 from app.faust_app import Runtime
+from app.logs import Retries
 from models.lifecycle import Lifecycle
 from models.pages import Page
 
@@ -157,6 +158,7 @@ def attach(rt: Runtime, disposal: Disposal) -> Pager | None:
 
     @rt.app.task
     async def page() -> None:
+        retries = Retries(log, "paging round")
         async with aiohttp.ClientSession() as session:
             while True:
                 try:
@@ -166,10 +168,11 @@ def attach(rt: Runtime, disposal: Disposal) -> Pager | None:
                 disposal.pages_waiting.clear()
                 try:
                     await pager.step(session, time.time())
+                    retries.ok()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("paging round failed; trying again")
+                except Exception as exc:  # noqa: BLE001 - any failure is told (Retries) and retried
+                    retries.failed(exc, "trying again")
 
     return pager
 

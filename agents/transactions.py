@@ -40,6 +40,7 @@ from app.faust_app import (
     load_detector,
     load_shifts,
 )
+from app.logs import Retries
 from app.metrics import observe_many
 from app.quarantine import Quarantine
 from app.security import Ingest
@@ -1078,7 +1079,7 @@ class TransactionEngine:
         assert self.consumer is not None
         s = self.settings
         poll_ms = max(1, int(s.batch_within_seconds * 1000))
-        failures = 0
+        retries = Retries(log, "transaction batch")
         phases = self.phases
         while phases.now is not Phase.STOPPING and phases.now is not Phase.STOPPED:
             try:
@@ -1092,13 +1093,11 @@ class TransactionEngine:
                     elif got:
                         self._unread(got)
                     await self._chores(idle=not got)
-                failures = 0
+                retries.ok()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                failures += 1
-                log.exception("transaction batch failed (%d in a row); reading state back and resuming from "
-                              "the committed offsets", failures)
+            except Exception as exc:  # noqa: BLE001 - any failure is told (Retries) and retried
+                failures = retries.failed(exc, "reading state back and resuming from the committed offsets")
                 phases.fail()
                 await asyncio.sleep(min(0.5 * failures, 5.0))
 

@@ -22,6 +22,7 @@ from agents.case import EventLookup
 from agents.console import PRINCIPAL, Console, page_csp
 from agents.feed import AlertFeed, AlertFollower, plan_lookup
 from app.faust_app import ACKS, Runtime
+from app.logs import Retries
 from models.errors import RiskwatchError
 from models.lifecycle import AckEvent, make_act
 from models.schemas import LEVELS
@@ -179,13 +180,14 @@ def attach(rt: Runtime) -> AlertFeed:
         if console.ephemeral_secret:
             log.info("console: sessions signed with a per-process secret (set RISKWATCH_SESSION_SECRET to keep "
                      "them across restarts and share them between workers)")
+        retries = Retries(log, "the warnings page's follower")
         while True:
             try:
                 await follower.run()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("the warnings page's follower failed; retrying in 2 s")
+            except Exception as exc:  # noqa: BLE001 - any failure is told (Retries) and retried
+                retries.failed(exc, "retrying in 2 s")
                 await asyncio.sleep(2.0)
 
     rt.extras["alert_feed"] = feed

@@ -119,6 +119,50 @@ class RepeatSummary(logging.Handler):
         super().close()
 
 
+class Retries:
+    """The log of one retrying loop: a failure with its traceback once, a line a minute while it lasts, the recovery.
+
+    A loop that retries every few seconds wrote a traceback each time: a broker refusal or a record
+    no client could read was hundreds of identical tracebacks an hour. Now a failure is told in full
+    when it starts (or when another kind of exception takes over); while it goes on, one line every
+    `every` seconds with the count and the latest message; and one line when the loop works again.
+    A failure more than `every` seconds after the last one is a new one (loops that never say they
+    work again, such as followers, are told afresh after a healthy spell).
+    """
+
+    def __init__(self, log: logging.Logger, what: str, every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.what, self.every, self.clock = log, what, every, clock
+        self.count = 0
+        self.kind: type[BaseException] | None = None
+        self.since = self.told = self.last = 0.0
+
+    def failed(self, exc: BaseException, then: str) -> int:
+        """Count a failure (`then`: what the loop does next); tell it if it is new or due. Return the count in a row."""
+        now = self.clock()
+        if self.count and now - self.last > self.every:
+            self.count, self.kind = 0, None
+        self.count += 1
+        self.last = now
+        if self.count == 1:
+            self.since = now
+        if type(exc) is not self.kind:
+            self.kind, self.told = type(exc), now
+            self.log.error("%s failed: %s; %s", self.what, exc, then, exc_info=exc)
+        elif now - self.told >= self.every:
+            self.told = now
+            self.log.error("%s still failing (%d times in a row in %.0f s): %s; %s", self.what, self.count,
+                           now - self.since, exc, then)
+        return self.count
+
+    def ok(self) -> None:
+        """The loop worked: tell the recovery of a failure, and forget it."""
+        if self.count:
+            self.log.info("%s works again after %d failure%s in %.0f s", self.what, self.count,
+                          "" if self.count == 1 else "s", self.clock() - self.since)
+            self.count, self.kind = 0, None
+
+
 def setup_logging() -> None:
     """Configure the root logger from RISKWATCH_LOG_LEVEL and RISKWATCH_LOG_JSON."""
     s = get_settings()
@@ -144,4 +188,5 @@ def flush_logging() -> None:
             pass
 
 
-__all__ = ["SUMMARISED", "SUMMARY_WINDOW", "JsonFormatter", "RepeatSummary", "flush_logging", "setup_logging"]
+__all__ = ["SUMMARISED", "SUMMARY_WINDOW", "JsonFormatter", "RepeatSummary", "Retries", "flush_logging",
+           "setup_logging"]

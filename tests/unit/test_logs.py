@@ -1,4 +1,4 @@
-"""The repeat summary: a flood of one client error becomes one line per 10 s with a count (issue 17)."""
+"""Floods of one error: a client's become one line per 10 s with a count (issue 17), a retrying loop's one a minute."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.logs import RepeatSummary
+from app.logs import RepeatSummary, Retries
 
 
 class Clock:
@@ -134,3 +134,41 @@ def test_setup_logging_installs_it(monkeypatch):
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_a_retrying_loop_tells_a_failure_once_then_a_line_a_minute_then_its_recovery(clock, out):
+    """Measured: the transaction engine wrote a traceback every 5 s for as long as a codec was missing."""
+    log = logging.getLogger("riskwatch.test.retries")
+    log.addHandler(out)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    tracebacks = []
+    out.emit = lambda record: (out.lines.append(f"{record.levelname} {record.getMessage()}"),  # type: ignore[method-assign]
+                               tracebacks.append(record.exc_info is not None))
+    try:
+        retries = Retries(log, "transaction batch", clock=clock)
+        retries.ok()  # nothing failed: nothing to say
+        for i in range(30):  # five minutes of a retry every 10 s
+            assert retries.failed(ValueError(f"codec missing ({i})"), "resuming") == i + 1
+            clock.now += 10.0
+        retries.failed(OSError("broker gone"), "resuming")  # another kind takes over: told in full
+        retries.ok()
+        assert out.lines == [
+            "ERROR transaction batch failed: codec missing (0); resuming",
+            "ERROR transaction batch still failing (7 times in a row in 60 s): codec missing (6); resuming",
+            "ERROR transaction batch still failing (13 times in a row in 120 s): codec missing (12); resuming",
+            "ERROR transaction batch still failing (19 times in a row in 180 s): codec missing (18); resuming",
+            "ERROR transaction batch still failing (25 times in a row in 240 s): codec missing (24); resuming",
+            "ERROR transaction batch failed: broker gone; resuming",
+            "INFO transaction batch works again after 31 failures in 300 s",
+        ]
+        assert tracebacks == [True, False, False, False, False, True, False], "a traceback when a failure starts"
+        out.lines.clear()
+        clock.now += 600.0
+        retries.failed(ValueError("again"), "resuming")  # after a healthy spell: a new failure, in full
+        clock.now += 120.0
+        retries.failed(ValueError("later"), "resuming")  # two minutes apart: not one failure going on
+        assert out.lines == ["ERROR transaction batch failed: again; resuming",
+                             "ERROR transaction batch failed: later; resuming"]
+    finally:
+        log.removeHandler(out)
