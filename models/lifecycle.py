@@ -30,7 +30,7 @@ from models.errors import EventError, RiskwatchError
 from models.feedback import VerdictNote, note_for
 from models.pages import Page, pending_pages
 from models.plans import Plan, PlanCatalogue, Trigger, make_trigger, next_level
-from models.schemas import Level
+from models.schemas import Level, unframe
 
 Status = Literal["open", "acknowledged", "resolved", "escalated", "expired"]
 Action = Literal["ack", "assign", "note", "resolve", "reopen"]
@@ -106,7 +106,8 @@ def decode_act(raw: bytes | str) -> AckEvent:
     if len(raw) > 65_536:
         raise EventError(f"payload is {len(raw)} bytes; an acknowledgement is under 64 KiB", None)
     try:
-        return AckEvent.model_validate_json(raw)
+        # A case tool on Confluent's stack may frame its JSON (the JSON Schema serializer's header).
+        return AckEvent.model_validate_json(unframe(raw) if isinstance(raw, bytes) else raw)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         if err["type"] == "json_invalid":

@@ -342,3 +342,11 @@ def test_any_history_keeps_ids_unique_and_escalates_at_most_once_per_round(steps
         assert due is None or due > now or tick(state, now).changed or pending_pages(state)
     assert len(triggers) == len(set(triggers)), "every trigger id is published once"
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), "audit sequence numbers only grow"
+
+
+def test_an_act_framed_by_confluents_json_schema_serializer_is_read_as_its_json() -> None:
+    """A case tool on Confluent's stack writes risk.acks through the JSON Schema serializer (5-byte header)."""
+    body = b'{"alert_id": "a1b2c3d4e5f60718293a4b5c", "action": "ack", "by": "a", "ts": "2026-11-02T09:00:00Z"}'
+    assert decode_act(b"\x00\x00\x00\x00\x03" + body) == decode_act(body)
+    with pytest.raises(EventError, match=r"schema id 3\) around a value that is not JSON"):
+        decode_act(b"\x00\x00\x00\x00\x03\x02\x30a1b2")
