@@ -226,6 +226,8 @@ _HINTS = {
                               "2026-11-01T16:00:00+08:00)",
     ("amount", "greater_than"): " (amounts are positive; `direction` says debit or credit)",
     ("currency", "string_pattern_mismatch"): " (an ISO 4217 code in capitals, e.g. USD)",
+    # Ids that are numbers in the producer's database often leave it as JSON numbers.
+    (None, "string_type"): ' (ids and codes are JSON strings: "12345", not 12345)',
 }
 
 

@@ -129,6 +129,8 @@ def test_fast_decoder_agrees_with_pydantic_on_edge_cases(raw: bytes) -> None:
                          "or credit)"),
     ({"currency": "usd"}, "(an ISO 4217 code in capitals, e.g. USD)"),
     ({"channel": ...}, "channel: Field required"),  # no hint where the reason says it all
+    ({"account_id": 12345}, 'account_id: Input should be a valid string (ids and codes are JSON strings: "12345", '
+                            "not 12345)"),
 ])
 def test_common_producer_mistakes_are_refused_with_what_to_do(change: dict[str, Any], reason: str) -> None:
     for decode in (decode_transaction, lambda raw: decode_event(raw, Transaction)):  # the worker's, the contract's
