@@ -163,9 +163,13 @@ def admin(s: Settings, timeout: float = 30.0) -> KafkaAdminClient:
 
 
 def ensure_topics(s: Settings, extra: tuple[str, ...] = ()) -> list[str]:
-    """Create riskwatch's topics if missing (partitions from settings); return the names created."""
+    """Create riskwatch's topics if missing (partitions from settings); return the names created.
+
+    Not an input topic given by name (topic_names): that is the platform's own (refuse_if_topics_unfit).
+    """
     wanted = [(s.topic(name), 1 if name in SINGLE_PARTITION else s.topic_partitions, name in COMPACTED,
-               _DELETE_AFTER.get(name)) for name in (*ALL_TOPICS, *extra)]
+               _DELETE_AFTER.get(name)) for name in (*ALL_TOPICS, *extra)
+              if name not in s.topic_names or name not in (TRANSACTIONS, MARKET)]
     return _create_missing(s, wanted)
 
 
@@ -179,16 +183,24 @@ def ensure_changelogs(s: Settings, tables: tuple[str, ...]) -> list[str]:
 PARTITIONED_AS_STATE = (TRANSACTIONS, MARKET, ACKS, ALERTS_BY_ID)
 
 
-def refuse_if_partitions_differ(s: Settings) -> None:
-    """Raise ConfigError, saying what to set, when an existing topic that state is partitioned by has another count.
+def refuse_if_topics_unfit(s: Settings) -> None:
+    """Raise ConfigError, saying what to do, when an input topic named in topic_names is missing, or when an
+    existing topic that state is partitioned by has another partition count.
 
     State is kept per partition of the input topics, in changelogs created with `topic_partitions`
     partitions. A pre-created risk.transactions of another count left the worker reading back a
-    changelog partition that does not exist, retrying forever without a word of why.
+    changelog partition that does not exist, retrying forever without a word of why. An input named
+    explicitly is the platform's own topic: created here, a misspelt name would be read for ever, empty.
     """
     client = admin(s)
     try:
         existing = set(client.list_topics())
+        missing = [f"{s.topic(t)} ({t})" for t in (TRANSACTIONS, MARKET) if t in s.topic_names
+                   and s.topic(t) not in existing]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} named in RISKWATCH_TOPIC_NAMES does not exist on "
+                              f"{s.kafka_bootstrap}: riskwatch creates no input topic it was given by name; check "
+                              "the name, or create the topic first")
         changelogs = sorted(t for t in existing if t.startswith(f"{s.deployment_id}-") and t.endswith("-changelog"))
         wanted = [s.topic(t) for t in PARTITIONED_AS_STATE if s.topic(t) in existing] + changelogs
         # kafka-python 3 names the topic `name`, 2.x `topic`; a topic mid-creation or mid-deletion
@@ -255,4 +267,4 @@ def consumer(s: Settings, *topics: str, **kw: Any) -> KafkaConsumer:
 
 
 __all__ = ["PARTITIONED_AS_STATE", "admin", "aiokafka_config", "client_config", "consumer", "ensure_changelogs",
-           "ensure_topics", "producer", "refuse_if_partitions_differ"]
+           "ensure_topics", "producer", "refuse_if_topics_unfit"]

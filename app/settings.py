@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from deploy import resource
 from models.errors import ConfigError
 from models.schemas import Level
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class Settings(BaseSettings):
@@ -23,6 +26,11 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("", description="Prepended verbatim to every topic name, e.g. 'staging.'")
     app_id: str = Field("riskwatch", description="Names the consumer groups and changelog topics (after the topic "
                                                  "prefix: see deployment_id)")
+    # Platforms name their topics by their own conventions (an existing payments.txn.v1, say): a topic
+    # named here is used as it is, and the prefix is not applied to it.
+    topic_names: dict[str, str] = Field(
+        default_factory=dict, description='Topics named otherwise: JSON of logical name to full name, e.g. '
+        '{"risk.transactions": "payments.txn.v1"} (no prefix is added to these)')
     topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker creates")
     topic_replication: int = Field(1, ge=1, description="Replication factor for topics the worker creates")
     metrics_port: int = Field(9108, description="Port of the Prometheus /metrics endpoint")
@@ -101,9 +109,22 @@ class Settings(BaseSettings):
         """The console's users file: RISKWATCH_USERS_FILE, else users.json in the data directory."""
         return self.users_file or self.data_dir / "users.json"
 
+    @field_validator("topic_names")
+    @classmethod
+    def _valid_topic_names(cls, names: dict[str, str]) -> dict[str, str]:
+        for logical, full in names.items():
+            if not logical.startswith("risk."):
+                raise ValueError(f"{logical!r} is not one of riskwatch's topics (risk.transactions, risk.market, "
+                                 "risk.alerts, ...)")
+            if not _TOPIC_NAME.fullmatch(full):
+                raise ValueError(f"{full!r} is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+        if len(set(names.values())) < len(names):
+            raise ValueError("two topics are given the same name")
+        return names
+
     def topic(self, name: str) -> str:
-        """Return the full topic name for a logical name such as 'risk.alerts'."""
-        return f"{self.topic_prefix}{name}"
+        """The full topic name of a logical one such as 'risk.alerts': as topic_names names it, else prefixed."""
+        return self.topic_names.get(name) or f"{self.topic_prefix}{name}"
 
     @property
     def deployment_id(self) -> str:
@@ -124,6 +145,7 @@ class Settings(BaseSettings):
         """Changelog topic of a table: Faust's naming (`<Faust app id>-<table>-changelog`) for the engine's too."""
         return f"{self.deployment_id}-{table}-changelog"
 
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Return the process-wide settings, read once from the environment.
@@ -135,6 +157,10 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
+    except SettingsError as exc:  # a value that is not even JSON, where JSON is wanted
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"RISKWATCH_{found.group(1).upper()}" if found else "a RISKWATCH_ variable"
+        raise ConfigError(f"{name} is not valid JSON ({exc}); fix it (README.md, Settings) and start again") from None
 
 
 def _explain(exc: ValidationError) -> str:

@@ -16,8 +16,8 @@ from prometheus_client import start_http_server
 
 from agents import control, disclosure, feedback, health, lists, market, platform, transactions, web
 from agents.sink import Sink
-from app.admin import ensure_topics, refuse_if_partitions_differ
-from app.faust_app import Runtime, create_app, missing_codecs
+from app.admin import ensure_topics, refuse_if_topics_unfit
+from app.faust_app import ALL_TOPICS, Runtime, create_app, missing_codecs
 from app.logs import flush_logging
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
@@ -172,6 +172,20 @@ def refuse_if_codecs_missing() -> None:
                           "(cramjam, python-snappy, lz4, zstandard)")
 
 
+def refuse_if_topic_names_clash(s: Settings) -> None:
+    """Raise ConfigError when RISKWATCH_TOPIC_NAMES names a topic riskwatch has not, or gives two topics one name."""
+    unknown = sorted(set(s.topic_names) - set(ALL_TOPICS))
+    if unknown:
+        raise ConfigError(f"RISKWATCH_TOPIC_NAMES names {', '.join(unknown)}, which riskwatch does not use; its "
+                          f"topics are {', '.join(ALL_TOPICS)}")
+    full: dict[str, str] = {}
+    for logical in ALL_TOPICS:
+        other = full.setdefault(s.topic(logical), logical)
+        if other != logical:
+            raise ConfigError(f"{other} and {logical} would both be the topic {s.topic(logical)}: give them "
+                              "different names in RISKWATCH_TOPIC_NAMES (or RISKWATCH_TOPIC_PREFIX)")
+
+
 def run(settings: Settings | None = None) -> None:
     """Create topics, serve /metrics and run the worker until it is stopped."""
     s = settings or get_settings()
@@ -180,8 +194,9 @@ def run(settings: Settings | None = None) -> None:
     refuse_if_taken(s.web_host, s.metrics_port, "RISKWATCH_METRICS_PORT")
     refuse_if_taken(s.web_host, s.web_port, "RISKWATCH_WEB_PORT")
     refuse_if_codecs_missing()
+    refuse_if_topic_names_clash(s)
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    refuse_if_partitions_differ(s)  # before creating anything with a count that would not fit
+    refuse_if_topics_unfit(s)  # before creating anything with a count that would not fit
     created = ensure_topics(s)
     if created:
         log.info("created topics: %s", ", ".join(created))
@@ -201,4 +216,5 @@ def run(settings: Settings | None = None) -> None:
         flush_logging()  # the last window's repeat counts
 
 
-__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "refuse_if_codecs_missing", "refuse_if_taken", "run"]
+__all__ = ["EXIT_FORCED", "ShutdownWatchdog", "Worker", "build", "refuse_if_codecs_missing", "refuse_if_taken",
+           "refuse_if_topic_names_clash", "run"]

@@ -87,7 +87,7 @@ def settings_env(s: Settings, **extra: str) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
-        env[f"RISKWATCH_{name.upper()}"] = str(value)
+        env[f"RISKWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
     env.update(extra)
     return env
 
