@@ -50,6 +50,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("check", "Check what a worker needs (codecs, ports, Kafka, topics, rules, plans, console, Alertmanager) "
+                  "without starting one.")(_no_args)
+def cmd_check(args: argparse.Namespace) -> int:
+    """Print one line per check; exit 2 if any failed, so a deploy pipeline can stop before the rollout."""
+    from app.preflight import FAIL, check
+    from app.settings import get_settings
+
+    found = check(get_settings())
+    for f in found:
+        print(f.line())
+    return 2 if any(f.outcome == FAIL for f in found) else 0
+
+
 def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="copy only the committed offsets: every account and model starts afresh")
