@@ -29,6 +29,7 @@ from models.schemas import MarketTick, decode_event
 STRESS_TABLE = "market-stress"
 
 log = logging.getLogger("riskwatch.agents.market")
+failed_log = logging.getLogger("riskwatch.deadletter.market")
 
 
 def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
@@ -139,8 +140,10 @@ class _StressTables:
 
 async def _failed(sink: Sink, name: str, value: bytes, msg: Any, tick: MarketTick, exc: Exception) -> None:
     """A tick whose scoring raised: logged with its traceback and dead-lettered; its state is left as it was."""
-    log.exception("market scoring failed", extra={"topic": name, "partition": msg.partition,
-                                                  "offset": msg.offset, "event_id": tick.event_id})
+    # Summarised (app.logs): a fault that hits every tick is one traceback, then a count, per kind.
+    failed_log.exception(f"market scoring failed ({type(exc).__name__})",
+                         extra={"topic": name, "partition": msg.partition, "offset": msg.offset,
+                                "event_id": tick.event_id})
     await sink.dead_letter(value, name, msg.partition, msg.offset,
                            f"scoring failed: {type(exc).__name__}: {exc}", None, tick.event_id)
 

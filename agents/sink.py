@@ -16,6 +16,9 @@ from models.pipeline import home_partition
 from models.schemas import DEADLETTER_PAYLOAD_BYTES, Alert, DeadLetter, event_id_of
 
 log = logging.getLogger("riskwatch.agents")
+# Its own logger, summarised like the clients' (app.logs): a producer sending garbage at thousands a
+# second would otherwise write as many lines; each record is on the dead-letter topic with its reason.
+dead_log = logging.getLogger("riskwatch.deadletter")
 
 
 def _short_reason(field: str | None, reason: str) -> str:
@@ -75,7 +78,7 @@ class Sink:
                         field=field, event_id=event_id, received_at=datetime.now(UTC))
         await self._send(DEADLETTER, f"{source_topic}:{partition}:{offset}".encode(), dl.model_dump_json().encode())
         self.m.deadletters.labels(source_topic, _short_reason(field, reason)).inc()
-        log.warning("dead-lettered input from %s[%s]@%s: %s", source_topic, partition, offset, reason,
+        dead_log.warning("dead-lettered input from %s[%s]@%s: %s", source_topic, partition, offset, reason,
                     extra={"topic": source_topic, "partition": partition, "offset": offset,
                            "event_id": event_id, "reason": reason})
 

@@ -57,6 +57,7 @@ from models.schemas import TransactionFields
 from models.scoring import TransactionScorer
 
 log = logging.getLogger("riskwatch.agents.transactions")
+failed_log = logging.getLogger("riskwatch.deadletter.transactions")
 
 
 class PartitionModels:
@@ -467,8 +468,10 @@ class TransactionProcessor:
     async def _failed(self, rec: Any, txn: TransactionFields, exc: Exception) -> None:
         """A record whose scoring raised: its account's half-made changes dropped, the record dead-lettered."""
         self.states.rollback(rec.partition, txn.account_id.encode())
-        log.exception("scoring failed", extra={"topic": self.topic_name, "partition": rec.partition,
-                                               "offset": rec.offset, "event_id": txn.event_id})
+        # Summarised (app.logs): a fault that hits every record is one traceback, then a count, per kind.
+        failed_log.exception(f"scoring failed ({type(exc).__name__})",
+                             extra={"topic": self.topic_name, "partition": rec.partition, "offset": rec.offset,
+                                    "event_id": txn.event_id})
         await self.sink.dead_letter(rec.value, self.topic_name, rec.partition, rec.offset,
                                     f"scoring failed: {type(exc).__name__}: {exc}", None, txn.event_id)
 

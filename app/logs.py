@@ -18,8 +18,9 @@ from app.settings import get_settings
 
 _CONTEXT = ("event_id", "topic", "partition", "offset", "reason")
 # Loggers whose repeated warnings and errors are summarised: the Kafka clients and Faust (with mode,
-# its service library). riskwatch's own records always pass: each names its event or partition.
-SUMMARISED = ("aiokafka", "kafka", "faust", "mode")
+# its service library), and riskwatch's dead letters (each is on risk.deadletter with its reason).
+# riskwatch's other records always pass: each names its event or partition.
+SUMMARISED = ("aiokafka", "kafka", "faust", "mode", "riskwatch.deadletter")
 SUMMARY_WINDOW = 10.0
 
 
