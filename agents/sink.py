@@ -77,10 +77,12 @@ class Sink:
                         source_topic=source_topic, partition=partition, offset=offset, reason=reason,
                         field=field, event_id=event_id, received_at=datetime.now(UTC))
         await self._send(DEADLETTER, f"{source_topic}:{partition}:{offset}".encode(), dl.model_dump_json().encode())
-        self.m.deadletters.labels(source_topic, _short_reason(field, reason)).inc()
-        dead_log.warning("dead-lettered input from %s[%s]@%s: %s", source_topic, partition, offset, reason,
-                    extra={"topic": source_topic, "partition": partition, "offset": offset,
-                           "event_id": event_id, "reason": reason})
+        short = _short_reason(field, reason)
+        self.m.deadletters.labels(source_topic, short).inc()
+        # The kind in the template: the log summarises per template, so each kind's first is told in full.
+        dead_log.warning(f"dead-lettered input ({short.replace('%', '%%')}) from %s[%s]@%s: %s", source_topic,
+                         partition, offset, reason, extra={"topic": source_topic, "partition": partition,
+                                                           "offset": offset, "event_id": event_id, "reason": reason})
 
     async def score(self, entity_id: str, event_id: str, score: float, detector: str) -> None:
         """Publish one event's calibrated score (when RISKWATCH_PUBLISH_SCORES is on), keyed by entity."""

@@ -175,19 +175,22 @@ def test_a_retrying_loop_tells_a_failure_once_then_a_line_a_minute_then_its_reco
 
 
 def test_a_flood_of_dead_letters_or_scoring_faults_is_one_line_per_kind_then_a_count(emit, clock, out):
-    """Each such record is on risk.deadletter with its reason: the log need not carry thousands a second."""
+    """Each such record is on risk.deadletter with its reason: the log need not carry thousands a second.
+
+    Per kind (the reason's field, as the metric labels it): a flood of one kind hides no other kind's first.
+    """
     for i in range(500):
-        emit("riskwatch.deadletter", "dead-lettered input from %s[%s]@%s: %s", "risk.transactions", 0, i,
-             "not valid JSON", level=logging.WARNING)
+        emit("riskwatch.deadletter", "dead-lettered input (invalid_json) from %s[%s]@%s: %s", "risk.transactions", 0,
+             i, "not valid JSON", level=logging.WARNING)
         emit("riskwatch.deadletter.transactions", "scoring failed (KeyError)")
     emit("riskwatch.deadletter.transactions", "scoring failed (ZeroDivisionError)")  # another kind: told
     clock.now += 10.0
     emit.summary.flush()  # type: ignore[attr-defined]
     assert out.lines == [
-        "riskwatch.deadletter WARNING dead-lettered input from risk.transactions[0]@0: not valid JSON",
+        "riskwatch.deadletter WARNING dead-lettered input (invalid_json) from risk.transactions[0]@0: not valid JSON",
         "riskwatch.deadletter.transactions ERROR scoring failed (KeyError)",
         "riskwatch.deadletter.transactions ERROR scoring failed (ZeroDivisionError)",
-        "riskwatch.deadletter WARNING dead-lettered input from risk.transactions[0]@499: not valid JSON "
-        "(repeated 499 times in the last 10 s)",
+        "riskwatch.deadletter WARNING dead-lettered input (invalid_json) from risk.transactions[0]@499: not valid "
+        "JSON (repeated 499 times in the last 10 s)",
         "riskwatch.deadletter.transactions ERROR scoring failed (KeyError) (repeated 499 times in the last 10 s)",
     ]
