@@ -68,7 +68,6 @@ _decode = msgspec.json.Decoder(TransactionRecord).decode
 # sends more to the slow path) is left to pydantic. Shorter input, nearly every transaction (about
 # 250 bytes), skips the count: it costs about 1 us on 560 bytes here, where the decode takes ~6 us.
 _MAY_NEST_TOO_DEEP = 2 * MAX_JSON_DEPTH + 2
-_WRAPPED = (b"\x00", b"\xef")  # first bytes of what models.schemas.unframe takes off
 
 
 def decode_transaction(raw: bytes) -> tuple[TransactionFields, float]:
@@ -83,9 +82,8 @@ def decode_transaction(raw: bytes) -> tuple[TransactionFields, float]:
             raise ValueError("may nest deeper than the contract allows")
         txn = _decode(raw)
     except Exception:  # noqa: BLE001 - whatever msgspec refuses (bad UTF-8, nesting, ...), pydantic decides
-        # Schema Registry's header or a byte-order mark (unframe): no cost to plain JSON, and wrapped
-        # JSON keeps the fast path.
-        if raw[:1] in _WRAPPED and (inner := unframe(raw)) is not raw:
+        # Schema Registry's header (unframe): no cost to plain JSON, and framed JSON keeps the fast path.
+        if raw[:1] == b"\x00" and (inner := unframe(raw)) is not raw:
             return decode_transaction(inner)
         slow = decode_event(raw, Transaction)
         return slow, slow.ts.timestamp()

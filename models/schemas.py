@@ -233,20 +233,15 @@ _HINTS = {
 
 # Confluent Schema Registry's wire format: a zero byte, then the schema id as 4 bytes big-endian.
 _FRAME = 5
-_BOM = b"\xef\xbb\xbf"
 
 
 def unframe(raw: bytes) -> bytes:
-    """The JSON inside what some producers put around it, else `raw` unchanged.
+    """The JSON inside Confluent Schema Registry's wire format (the JSON Schema serializer's), else `raw` unchanged.
 
     Platforms on Confluent's stack often produce with KafkaJsonSchemaSerializer: JSON behind a 5-byte
-    header (Schema Registry's wire format). The schema itself is not fetched: the contract is checked
-    field by field as for any JSON. Some writers start UTF-8 text with a byte-order mark, which JSON
-    parsers may ignore (RFC 8259, section 8.1), and ours now do.
+    header. The schema itself is not fetched: the contract is checked field by field as for any JSON.
 
     >>> unframe(b'\\x00\\x00\\x00\\x00\\x07{"a": 1}')
-    b'{"a": 1}'
-    >>> unframe(b'\\xef\\xbb\\xbf{"a": 1}')
     b'{"a": 1}'
     >>> unframe(b'{"a": 1}')
     b'{"a": 1}'
@@ -255,8 +250,6 @@ def unframe(raw: bytes) -> bytes:
     ...
     models.errors.EventError: Confluent Schema Registry framing (schema id 7) around a value that is not JSON (Avro...
     """
-    if raw[:3] == _BOM:
-        return raw[3:]
     if raw[:1] != b"\x00" or len(raw) <= _FRAME:
         return raw
     body = raw[_FRAME:].lstrip()
