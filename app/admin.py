@@ -184,8 +184,10 @@ PARTITIONED_AS_STATE = (TRANSACTIONS, MARKET, ACKS, ALERTS_BY_ID)
 
 
 def refuse_if_topics_unfit(s: Settings) -> None:
-    """Raise ConfigError, saying what to do, when an input topic named in topic_names is missing, or when an
-    existing topic that state is partitioned by has another partition count.
+    """Raise ConfigError, saying what to do, when a named input topic is missing or a state topic's count differs.
+
+    A named input topic is one topic_names names; the topics state is partitioned by are the inputs,
+    the lifecycle's co-partitioned pair and this deployment's changelogs.
 
     State is kept per partition of the input topics, in changelogs created with `topic_partitions`
     partitions. A pre-created risk.transactions of another count left the worker reading back a
