@@ -122,6 +122,11 @@ class Settings(BaseSettings):
             raise ValueError("two topics are given the same name")
         return names
 
+    def __hash__(self) -> int:
+        # Frozen settings stay hashable with a mapping among them (pydantic's hash takes every value as is).
+        return hash(tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                          for k, v in self.__dict__.items()))
+
     def topic(self, name: str) -> str:
         """The full topic name of a logical one such as 'risk.alerts': as topic_names names it, else prefixed."""
         return self.topic_names.get(name) or f"{self.topic_prefix}{name}"

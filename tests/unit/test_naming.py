@@ -53,6 +53,20 @@ def test_with_a_prefix_every_topic_and_group_takes_it(tmp_path: Path) -> None:
             "staging.riskwatch-lifecycle-changelog", "staging.riskwatch-__assignor-__leader"} <= names
 
 
+def test_topics_named_otherwise_are_used_as_named_and_the_rest_keep_the_prefix(tmp_path: Path) -> None:
+    named = {"risk.transactions": "payments.txn.v1", "risk.market": "md.ticks", "risk.alerts": "ops.warnings"}
+    rt = _worker(tmp_path, topic_prefix="staging.", app_id="riskwatch", topic_names=named)
+    names = _names(rt)
+    assert {"payments.txn.v1", "md.ticks"} <= names, "the engine and the market agent read the named inputs"
+    assert rt.extras["transactions"].topic == "payments.txn.v1"
+    assert {n for n in names if not n.startswith("staging.")} == {"payments.txn.v1", "md.ticks", "ops.warnings"} & names
+    assert not {"staging.risk.transactions", "staging.risk.market"} & names
+    # Frozen settings were hashable; the mapping among them must not change that.
+    assert hash(rt.settings) == hash(Settings(topic_prefix="staging.", app_id="riskwatch", topic_names=dict(named),
+                                              data_dir=tmp_path))
+    assert len({Settings(), Settings(), rt.settings}) == 2
+
+
 def test_the_migration_covers_every_table_the_worker_keeps(tmp_path: Path) -> None:
     rt = _worker(tmp_path, topic_prefix="p.", app_id="a")
     kept = set(rt.app.tables) | {store.name for store in rt.extras["transactions"].stores}

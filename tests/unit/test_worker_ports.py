@@ -46,3 +46,4 @@ def test_a_worker_that_could_not_read_a_kafka_codec_does_not_start(monkeypatch: 
     monkeypatch.setattr(aiokafka.codec, "cramjam", None)
     with pytest.raises(ConfigError, match=r"cannot read records compressed with snappy, lz4, zstd.*install riskwatch"):
         refuse_if_codecs_missing()
+
