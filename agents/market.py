@@ -44,7 +44,8 @@ def attach(rt: Runtime, sink: Sink, catalogue: Catalogue) -> MarketScorer:
     instruments = InstrumentTable(rt)
     # The step replay runs too (models.core): the instrument's state, redelivery, scoring, stress totals.
     core = TickCore(scorer, instruments, stress.of)
-    rekeying, partitions = Rekeying(rt, name, "instrument"), rt.settings.topic_partitions
+    rekeying = Rekeying(rt, name, "instrument", MARKET not in rt.settings.topic_names)
+    partitions = rt.settings.topic_partitions
 
     @rt.app.agent(topic, name="score-market", concurrency=1)
     async def score_market(stream: Any) -> None:

@@ -101,19 +101,34 @@ class Sink:
 
 
 class Rekeying:
-    """Input records not keyed by their entity: where each belongs, counted, and told once per worker."""
+    """Input records not keyed by their entity: where each belongs, counted, and told once per worker.
 
-    def __init__(self, rt: Runtime, topic: str, field: str) -> None:
-        self.topic, self.field = topic, field
-        self.counter = rt.metrics.rekeyed.labels(topic)
+    On a topic named in RISKWATCH_TOPIC_NAMES (`send_on` False) nothing is sent on: that topic is the
+    platform's own, and its other readers would see such records twice. They are scored where they are.
+    """
+
+    def __init__(self, rt: Runtime, topic: str, field: str, send_on: bool = True) -> None:
+        self.topic, self.field, self.send_on = topic, field, send_on
+        self.counter = (rt.metrics.rekeyed if send_on else rt.metrics.unkeyed_in_place).labels(topic)
         self.told = False
 
     def home(self, rec: Any, entity: bytes, partitions: int) -> int | None:
-        """The partition of `entity`'s state if `rec` (key, partition, offset) is not in it, counted; else None."""
+        """The partition to send `rec` (key, partition, offset) on to, counted; None if it is scored where it is."""
         home = home_partition(rec.key, entity, rec.partition, partitions)
         if home is None:
             return None
         self.counter.inc()
+        if not self.send_on:
+            if not self.told:
+                self.told = True
+                log.warning("%s partition %d offset %d: a record keyed %s, not by its %s; scored where it is, as "
+                            "every such record will be (counted in riskwatch_unkeyed_in_place_total, told once): "
+                            "riskwatch does not write to a topic RISKWATCH_TOPIC_NAMES names, and until the "
+                            "producer keys its records by %s, each %s's state is split over partitions and "
+                            "bursts across them go unseen", self.topic, rec.partition, rec.offset,
+                            "with no key" if rec.key is None else "by something else", self.field, self.field,
+                            self.field.split("_")[0])
+            return None
         if not self.told:
             self.told = True
             log.warning("%s partition %d offset %d: a record keyed %s, not by its %s; sent on, keyed by %s, to "

@@ -338,7 +338,7 @@ class TransactionProcessor:
         # The input topic's partition count, set by the engine at each assignment; below 2 (as for a
         # processor driven without Kafka) no record is checked for its key.
         self.input_partitions = 0
-        self.rekeying = Rekeying(rt, self.topic_name, "account_id")
+        self.rekeying = Rekeying(rt, self.topic_name, "account_id", TRANSACTIONS not in rt.settings.topic_names)
 
     @property
     def live(self) -> dict[tuple[int, bytes], AccountState]:

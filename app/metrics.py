@@ -51,6 +51,10 @@ class Metrics:
         self.rekeyed = Counter(
             "riskwatch_rekeyed_total", "Input records not keyed by their entity (no key, or another one) sent on, "
             "keyed by it, to its partition, where its state lives; by topic", ["topic"], registry=r)
+        self.unkeyed_in_place = Counter(
+            "riskwatch_unkeyed_in_place_total", "Input records not keyed by their entity on a topic named in "
+            "RISKWATCH_TOPIC_NAMES: scored where they are (riskwatch does not write to a platform's own topic, "
+            "which others read), so their entity's state is split over partitions; by topic", ["topic"], registry=r)
         self.late_events = Counter(
             "riskwatch_late_events_total", "Events older than the allowed lateness for their entity", ["topic"],
             registry=r)
@@ -220,6 +224,7 @@ class Metrics:
             self.duplicates.labels(topic)
             self.redelivered.labels(topic)
             self.rekeyed.labels(topic)
+            self.unkeyed_in_place.labels(topic)
             self.late_events.labels(topic)
         for topic in outputs:
             self.events_published.labels(topic)

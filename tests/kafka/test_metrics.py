@@ -457,6 +457,7 @@ def test_every_metric_has_a_test_here() -> None:
               "riskwatch_state_quarantined",  # moved on a real worker in tests/kafka/test_quarantine.py
               "riskwatch_redelivered",  # moved on a real worker in tests/faults/test_kill9.py
               "riskwatch_rekeyed",  # moved on a real worker in tests/kafka/test_unkeyed_producer.py
+              "riskwatch_unkeyed_in_place",  # moved on a real worker in tests/kafka/test_topic_names.py
               # moved on a real worker in tests/kafka/test_feedback_e2e.py (needs a few thousand events)
               "riskwatch_model_budget_per_1000", "riskwatch_model_operating_per_1000",
               # moved in tests/unit/test_lists.py (the follower) and on a real worker in tests/kafka/test_lists_e2e.py

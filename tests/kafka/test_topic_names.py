@@ -14,9 +14,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from app.admin import admin
+from app.admin import admin, consumer
 from app.faust_app import ALERTS, TRANSACTIONS
 from models.synth import generate
 from tests.conftest import ROOT, consume, produce, settings_env
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 LABELS = ("label", "scenario", "scenario_instance")
 
 
-def test_a_worker_reads_and_writes_the_topics_it_is_told_to(settings, start_worker, tmp_path):
+def test_a_worker_reads_and_writes_the_topics_it_is_told_to(settings, start_worker, make_txn, tmp_path):
     ns = settings.topic_prefix.rstrip(".")
     names = {TRANSACTIONS: f"payments.{ns}.txn.v1", ALERTS: f"risk-ops.{ns}.warnings"}
     s = settings.model_copy(update={"topic_names": names})
@@ -58,6 +59,25 @@ def test_a_worker_reads_and_writes_the_topics_it_is_told_to(settings, start_work
     alerts = consume(s, ALERTS, lambda got: {a["category"] for a in got} >= {"card_testing"}, timeout=30)
     assert all(a["entity_type"] == "account" for a in alerts)
 
+    # Unkeyed records on the platform's own topic are scored where they are, not written back to it
+    # (its other readers would see them twice); counted, and told once.
+    unkeyed = [make_txn(minutes=i, account_id=f"acct-unkeyed-{i % 12}") for i in range(60)]
+    produce(s, TRANSACTIONS, [(None, json.dumps(e).encode()) for e in unkeyed])
+    topic = names[TRANSACTIONS]
+    deadline = time.monotonic() + 60
+    while worker.metric("riskwatch_events_scored_total", topic=topic) < len(events) + len(unkeyed):
+        assert time.monotonic() < deadline, f"unkeyed events not scored:\n{worker.tail()}"
+        time.sleep(0.3)
+    assert worker.metric("riskwatch_rekeyed_total", topic=topic) == 0
+    assert 0 < worker.metric("riskwatch_unkeyed_in_place_total", topic=topic) < len(unkeyed)
+    assert worker.tail(400).count("scored where it is") == 1
+    reader = consumer(s, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic)]
+        assert sum(reader.end_offsets(tps).values()) == len(events) + len(unkeyed), "written back to it"
+    finally:
+        reader.close()
+
     a = admin(s)
     try:
         topics = set(a.list_topics())
@@ -73,4 +93,4 @@ def test_a_worker_reads_and_writes_the_topics_it_is_told_to(settings, start_work
                     str(tmp_path / "report")], cwd=ROOT, env=settings_env(s), check=True, capture_output=True,
                    timeout=300)
     read = json.loads((tmp_path / "report" / "report.json").read_text())["events"]
-    assert read["transactions"] == len(events), read
+    assert read["transactions"] == len(events) + len(unkeyed), read
