@@ -131,3 +131,25 @@ def test_the_worker_command_refuses_before_anything_joins_a_group(monkeypatch: p
     monkeypatch.setattr(app.worker, "run", run)
     assert main(["worker"]) == 2
     assert "riskwatch worker: state under the old names; run 'riskwatch migrate-state'" in capsys.readouterr().err
+
+
+def test_topic_names_that_cannot_work_are_refused_with_what_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import get_settings
+    from app.worker import refuse_if_topic_names_clash
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"names risk\.foo, which riskwatch does not use; its topics are "
+                                          r"risk\.transactions, risk\.market"):
+        refuse_if_topic_names_clash(Settings(topic_names={"risk.foo": "x"}))
+    with pytest.raises(ConfigError, match=r"risk\.transactions and risk\.alerts would both be the topic "
+                                          r"risk\.transactions"):
+        refuse_if_topic_names_clash(Settings(topic_names={"risk.alerts": "risk.transactions"}))
+    refuse_if_topic_names_clash(Settings(topic_names={"risk.alerts": "ops.warnings"}))
+    # Not JSON at all: pydantic-settings' own error, said as one line naming the variable.
+    monkeypatch.setenv("RISKWATCH_TOPIC_NAMES", "payments.txn.v1")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"^RISKWATCH_TOPIC_NAMES is not valid JSON"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
